@@ -1,0 +1,143 @@
+"""PEFT-format adapter algebra: pairing, truncation, zero-padding and norms.
+
+An *adapter* is a dict mapping ``<module>.lora_A.weight`` -> A [r, in] and
+``<module>.lora_B.weight`` -> B [out, r], exactly what
+``peft.get_peft_model_state_dict`` returns. The update of one module is
+ΔW = s · B A with the same scaling s at every rank (SPEC.md, Notation), so a
+truncation and a zero-padding are consistent views of one global ΔW.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+A_SUFFIX = ".lora_A.weight"
+B_SUFFIX = ".lora_B.weight"
+
+Adapter = dict[str, Tensor]
+
+
+@dataclass
+class ClientUpdate:
+    """What one client returns after a round of local training.
+
+    ``adapter`` is in PEFT format at the client's (possibly pruned) rank;
+    ``num_examples`` is n_k, the data-size weight used by q_k = n_k / Σ n_j.
+    """
+
+    adapter: Adapter
+    num_examples: int
+    client_id: str | None = None
+    rank: int | None = None
+    round: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def module_names(adapter: Mapping[str, Tensor]) -> list[str]:
+    """Sorted module prefixes that own a LoRA pair (keys without the A/B suffix)."""
+    names = set()
+    for key in adapter:
+        if key.endswith(A_SUFFIX):
+            names.add(key[: -len(A_SUFFIX)])
+        elif key.endswith(B_SUFFIX):
+            names.add(key[: -len(B_SUFFIX)])
+    return sorted(names)
+
+
+def lora_pairs(adapter: Mapping[str, Tensor]) -> list[tuple[str, Tensor, Tensor]]:
+    """``(module, B, A)`` for every module, in sorted module order."""
+    return [(m, adapter[m + B_SUFFIX], adapter[m + A_SUFFIX]) for m in module_names(adapter)]
+
+
+def adapter_rank(adapter: Mapping[str, Tensor]) -> int:
+    """The rank r of an adapter (one rank per client: SPEC.md, Notation)."""
+    ranks = {a.shape[0] for _, _, a in lora_pairs(adapter)}
+    if len(ranks) != 1:
+        raise ValueError(f"adapter has no single rank: ranks {sorted(ranks)}")
+    return ranks.pop()
+
+
+def truncate_adapter(adapter: Mapping[str, Tensor], rank: int) -> Adapter:
+    """Keep the leading ``rank`` components: B[:, :r], A[:r, :] (SPEC.md step 1).
+
+    Plain slicing, no SVD. Asking for more components than the adapter has is an error.
+    """
+    out: Adapter = {}
+    for module, b, a in lora_pairs(adapter):
+        if rank < 1 or rank > a.shape[0]:
+            raise ValueError(f"cannot truncate {module} of rank {a.shape[0]} to rank {rank}")
+        out[module + A_SUFFIX] = a[:rank, :].clone()
+        out[module + B_SUFFIX] = b[:, :rank].clone()
+    return out
+
+
+def zero_pad_adapter(adapter: Mapping[str, Tensor], rank: int) -> Adapter:
+    """Zero-pad every module to ``rank`` components (SPEC.md step 3).
+
+    The padded rows of A and columns of B are zero, so ΔW = B A is unchanged.
+    """
+    out: Adapter = {}
+    for module, b, a in lora_pairs(adapter):
+        r = a.shape[0]
+        if rank < r:
+            raise ValueError(f"cannot zero-pad {module} of rank {r} down to rank {rank}")
+        a_pad = a.new_zeros(rank, a.shape[1])
+        b_pad = b.new_zeros(b.shape[0], rank)
+        a_pad[:r] = a
+        b_pad[:, :r] = b
+        out[module + A_SUFFIX] = a_pad
+        out[module + B_SUFFIX] = b_pad
+    return out
+
+
+def product_norm_sq(b: Tensor, a: Tensor) -> Tensor:
+    """‖B A‖_F² without forming the out × in matrix.
+
+    ‖BA‖_F² = trace((BA)ᵀ BA) = trace((BᵀB)(AAᵀ)) (SPEC.md step 3). Both Gram
+    matrices are symmetric r × r, so the trace of their product is the sum of
+    their element-wise product: O(r²(out + in)) work instead of O(r·out·in).
+    """
+    if b.dtype not in (torch.float32, torch.float64):
+        b, a = b.float(), a.float()
+    return ((b.T @ b).double() * (a @ a.T).double()).sum()
+
+
+def update_norm(adapter: Mapping[str, Tensor]) -> float:
+    """‖ΔW_k‖_F with ‖ΔW_k‖_F² = Σ_ℓ ‖B_ℓ A_ℓ‖_F² (SPEC.md step 3, one weight per client)."""
+    total = sum((product_norm_sq(b, a) for _, b, a in lora_pairs(adapter)), torch.zeros((), dtype=torch.float64))
+    return float(total.sqrt())
+
+
+def factor_norms(adapter: Mapping[str, Tensor]) -> tuple[float, float]:
+    """(‖B‖_F, ‖A‖_F) over all modules of one adapter."""
+    b_sq = sum(float(b.double().pow(2).sum()) for _, b, _ in lora_pairs(adapter))
+    a_sq = sum(float(a.double().pow(2).sum()) for _, _, a in lora_pairs(adapter))
+    return b_sq**0.5, a_sq**0.5
+
+
+def num_parameters(adapter: Mapping[str, Tensor]) -> int:
+    """Number of scalars in an adapter (what a client trains and sends)."""
+    return sum(t.numel() for t in adapter.values())
+
+
+def num_bytes(adapter: Mapping[str, Tensor]) -> int:
+    """Payload bytes of an adapter's tensors."""
+    return sum(t.numel() * t.element_size() for t in adapter.values())
+
+
+def scale_adapter(adapter: Mapping[str, Tensor], b_scale: float = 1.0, a_scale: float = 1.0) -> Adapter:
+    """Multiply every B by ``b_scale`` and every A by ``a_scale`` (clipping, attacks in tests)."""
+    out: Adapter = {}
+    for module, b, a in lora_pairs(adapter):
+        out[module + B_SUFFIX] = b * b_scale
+        out[module + A_SUFFIX] = a * a_scale
+    return out
+
+
+def delta_weights(adapter: Mapping[str, Tensor], scaling: float = 1.0) -> dict[str, Tensor]:
+    """Dense ΔW_ℓ = s · B_ℓ A_ℓ per module. Builds out × in matrices: tests and merging only."""
+    return {m: scaling * (b @ a) for m, b, a in lora_pairs(adapter)}

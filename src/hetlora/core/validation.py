@@ -1,0 +1,173 @@
+"""Validation of client updates before any arithmetic (SPEC.md; reliability issue).
+
+A federated server takes tensors from devices it does not control. Every check
+here runs before aggregation and names the client and the problem, so a runner
+can drop one bad client and keep the round.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .adapter import A_SUFFIX, B_SUFFIX, ClientUpdate
+
+# module -> (out_features, in_features)
+LayerShapes = dict[str, tuple[int, int]]
+
+
+class InvalidUpdate(ValueError):
+    """A client update that must not be aggregated. ``client`` names who sent it."""
+
+    def __init__(self, client: str | None, problem: str):
+        self.client = client
+        self.problem = problem
+        super().__init__(f"client {client if client is not None else '?'}: {problem}")
+
+
+def layer_shapes(adapter: Mapping[str, Tensor]) -> LayerShapes:
+    """The (out, in) shape of every module an adapter adapts; rank-free, so comparable."""
+    shapes: LayerShapes = {}
+    for key, t in adapter.items():
+        if key.endswith(A_SUFFIX) and t.dim() == 2:
+            module = key[: -len(A_SUFFIX)]
+            b = adapter.get(module + B_SUFFIX)
+            if b is not None and b.dim() == 2:
+                shapes[module] = (b.shape[0], t.shape[1])
+    return shapes
+
+
+def _all_finite(t: Tensor) -> bool:
+    # One reduction, no boolean temporary: a sum is finite only if every term is
+    # (NaN and ±Inf propagate). Only on failure do the exact element-wise check, so a
+    # huge-but-finite tensor whose sum overflows is still reported precisely.
+    if torch.isfinite(t.sum()):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def validate_update(
+    update: ClientUpdate,
+    shapes: LayerShapes,
+    r_max: int,
+    *,
+    max_rank: int | None = None,
+) -> int:
+    """Check one update against the expected layer shapes; return its rank.
+
+    Raises :class:`InvalidUpdate` for: num_examples ≤ 0, keys that are not LoRA
+    factors, missing or extra modules, tensors that are not 2-D floating point,
+    shapes that disagree with ``shapes``, an A/B rank mismatch inside one module,
+    different ranks across modules, rank < 1, rank > r_max (or > ``max_rank``,
+    the client's assigned rank), and NaN/Inf values.
+    """
+    cid = update.client_id
+    adapter = update.adapter
+    if not isinstance(update.num_examples, int) or isinstance(update.num_examples, bool) or update.num_examples <= 0:
+        raise InvalidUpdate(cid, f"num_examples must be a positive integer, got {update.num_examples!r}")
+    if not isinstance(adapter, Mapping) or not adapter:
+        raise InvalidUpdate(cid, "adapter is empty or not a mapping of tensors")
+    stray = sorted(k for k in adapter if not (k.endswith(A_SUFFIX) or k.endswith(B_SUFFIX)))
+    if stray:
+        raise InvalidUpdate(cid, f"keys that are not LoRA factors: {stray[:3]}")
+    for key, t in adapter.items():
+        if not isinstance(t, Tensor) or t.dim() != 2 or not t.is_floating_point():
+            raise InvalidUpdate(cid, f"{key} must be a 2-D floating-point tensor")
+    expected = {m + s for m in shapes for s in (A_SUFFIX, B_SUFFIX)}
+    missing = sorted(expected - adapter.keys())
+    extra = sorted(adapter.keys() - expected)
+    if missing:
+        raise InvalidUpdate(cid, f"missing {len(missing)} key(s), e.g. {missing[0]}")
+    if extra:
+        raise InvalidUpdate(cid, f"{len(extra)} unexpected key(s), e.g. {extra[0]}")
+    rank = None
+    for module, (out_f, in_f) in shapes.items():
+        a, b = adapter[module + A_SUFFIX], adapter[module + B_SUFFIX]
+        if a.shape[1] != in_f or b.shape[0] != out_f:
+            raise InvalidUpdate(
+                cid, f"{module}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit a {out_f}x{in_f} layer"
+            )
+        if a.shape[0] != b.shape[1]:
+            raise InvalidUpdate(cid, f"{module}: A has rank {a.shape[0]} but B has rank {b.shape[1]}")
+        if rank is None:
+            rank = a.shape[0]
+        elif a.shape[0] != rank:
+            raise InvalidUpdate(cid, f"{module}: rank {a.shape[0]} differs from rank {rank} of its other modules")
+    assert rank is not None
+    if rank < 1:
+        raise InvalidUpdate(cid, "rank 0 adapter")
+    if rank > r_max:
+        raise InvalidUpdate(cid, f"rank {rank} exceeds r_max {r_max}")
+    if max_rank is not None and rank > max_rank:
+        raise InvalidUpdate(cid, f"rank {rank} exceeds the client's assigned rank {max_rank}")
+    if update.rank is not None and update.rank != rank:
+        raise InvalidUpdate(cid, f"declares rank {update.rank} but its tensors have rank {rank}")
+    for key, t in adapter.items():
+        if not _all_finite(t):
+            raise InvalidUpdate(cid, f"{key} contains NaN or Inf")
+    return rank
+
+
+def reference_shapes(updates: Sequence[ClientUpdate]) -> LayerShapes:
+    """Layer shapes agreed by the most clients: a majority vote, so one bad first client
+    cannot make every honest one look wrong."""
+    votes = Counter(tuple(sorted(layer_shapes(u.adapter).items())) for u in updates)
+    if not votes:
+        raise ValueError("no updates to aggregate")
+    return dict(votes.most_common(1)[0][0])
+
+
+def validate_updates(
+    updates: Sequence[ClientUpdate],
+    r_max: int,
+    shapes: LayerShapes | None = None,
+) -> list[int]:
+    """Validate a whole round; raise on the first bad update. Returns the ranks."""
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    shapes = shapes if shapes is not None else reference_shapes(updates)
+    seen: set[str] = set()
+    ranks = []
+    for u in updates:
+        if u.client_id is not None:
+            if u.client_id in seen:
+                raise InvalidUpdate(u.client_id, "sent more than one update in this round")
+            seen.add(u.client_id)
+        ranks.append(validate_update(u, shapes, r_max))
+    return ranks
+
+
+def split_valid(
+    updates: Sequence[ClientUpdate],
+    r_max: int,
+    shapes: LayerShapes,
+    *,
+    assigned_ranks: Mapping[str, int] | None = None,
+    round_index: int | None = None,
+) -> tuple[list[ClientUpdate], list[tuple[str | None, str]]]:
+    """Keep the valid updates and list ``(client, reason)`` for every dropped one.
+
+    Besides :func:`validate_update`'s checks: a second update from the same client
+    in one round and an update stamped with another round are dropped.
+    """
+    kept: list[ClientUpdate] = []
+    dropped: list[tuple[str | None, str]] = []
+    seen: set[str] = set()
+    for u in updates:
+        try:
+            if u.client_id is not None and u.client_id in seen:
+                raise InvalidUpdate(u.client_id, "sent more than one update in this round")
+            if round_index is not None and u.round is not None and u.round != round_index:
+                raise InvalidUpdate(u.client_id, f"update is for round {u.round}, not the current round {round_index}")
+            max_rank = assigned_ranks.get(u.client_id) if assigned_ranks and u.client_id is not None else None
+            validate_update(u, shapes, r_max, max_rank=max_rank)
+        except InvalidUpdate as err:
+            dropped.append((u.client_id, err.problem))
+            continue
+        if u.client_id is not None:
+            seen.add(u.client_id)
+        kept.append(u)
+    return kept, dropped

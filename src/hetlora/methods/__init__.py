@@ -1,0 +1,83 @@
+"""The registry of aggregation methods and the one entry point, :func:`aggregate`.
+
+Adding a method means adding one module with an :class:`AggregationMethod`
+subclass and one line in ``METHODS``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..core.adapter import Adapter, ClientUpdate
+from ..core.robust import bound_updates
+from ..core.validation import LayerShapes, validate_updates
+from .base import AggregationMethod
+from .fedavg import FedAvg
+from .ffa import FFALoRA
+from .fft import FullFineTuning
+from .flexlora import FlexLoRA
+from .flora import FLoRA
+from .hetlora import HetLoRA
+from .hetlora_naive import HetLoRANaive
+from .rbla import RBLA
+from .recon_svd import ReconSVD
+
+METHODS: dict[str, AggregationMethod] = {
+    m.name: m
+    for m in (
+        HetLoRA(),
+        HetLoRANaive(),
+        FedAvg(),
+        ReconSVD(),
+        FlexLoRA(),
+        FLoRA(),
+        FFALoRA(),
+        RBLA(),
+        FullFineTuning(),
+    )
+}
+
+
+def get_method(name: str) -> AggregationMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}") from None
+
+
+def aggregate(
+    method: str,
+    updates: Sequence[ClientUpdate],
+    r_max: int,
+    *,
+    norm_bound: float | None = None,
+    previous: Mapping[str, torch.Tensor] | None = None,
+    shapes: LayerShapes | None = None,
+    **options: Any,
+) -> Adapter:
+    """Validate a round's updates, then aggregate them into the new global adapter.
+
+    Returns rank r_max (``flora``: the stacked rank Σ r_k). ``norm_bound=x`` clips
+    each client's B, A and B·A to x × the round's median (per √rank) and caps the
+    sparsity weights; ``None`` is paper-faithful. ``shapes`` (module -> (out, in))
+    defaults to the shapes most clients agree on. Raises ``InvalidUpdate`` naming
+    the client for a bad update, before any arithmetic.
+    """
+    m = get_method(method)
+    unknown = sorted(set(options) - set(m.options))
+    if unknown:
+        raise TypeError(f"method {method!r} takes no option(s) {unknown}; it takes {list(m.options) or 'none'}")
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    if isinstance(m, FullFineTuning):
+        m.validate(updates, r_max)
+        return m.aggregate(updates, r_max, **options)
+    validate_updates(updates, r_max, shapes)
+    if norm_bound is not None:
+        updates = bound_updates(updates, norm_bound)
+    return m.aggregate(updates, r_max, previous=previous, norm_bound=norm_bound, **options)
+
+
+__all__ = ["METHODS", "AggregationMethod", "aggregate", "get_method"]

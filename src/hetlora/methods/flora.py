@@ -1,0 +1,36 @@
+"""``flora``: stacking aggregation (FLoRA, Wang et al., NeurIPS 2024).
+
+A^g = [q_1 A_1; …; q_K A_K] and B^g = [B_1, …, B_K], so B^g A^g = Σ_k q_k B_k A_k
+exactly, whatever the ranks. The stacked rank is Σ r_k (download grows with K);
+clients fold s·B^g A^g into their frozen weights and start a fresh LoRA each round.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter, ClientUpdate
+from .base import AggregationMethod, data_weights, per_module_factors
+
+
+class FLoRA(AggregationMethod):
+    name = "flora"
+    client_kind = "flora"
+
+    def aggregate(
+        self,
+        updates: Sequence[ClientUpdate],
+        r_max: int,
+        *,
+        previous: Mapping[str, torch.Tensor] | None = None,
+        norm_bound: float | None = None,
+        **options: Any,
+    ) -> Adapter:
+        q = data_weights(updates)
+        out: Adapter = {}
+        for module, factors in per_module_factors(updates).items():
+            out[module + B_SUFFIX] = torch.cat([b for b, _ in factors], dim=1)
+            out[module + A_SUFFIX] = torch.cat([w * a for w, (_, a) in zip(q, factors)], dim=0)
+        return out

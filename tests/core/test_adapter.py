@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from hetlora import adapter_rank, product_norm_sq, truncate_adapter, update_norm, zero_pad_adapter
+from hetlora.core.adapter import A_SUFFIX, B_SUFFIX, module_names
+from tests.helpers import SHAPES, make_adapter, product
+
+
+def test_truncate_keeps_leading_components_hand_computed():
+    a = torch.arange(12.0).reshape(4, 3)  # r=4, in=3
+    b = torch.arange(20.0).reshape(5, 4)  # out=5, r=4
+    out = truncate_adapter({"m" + A_SUFFIX: a, "m" + B_SUFFIX: b}, 2)
+    assert out["m" + A_SUFFIX].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert out["m" + B_SUFFIX].tolist() == [[0, 1], [4, 5], [8, 9], [12, 13], [16, 17]]
+
+
+def test_truncated_product_is_sum_of_leading_rank_one_terms():
+    ad = make_adapter(6, seed=1)
+    t = truncate_adapter(ad, 4)
+    for m in SHAPES:
+        b, a = ad[m + B_SUFFIX], ad[m + A_SUFFIX]
+        expected = sum(torch.outer(b[:, i], a[i]) for i in range(4))
+        torch.testing.assert_close(product(t, m), expected)
+
+
+def test_truncate_does_not_alias_input():
+    ad = make_adapter(3)
+    t = truncate_adapter(ad, 2)
+    t["layers.0.q_proj" + A_SUFFIX].zero_()
+    assert ad["layers.0.q_proj" + A_SUFFIX].abs().sum() > 0
+
+
+def test_truncate_beyond_rank_raises():
+    with pytest.raises(ValueError, match="cannot truncate"):
+        truncate_adapter(make_adapter(3), 4)
+
+
+def test_zero_pad_is_zeros_and_keeps_product():
+    ad = make_adapter(3, seed=2)
+    p = zero_pad_adapter(ad, 8)
+    assert adapter_rank(p) == 8
+    for m in SHAPES:
+        assert torch.all(p[m + A_SUFFIX][3:] == 0) and torch.all(p[m + B_SUFFIX][:, 3:] == 0)
+        torch.testing.assert_close(product(p, m), product(ad, m))
+    back = truncate_adapter(p, 3)
+    for k in ad:
+        assert torch.equal(back[k], ad[k])
+
+
+def test_zero_pad_to_smaller_rank_raises():
+    with pytest.raises(ValueError, match="cannot zero-pad"):
+        zero_pad_adapter(make_adapter(4), 3)
+
+
+def test_product_norm_matches_dense_frobenius():
+    ad = make_adapter(4, seed=3)
+    total = 0.0
+    for m in SHAPES:
+        b, a = ad[m + B_SUFFIX], ad[m + A_SUFFIX]
+        dense = torch.linalg.matrix_norm(b @ a) ** 2
+        torch.testing.assert_close(product_norm_sq(b, a), dense)
+        total += float(dense)
+    assert update_norm(ad) == pytest.approx(total**0.5)
+
+
+def test_product_norm_hand_computed():
+    # B = [[1, 0], [0, 2], [0, 0]] (3x2), A = [[1, 1, 1, 1], [0, 1, 0, 0]] (2x4)
+    # BA = [[1,1,1,1],[0,2,0,0],[0,0,0,0]] -> ||BA||^2 = 4 + 4 = 8
+    b = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+    a = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0]])
+    assert float(product_norm_sq(b, a)) == pytest.approx(8.0)
+
+
+def test_module_names_and_rank():
+    ad = make_adapter(5)
+    assert module_names(ad) == sorted(SHAPES)
+    assert adapter_rank(ad) == 5

@@ -1,0 +1,27 @@
+"""Small non-square adapters for tests: out ≠ in ≠ r, so a transposed factor fails."""
+
+from __future__ import annotations
+
+import torch
+
+from hetlora.core.adapter import A_SUFFIX, B_SUFFIX, ClientUpdate
+
+# module -> (out, in); neither square nor equal to any rank used in tests.
+SHAPES = {"layers.0.q_proj": (7, 5), "layers.0.down_proj": (5, 11)}
+
+
+def make_adapter(rank: int, seed: int = 0, shapes=SHAPES, b_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for module, (o, i) in shapes.items():
+        out[module + A_SUFFIX] = torch.randn(rank, i, generator=g, dtype=torch.float64)
+        out[module + B_SUFFIX] = b_scale * torch.randn(o, rank, generator=g, dtype=torch.float64)
+    return out
+
+
+def make_update(rank: int, seed: int = 0, n: int = 10, cid: str | None = None, **kw) -> ClientUpdate:
+    return ClientUpdate(make_adapter(rank, seed, **kw), n, client_id=cid if cid is not None else f"c{seed}")
+
+
+def product(adapter, module):
+    return adapter[module + B_SUFFIX] @ adapter[module + A_SUFFIX]

@@ -1,0 +1,211 @@
+import math
+
+import pytest
+import torch
+
+from hetlora import InvalidUpdate, METHODS, aggregate, ClientUpdate, truncate_adapter, zero_pad_adapter
+from hetlora.core.adapter import A_SUFFIX, B_SUFFIX, adapter_rank
+from tests.helpers import SHAPES, make_adapter, make_update, product
+
+LORA_METHODS = [m for m in METHODS if m != "fft"]
+
+
+def mixed_round():
+    return [make_update(r, seed=s, n=n) for s, (r, n) in enumerate([(2, 10), (5, 30), (3, 20), (6, 5)])]
+
+
+def low_rank_round():
+    return [make_update(r, seed=10 + s, n=n) for s, (r, n) in enumerate([(2, 10), (3, 30), (1, 20), (3, 5)])]
+
+
+def dense_average(updates, weights):
+    return {m: sum(w * product(u.adapter, m) for w, u in zip(weights, updates)) for m in SHAPES}
+
+
+def q_weights(updates):
+    total = sum(u.num_examples for u in updates)
+    return [u.num_examples / total for u in updates]
+
+
+def test_hetlora_sparsity_weighted_hand_computed():
+    # client 1: rank 1, ||B1 A1|| = 5 ; client 2: rank 2, ||B2 A2|| = 2 -> p = (5/7, 2/7); data size ignored
+    u1 = ClientUpdate({"m" + B_SUFFIX: torch.tensor([[1.0], [0.0], [0.0]]), "m" + A_SUFFIX: torch.tensor([[3.0, 4.0]])}, 1, "one")
+    u2 = ClientUpdate(
+        {"m" + B_SUFFIX: torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 0.0]]), "m" + A_SUFFIX: torch.tensor([[0.0, 1.0], [1.0, 1.0]])},
+        100,
+        "two",
+    )
+    g = aggregate("hetlora", [u1, u2], r_max=3)
+    torch.testing.assert_close(g["m" + B_SUFFIX], torch.tensor([[5 / 7, 0, 0], [4 / 7, 0, 0], [0, 0, 0.0]]))
+    torch.testing.assert_close(g["m" + A_SUFFIX], torch.tensor([[15 / 7, 22 / 7], [2 / 7, 2 / 7], [0, 0.0]]))
+
+
+def test_hetlora_falls_back_to_data_weights_when_all_norms_zero():
+    updates = mixed_round()
+    for u in updates:
+        for m in SHAPES:
+            u.adapter[m + B_SUFFIX].zero_()
+    g = aggregate("hetlora", updates, r_max=6)
+    naive = aggregate("hetlora-naive", updates, r_max=6)
+    for k in g:
+        torch.testing.assert_close(g[k], naive[k])
+
+
+def test_hetlora_per_layer_weights_differ_from_per_client():
+    updates = mixed_round()
+    g1 = aggregate("hetlora", updates, r_max=6)
+    g2 = aggregate("hetlora", updates, r_max=6, per_layer=True)
+    # per-layer: module m's A^g = Σ p_{k,m} pad(A_k) with p_{k,m} ∝ ||B_k A_k||_m
+    for m in SHAPES:
+        norms = [float(torch.linalg.matrix_norm(product(u.adapter, m))) for u in updates]
+        p = [n / sum(norms) for n in norms]
+        expected = sum(w * zero_pad_adapter(u.adapter, 6)[m + A_SUFFIX] for w, u in zip(p, updates))
+        torch.testing.assert_close(g2[m + A_SUFFIX], expected)
+    assert not torch.allclose(g1["layers.0.q_proj" + A_SUFFIX], g2["layers.0.q_proj" + A_SUFFIX])
+
+
+@pytest.mark.parametrize("method", ["hetlora", "hetlora-naive", "fedavg", "rbla"])
+def test_identical_clients_give_the_same_adapter(method):
+    ad = make_adapter(4, seed=11)
+    updates = [ClientUpdate({k: v.clone() for k, v in ad.items()}, n, f"c{n}") for n in (3, 7, 11)]
+    g = aggregate(method, updates, r_max=6)
+    for k, v in zero_pad_adapter(ad, 6).items():
+        torch.testing.assert_close(g[k], v)
+
+
+@pytest.mark.parametrize("method", ["recon-svd", "flexlora", "flora"])
+def test_identical_clients_give_the_same_update(method):
+    ad = make_adapter(4, seed=11)
+    updates = [ClientUpdate({k: v.clone() for k, v in ad.items()}, n, f"c{n}") for n in (3, 7)]
+    g = aggregate(method, updates, r_max=6)
+    for m in SHAPES:
+        torch.testing.assert_close(product(g, m), product(ad, m))
+
+
+def test_homogeneous_naive_equals_fedavg_equals_hand_average():
+    updates = [make_update(4, seed=s, n=n) for s, n in enumerate((1, 2, 5))]
+    naive = aggregate("hetlora-naive", updates, r_max=4)
+    fed = aggregate("fedavg", updates, r_max=4)
+    q = q_weights(updates)
+    for k in fed:
+        torch.testing.assert_close(naive[k], fed[k])
+        torch.testing.assert_close(fed[k], sum(w * u.adapter[k] for w, u in zip(q, updates)))
+
+
+def test_fedavg_refuses_mixed_ranks():
+    with pytest.raises(ValueError, match="one rank"):
+        aggregate("fedavg", mixed_round(), r_max=6)
+
+
+def test_naive_zero_pads_mixed_ranks():
+    updates = mixed_round()
+    g = aggregate("hetlora-naive", updates, r_max=6)
+    q = q_weights(updates)
+    for k in g:
+        torch.testing.assert_close(g[k], sum(w * zero_pad_adapter(u.adapter, 6)[k] for w, u in zip(q, updates)))
+
+
+def test_flora_is_exact_and_stacks():
+    updates = mixed_round()
+    g = aggregate("flora", updates, r_max=6)
+    assert adapter_rank(g) == 2 + 5 + 3 + 6
+    target = dense_average(updates, q_weights(updates))
+    for m in SHAPES:
+        torch.testing.assert_close(product(g, m), target[m])
+
+
+def test_ffa_is_exact_under_mixed_ranks():
+    shared = make_adapter(6, seed=99)
+    updates = []
+    for s, (r, n) in enumerate([(2, 10), (5, 30), (6, 5)]):
+        ad = truncate_adapter(shared, r)
+        for m in SHAPES:  # train B only
+            ad[m + B_SUFFIX] = torch.randn(SHAPES[m][0], r, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+        updates.append(ClientUpdate(ad, n, f"c{s}"))
+    g = aggregate("ffa", updates, r_max=6, previous=shared)
+    target = dense_average(updates, q_weights(updates))
+    for m in SHAPES:
+        assert torch.equal(g[m + A_SUFFIX], shared[m + A_SUFFIX])
+        torch.testing.assert_close(product(g, m), target[m])
+    g2 = aggregate("ffa", updates, r_max=6)  # rebuilt from the rank-6 client
+    for k in g:
+        torch.testing.assert_close(g[k], g2[k])
+    with pytest.raises(ValueError, match="no client covers"):
+        aggregate("ffa", updates[:2], r_max=6)
+
+
+@pytest.mark.parametrize("r_max", [3, 4])
+def test_recon_svd_is_best_rank_r_max_approximation(r_max):
+    updates = low_rank_round()
+    g = aggregate("recon-svd", updates, r_max=r_max)
+    assert adapter_rank(g) == r_max
+    target = dense_average(updates, q_weights(updates))
+    for m in SHAPES:
+        u, s, vh = torch.linalg.svd(target[m])
+        k = min(r_max, s.numel())
+        best = (u[:, :k] * s[:k]) @ vh[:k]
+        torch.testing.assert_close(product(g, m), best)
+        # B = U Σ, A = Vᵀ: rows of A orthonormal
+        a = g[m + A_SUFFIX][:k]
+        torch.testing.assert_close(a @ a.T, torch.eye(k, dtype=a.dtype))
+        # truncation hands a rank-2 client the best rank-2 approximation
+        t = truncate_adapter(g, 2)
+        torch.testing.assert_close(product(t, m), (u[:, :2] * s[:2]) @ vh[:2])
+
+
+def test_recon_svd_exact_when_total_rank_fits():
+    updates = [make_update(1, seed=1), make_update(2, seed=2)]
+    g = aggregate("recon-svd", updates, r_max=6)
+    target = dense_average(updates, q_weights(updates))
+    for m in SHAPES:
+        torch.testing.assert_close(product(g, m), target[m])
+
+
+def test_flexlora_same_product_as_recon_svd_balanced_factors():
+    updates = low_rank_round()
+    g = aggregate("flexlora", updates, r_max=3)
+    r = aggregate("recon-svd", updates, r_max=3)
+    for m in SHAPES:
+        torch.testing.assert_close(product(g, m), product(r, m))
+        b_norms = g[m + B_SUFFIX].norm(dim=0)
+        a_norms = g[m + A_SUFFIX].norm(dim=1)
+        torch.testing.assert_close(b_norms, a_norms)  # √Σ on each side
+
+
+def test_rbla_averages_each_slice_over_its_owners_hand_computed():
+    b1, a1 = torch.tensor([[1.0], [2.0]]), torch.tensor([[1.0, 0.0, 2.0]])
+    b2, a2 = torch.tensor([[5.0, 7.0], [6.0, 8.0]]), torch.tensor([[3.0, 4.0, 6.0], [1.0, 1.0, 1.0]])
+    u1 = ClientUpdate({"m" + B_SUFFIX: b1, "m" + A_SUFFIX: a1}, 1, "a")
+    u2 = ClientUpdate({"m" + B_SUFFIX: b2, "m" + A_SUFFIX: a2}, 3, "b")
+    g = aggregate("rbla", [u1, u2], r_max=3)
+    torch.testing.assert_close(g["m" + B_SUFFIX], torch.tensor([[4.0, 7.0, 0.0], [5.0, 8.0, 0.0]]))
+    torch.testing.assert_close(g["m" + A_SUFFIX], torch.tensor([[2.5, 3.0, 5.0], [1.0, 1.0, 1.0], [0, 0, 0.0]]))
+    prev = {"m" + B_SUFFIX: torch.full((2, 3), 9.0), "m" + A_SUFFIX: torch.full((3, 3), 9.0)}
+    g2 = aggregate("rbla", [u1, u2], r_max=3, previous=prev)
+    assert torch.all(g2["m" + B_SUFFIX][:, 2] == 9) and torch.all(g2["m" + A_SUFFIX][2] == 9)
+
+
+@pytest.mark.parametrize("method", LORA_METHODS)
+def test_every_method_validates_before_arithmetic(method):
+    updates = [make_update(3, seed=1), make_update(3, seed=2, cid="evil")]
+    updates[1].adapter["layers.0.q_proj" + B_SUFFIX][0, 0] = math.nan
+    with pytest.raises(InvalidUpdate, match="evil"):
+        aggregate(method, updates, r_max=6)
+
+
+def test_unknown_method_and_option():
+    with pytest.raises(ValueError, match="unknown method"):
+        aggregate("fedprox", mixed_round(), r_max=6)
+    with pytest.raises(TypeError, match="per_layer"):
+        aggregate("fedavg", [make_update(2)], r_max=6, per_layer=True)
+
+
+def test_fft_averages_full_weights():
+    w1 = {"w": torch.tensor([[1.0, 2.0]]), "b": torch.tensor([0.0])}
+    w2 = {"w": torch.tensor([[3.0, 6.0]]), "b": torch.tensor([4.0])}
+    g = aggregate("fft", [ClientUpdate(w1, 1, "a"), ClientUpdate(w2, 3, "b")], r_max=1)
+    torch.testing.assert_close(g["w"], torch.tensor([[2.5, 5.0]]))
+    torch.testing.assert_close(g["b"], torch.tensor([3.0]))
+    w2["w"][0, 0] = math.inf
+    with pytest.raises(InvalidUpdate, match="b"):
+        aggregate("fft", [ClientUpdate(w1, 1, "a"), ClientUpdate(w2, 3, "b")], r_max=1)
