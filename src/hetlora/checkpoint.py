@@ -1,0 +1,122 @@
+"""Crash-safe checkpoints: safetensors + JSON, atomic rename, SHA-256 manifest written last.
+
+Each round goes to ``checkpoint/round-NNNNN/``: files are written into a temporary
+directory and fsynced, ``manifest.json`` (their SHA-256) is written last, the directory
+is renamed into place and its parent fsynced. Loading verifies the manifest and falls
+back to the newest earlier round that verifies. The last ``keep`` rounds are kept.
+Payloads are read only as safetensors and JSON — never pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+
+
+class CorruptCheckpoint(RuntimeError):
+    pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON through a temp file, fsync, rename, fsync the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(
+    root: Path, round_index: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any], keep: int = 2
+) -> Path:
+    """Save ``tensors`` (file stem -> tensor dict) and ``state`` (JSON) for ``round_index``."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"round-{round_index:05d}"
+    tmp = root / f".tmp-round-{round_index:05d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files = {}
+    for stem, tensor_dict in tensors.items():
+        path = tmp / f"{stem}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensor_dict.items()}, str(path))
+        _fsync_file(path)
+        files[path.name] = sha256(path)
+    state_path = tmp / "state.json"
+    state_path.write_text(json.dumps(state, indent=1, sort_keys=True))
+    _fsync_file(state_path)
+    files[state_path.name] = sha256(state_path)
+    manifest = tmp / MANIFEST
+    manifest.write_text(json.dumps({"round": round_index, "files": files}, indent=1, sort_keys=True))
+    _fsync_file(manifest)
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    for old in sorted(root.glob("round-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """Check a checkpoint directory against its manifest; raise CorruptCheckpoint naming the problem."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CorruptCheckpoint(f"{path}: no manifest (partial checkpoint)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CorruptCheckpoint(f"{path}: unreadable manifest: {err}") from None
+    for name, digest in manifest.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise CorruptCheckpoint(f"{path}: {name} is missing")
+        if sha256(f) != digest:
+            raise CorruptCheckpoint(f"{path}: {name} does not match its SHA-256 in the manifest")
+    return manifest
+
+
+def load_latest(root: Path) -> tuple[int, dict[str, dict[str, torch.Tensor]], dict[str, Any]] | None:
+    """The newest checkpoint that verifies: ``(round, tensors, state)``, or None if there is none."""
+    for path in sorted(root.glob("round-*"), reverse=True):
+        try:
+            manifest = verify(path)
+        except CorruptCheckpoint as err:
+            log.warning("skipping corrupt checkpoint: %s", err)
+            continue
+        tensors = {p.name[: -len(".safetensors")]: load_file(str(p)) for p in path.glob("*.safetensors")}
+        state = json.loads((path / "state.json").read_text())
+        return int(manifest["round"]), tensors, state
+    return None

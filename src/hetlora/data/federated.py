@@ -1,0 +1,127 @@
+"""The federated dataset container, tokenisation with target-only labels, and batching."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class RawExample:
+    """``prompt``: chat messages before the target (may be empty); ``target``: what to learn."""
+
+    prompt: tuple[tuple[str, str], ...]
+    target: str
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def tokenize_example(raw: RawExample, tokenizer, max_length: int) -> Example:
+    """Chat-template the prompt, append the target and an end-of-turn token.
+
+    Labels are -100 on the prompt and the target's token ids after it. The split is
+    by position, never by token id: SmolLM2's pad id equals its end-of-turn id.
+    Over-long examples lose prompt tokens from the left first, then target tokens.
+    """
+    messages = [{"role": role, "content": text} for role, text in raw.prompt]
+    if messages and getattr(tokenizer, "chat_template", None):
+        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
+            prompt_ids = prompt_ids["input_ids"]
+        end = tokenizer.eos_token_id
+    elif messages:
+        prompt_ids = tokenizer("\n".join(text for _, text in raw.prompt) + "\n", add_special_tokens=False)["input_ids"]
+        end = tokenizer.eos_token_id
+    else:
+        prompt_ids, end = [], tokenizer.eos_token_id
+    target_ids = tokenizer(raw.target, add_special_tokens=False)["input_ids"]
+    if end is not None:
+        target_ids = target_ids + [end]
+    target_ids = target_ids[: max(1, max_length - 1)]
+    keep_prompt = max_length - len(target_ids)
+    prompt_ids = list(prompt_ids)[-keep_prompt:] if keep_prompt > 0 else []
+    if not prompt_ids and target_ids:  # causal LM needs one token of context for the first target
+        prompt_ids, target_ids = target_ids[:1], target_ids[1:] if len(target_ids) > 1 else target_ids
+    return Example(list(prompt_ids) + target_ids, [IGNORE] * len(prompt_ids) + target_ids)
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padded positions get label -100 and mask 0."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+@dataclass
+class FederatedData:
+    """Per-client train/test examples (raw) and a held-out global test set.
+
+    Tokenisation happens on first use of a client, so building a federation of
+    hundreds of clients costs string handling only.
+    """
+
+    name: str
+    train: dict[str, list[RawExample]]
+    test: dict[str, list[RawExample]]
+    tokenizer: object
+    max_length: int = 128
+    eval_size: int = 256
+    seed: int = 0
+    _cache: dict[str, list[Example]] = field(default_factory=dict, repr=False)
+    _eval: list[Example] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        empty = [c for c, rows in self.train.items() if not rows]
+        if empty:
+            raise ValueError(f"{self.name}: client(s) with no training examples: {empty[:3]}")
+        if not self.train:
+            raise ValueError(f"{self.name}: no clients")
+
+    @property
+    def client_ids(self) -> list[str]:
+        return sorted(self.train)
+
+    def num_examples(self, client_id: str) -> int:
+        return len(self.train[client_id])
+
+    def train_examples(self, client_id: str) -> list[Example]:
+        if client_id not in self._cache:
+            self._cache[client_id] = [tokenize_example(r, self.tokenizer, self.max_length) for r in self.train[client_id]]
+        return self._cache[client_id]
+
+    def eval_examples(self) -> list[Example]:
+        """Up to ``eval_size`` test examples pooled over clients, sampled with the seed."""
+        if self._eval is None:
+            pool = [r for c in sorted(self.test) for r in self.test[c]]
+            if not pool:
+                raise ValueError(f"{self.name}: no held-out test examples")
+            rng = random.Random(self.seed)
+            picked = rng.sample(pool, min(self.eval_size, len(pool)))
+            self._eval = [tokenize_example(r, self.tokenizer, self.max_length) for r in picked]
+        return self._eval
+
+
+def split_by_group(groups: dict[str, list], test_fraction: float, seed: int, salt: str) -> tuple[list, list]:
+    """Split a client's groups (conversations, or single rows) into train/test, seeded per client."""
+    keys = sorted(groups)
+    rng = random.Random(f"{seed}:{salt}")
+    rng.shuffle(keys)
+    n_test = max(1, round(test_fraction * len(keys))) if len(keys) > 1 else 0
+    test = [x for k in keys[:n_test] for x in groups[k]]
+    train = [x for k in keys[n_test:] for x in groups[k]]
+    return train, test

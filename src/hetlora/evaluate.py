@@ -1,0 +1,64 @@
+"""Held-out perplexity on target tokens, with the LM head applied only where a target is.
+
+Computing logits only at the N target positions instead of all B·T positions cuts the
+largest matrix product of a small LM (vocab × hidden) and the B·T·V logits tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from .data.federated import IGNORE, Example, collate
+
+
+def _unwrap(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def target_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over target tokens, and their count.
+
+    The decoder runs on the whole batch; the LM head only on hidden states whose next
+    token is a target (label ≠ -100).
+    """
+    inner = _unwrap(model)
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else inner.base_model
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    picked = labels != IGNORE
+    logits = inner.get_output_embeddings()(hidden[:, :-1][picked])
+    loss = F.cross_entropy(logits.float(), labels[picked], reduction="sum")
+    return loss, int(picked.sum())
+
+
+def autocast(device: str, bf16: bool):
+    return torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[Example], pad_id: int, batch_size: int = 16, bf16: bool = False) -> float:
+    """Mean target-token cross-entropy over ``examples`` (perplexity = exp of it)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
+    for start in range(0, len(order), batch_size):
+        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(device.type, bf16):
+            loss, n = target_token_loss(model, batch)
+        total += float(loss)
+        count += n
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("no target tokens to evaluate")
+    return total / count
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))
