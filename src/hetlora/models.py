@@ -138,13 +138,16 @@ def load_base_model(name: str = "smollm2", dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` for ``smollm2`` (default), ``tiny``, or an HF model id / local path."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(name)
     if name == "tiny":
+        tokenizer = load_tokenizer(name)
         model = tiny_model(len(tokenizer), tokenizer.pad_token_id).to(dtype)
+    elif name == "smollm2":
+        tokenizer = load_tokenizer(name)
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=dtype)
     else:
-        source = smollm2_dir() if name == "smollm2" else name
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            tokenizer = load_tokenizer(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
         except OSError as err:
             raise ValueError(
                 f"cannot load model {name!r}: not smollm2/tiny, not a local model directory, "

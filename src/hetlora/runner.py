@@ -158,8 +158,8 @@ def run(
     else:
         truncate_metrics(out, 0)
     if "initial_eval_ppl" not in summary:
-        base = fed.eval_metrics(with_tiers=cfg.tier_eval != "off")
-        summary = {"initial_eval_loss": base["eval_loss"], "initial_eval_ppl": base["eval_ppl"], "initial_tier_eval_ppl": base.get("tier_eval_ppl", {})}
+        base = fed.eval_metrics(with_tiers=False)  # B = 0: every truncation is the base model
+        summary = {"initial_eval_loss": base["eval_loss"], "initial_eval_ppl": base["eval_ppl"]}
         write_summary(out, summary)
     bar = Progress(progress, cfg.rounds, fed.round)
     try:
