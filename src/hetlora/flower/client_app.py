@@ -1,0 +1,85 @@
+"""The ClientApp: one SuperNode holds one client's data and trains it with the shared client code.
+
+A node knows its ``partition-id`` (from its node config); the client it holds is the
+``partition-id``-th client id of the federation, so identity is stable across rounds.
+The model and data are built once per process (a simulation actor keeps them; a
+deployed SuperNode starts a fresh process per message and loads the model from the
+safetensors cache, never from GGUF).
+"""
+
+from __future__ import annotations
+
+import traceback
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..config import RunConfig
+from ..federation import Federation
+from .common import config_from_run_config, encode_config, from_array_record, to_array_record
+
+app = ClientApp()
+_FEDERATIONS: dict[str, Federation] = {}
+
+
+def client_federation(cfg: RunConfig) -> Federation:
+    """The client side of the federation (model + data), built once per process and config."""
+    key = encode_config(cfg)
+    if key not in _FEDERATIONS:
+        _FEDERATIONS.clear()
+        _FEDERATIONS[key] = Federation(cfg)
+    return _FEDERATIONS[key]
+
+
+def my_client_id(fed: Federation, context: Context) -> str:
+    pid = int(context.node_config.get("partition-id", 0))
+    if not 0 <= pid < len(fed.client_ids):
+        raise ValueError(f"partition-id {pid} is outside the {len(fed.client_ids)} clients of this federation")
+    return fed.client_ids[pid]
+
+
+def _config(message: Message, context: Context) -> RunConfig:
+    record = message.content.config_records.get("config")
+    if record is not None and "hetlora-config" in record:
+        return config_from_run_config(dict(record))
+    return config_from_run_config(dict(context.run_config))
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    """Tell the server which client this node holds and how much data it has."""
+    fed = client_federation(_config(message, context))
+    cid = my_client_id(fed, context)
+    reply = RecordDict({"identity": ConfigRecord({"client-id": cid, "num-examples": fed.data.num_examples(cid)})})
+    return Message(reply, reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """One local round: the received truncated adapter in, the trained (maybe pruned) one out."""
+    cfg = _config(message, context)
+    fed = client_federation(cfg)
+    cid = my_client_id(fed, context)
+    task = message.content.config_records["task"]
+    if str(task["client-id"]) != cid:
+        raise ValueError(f"asked to train client {task['client-id']} but this node holds {cid}")
+    start = from_array_record(message.content.array_records["adapter"])
+    try:
+        update = fed.train(cid, start, int(task["rank"]), int(task["round"]))
+    except Exception:
+        error = traceback.format_exc(limit=3)
+        return Message(RecordDict({"result": ConfigRecord({"client-id": cid, "error": error})}), reply_to=message)
+    metrics = {k: float(v) for k, v in update.metrics.items() if isinstance(v, (int, float))}
+    reply = RecordDict(
+        {
+            "adapter": to_array_record(update.adapter),
+            "metrics": MetricRecord(metrics),
+            "result": ConfigRecord(
+                {"client-id": cid, "num-examples": update.num_examples, "rank": int(update.rank or 0), "round": int(task["round"])}
+            ),
+        }
+    )
+    return Message(reply, reply_to=message)
+
+
+__all__ = ["app"]

@@ -1,0 +1,140 @@
+"""The ServerApp: HetLoRA's server over Flower's Grid, with the in-process runner's outputs.
+
+:class:`HetLoRAStrategy` is a Flower ``Strategy``: ``configure_train`` sends every
+sampled node its *own* truncated ``ArrayRecord`` (one ``Message`` per node), and
+``aggregate_train`` turns the replies into :class:`ClientUpdate` s and completes the
+round through :class:`Federation` (validation, dropping bad clients, ``hetlora.aggregate``).
+Server-side evaluation, metrics.jsonl, checkpoints and the final adapter come from
+:func:`hetlora.runner.run`, exactly as for the in-process engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+
+from ..config import RunConfig
+from ..core.adapter import ClientUpdate
+from ..federation import Federation
+from ..runner import Progress, run
+from .common import config_from_run_config, encode_config, from_array_record, to_array_record
+
+log = logging.getLogger(__name__)
+app = ServerApp()
+
+
+class HetLoRAStrategy(Strategy):
+    """Per-node truncated payloads out, heterogeneous-rank aggregation in."""
+
+    def __init__(self, federation: Federation, timeout: float = 3600.0):
+        self.fed = federation
+        self.timeout = timeout
+        self.node_of: dict[str, int] = {}  # client id -> node id
+        self.last_row: dict[str, Any] = {}
+        self.bytes_down = 0
+
+    # -- identity: which node holds which client (stable across rounds) -------------------
+    def discover(self, grid: Grid) -> None:
+        """Ask every node which client it holds; the server only sees opaque node ids."""
+        config = ConfigRecord({"hetlora-config": encode_config(self.fed.cfg)})
+        nodes = list(grid.get_node_ids())
+        messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type="query") for n in nodes]
+        for reply in grid.send_and_receive(messages, timeout=self.timeout):
+            if reply.has_error():
+                log.warning("node %s did not identify itself: %s", reply.metadata.src_node_id, reply.error.reason)
+                continue
+            cid = str(reply.content.config_records["identity"]["client-id"])
+            self.node_of[cid] = reply.metadata.src_node_id
+        missing = [c for c in self.fed.client_ids if c not in self.node_of]
+        if missing:
+            log.warning("%d of %d clients have no node and will not be sampled", len(missing), len(self.fed.client_ids))
+
+    # -- Strategy API ----------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        t = server_round - 1
+        run_config = ConfigRecord({"hetlora-config": encode_config(self.fed.cfg)})
+        messages, self.bytes_down = [], 0
+        for cid in self.fed.sample(t):
+            if cid not in self.node_of:
+                continue
+            start, rank = self.fed.payload(cid, t)
+            self.bytes_down += self.fed.download_cost(start)
+            content = RecordDict(
+                {
+                    "adapter": to_array_record(start),
+                    "task": ConfigRecord({"client-id": cid, "rank": rank, "round": t}),
+                    "config": run_config,
+                }
+            )
+            messages.append(Message(content, dst_node_id=self.node_of[cid], message_type="train"))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        t = server_round - 1
+        updates, failed = [], []
+        for reply in replies:
+            if reply.has_error():
+                failed.append((str(reply.metadata.src_node_id), f"node error: {reply.error.reason}"))
+                continue
+            result = reply.content.config_records["result"]
+            cid = str(result["client-id"])
+            if "error" in result:
+                failed.append((cid, f"client failed: {str(result['error']).strip().splitlines()[-1]}"))
+                continue
+            if self.node_of.get(cid) != reply.metadata.src_node_id:
+                failed.append((cid, f"reply from node {reply.metadata.src_node_id}, which does not hold this client"))
+                continue
+            metrics = dict(reply.content.metric_records.get("metrics", {}))
+            updates.append(
+                ClientUpdate(
+                    from_array_record(reply.content.array_records["adapter"]),
+                    int(result["num-examples"]),
+                    client_id=cid,
+                    rank=int(result["rank"]) or None,
+                    round=int(result["round"]),
+                    metrics=metrics,
+                )
+            )
+        updates.sort(key=lambda u: u.client_id or "")  # aggregation order independent of arrival order
+        self.last_row = self.fed.complete_round(t, updates, failed) | {"bytes_down": self.bytes_down}
+        summary = MetricRecord({"clients": float(len(updates)), "dropped": float(len(self.last_row["dropped"]))})
+        return to_array_record(self.fed.global_state), summary
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return []  # evaluation is centralised on the held-out set
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        log.info("HetLoRAStrategy: method %s, %d clients", self.fed.cfg.method, len(self.fed.client_ids))
+
+    # -- one round, as the runner's round function ------------------------------------------
+    def round_fn(self, grid: Grid):
+        def flower_round(fed: Federation, t: int, progress: Progress, hook=None) -> dict[str, Any]:
+            messages = list(self.configure_train(t + 1, ArrayRecord(), ConfigRecord(), grid))
+            progress.round_started(t, len(messages))
+            replies = grid.send_and_receive(messages, timeout=self.timeout)
+            self.aggregate_train(t + 1, replies)
+            return self.last_row
+
+        return flower_round
+
+
+def serve(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
+    """Run the experiment over ``grid`` and write the usual ``--out`` contract."""
+    fed = Federation(cfg)
+    strategy = HetLoRAStrategy(fed)
+    strategy.discover(grid)
+    return run(cfg, resume=resume, progress=False, federation=fed, round_fn=strategy.round_fn(grid))
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = config_from_run_config(dict(context.run_config))
+    resume = bool(context.run_config.get("resume", False))
+    serve(grid, cfg, resume=resume)
