@@ -8,6 +8,9 @@ one with the lowest held-out perplexity is reused for every method.
     python benchmarks/reproduce.py                 # ~70 min on 2 CPU cores
     python benchmarks/reproduce.py --rounds 2 ...  # smaller, for a smoke run
 
+Runs already finished in --work are reused and a killed one is resumed from its
+checkpoint, so an interrupted study continues where it stopped (--fresh starts over).
+
 Writes benchmarks/results/reproduction.{json,md,png}; the runs themselves go to --work.
 """
 
@@ -44,13 +47,21 @@ def base_config(args) -> RunConfig:
     )
 
 
+def run_once(cfg: RunConfig) -> dict:
+    """Run, resume a run an earlier (killed) invocation started, or reuse a finished one."""
+    out = Path(cfg.out)
+    summary = out / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("rounds") == cfg.rounds:
+        return json.loads(summary.read_text())
+    return run(cfg, resume=(out / "config.json").is_file(), progress=False)
+
+
 def tune_lr(args, base: RunConfig) -> tuple[float, dict[str, float]]:
     scores = {}
     for lr in args.lr_grid:
         cfg = dataclasses.replace(variant("fedavg-rmax", base), lr=lr, rounds=args.tune_rounds, tier_eval="off",
                                   out=str(Path(args.work) / "tune" / f"lr-{lr:g}"))
-        shutil.rmtree(cfg.out, ignore_errors=True)
-        scores[f"{lr:g}"] = run(cfg, progress=False)["final_eval_ppl"]
+        scores[f"{lr:g}"] = run_once(cfg)["final_eval_ppl"]
         print(f"tune fedavg-rmax lr={lr:g}: ppl {scores[f'{lr:g}']:.2f}", flush=True)
     best = min(args.lr_grid, key=lambda lr: scores[f"{lr:g}"])
     return best, scores
@@ -72,12 +83,14 @@ def main() -> None:
     p.add_argument("--labels", nargs="+", default=LABELS)
     p.add_argument("--work", default="runs/reproduce")
     p.add_argument("--results", default="benchmarks/results")
+    p.add_argument("--fresh", action="store_true", help="discard runs an earlier invocation left in --work")
     args = p.parse_args()
 
     started = time.perf_counter()
     work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    if args.fresh:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     base = base_config(args)
     scores = {}
     if args.lr is None:
@@ -90,10 +103,13 @@ def main() -> None:
         if label == "hetlora-bound":
             cfg.norm_bound = 1.5
         t = time.perf_counter()
-        s = run(cfg, progress=False)
+        s = run_once(cfg)
         print(f"{label:>16}: ppl {s['initial_eval_ppl']:.2f} -> {s['final_eval_ppl']:.2f} ({time.perf_counter() - t:.0f}s)", flush=True)
     rows = collect(work)
     wall = time.perf_counter() - started
+    compute = sum(r["seconds"] for r in rows) + sum(
+        json.loads(p.read_text()).get("seconds_total", 0) for p in (work / "tune").glob("*/summary.json")
+    )
 
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -104,7 +120,8 @@ def main() -> None:
         "config": base.to_dict() | {"lr_grid": args.lr_grid, "tune_rounds": args.tune_rounds, "lr_scores": scores},
         "command": "python benchmarks/reproduce.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in [("rounds", args.rounds), ("clients_per_round", args.clients_per_round), ("local_steps", args.local_steps), ("eval_size", args.eval_size)]),
         "machine": f"{platform.machine()} {device}, torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "wall_seconds": wall,
+        "wall_seconds_this_invocation": wall,
+        "round_seconds_total": compute,
         "rows": [
             {k: r[k] for k in ("label", "final_eval_ppl", "best_eval_ppl", "rounds", "bytes_up_total", "bytes_down_total", "trainable_params", "seconds", "final_tier_eval_ppl")}
             | {"curve": [{"round": x, "eval_ppl": y} for x, y in r["curve"]]}
@@ -124,7 +141,7 @@ def main() -> None:
         )
     (results / "reproduction_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"total wall time {wall / 60:.1f} min")
+    print(f"wall time of this invocation {wall / 60:.1f} min; sum of all rounds (tuning included) {compute / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def fresh_adapter(model, rank: int, cfg: LocalConfig, seed: int) -> dict[str, to
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
     """All weights of a model as detached fp32 copies (tied weights appear once)."""
-    return {k: v.detach().to(torch.float32).clone() for k, v in model.named_parameters()}
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.named_parameters()}
 
 
 def train_fft_client(
@@ -192,6 +192,7 @@ def merge_into_base(model, adapter: Mapping[str, torch.Tensor], scale: float) ->
         for name, b, a in lora_pairs(adapter):
             path = name.removeprefix("base_model.model.")
             layer = modules[path]
-            layer.weight += (scale * (b.to(torch.float32) @ a.to(torch.float32))).to(layer.weight.dtype)
+            delta = scale * (b.to(layer.weight.device, torch.float32) @ a.to(layer.weight.device, torch.float32))
+            layer.weight += delta.to(layer.weight.dtype)
 
 

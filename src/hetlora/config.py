@@ -46,6 +46,7 @@ class RunConfig:
     dp_noise: float = 1.0
     dp_delta: float = 1e-5
     engine: str = "local"
+    device: str = "auto"  # auto (cuda when present) | cpu | cuda
 
     @property
     def global_rank(self) -> int:
@@ -84,6 +85,8 @@ class RunConfig:
             problems.append(f"norm_bound must be positive or off, got {self.norm_bound}")
         if self.tier_eval not in ("final", "every", "off"):
             problems.append(f"tier_eval must be final, every or off, got {self.tier_eval!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            problems.append(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.engine not in ("local", "flower"):
             problems.append(f"engine must be local or flower, got {self.engine!r}")
         if self.dp_clip is not None and (self.dp_clip <= 0 or self.dp_noise < 0):

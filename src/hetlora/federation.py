@@ -52,7 +52,8 @@ class Federation:
         self.method = get_method(cfg.method)
         if model is None:
             model, tokenizer = load_base_model(cfg.model)
-        self.model, self.tokenizer = model, tokenizer
+        device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+        self.model, self.tokenizer = model.to(device), tokenizer
         for p in self.model.parameters():
             p.requires_grad_(False)
         if data is None:
@@ -202,7 +203,7 @@ class Federation:
         for key in stacked:
             if key.endswith(A_SUFFIX):
                 path = key[: -len(A_SUFFIX)].removeprefix("base_model.model.")
-                self.merged[path + ".weight"] = modules[path].weight.detach().clone()
+                self.merged[path + ".weight"] = modules[path].weight.detach().to("cpu").clone()
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, ranks: Sequence[int] | None = None) -> dict[int, float]:

@@ -43,8 +43,8 @@ def detach_lora(peft_model):
 
 
 def adapter_state(peft_model) -> Adapter:
-    """The adapter in PEFT state-dict format, detached fp32 copies."""
-    return {k: v.detach().to(torch.float32).clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    """The adapter in PEFT state-dict format, detached fp32 copies on the CPU."""
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(peft_model).items()}
 
 
 def load_adapter_strict(peft_model, adapter: Mapping[str, torch.Tensor]) -> None:

@@ -32,6 +32,8 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
         return from_mapping(json.loads(str(run_config[CONFIG_KEY])))
     values: dict[str, Any] = {}
     for key, value in run_config.items():
+        if key == "resume":
+            continue
         if isinstance(value, str) and value.startswith(("[", "{")) or value in ("null", "none", "off"):
             value = None if value in ("null", "none", "off") else json.loads(value)
         values[key] = value

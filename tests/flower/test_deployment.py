@@ -1,0 +1,78 @@
+"""Deployment on localhost: one SuperLink + two SuperNodes (insecure), a 2-round tiny run via `flwr run`."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(path: Path, text: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.is_file() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{path.name} never said {text!r}:\n{path.read_text(errors='replace')[-2000:] if path.is_file() else ''}")
+
+
+@pytest.mark.skipif(shutil.which("flower-superlink", path=str(BIN)) is None, reason="flwr not installed")
+def test_superlink_two_supernodes_two_rounds(tmp_path):
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    link = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "deployment"\n\n[superlink.deployment]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
+    env = os.environ | {"FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    procs = []
+
+    def start(args, log):
+        f = open(tmp_path / log, "w")
+        procs.append(subprocess.Popen(args, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path))
+
+    try:
+        start([str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link),
+               "--database", str(tmp_path / "state.db")], "superlink.log")
+        wait_for(tmp_path / "superlink.log", "Uvicorn running", 60)
+        for pid in (0, 1):
+            start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
+                   "--node-config", f"partition-id={pid} num-partitions=2", "--port", str(free_port())], f"supernode{pid}.log")
+        for pid in (0, 1):
+            wait_for(tmp_path / f"supernode{pid}.log", "SuperNode ID", 60)
+        out = tmp_path / "out"
+        result = subprocess.run(
+            [str(BIN / "flwr"), "run", str(REPO), "deployment", "--stream", "--run-config", f'out="{out}" rounds=2'],
+            env=env, capture_output=True, text=True, timeout=420,
+        )
+        assert "Successfully started run" in result.stdout, result.stdout + result.stderr
+        deadline = time.time() + 120
+        while not (out / "summary.json").is_file() or "final_eval_ppl" not in (out / "summary.json").read_text():
+            assert time.time() < deadline, "the ServerApp did not finish"
+            time.sleep(0.5)
+        rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == [1, 2]
+        assert all(len(r["clients"]) == 2 and not r["dropped"] for r in rows)
+        assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
