@@ -15,7 +15,7 @@ from hetlora.config import RunConfig
 from hetlora.core.adapter import B_SUFFIX
 from hetlora.runner import run
 
-TIMING_KEYS = {"seconds", "client_seconds", "eval_seconds", "peak_rss_mb"}
+TIMING_KEYS = {"seconds", "client_seconds", "eval_seconds", "peak_rss_mb", "server_rss_mb"}
 
 
 def tiny_config(out, **kw):
@@ -168,3 +168,13 @@ def test_sigkill_mid_round_then_resume(tmp_path):
     assert [r["round"] for r in rows(out)] == [1, 2, 3, 4]
     assert [strip_timing(r) for r in rows(out)] == [strip_timing(r) for r in rows(ref)]
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == (ref / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_dp_mode_reports_epsilon_each_round(tmp_path, caplog):
+    out = tmp_path / "dp"
+    with caplog.at_level("WARNING"):
+        run(tiny_config(out, dp_clip=0.5, dp_noise=1.0), progress=False)
+    metrics = rows(out)
+    eps = [r["dp_epsilon"] for r in metrics]
+    assert 0 < eps[0] < eps[1] and all(r["dp_delta"] == 1e-5 for r in metrics)
+    assert "sparsity weighting is off" in caplog.text

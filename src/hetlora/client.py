@@ -58,6 +58,15 @@ def batches(examples: list[Example], batch_size: int, steps: int, generator: tor
         order = order[batch_size:]
 
 
+def rss_mb() -> float:
+    """Current resident memory of this process (MB), from /proc when available."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return peak_rss_mb()
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (MB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

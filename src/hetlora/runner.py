@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .checkpoint import load_latest, save_checkpoint
+from .client import rss_mb
 from .config import RunConfig, from_mapping
 from .core.adapter import ClientUpdate
 
@@ -178,6 +179,7 @@ def run(
             row = round_fn(fed, t, bar, hook)
             row.update(evaluate_round(fed, t))
             row["seconds"] = time.perf_counter() - started
+            row["server_rss_mb"] = rss_mb()
             append_metrics(out, row)
             save_checkpoint(out / "checkpoint", fed.round, fed.state_tensors(), fed.state_json() | {"config": cfg.to_dict()})
             bar.round_done(row)

@@ -44,3 +44,12 @@ def test_noise_has_the_configured_scale():
     expected_std = 1.2 * 0.5 / 4
     assert float(noise.std()) == pytest.approx(expected_std, rel=0.01)
     assert abs(float(noise.mean())) < 0.01 * expected_std * 10
+
+
+def test_rdp_accountant_matches_published_value():
+    from hetlora.privacy import epsilon
+
+    # noise 1.5, sampling rate 0.04, 2,250 steps, delta 1e-5 -> eps ~ 7.329 (RDP accountant)
+    assert epsilon(1.5, 0.04, 2250, 1e-5) == pytest.approx(7.329, abs=0.01)
+    assert epsilon(1.5, 0.04, 0, 1e-5) == 0.0
+    assert epsilon(1.5, 0.04, 100, 1e-5) < epsilon(1.5, 0.04, 200, 1e-5)

@@ -1,0 +1,108 @@
+"""Client step speed vs a plain PEFT loop, and peak memory of a LoRA vs an FFT client.
+
+Same model (SmolLM2-135M-Instruct), same batches, same rank, same AdamW. Ours:
+``hetlora.client.train_lora_client`` (LM head only at target positions, tail penalty on).
+Plain: ``get_peft_model`` + ``model(**batch, labels=...)`` (full logits) + AdamW.
+Memory: each client kind trains in a fresh subprocess and reports its peak RSS.
+
+    python benchmarks/client_step.py [--steps 4] [--bf16-steps 1] [--rank 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def setup(model_name: str, client_index: int = 5):
+    from hetlora.data import load_data
+    from hetlora.models import load_base_model
+
+    model, tok = load_base_model(model_name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    data = load_data("chitchat", tok, max_length=128)
+    cid = data.client_ids[client_index]
+    return model, tok, cid, data.train_examples(cid)
+
+
+def ours(model, tok, cid, examples, rank, steps, bf16) -> float:
+    from hetlora.client import LocalConfig, train_lora_client
+    from hetlora.lora import init_global_adapter
+
+    start = init_global_adapter(model, rank, seed=0)
+    cfg = LocalConfig(local_steps=steps, batch_size=8, lr=1e-3, bf16=bf16)
+    u = train_lora_client(model, tok, cid, examples, len(examples), start, rank, cfg, prune=True)
+    return u.metrics["seconds"] / steps
+
+
+def plain(model, tok, examples, rank, steps, bf16) -> float:
+    from peft import get_peft_model
+
+    from hetlora.client import batches
+    from hetlora.data.federated import collate
+    from hetlora.lora import lora_config
+
+    t0 = time.perf_counter()
+    peft_model = get_peft_model(model, lora_config(rank))
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    for group in batches(examples, 8, steps, gen):
+        batch = collate(group, tok.pad_token_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = peft_model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in peft_model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad()
+    seconds = (time.perf_counter() - t0) / steps
+    peft_model.unload()
+    return seconds
+
+
+def memory_child(kind: str, steps: int) -> None:
+    from hetlora.client import LocalConfig, peak_rss_mb, trainable_state, train_fft_client, train_lora_client
+    from hetlora.lora import init_global_adapter
+
+    model, tok, cid, examples = setup("smollm2")
+    before = peak_rss_mb()
+    cfg = LocalConfig(local_steps=steps, batch_size=8)
+    if kind == "lora":
+        train_lora_client(model, tok, cid, examples, len(examples), init_global_adapter(model, 50, 0), 50, cfg, prune=True)
+    else:
+        train_fft_client(model, tok, cid, examples, len(examples), trainable_state(model), cfg)
+    print(json.dumps({"kind": kind, "peak_rss_mb": peak_rss_mb(), "after_load_mb": before}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--bf16-steps", type=int, default=1)
+    p.add_argument("--rank", type=int, default=20)
+    p.add_argument("--memory-child", choices=["lora", "fft"])
+    args = p.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, args.steps)
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, SmolLM2-135M-Instruct, batch 8, max length 128, rank {args.rank}")
+    model, tok, cid, examples = setup("smollm2")
+    ours(model, tok, cid, examples, args.rank, 1, False)  # warm-up
+    for label, bf16, steps in (("fp32", False, args.steps), ("bf16 autocast", True, args.bf16_steps)):
+        s_plain = plain(model, tok, examples, args.rank, steps, bf16)
+        s_ours = ours(model, tok, cid, examples, args.rank, steps, bf16)
+        print(f"{label:>14}: ours {s_ours:.2f} s/step, plain PEFT {s_plain:.2f} s/step, throughput ours/plain = {s_plain / s_ours:.2f}")
+    peaks = {}
+    for kind in ("lora", "fft"):
+        out = subprocess.run([sys.executable, __file__, "--memory-child", kind, "--steps", "2"], capture_output=True, text=True, check=True)
+        peaks[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{kind:>14} client: peak RSS {peaks[kind]['peak_rss_mb']:.0f} MB (model + data loaded: {peaks[kind]['after_load_mb']:.0f} MB)")
+    print(f"peak RSS LoRA/FFT = {peaks['lora']['peak_rss_mb'] / peaks['fft']['peak_rss_mb']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
