@@ -68,6 +68,7 @@ COMMON = dict(
     dp_clip=typer.Option(None, "--dp-clip", help="User-level DP: clip norm C (turns DP on)"),
     dp_noise=typer.Option(None, "--dp-noise", help="User-level DP: noise multiplier σ [default: 1.0]"),
     engine=typer.Option(None, help="local (in-process, default) | flower (Flower simulation)"),
+    partition=typer.Option(None, help="Data file without client_id: iid:N or dirichlet:N (Flower Datasets partitioners; --partition-by, --dirichlet-alpha)"),
 )
 
 
@@ -99,6 +100,9 @@ def run(
     dp_clip: Optional[float] = COMMON["dp_clip"],
     dp_noise: Optional[float] = COMMON["dp_noise"],
     engine: Optional[str] = COMMON["engine"],
+    partition: Optional[str] = COMMON["partition"],
+    partition_by: Optional[str] = typer.Option(None, "--partition-by", help="Label column for dirichlet partitioning [default: label]"),
+    dirichlet_alpha: Optional[float] = typer.Option(None, "--dirichlet-alpha", help="Dirichlet concentration α [default: 0.5]"),
     out: Optional[str] = typer.Option(None, help="Output directory [default: runs/hetlora]"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last good checkpoint"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars"),

@@ -46,6 +46,9 @@ class RunConfig:
     dp_noise: float = 1.0
     dp_delta: float = 1e-5
     engine: str = "local"
+    partition: str | None = None  # user data without client_id: "iid:N" or "dirichlet:N"
+    partition_by: str = "label"
+    dirichlet_alpha: float = 0.5
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
 
     @property
@@ -95,9 +98,24 @@ class RunConfig:
             problems.append(f"DP mode supports the LoRA methods with a persistent global adapter, not {self.method}")
         if self.data != "chitchat" and not Path(self.data).is_file():
             problems.append(f"data {self.data!r} is neither 'chitchat' nor an existing .jsonl/.csv file")
+        if self.partition is not None:
+            scheme, _, n = self.partition.partition(":")
+            if scheme not in ("iid", "dirichlet") or not n.isdigit() or int(n) < 1:
+                problems.append(f"partition must be iid:N or dirichlet:N, got {self.partition!r}")
         if problems:
             raise ValueError("invalid configuration: " + "; ".join(problems))
         return self
+
+    def data_options(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`hetlora.data.load_data` from this config."""
+        options: dict[str, Any] = {"max_length": self.max_length, "eval_size": self.eval_size, "seed": self.seed}
+        if self.data == "chitchat":
+            options["min_examples"] = self.min_examples
+        elif self.partition:
+            scheme, _, n = self.partition.partition(":")
+            options["partition"] = {"scheme": scheme, "num_clients": int(n), "seed": self.seed,
+                                    "label_column": self.partition_by, "alpha": self.dirichlet_alpha}
+        return options
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -57,10 +57,7 @@ class Federation:
         for p in self.model.parameters():
             p.requires_grad_(False)
         if data is None:
-            data = load_data(
-                cfg.data, tokenizer, max_length=cfg.max_length, eval_size=cfg.eval_size, seed=cfg.seed,
-                **({"min_examples": cfg.min_examples} if cfg.data == "chitchat" else {}),
-            )
+            data = load_data(cfg.data, tokenizer, **cfg.data_options())
         self.data = data
         ids = data.client_ids
         self.client_ids = ids[: cfg.max_clients] if cfg.max_clients else ids

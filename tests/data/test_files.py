@@ -56,3 +56,19 @@ def test_unreadable_file(tmp_path, tiny):
     p.write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(ValueError, match="unreadable"):
         load_data(str(p), tok)
+
+
+def test_iid_and_dirichlet_partitioning(tmp_path, tiny):
+    _, tok = tiny
+    rows = [{"text": f"sample {i}", "label": i % 3} for i in range(60)]
+    p = write_jsonl(tmp_path / "nolabels.jsonl", rows)
+    iid = load_data(str(p), tok, partition={"scheme": "iid", "num_clients": 4, "seed": 0})
+    assert len(iid.client_ids) == 4
+    assert sum(iid.num_examples(c) + len(iid.test[c]) for c in iid.client_ids) == 60
+    sizes = [iid.num_examples(c) + len(iid.test[c]) for c in iid.client_ids]
+    assert sizes == [15, 15, 15, 15]
+    skew = load_data(str(p), tok, partition={"scheme": "dirichlet", "num_clients": 4, "seed": 0, "alpha": 0.1})
+    assert sum(skew.num_examples(c) + len(skew.test[c]) for c in skew.client_ids) == 60
+    bad = write_jsonl(tmp_path / "nolabel.jsonl", [{"text": "x"}] * 5)
+    with pytest.raises(ValueError, match="needs a 'label' column"):
+        load_data(str(bad), tok, partition={"scheme": "dirichlet", "num_clients": 2, "seed": 0})

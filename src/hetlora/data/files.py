@@ -33,35 +33,43 @@ def _row_example(row: dict, where: str) -> tuple[str, RawExample]:
     raise ValueError(f"{where}: needs prompt and response, or text")
 
 
-def read_rows(path: Path) -> list[tuple[str, RawExample]]:
+def read_rows(path: Path, partition: dict | None = None) -> list[tuple[str, RawExample]]:
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     try:
         content = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: unreadable: {err}") from None
-    rows = []
+    raw: list[tuple[str, dict]] = []
     if path.suffix == ".jsonl":
         for i, line in enumerate(content.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                raw.append((f"{path}:{i}", json.loads(line)))
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{i}: bad JSON: {err.msg}") from None
-            rows.append(_row_example(row, f"{path}:{i}"))
     elif path.suffix == ".csv":
         reader = csv.DictReader(content.splitlines())
         columns = set(reader.fieldnames or [])
-        if "client_id" not in columns or not ({"prompt", "response"} <= columns or "text" in columns):
+        needs_id = partition is None
+        if (needs_id and "client_id" not in columns) or not ({"prompt", "response"} <= columns or "text" in columns):
             raise ValueError(f"{path}:1: header needs client_id and prompt,response or text; got {sorted(columns)}")
-        for i, row in enumerate(reader, 2):
-            rows.append(_row_example(row, f"{path}:{i}"))
+        raw = [(f"{path}:{i}", row) for i, row in enumerate(reader, 2)]
     else:
         raise ValueError(f"{path}: unsupported format {path.suffix!r}; use .jsonl or .csv")
-    if not rows:
+    if not raw:
         raise ValueError(f"{path}: no examples")
-    return rows
+    if partition is not None:
+        from .partition import partition_rows
+
+        bad = [where for where, row in raw if not isinstance(row, dict)]
+        if bad:
+            raise ValueError(f"{bad[0]}: expected an object")
+        wheres = {id(row): where for where, row in raw}
+        parted = partition_rows([row | {"_where": wheres[id(row)]} for _, row in raw], **partition)
+        raw = [(row.pop("_where"), row) for row in parted]
+    return [_row_example(row, where) for where, row in raw]
 
 
 def load_file(
@@ -72,10 +80,13 @@ def load_file(
     max_length: int = 128,
     eval_size: int = 256,
     seed: int = 0,
+    partition: dict | None = None,
 ) -> FederatedData:
+    """``partition`` (e.g. ``{"scheme": "dirichlet", "num_clients": 10, "seed": 0, "label_column": "label",
+    "alpha": 0.5}``) assigns clients to rows that have none, through Flower Datasets' partitioners."""
     path = Path(source)
     per_client: dict[str, dict[str, list[RawExample]]] = {}
-    for i, (cid, example) in enumerate(read_rows(path)):
+    for i, (cid, example) in enumerate(read_rows(path, partition)):
         per_client.setdefault(cid, {})[f"{i:09d}"] = [example]
     train, test = {}, {}
     for cid, rows in per_client.items():

@@ -41,7 +41,7 @@ def run_simulation(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     ray_dir = _ray_temp_dir(out)
     ray_dir.mkdir(parents=True, exist_ok=True)
 
-    data = load_data(cfg.data, load_tokenizer(cfg.model), **({"min_examples": cfg.min_examples} if cfg.data == "chitchat" else {}))
+    data = load_data(cfg.data, load_tokenizer(cfg.model), **cfg.data_options())
     n_clients = min(len(data.client_ids), cfg.max_clients or len(data.client_ids))
     result: dict[str, Any] = {}
     server_app = ServerApp()
