@@ -22,7 +22,7 @@ run: $(STAMP)
 	$(VENV)/bin/hetlora run $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest $(ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/aggregation.py

@@ -66,17 +66,35 @@ def plain(model, tok, examples, rank, steps, bf16) -> float:
 
 
 def memory_child(kind: str, steps: int) -> None:
-    from hetlora.client import LocalConfig, peak_rss_mb, trainable_state, train_fft_client, train_lora_client
+    """Train one client and report the highest RSS seen while training (sampled every 5 ms)."""
+    import gc
+    import threading
+
+    from hetlora.client import LocalConfig, rss_mb, trainable_state, train_fft_client, train_lora_client
     from hetlora.lora import init_global_adapter
 
     model, tok, cid, examples = setup("smollm2")
-    before = peak_rss_mb()
+    gc.collect()
+    start = trainable_state(model) if kind == "fft" else init_global_adapter(model, 50, 0)
+    before = rss_mb()
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mb())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     cfg = LocalConfig(local_steps=steps, batch_size=8)
     if kind == "lora":
-        train_lora_client(model, tok, cid, examples, len(examples), init_global_adapter(model, 50, 0), 50, cfg, prune=True)
+        train_lora_client(model, tok, cid, examples, len(examples), start, 50, cfg, prune=True)
     else:
-        train_fft_client(model, tok, cid, examples, len(examples), trainable_state(model), cfg)
-    print(json.dumps({"kind": kind, "peak_rss_mb": peak_rss_mb(), "after_load_mb": before}))
+        train_fft_client(model, tok, cid, examples, len(examples), start, cfg)
+    done.set()
+    sampler.join()
+    print(json.dumps({"kind": kind, "peak_rss_mb": peak[0], "after_load_mb": before}))
 
 
 def main() -> None:
@@ -85,6 +103,7 @@ def main() -> None:
     p.add_argument("--bf16-steps", type=int, default=1)
     p.add_argument("--rank", type=int, default=20)
     p.add_argument("--memory-child", choices=["lora", "fft"])
+    p.add_argument("--memory-only", action="store_true")
     args = p.parse_args()
     if args.memory_child:
         memory_child(args.memory_child, args.steps)
@@ -92,7 +111,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, SmolLM2-135M-Instruct, batch 8, max length 128, rank {args.rank}")
     model, tok, cid, examples = setup("smollm2")
     ours(model, tok, cid, examples, args.rank, 1, False)  # warm-up
-    for label, bf16, steps in (("fp32", False, args.steps), ("bf16 autocast", True, args.bf16_steps)):
+    for label, bf16, steps in (("fp32", False, args.steps), ("bf16 autocast", True, args.bf16_steps))[: 0 if args.memory_only else 2]:
         s_plain = plain(model, tok, examples, args.rank, steps, bf16)
         s_ours = ours(model, tok, cid, examples, args.rank, steps, bf16)
         print(f"{label:>14}: ours {s_ours:.2f} s/step, plain PEFT {s_plain:.2f} s/step, throughput ours/plain = {s_plain / s_ours:.2f}")
@@ -100,8 +119,12 @@ def main() -> None:
     for kind in ("lora", "fft"):
         out = subprocess.run([sys.executable, __file__, "--memory-child", kind, "--steps", "2"], capture_output=True, text=True, check=True)
         peaks[kind] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{kind:>14} client: peak RSS {peaks[kind]['peak_rss_mb']:.0f} MB (model + data loaded: {peaks[kind]['after_load_mb']:.0f} MB)")
-    print(f"peak RSS LoRA/FFT = {peaks['lora']['peak_rss_mb'] / peaks['fft']['peak_rss_mb']:.2f}")
+        extra = peaks[kind]["peak_rss_mb"] - peaks[kind]["after_load_mb"]
+        print(f"{kind:>14} client: peak RSS while training {peaks[kind]['peak_rss_mb']:.0f} MB "
+              f"(before training {peaks[kind]['after_load_mb']:.0f} MB, training adds {extra:.0f} MB)")
+        peaks[kind]["extra"] = extra
+    print(f"peak RSS LoRA/FFT = {peaks['lora']['peak_rss_mb'] / peaks['fft']['peak_rss_mb']:.2f}; "
+          f"memory added by training LoRA/FFT = {peaks['lora']['extra'] / peaks['fft']['extra']:.2f}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(fig, path: Path, dpi: int = 100) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_run(rows: Sequence[Mapping[str, Any]], directory: Path, initial_ppl: float | None = None) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     rounds = [r["round"] for r in rows]
@@ -25,10 +32,7 @@ def plot_run(rows: Sequence[Mapping[str, Any]], directory: Path, initial_ppl: fl
         ax.plot(*zip(*pts), marker="x", linestyle="none", label=f"truncated to r={t}")
     ax.set(xlabel="round", ylabel="held-out perplexity", title="Perplexity vs round")
     ax.legend()
-    fig.tight_layout()
-    paths.append(directory / "perplexity.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(_save(fig, directory / "perplexity.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     clients = sorted({c for r in rows for c in r.get("ranks", {})})
@@ -36,33 +40,33 @@ def plot_run(rows: Sequence[Mapping[str, Any]], directory: Path, initial_ppl: fl
         pts = [(r["round"], r["ranks"][c]) for r in rows if c in r.get("ranks", {})]
         ax.plot(*zip(*pts), marker=".", alpha=0.6)
     ax.set(xlabel="round", ylabel="client rank after round", title=f"Client ranks ({min(len(clients), 40)} shown)")
-    fig.tight_layout()
-    paths.append(directory / "ranks.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(_save(fig, directory / "ranks.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.bar([x - 0.2 for x in rounds], [r["bytes_down"] / 1e6 for r in rows], width=0.4, label="down")
     ax.bar([x + 0.2 for x in rounds], [r["bytes_up"] / 1e6 for r in rows], width=0.4, label="up")
     ax.set(xlabel="round", ylabel="MB", title="Communication per round")
     ax.legend()
-    fig.tight_layout()
-    paths.append(directory / "bytes.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(_save(fig, directory / "bytes.png"))
     return paths
 
 
 def plot_comparison(curves: Mapping[str, Sequence[tuple[int, float]]], path: Path, title: str = "") -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, pts in curves.items():
+    """One line per method; the y axis stops at 1.5x the starting perplexity so that a
+    diverging run does not flatten the others (it is marked "off scale")."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    starts = [pts[0][1] for pts in curves.values() if pts]
+    top = 1.5 * max(starts) if starts else None
+    colours = plt.get_cmap("tab10").colors
+    for i, (label, pts) in enumerate(curves.items()):
         if pts:
-            ax.plot(*zip(*pts), marker="o", markersize=3, label=label)
+            off = top is not None and max(p for _, p in pts) > top
+            ax.plot(*zip(*pts), marker="o", markersize=3, color=colours[i % 10],
+                    linestyle="-" if i < 10 else "--", label=label + (" (off scale)" if off else ""))
     ax.set(xlabel="round", ylabel="held-out perplexity", title=title or "Perplexity vs round")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    if top is not None:
+        low = min(p for pts in curves.values() for _, p in pts)
+        ax.set_ylim(bottom=0.9 * low, top=top)
+    ax.legend(fontsize=8, ncol=2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)

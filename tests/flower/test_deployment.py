@@ -38,7 +38,12 @@ def test_superlink_two_supernodes_two_rounds(tmp_path):
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "deployment"\n\n[superlink.deployment]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
     )
-    env = os.environ | {"FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    # the SuperLink and SuperNodes start Flower's other executables by name: put ours first on PATH
+    env = os.environ | {
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     procs = []
 
     def start(args, log):
