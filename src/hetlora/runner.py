@@ -6,7 +6,6 @@ its last checkpoint ends bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -218,9 +217,3 @@ def finish(fed: Federation, out: Path, summary: dict[str, Any]) -> dict[str, Any
     )
     write_summary(out, summary)
     return summary
-
-
-def config_with(cfg: RunConfig, **changes: Any) -> RunConfig:
-    return dataclasses.replace(cfg, **changes)
-
-

@@ -136,8 +136,3 @@ def scale_adapter(adapter: Mapping[str, Tensor], b_scale: float = 1.0, a_scale: 
         out[module + B_SUFFIX] = b * b_scale
         out[module + A_SUFFIX] = a * a_scale
     return out
-
-
-def delta_weights(adapter: Mapping[str, Tensor], scaling: float = 1.0) -> dict[str, Tensor]:
-    """Dense ΔW_ℓ = s · B_ℓ A_ℓ per module. Builds out × in matrices: tests and merging only."""
-    return {m: scaling * (b @ a) for m, b, a in lora_pairs(adapter)}
