@@ -48,7 +48,7 @@ COMMON = dict(
     data=typer.Option(None, help="chitchat (default, offline) | path to .jsonl/.csv with client_id"),
     rounds=typer.Option(None, help="Federated rounds [default: 5]"),
     clients_per_round=typer.Option(None, "--clients-per-round", help="Clients sampled per round [default: 4]"),
-    local_steps=typer.Option(None, "--local-steps", help="Local AdamW steps per round (τ) [default: 5]"),
+    local_steps=typer.Option(None, "--local-steps", help="Local AdamW steps per round (τ) [default: 4]"),
     batch_size=typer.Option(None, "--batch-size", help="Local batch size [default: 8]"),
     max_length=typer.Option(None, "--max-length", help="Max tokens per example [default: 128]"),
     lr=typer.Option(None, help="Local learning rate [default: 1e-3]"),
@@ -107,7 +107,7 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last good checkpoint"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars"),
 ) -> None:
-    """Run one federated experiment (default: HetLoRA on SmolLM2-135M + chitchat, ~12 min on 2 CPU cores)."""
+    """Run one federated experiment (default: HetLoRA on SmolLM2-135M + chitchat, ~10.5 min on 2 CPU cores)."""
     flags = {k: v for k, v in locals().items() if k not in ("config", "resume", "quiet")}
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

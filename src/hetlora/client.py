@@ -29,7 +29,7 @@ from .lora import DEFAULT_SCALE, DEFAULT_TARGETS, adapter_state, attach_lora, de
 class LocalConfig:
     """Local training settings, the same for every method (SPEC.md, What to measure)."""
 
-    local_steps: int = 5
+    local_steps: int = 4
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.0

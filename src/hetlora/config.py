@@ -18,7 +18,7 @@ class RunConfig:
     data: str = "chitchat"
     rounds: int = 5
     clients_per_round: int = 4
-    local_steps: int = 5
+    local_steps: int = 4
     batch_size: int = 8
     max_length: int = 128
     lr: float = 1e-3
