@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from hetlora.compare import PRESETS, collect, variant
+from hetlora.compare import collect, variant
 from hetlora.config import RunConfig
 from hetlora.plots import plot_comparison
 from hetlora.runner import run

@@ -3,7 +3,6 @@ import json
 import pytest
 
 from hetlora.data import load_data
-from hetlora.data.federated import IGNORE
 
 
 def write_jsonl(path, rows):

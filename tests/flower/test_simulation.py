@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 
 from hetlora.config import RunConfig
 from hetlora.runner import run

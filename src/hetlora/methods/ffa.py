@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter, ClientUpdate
+from ..core.adapter import A_SUFFIX, Adapter, ClientUpdate
 from .base import AggregationMethod, data_weights, per_module_factors, weighted_padded_sum
 
 
