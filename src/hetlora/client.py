@@ -23,6 +23,7 @@ from .core.pruning import prune_rank, tail_penalty, tail_start
 from .data.federated import Example, collate
 from .evaluate import autocast, target_token_loss
 from .lora import DEFAULT_SCALE, DEFAULT_TARGETS, adapter_state, attach_lora, detach_lora, load_adapter_strict
+from .memory import lean_memory
 
 
 @dataclass
@@ -38,6 +39,8 @@ class LocalConfig:
     lam: float = 0.01
     r_min: int = 5
     bf16: bool = False
+    grad_checkpointing: bool = False  # recompute activations in backward: far less memory, ~1 extra forward
+    release_memory_every: int | None = None  # k: hand freed heap back to the OS every k decoder layers (memory.py)
     scale: float = DEFAULT_SCALE
     targets: Sequence[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
 
@@ -86,18 +89,20 @@ def _optimise(model, params, examples, pad_id, cfg: LocalConfig, generator, pena
     optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     losses = []
-    for batch_examples in batches(examples, cfg.batch_size, cfg.local_steps, generator):
-        batch = {k: v.to(device) for k, v in collate(batch_examples, pad_id).items()}
-        with autocast(device.type, cfg.bf16):
-            loss_sum, n = target_token_loss(model, batch)
-        loss = loss_sum / max(n, 1)
-        total = loss + cfg.lam * penalty() if penalty is not None else loss
-        total.backward()
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimiser.step()
-        optimiser.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+    release_every = cfg.release_memory_every if device.type == "cpu" else None
+    with lean_memory(model, release_every=release_every, checkpointing=cfg.grad_checkpointing):
+        for batch_examples in batches(examples, cfg.batch_size, cfg.local_steps, generator):
+            batch = {k: v.to(device) for k, v in collate(batch_examples, pad_id).items()}
+            with autocast(device.type, cfg.bf16):
+                loss_sum, n = target_token_loss(model, batch)
+            loss = loss_sum / max(n, 1)
+            total = loss + cfg.lam * penalty() if penalty is not None else loss
+            total.backward()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimiser.step()
+            optimiser.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
     return losses
 
 

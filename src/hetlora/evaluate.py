@@ -27,7 +27,8 @@ def target_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     """
     inner = _unwrap(model)
     decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else inner.base_model
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    # use_cache=False: nothing is generated here, a KV cache would only hold memory
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
     labels = batch["labels"][:, 1:]
     picked = labels != IGNORE
     logits = inner.get_output_embeddings()(hidden[:, :-1][picked])
