@@ -73,6 +73,16 @@ def test_same_seed_same_numbers_and_bytes(tmp_path):
     assert (a / "adapter" / "adapter_model.safetensors").read_bytes() == (b / "adapter" / "adapter_model.safetensors").read_bytes()
 
 
+def test_low_memory_options_change_memory_not_numbers(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(tiny_config(a, rounds=1), progress=False)
+    run(tiny_config(b, rounds=1, grad_checkpointing=True, release_memory=True), progress=False)
+    (ra,), (rb,) = rows(a), rows(b)
+    assert ra["ranks"] == rb["ranks"] and ra["clients"] == rb["clients"]
+    assert rb["eval_loss"] == pytest.approx(ra["eval_loss"], rel=1e-5)
+    assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-5)
+
+
 def test_resume_is_bit_identical_and_survives_a_corrupt_checkpoint(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     run(tiny_config(full, rounds=3, method="hetlora"), progress=False)

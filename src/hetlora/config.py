@@ -41,6 +41,8 @@ class RunConfig:
     max_clients: int | None = None  # register only the first N clients (sorted ids)
     min_clients: int = 1  # fewer valid updates than this: keep the previous global adapter
     bf16: bool = False
+    grad_checkpointing: bool = False  # clients recompute activations in backward: less memory, slower
+    release_memory: bool = False  # clients return freed heap pages to the OS every 3 layers: less RSS, slower
     lora_scale: float = 2.0
     dp_clip: float | None = None  # user-level DP on: clip norm C
     dp_noise: float = 1.0

@@ -63,7 +63,8 @@ class Federation:
         self.client_ids = ids[: cfg.max_clients] if cfg.max_clients else ids
         self.local = LocalConfig(
             local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, gamma=cfg.gamma, lam=cfg.lam,
-            r_min=cfg.r_min, bf16=cfg.bf16, scale=cfg.lora_scale,
+            r_min=cfg.r_min, bf16=cfg.bf16, grad_checkpointing=cfg.grad_checkpointing,
+            release_memory_every=3 if cfg.release_memory else None, scale=cfg.lora_scale,
         )
         r = cfg.global_rank
         if self.method.uniform_rank:

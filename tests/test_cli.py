@@ -1,0 +1,15 @@
+from typer.testing import CliRunner
+
+from hetlora.cli import app, build_config
+
+
+def test_low_memory_flags_reach_the_config():
+    cfg = build_config(None, {"grad_checkpointing": True, "release_memory": True, "rounds": None})
+    assert cfg.grad_checkpointing and cfg.release_memory and cfg.rounds == 5
+    assert not build_config(None, {}).grad_checkpointing
+
+
+def test_run_help_lists_the_low_memory_flags():
+    result = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "--grad-checkpointing" in result.output and "--release-memory" in result.output
