@@ -74,7 +74,8 @@ def memory_child(kind: str, steps: int, checkpointing: bool, release_every: int 
     import gc
     import threading
 
-    from hetlora.client import LocalConfig, rss_mb, trainable_state, train_fft_client, train_lora_client
+    from hetlora.client import LocalConfig, trainable_state, train_fft_client, train_lora_client
+    from hetlora.memory import rss_mb
     from hetlora.lora import init_global_adapter
 
     model, tok, cid, examples = setup("smollm2")

@@ -2,10 +2,11 @@ import pytest
 import torch
 
 from hetlora import memory, truncate_adapter
-from hetlora.client import LocalConfig, rss_mb, train_fft_client, train_lora_client
+from hetlora.client import LocalConfig, train_fft_client, train_lora_client
 from hetlora.data.federated import collate
 from hetlora.evaluate import target_token_loss
 from hetlora.lora import attach_lora, detach_lora, init_global_adapter
+from hetlora.memory import rss_mb
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ weights, so the received adapter is a fresh init) and ``fft`` (all weights).
 from __future__ import annotations
 
 import hashlib
-import resource
 import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -23,7 +22,7 @@ from .core.pruning import prune_rank, tail_penalty, tail_start
 from .data.federated import Example, collate
 from .evaluate import autocast, target_token_loss
 from .lora import DEFAULT_SCALE, DEFAULT_TARGETS, adapter_state, attach_lora, detach_lora, load_adapter_strict
-from .memory import lean_memory
+from .memory import lean_memory, peak_rss_mb
 
 
 @dataclass
@@ -59,20 +58,6 @@ def batches(examples: list[Example], batch_size: int, steps: int, generator: tor
             order += torch.randperm(len(examples), generator=generator).tolist()
         yield [examples[i] for i in order[:batch_size]]
         order = order[batch_size:]
-
-
-def rss_mb() -> float:
-    """Current resident memory of this process (MB), from /proc when available."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-    except OSError:
-        return peak_rss_mb()
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _lora_pairs_live(peft_model) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,4 +1,5 @@
-"""Keep a training client's resident memory close to what it really holds.
+"""Process memory: measure it, and keep a training client's resident memory close to what
+it really holds.
 
 Two measured problems on a CPU client (``benchmarks/client_step.py --memory-only``):
 
@@ -19,11 +20,26 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import resource
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process (MB), from /proc when available."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @functools.cache

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .checkpoint import load_latest, save_checkpoint
-from .client import rss_mb
 from .config import RunConfig, from_mapping
 from .core.adapter import ClientUpdate
-
 from .federation import Federation
+from .memory import rss_mb
 from .outputs import append_metrics, read_metrics, save_adapter, truncate_metrics, write_summary
 from .plots import plot_run
 from .privacy import epsilon
