@@ -105,7 +105,9 @@ def memory_child(kind: str, steps: int, checkpointing: bool, release_every: int 
 def memory_peaks(steps: int) -> None:
     print(f"peak RSS while training (MB), fresh process per client, {steps} steps of batch 8 x 128 tokens, LoRA r=50:")
     print(f"{'heap release':>13} {'checkpointing':>13} {'LoRA':>6} {'FFT':>6} {'LoRA/FFT':>8}   training adds (LoRA, FFT)   s/step (LoRA, FFT)")
-    for release in (None, 3):
+    from hetlora.memory import RELEASE_EVERY_LAYERS
+
+    for release in (None, RELEASE_EVERY_LAYERS):
         for checkpointing in (False, True):
             peaks = {}
             for kind in ("lora", "fft"):
@@ -113,7 +115,7 @@ def memory_peaks(steps: int) -> None:
                 out = subprocess.run(cmd + (["--grad-checkpointing"] if checkpointing else []), capture_output=True, text=True, check=True)
                 peaks[kind] = json.loads(out.stdout.strip().splitlines()[-1])
             lora, fft = peaks["lora"], peaks["fft"]
-            print(f"{'every 3' if release else 'off':>13} {'on' if checkpointing else 'off':>13} {lora['peak_rss_mb']:6.0f} {fft['peak_rss_mb']:6.0f} "
+            print(f"{f'every {release}' if release else 'off':>13} {'on' if checkpointing else 'off':>13} {lora['peak_rss_mb']:6.0f} {fft['peak_rss_mb']:6.0f} "
                   f"{lora['peak_rss_mb'] / fft['peak_rss_mb']:8.2f}   ({lora['peak_rss_mb'] - lora['after_load_mb']:5.0f}, "
                   f"{fft['peak_rss_mb'] - fft['after_load_mb']:5.0f})            ({lora['s_per_step']:.2f}, {fft['s_per_step']:.2f})", flush=True)
 
@@ -144,9 +146,11 @@ def main() -> None:
             print(f"{label:>14}: ours {s_ours:.2f} s/step, plain PEFT {s_plain:.2f} s/step, throughput ours/plain = {s_plain / s_ours:.2f}", flush=True)
         s_ckpt = ours(model, tok, cid, examples, args.rank, args.steps, False, checkpointing=True)
         print(f"{'fp32':>14}: ours with gradient checkpointing {s_ckpt:.2f} s/step", flush=True)
-        s_release = ours(model, tok, cid, examples, args.rank, args.steps, False, release_every=3)
+        from hetlora.memory import RELEASE_EVERY_LAYERS
+
+        s_release = ours(model, tok, cid, examples, args.rank, args.steps, False, release_every=RELEASE_EVERY_LAYERS)
         s_again = ours(model, tok, cid, examples, args.rank, args.steps, False)
-        print(f"{'fp32':>14}: ours with heap release every 3 layers {s_release:.2f} s/step, without (again) {s_again:.2f} s/step", flush=True)
+        print(f"{'fp32':>14}: ours with heap release every {RELEASE_EVERY_LAYERS} layers {s_release:.2f} s/step, without (again) {s_again:.2f} s/step", flush=True)
         del model
     if not args.skip_memory:
         memory_peaks(args.memory_steps)

@@ -25,6 +25,7 @@ from .core.ranks import assign_ranks
 from .core.validation import layer_shapes, split_valid
 from .evaluate import evaluate_loss, perplexity
 from .lora import attach_lora, detach_lora, init_global_adapter, load_adapter_strict
+from .memory import RELEASE_EVERY_LAYERS
 from .methods import aggregate, get_method
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class Federation:
         self.local = LocalConfig(
             local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, gamma=cfg.gamma, lam=cfg.lam,
             r_min=cfg.r_min, bf16=cfg.bf16, grad_checkpointing=cfg.grad_checkpointing,
-            release_memory_every=3 if cfg.release_memory else None, scale=cfg.lora_scale,
+            release_memory_every=RELEASE_EVERY_LAYERS if cfg.release_memory else None, scale=cfg.lora_scale,
         )
         r = cfg.global_rank
         if self.method.uniform_rank:

@@ -27,6 +27,10 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.checkpoint import checkpoint
 
+# --release-memory: after every 3rd decoder layer. On SmolLM2 this peaked at the same RSS as
+# after every layer (2.75 vs 2.68-2.75 GB), with a third of the calls.
+RELEASE_EVERY_LAYERS = 3
+
 
 def rss_mb() -> float:
     """Current resident memory of this process (MB), from /proc when available."""
@@ -66,8 +70,19 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
+def _release_before_backward(grad: torch.Tensor) -> None:
+    release_free_heap()
+
+
+def _release_after_forward(module, args, output) -> None:
+    release_free_heap()
+    hidden = output[0] if isinstance(output, tuple) else output
+    if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+        hidden.register_hook(_release_before_backward)
+
+
 @contextmanager
-def lean_memory(model: torch.nn.Module, *, release_every: int | None = 3, checkpointing: bool = False) -> Iterator[None]:
+def lean_memory(model: torch.nn.Module, *, release_every: int | None = None, checkpointing: bool = False) -> Iterator[None]:
     """Train ``model`` inside this block with less resident memory.
 
     ``release_every=k``: release the free heap after every k-th decoder layer's forward and
@@ -77,19 +92,8 @@ def lean_memory(model: torch.nn.Module, *, release_every: int | None = 3, checkp
     for ``GradientCheckpointingLayer`` and undone on exit, so the shared model is unchanged.
     """
     layers = decoder_layers(model)
-    handles = []
-    if release_every:
-
-        def on_backward(grad: torch.Tensor) -> None:
-            release_free_heap()
-
-        def on_forward(module, args, output) -> None:
-            release_free_heap()
-            hidden = output[0] if isinstance(output, tuple) else output
-            if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
-                hidden.register_hook(on_backward)
-
-        handles = [layer.register_forward_hook(on_forward) for layer in layers[release_every - 1 :: release_every]]
+    releasing = layers[release_every - 1 :: release_every] if release_every else []
+    handles = [layer.register_forward_hook(_release_after_forward) for layer in releasing]
     checkpointed = [layer for layer in layers if checkpointing and not layer.gradient_checkpointing]
     for layer in checkpointed:
         layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
