@@ -66,8 +66,7 @@ def read_rows(path: Path, partition: dict | None = None) -> list[tuple[str, RawE
         bad = [where for where, row in raw if not isinstance(row, dict)]
         if bad:
             raise ValueError(f"{bad[0]}: expected an object")
-        wheres = {id(row): where for where, row in raw}
-        parted = partition_rows([row | {"_where": wheres[id(row)]} for _, row in raw], **partition)
+        parted = partition_rows([row | {"_where": where} for where, row in raw], **partition)
         raw = [(row.pop("_where"), row) for row in parted]
     return [_row_example(row, where) for where, row in raw]
 
