@@ -5,7 +5,7 @@ and learning rate for every method. The learning rate is tuned once, as a user w
 on HomLoRA r=50 (``fedavg-rmax``): each candidate runs ``--tune-rounds`` rounds and the
 one with the lowest held-out perplexity is reused for every method.
 
-    python benchmarks/reproduce.py                 # ~70 min on 2 CPU cores
+    python benchmarks/reproduce.py                 # ~95 min on 2 CPU cores (estimated from 3 of 12 runs)
     python benchmarks/reproduce.py --rounds 2 ...  # smaller, for a smoke run
 
 Runs already finished in --work are reused and a killed one is resumed from its
@@ -50,9 +50,9 @@ def base_config(args) -> RunConfig:
 def run_once(cfg: RunConfig) -> dict:
     """Run, resume a run an earlier (killed) invocation started, or reuse a finished one."""
     out = Path(cfg.out)
-    summary = out / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("rounds") == cfg.rounds:
-        return json.loads(summary.read_text())
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+    if summary.get("rounds") == cfg.rounds:
+        return summary
     return run(cfg, resume=(out / "config.json").is_file(), progress=False)
 
 
