@@ -111,7 +111,7 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last good checkpoint"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars"),
 ) -> None:
-    """Run one federated experiment (default: HetLoRA on SmolLM2-135M + chitchat, ~10.5 min on 2 CPU cores)."""
+    """Run one federated experiment (default: HetLoRA on SmolLM2-135M + chitchat, 10.5–12 min on 2 CPU cores)."""
     flags = {k: v for k, v in locals().items() if k not in ("config", "resume", "quiet")}
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
