@@ -17,11 +17,12 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .config import DEFAULT_SCALE, DEFAULT_TARGETS
 from .core.adapter import ClientUpdate, lora_pairs, truncate_adapter
 from .core.pruning import prune_rank, tail_penalty, tail_start
 from .data.federated import Example, collate
 from .evaluate import autocast, target_token_loss
-from .lora import DEFAULT_SCALE, DEFAULT_TARGETS, adapter_state, attach_lora, detach_lora, load_adapter_strict
+from .lora import adapter_state, attach_lora, detach_lora, load_adapter_strict
 from .memory import lean_memory, peak_rss_mb
 
 

@@ -10,6 +10,11 @@ from typing import Any
 
 from .methods import METHODS
 
+# LoRA defaults (SPEC.md, Notation): lora_alpha = DEFAULT_SCALE · r, on all 7 linear layers of a
+# Llama-style block. Here rather than in lora.py so that a config is checked without importing peft.
+DEFAULT_SCALE = 2.0
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 @dataclass
 class RunConfig:
@@ -43,7 +48,7 @@ class RunConfig:
     bf16: bool = False
     grad_checkpointing: bool = False  # clients recompute activations in backward: less memory, slower
     release_memory: bool = False  # clients return freed heap pages to the OS every 3 layers: less RSS, slower
-    lora_scale: float = 2.0
+    lora_scale: float = DEFAULT_SCALE
     dp_clip: float | None = None  # user-level DP on: clip norm C
     dp_noise: float = 1.0
     dp_delta: float = 1e-5

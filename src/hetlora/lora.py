@@ -11,10 +11,8 @@ from typing import Mapping, Sequence
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
+from .config import DEFAULT_SCALE, DEFAULT_TARGETS
 from .core.adapter import Adapter
-
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DEFAULT_SCALE = 2.0
 
 
 class AdapterMismatch(ValueError):
