@@ -13,3 +13,8 @@ def test_run_help_lists_the_low_memory_flags():
     result = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert "--grad-checkpointing" in result.output and "--release-memory" in result.output
+
+
+def test_target_modules_flag_is_a_comma_list():
+    assert build_config(None, {"target_modules": "q_proj, v_proj"}).target_modules == ["q_proj", "v_proj"]
+    assert build_config(None, {}).target_modules[0] == "q_proj" and len(build_config(None, {}).target_modules) == 7

@@ -83,6 +83,17 @@ def test_low_memory_options_change_memory_not_numbers(tmp_path):
     assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-5)
 
 
+def test_target_modules_choose_what_lora_wraps(tmp_path):
+    out = tmp_path / "qv"
+    run(tiny_config(out, rounds=1, target_modules=["q_proj", "v_proj"]), progress=False)
+    saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert {k.split(".")[-3] for k in saved} == {"q_proj", "v_proj"}
+    assert len(saved) == 2 * 2 * 2  # 2 layers x 2 modules x (A, B)
+    assert set(json.loads((out / "adapter" / "adapter_config.json").read_text())["target_modules"]) == {"q_proj", "v_proj"}
+    with pytest.raises(ValueError, match="c_attn"):
+        run(tiny_config(tmp_path / "gpt2-names", rounds=1, target_modules=["c_attn"]), progress=False)
+
+
 def test_resume_is_bit_identical_and_survives_a_corrupt_checkpoint(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     run(tiny_config(full, rounds=3, method="hetlora"), progress=False)
@@ -137,6 +148,7 @@ def test_too_few_valid_updates_keep_the_previous_global(tmp_path):
         ({"method": "fedavg", "rank": 99}, "rank 99"),
         ({"data": "/no/such/file.jsonl"}, "neither"),
         ({"rank_dist": "list"}, "needs ranks"),
+        ({"target_modules": []}, "target_modules"),
     ],
 )
 def test_bad_configs_fail_before_loading(tmp_path, changes, message):

@@ -28,6 +28,8 @@ def build_config(config: Optional[Path], flags: dict) -> RunConfig:
     given = {k: v for k, v in flags.items() if v is not None}
     if "ranks" in given:
         given["ranks"] = [int(x) for x in str(given["ranks"]).split(",") if x.strip()]
+    if "target_modules" in given:
+        given["target_modules"] = [m.strip() for m in str(given["target_modules"]).split(",") if m.strip()]
     if "norm_bound" in given:
         given["norm_bound"] = _norm_bound(given["norm_bound"])
         if given["norm_bound"] is None:
@@ -65,6 +67,7 @@ COMMON = dict(
     max_clients=typer.Option(None, "--max-clients", help="Register only the first N clients"),
     min_examples=typer.Option(None, "--min-examples", help="chitchat: drop senders with fewer training examples [default: 20]"),
     bf16=typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (slower on CPUs without bf16 units)"),
+    target_modules=typer.Option(None, "--target-modules", help="Comma-separated module names LoRA wraps [default: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"),
     grad_checkpointing=typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing", help="Clients recompute activations in backward: much less memory, ~1 extra forward per step"),
     release_memory=typer.Option(None, "--release-memory/--no-release-memory", help="Clients hand freed heap pages back to the OS every 3 layers (glibc): lower peak RSS, slower steps"),
     dp_clip=typer.Option(None, "--dp-clip", help="User-level DP: clip norm C (turns DP on)"),
@@ -99,6 +102,7 @@ def run(
     max_clients: Optional[int] = COMMON["max_clients"],
     min_examples: Optional[int] = COMMON["min_examples"],
     bf16: Optional[bool] = COMMON["bf16"],
+    target_modules: Optional[str] = COMMON["target_modules"],
     grad_checkpointing: Optional[bool] = COMMON["grad_checkpointing"],
     release_memory: Optional[bool] = COMMON["release_memory"],
     dp_clip: Optional[float] = COMMON["dp_clip"],

@@ -49,6 +49,7 @@ class RunConfig:
     grad_checkpointing: bool = False  # clients recompute activations in backward: less memory, slower
     release_memory: bool = False  # clients return freed heap pages to the OS every 3 layers: less RSS, slower
     lora_scale: float = DEFAULT_SCALE
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # module names LoRA wraps
     dp_clip: float | None = None  # user-level DP on: clip norm C
     dp_noise: float = 1.0
     dp_delta: float = 1e-5
@@ -95,6 +96,8 @@ class RunConfig:
             problems.append(f"norm_bound must be positive or off, got {self.norm_bound}")
         if self.tier_eval not in ("final", "every", "off"):
             problems.append(f"tier_eval must be final, every or off, got {self.tier_eval!r}")
+        if not self.target_modules or not all(isinstance(m, str) and m.strip() for m in self.target_modules):
+            problems.append(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.engine not in ("local", "flower"):

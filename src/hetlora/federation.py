@@ -66,6 +66,7 @@ class Federation:
             local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, gamma=cfg.gamma, lam=cfg.lam,
             r_min=cfg.r_min, bf16=cfg.bf16, grad_checkpointing=cfg.grad_checkpointing,
             release_memory_every=RELEASE_EVERY_LAYERS if cfg.release_memory else None, scale=cfg.lora_scale,
+            targets=list(cfg.target_modules),
         )
         r = cfg.global_rank
         if self.method.uniform_rank:
