@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from hetlora.compare import compare, render, variant
+from hetlora.compare import variant
 from hetlora.config import RunConfig
 
 
@@ -23,9 +23,20 @@ def test_variant_labels():
         variant("nope", b)
 
 
-def test_compare_writes_table_and_plot_and_report_rerenders(tmp_path):
-    rows = compare(["hetlora", "fedavg:2"], base(tmp_path), progress=False)
-    assert [r["label"] for r in rows] == ["hetlora", "fedavg:2"]
+TINY_FLAGS = ["--model", "tiny", "--rounds", "2", "--clients-per-round", "2", "--local-steps", "1", "--batch-size", "4",
+              "--max-length", "48", "--lr", "5e-3", "--r-min", "2", "--r-max", "6", "--eval-size", "8",
+              "--min-examples", "400", "--max-clients", "8", "--seed", "5"]
+
+
+def test_compare_command_writes_table_and_plot_and_report_rerenders(tmp_path):
+    """The command itself (it once failed on every call: 'unknown config key run_compare')."""
+    from typer.testing import CliRunner
+
+    from hetlora.cli import app
+
+    result = CliRunner().invoke(app, ["compare", "--methods", "hetlora,fedavg:2", "--out", str(tmp_path), "--quiet"] + TINY_FLAGS)
+    assert result.exit_code == 0, result.output
+    assert "hetlora: final ppl" in result.output and "fedavg:2: final ppl" in result.output
     md = (tmp_path / "comparison.md").read_text()
     assert "| hetlora |" in md and "| fedavg:2 |" in md
     assert (tmp_path / "comparison.png").stat().st_size > 1000
@@ -34,7 +45,8 @@ def test_compare_writes_table_and_plot_and_report_rerenders(tmp_path):
     m2 = [json.loads(l)["clients"] for l in (tmp_path / "fedavg-r2" / "metrics.jsonl").read_text().splitlines()]
     assert m1 == m2
     (tmp_path / "comparison.md").unlink()
-    render(tmp_path, target=1e9)
+    result = CliRunner().invoke(app, ["report", str(tmp_path), "--target-ppl", "1e9"])
+    assert result.exit_code == 0, result.output
     assert "rounds to ppl ≤ 1000000000.0" in (tmp_path / "comparison.md").read_text()
 
 

@@ -24,3 +24,105 @@ def test_tiny_model_is_deterministic_and_uses_smollm2_tokenizer(tiny):
 def test_unknown_model_gives_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="cannot load model"):
         load_base_model(str(tmp_path / "nowhere"))
+
+
+# ---------------------------------------------------------------- special tokens and the model cache
+import json
+import shutil
+
+from hetlora import models
+from hetlora.data.federated import end_of_turn_id
+
+
+def _tiny_gguf(path, eos_id=2, tokens=("<unk>", "<s>", "</s>", "a")):
+    """A small GGUF with only tokenizer metadata (enough for the cache logic)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_token_list(list(tokens))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(eos_id)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_special_tokens_come_from_the_metadata(tmp_path):
+    special = models.gguf_special_tokens(_tiny_gguf(tmp_path / "m.gguf", eos_id=3))
+    assert special["eos"] == {"id": 3, "token": "a"} and special["bos"] == {"id": 1, "token": "<s>"}
+    real = models.gguf_special_tokens(smollm2_gguf_path())
+    assert real["eos"] == {"id": 2, "token": "<|im_end|>"} and real["pad"]["id"] == 2
+
+
+def test_cache_is_rebuilt_when_stale_and_reused_when_current(tmp_path):
+    gguf = _tiny_gguf(tmp_path / "m.gguf")
+    builds = []
+
+    def build(tmp, special):
+        builds.append(special["eos"]["id"])
+        (tmp / "weights").write_text("w")
+
+    target = tmp_path / "cache" / "m"
+    _, manifest = models.ensure_cache(target, gguf, build, ("weights",))
+    assert builds == [2] and manifest["format"] == models.CACHE_FORMAT
+    assert manifest["gguf"]["sha256"] == models.file_sha256(gguf) and "transformers" in manifest["built_with"]
+    models.ensure_cache(target, gguf, build, ("weights",))
+    assert builds == [2], "a current cache is used as is"
+    # an older format, a missing manifest, a missing file and another GGUF each force a rebuild
+    (target / models.CACHE_MANIFEST).write_text(json.dumps(manifest | {"format": 1}))
+    models.ensure_cache(target, gguf, build, ("weights",))
+    (target / models.CACHE_MANIFEST).unlink()
+    models.ensure_cache(target, gguf, build, ("weights",))
+    (target / "weights").unlink()
+    models.ensure_cache(target, gguf, build, ("weights",))
+    _tiny_gguf(gguf, eos_id=3)
+    models.ensure_cache(target, gguf, build, ("weights",))
+    assert builds == [2, 2, 2, 2, 3]
+    assert not [p for p in target.parent.iterdir() if p != target], "no temporary directories are left"
+
+
+def _stale_tokenizer_cache(cache, monkeypatch):
+    """What transformers ≤ 5.17 wrote: eos <|im_start|> in tokenizer_config.json."""
+    source = models.smollm2_tokenizer_dir()
+    monkeypatch.setenv("HETLORA_CACHE", str(cache))
+    target = cache / (models.SMOLLM2_CACHE_NAME + "-tokenizer")
+    shutil.copytree(source, target)
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<|im_start|>"
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_a_517_tokenizer_cache_without_manifest_is_rebuilt(tmp_path, monkeypatch):
+    target = _stale_tokenizer_cache(tmp_path, monkeypatch)
+    (target / models.CACHE_MANIFEST).unlink()
+    tok = models.load_tokenizer("tiny")
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
+    assert json.loads((target / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
+    assert models.read_manifest(target)["special_tokens"]["eos"]["id"] == 2
+
+
+def test_a_517_tokenizer_in_a_current_cache_is_repaired(tmp_path, monkeypatch):
+    target = _stale_tokenizer_cache(tmp_path, monkeypatch)
+    tok = models.load_tokenizer("tiny")
+    assert tok.eos_token_id == 2
+    assert json.loads((target / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
+
+
+def test_end_of_turn_is_the_templates_even_with_a_wrong_eos(tiny):
+    _, tok = tiny
+    assert end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|im_end|>") == 2
+    wrong = models.load_tokenizer("tiny")
+    wrong.eos_token = "<|im_start|>"  # what transformers <= 5.17 built
+    assert end_of_turn_id(wrong) == 2
+
+
+def test_eos_mismatch_between_tokenizer_and_model_is_an_error(tiny):
+    model, _ = tiny
+    tok = models.load_tokenizer("tiny")
+    tok.eos_token = "<|im_start|>"
+    with pytest.raises(ValueError, match=r"eos token '<\|im_start\|>' \(id 1\).*eos_token_id \[2\]"):
+        models.check_special_tokens(model, tok, "tiny")
+    models.check_special_tokens(model, models.load_tokenizer("tiny"), "tiny")  # agrees

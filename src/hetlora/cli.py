@@ -167,9 +167,9 @@ def compare(
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Run several methods on the same seed, clients, ranks and budget; write comparison.md/png."""
+    flags = {k: v for k, v in locals().items() if k not in ("methods", "config", "target_ppl", "quiet")}
     from .compare import compare as run_compare
 
-    flags = {k: v for k, v in locals().items() if k not in ("methods", "config", "target_ppl", "quiet")}
     logging.basicConfig(level=logging.WARNING)
     try:
         base = build_config(config, flags)

@@ -24,24 +24,43 @@ class Example:
     labels: list[int]
 
 
-def tokenize_example(raw: RawExample, tokenizer, max_length: int) -> Example:
-    """Chat-template the prompt, append the target and an end-of-turn token.
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token that closes an assistant turn in the tokenizer's chat template, else its eos.
+
+    Found by rendering a conversation and reading the first token after the assistant's
+    text, so it is the template's own end of turn (SmolLM2: ``<|im_end|>``), whatever a
+    converter set as eos. It must be a special token; otherwise eos is used.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        probe = "hetlora end of turn probe"
+        messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": probe}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        if isinstance(text, str) and probe in text:
+            tail = text[text.rindex(probe) + len(probe):]
+            ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+            if ids and ids[0] in set(tokenizer.all_special_ids):
+                return int(ids[0])
+    return tokenizer.eos_token_id
+
+
+def tokenize_example(raw: RawExample, tokenizer, max_length: int, end_id: int | None = -1) -> Example:
+    """Chat-template the prompt, append the target and the end-of-turn token.
 
     Labels are -100 on the prompt and the target's token ids after it. The split is
     by position, never by token id: SmolLM2's pad id equals its end-of-turn id.
     Over-long examples lose prompt tokens from the left first, then target tokens.
+    ``end_id`` is the end-of-turn id (:func:`end_of_turn_id`; -1: look it up, None: none).
     """
+    end = end_of_turn_id(tokenizer) if end_id == -1 else end_id
     messages = [{"role": role, "content": text} for role, text in raw.prompt]
     if messages and getattr(tokenizer, "chat_template", None):
         prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
             prompt_ids = prompt_ids["input_ids"]
-        end = tokenizer.eos_token_id
     elif messages:
         prompt_ids = tokenizer("\n".join(text for _, text in raw.prompt) + "\n", add_special_tokens=False)["input_ids"]
-        end = tokenizer.eos_token_id
     else:
-        prompt_ids, end = [], tokenizer.eos_token_id
+        prompt_ids = []
     target_ids = tokenizer(raw.target, add_special_tokens=False)["input_ids"]
     if end is not None:
         target_ids = target_ids + [end]
@@ -84,8 +103,10 @@ class FederatedData:
     seed: int = 0
     _cache: dict[str, list[Example]] = field(default_factory=dict, repr=False)
     _eval: list[Example] | None = field(default=None, repr=False)
+    end_id: int | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
+        self.end_id = end_of_turn_id(self.tokenizer)
         empty = [c for c, rows in self.train.items() if not rows]
         if empty:
             raise ValueError(f"{self.name}: client(s) with no training examples: {empty[:3]}")
@@ -101,7 +122,7 @@ class FederatedData:
 
     def train_examples(self, client_id: str) -> list[Example]:
         if client_id not in self._cache:
-            self._cache[client_id] = [tokenize_example(r, self.tokenizer, self.max_length) for r in self.train[client_id]]
+            self._cache[client_id] = [tokenize_example(r, self.tokenizer, self.max_length, self.end_id) for r in self.train[client_id]]
         return self._cache[client_id]
 
     def eval_examples(self) -> list[Example]:
@@ -112,7 +133,7 @@ class FederatedData:
                 raise ValueError(f"{self.name}: no held-out test examples")
             rng = random.Random(self.seed)
             picked = rng.sample(pool, min(self.eval_size, len(pool)))
-            self._eval = [tokenize_example(r, self.tokenizer, self.max_length) for r in picked]
+            self._eval = [tokenize_example(r, self.tokenizer, self.max_length, self.end_id) for r in picked]
         return self._eval
 
 
