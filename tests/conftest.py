@@ -16,3 +16,20 @@ def chitchat_small(tiny):
 
     _, tok = tiny
     return load_data("chitchat", tok, min_examples=400, max_length=48, eval_size=12, seed=0)
+
+
+@pytest.fixture
+def make_host(tiny, chitchat_small):
+    """A ClientHost on the tiny model and the small chitchat, with local settings overridden."""
+    from dataclasses import replace
+
+    from hetlora.config import RunConfig
+    from hetlora.host import ClientHost
+
+    def make(seed: int = 0, **local):
+        model, tok = tiny
+        host = ClientHost(RunConfig(model="tiny", seed=seed, device="cpu"), model, tok, chitchat_small)
+        host.local = replace(host.local, **local)
+        return host
+
+    return make

@@ -25,3 +25,10 @@ def make_update(rank: int, seed: int = 0, n: int = 10, cid: str | None = None, *
 
 def product(adapter, module):
     return adapter[module + B_SUFFIX] @ adapter[module + A_SUFFIX]
+
+
+def train(host, kind: str, client_id: str, payload, rank: int, round_index: int = 0, prune: bool = False):
+    """One client's local round through its client kind (what every engine calls)."""
+    from hetlora.clients import Job, get_kind
+
+    return get_kind(kind).train(host, Job(client_id, rank, round_index, payload), prune=prune)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hetlora import memory, truncate_adapter
-from hetlora.client import LocalConfig, train_fft_client, train_lora_client
+from tests.helpers import train
 from hetlora.data.federated import collate
 from hetlora.evaluate import target_token_loss
 from hetlora.lora import attach_lora, detach_lora, init_global_adapter
@@ -96,14 +96,14 @@ def test_checkpointing_saves_fewer_activations_and_is_undone(tiny, client_data):
         model.eval()
 
 
-def test_checkpointing_and_release_give_the_same_lora_update(tiny, client_data):
+def test_checkpointing_and_release_give_the_same_lora_update(tiny, client_data, make_host):
     model, tok = tiny
     cid, examples = client_data
     start = truncate_adapter(init_global_adapter(model, 6, seed=3), 6)
     updates = []
     for checkpointing, release in ((False, None), (True, None), (False, 1), (True, 1)):
-        cfg = LocalConfig(local_steps=3, batch_size=4, lr=1e-2, grad_checkpointing=checkpointing, release_memory_every=release)
-        updates.append(train_lora_client(model, tok, cid, examples, 16, start, 6, cfg, prune=True, seed=7))
+        host = make_host(seed=7, local_steps=3, batch_size=4, lr=1e-2, grad_checkpointing=checkpointing, release_memory_every=release)
+        updates.append(train(host, "lora", cid, start, 6, prune=True))
     for u in updates[1:]:
         assert u.rank == updates[0].rank
         for k, v in updates[0].adapter.items():
@@ -111,15 +111,15 @@ def test_checkpointing_and_release_give_the_same_lora_update(tiny, client_data):
     assert any(not torch.equal(updates[0].adapter[k], start[k]) for k in start)
 
 
-def test_checkpointing_gives_the_same_fft_update(tiny, client_data):
+def test_checkpointing_gives_the_same_fft_update(tiny, client_data, make_host):
     model, tok = tiny
     cid, examples = client_data
     original = {k: v.clone() for k, v in model.named_parameters()}
     outs = []
     try:
         for checkpointing in (False, True):
-            cfg = LocalConfig(local_steps=2, batch_size=4, grad_checkpointing=checkpointing)
-            outs.append(train_fft_client(model, tok, cid, examples, 16, original, cfg, seed=1).adapter)
+            host = make_host(seed=1, local_steps=2, batch_size=4, grad_checkpointing=checkpointing)
+            outs.append(train(host, "fft", cid, original, 0).adapter)
     finally:
         with torch.no_grad():
             for k, p in model.named_parameters():

@@ -62,7 +62,8 @@ class RunConfig:
     @property
     def global_rank(self) -> int:
         """Rank of the global adapter: the one rank for fedavg, else r_max."""
-        return (self.rank or self.r_max) if self.method == "fedavg" else self.r_max
+        method = METHODS.get(self.method)
+        return (self.rank or self.r_max) if method is not None and method.uniform_rank else self.r_max
 
     @property
     def prunes(self) -> bool:

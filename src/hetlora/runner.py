@@ -108,10 +108,10 @@ def local_round(fed: Federation, t: int, progress: Progress, hook: RoundHook | N
     progress.round_started(t, len(sampled))
     updates, failed, bytes_down = [], [], 0
     for cid in sampled:
-        start, rank = fed.payload(cid, t)
-        bytes_down += fed.download_cost(start)
+        job = fed.job(cid, t)
+        bytes_down += fed.download_bytes(job)
         try:
-            updates.append(fed.train(cid, start, rank, t))
+            updates.append(fed.train(job))
         except Exception as err:  # a crashing client is dropped, the round goes on
             log.exception("client %s failed", cid)
             failed.append((cid, f"client failed: {err.__class__.__name__}: {err}"))
@@ -190,10 +190,10 @@ def finish(fed: Federation, out: Path, summary: dict[str, Any]) -> dict[str, Any
     """Write the final adapter, plots and summary.json from metrics.jsonl."""
     cfg = fed.cfg
     rows = read_metrics(out)
-    if fed.kind in ("lora", "ffa"):
+    if fed.kind.has_adapter:
         adapter_dir = out / "adapter"
         shutil.rmtree(adapter_dir, ignore_errors=True)
-        save_adapter(adapter_dir, fed.global_state, cfg.global_rank, cfg.lora_scale, fed.local.targets, cfg.model)
+        save_adapter(adapter_dir, fed.state["global"], cfg.global_rank, cfg.lora_scale, cfg.target_modules, cfg.model)
     plot_run(rows, out / "plots", summary.get("initial_eval_ppl"))
     ppls = [r["eval_ppl"] for r in rows]
     summary.update(

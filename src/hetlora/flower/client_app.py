@@ -14,28 +14,30 @@ import traceback
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..clients import Job, get_kind
 from ..config import RunConfig
-from ..federation import Federation
+from ..host import ClientHost
+from ..methods import get_method
 from .common import config_from_run_config, encode_config, from_array_record, to_array_record
 
 app = ClientApp()
-_FEDERATIONS: dict[str, Federation] = {}
+_HOSTS: dict[str, ClientHost] = {}
 
 
-def client_federation(cfg: RunConfig) -> Federation:
-    """The client side of the federation (model + data), built once per process and config."""
+def client_host(cfg: RunConfig) -> ClientHost:
+    """This device's model, data and local settings, built once per process and config."""
     key = encode_config(cfg)
-    if key not in _FEDERATIONS:
-        _FEDERATIONS.clear()
-        _FEDERATIONS[key] = Federation(cfg)
-    return _FEDERATIONS[key]
+    if key not in _HOSTS:
+        _HOSTS.clear()
+        _HOSTS[key] = ClientHost(cfg)
+    return _HOSTS[key]
 
 
-def my_client_id(fed: Federation, context: Context) -> str:
+def my_client_id(host: ClientHost, context: Context) -> str:
     pid = int(context.node_config.get("partition-id", 0))
-    if not 0 <= pid < len(fed.client_ids):
-        raise ValueError(f"partition-id {pid} is outside the {len(fed.client_ids)} clients of this federation")
-    return fed.client_ids[pid]
+    if not 0 <= pid < len(host.client_ids):
+        raise ValueError(f"partition-id {pid} is outside the {len(host.client_ids)} clients of this federation")
+    return host.client_ids[pid]
 
 
 def _config(message: Message, context: Context) -> RunConfig:
@@ -48,9 +50,9 @@ def _config(message: Message, context: Context) -> RunConfig:
 @app.query()
 def query(message: Message, context: Context) -> Message:
     """Tell the server which client this node holds and how much data it has."""
-    fed = client_federation(_config(message, context))
-    cid = my_client_id(fed, context)
-    reply = RecordDict({"identity": ConfigRecord({"client-id": cid, "num-examples": fed.data.num_examples(cid)})})
+    host = client_host(_config(message, context))
+    cid = my_client_id(host, context)
+    reply = RecordDict({"identity": ConfigRecord({"client-id": cid, "num-examples": host.data.num_examples(cid)})})
     return Message(reply, reply_to=message)
 
 
@@ -58,14 +60,14 @@ def query(message: Message, context: Context) -> Message:
 def train(message: Message, context: Context) -> Message:
     """One local round: the received truncated adapter in, the trained (maybe pruned) one out."""
     cfg = _config(message, context)
-    fed = client_federation(cfg)
-    cid = my_client_id(fed, context)
+    host = client_host(cfg)
+    cid = my_client_id(host, context)
     task = message.content.config_records["task"]
     if str(task["client-id"]) != cid:
         raise ValueError(f"asked to train client {task['client-id']} but this node holds {cid}")
-    start = from_array_record(message.content.array_records["adapter"])
+    job = Job(cid, int(task["rank"]), int(task["round"]), from_array_record(message.content.array_records["adapter"]))
     try:
-        update = fed.train(cid, start, int(task["rank"]), int(task["round"]))
+        update = get_kind(get_method(cfg.method).client_kind).train(host, job, prune=cfg.prunes)
     except Exception:
         error = traceback.format_exc(limit=3)
         return Message(RecordDict({"result": ConfigRecord({"client-id": cid, "error": error})}), reply_to=message)

@@ -61,12 +61,12 @@ class HetLoRAStrategy(Strategy):
         for cid in self.fed.sample(t):
             if cid not in self.node_of:
                 continue
-            start, rank = self.fed.payload(cid, t)
-            self.bytes_down += self.fed.download_cost(start)
+            job = self.fed.job(cid, t)
+            self.bytes_down += self.fed.download_bytes(job)
             content = RecordDict(
                 {
-                    "adapter": to_array_record(start),
-                    "task": ConfigRecord({"client-id": cid, "rank": rank, "round": t}),
+                    "adapter": to_array_record(job.payload),
+                    "task": ConfigRecord({"client-id": cid, "rank": job.rank, "round": t}),
                     "config": run_config,
                 }
             )
@@ -102,7 +102,7 @@ class HetLoRAStrategy(Strategy):
         updates.sort(key=lambda u: u.client_id or "")  # aggregation order independent of arrival order
         self.last_row = self.fed.complete_round(t, updates, failed) | {"bytes_down": self.bytes_down}
         summary = MetricRecord({"clients": float(len(updates)), "dropped": float(len(self.last_row["dropped"]))})
-        return to_array_record(self.fed.global_state), summary
+        return to_array_record(self.fed.state["global"]), summary
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return []  # evaluation is centralised on the held-out set

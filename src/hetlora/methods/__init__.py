@@ -1,7 +1,7 @@
 """The registry of aggregation methods and the one entry point, :func:`aggregate`.
 
 Adding a method means adding one module with an :class:`AggregationMethod`
-subclass and one line in ``METHODS``.
+subclass and one line in ``METHODS`` (docs/algorithm.md, "Adding a method").
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 
 from ..core.adapter import Adapter, ClientUpdate
 from ..core.robust import bound_updates
-from ..core.validation import LayerShapes, validate_updates
-from .base import AggregationMethod
+from ..core.validation import LayerShapes
+from .base import AggregationContext, AggregationMethod, require_valid
 from .fedavg import FedAvg
 from .ffa import FFALoRA
 from .fft import FullFineTuning
@@ -47,6 +47,15 @@ def get_method(name: str) -> AggregationMethod:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}") from None
 
 
+def aggregate_valid(method: AggregationMethod, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
+    """Aggregate updates that already passed validation: the norm bound (if on), then the rule."""
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    if ctx.norm_bound is not None and method.bounded:
+        updates = bound_updates(updates, ctx.norm_bound)
+    return method.aggregate(updates, ctx)
+
+
 def aggregate(
     method: str,
     updates: Sequence[ClientUpdate],
@@ -71,13 +80,9 @@ def aggregate(
         raise TypeError(f"method {method!r} takes no option(s) {unknown}; it takes {list(m.options) or 'none'}")
     if not updates:
         raise ValueError("no updates to aggregate")
-    if isinstance(m, FullFineTuning):
-        m.validate(updates, r_max)
-        return m.aggregate(updates, r_max, **options)
-    validate_updates(updates, r_max, shapes)
-    if norm_bound is not None:
-        updates = bound_updates(updates, norm_bound)
-    return m.aggregate(updates, r_max, previous=previous, norm_bound=norm_bound, **options)
+    ctx = AggregationContext(r_max=r_max, previous=previous, norm_bound=norm_bound, shapes=shapes, options=options)
+    require_valid(m, updates, ctx)
+    return aggregate_valid(m, updates, ctx)
 
 
-__all__ = ["METHODS", "AggregationMethod", "aggregate", "get_method"]
+__all__ = ["METHODS", "AggregationContext", "AggregationMethod", "aggregate", "aggregate_valid", "get_method"]

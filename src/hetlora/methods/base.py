@@ -1,48 +1,89 @@
-"""What every aggregation method shares: data-size weights and the zero-padded weighted sum.
+"""What every aggregation method shares: its shape, its context, data-size weights and the
+zero-padded weighted sum.
 
 A method is one small class with the same shape as its siblings (like Flower's
-``Strategy`` subclasses): a ``name``, the kind of client it trains with, and
-``aggregate(updates, r_max, **options) -> global adapter``. Updates reaching a
-method are already validated (``hetlora.methods.aggregate``).
+``Strategy`` subclasses): a ``name``, the client kind it trains with (``hetlora.clients``),
+and ``aggregate(updates, ctx) -> global adapter``. Updates reaching a method are already
+validated, once, by :meth:`AggregationMethod.split_valid`. The rules are written out in
+``docs/algorithm.md``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter, ClientUpdate, lora_pairs, module_names
+from ..core.validation import InvalidUpdate, LayerShapes, split_valid
+
+
+@dataclass(frozen=True)
+class AggregationContext:
+    """Everything a method may use besides the updates.
+
+    ``r_max``: rank of the global adapter; ``previous``: the global adapter before this
+    round (None on a first call); ``norm_bound``: the robustness bound x (None: off);
+    ``shapes``: module -> (out, in), else agreed by the clients; ``options``: the
+    method's own keyword options (e.g. ``per_layer``); ``generator``: randomness a
+    method may draw (DP noise), seeded per round by the runner.
+    """
+
+    r_max: int
+    previous: Mapping[str, torch.Tensor] | None = None
+    norm_bound: float | None = None
+    shapes: LayerShapes | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    generator: torch.Generator | None = None
 
 
 class AggregationMethod:
     """Base class; subclasses set the class attributes and implement :meth:`aggregate`."""
 
     name: str = ""
-    #: which local trainer the clients run: "lora", "ffa" (A frozen), "flora" (fresh LoRA
-    #: on merged weights each round) or "fft" (full fine-tuning).
+    #: which client kind trains for it (hetlora.clients): "lora", "ffa", "flora" or "fft".
     client_kind: str = "lora"
-    #: whether clients apply rank self-pruning (SPEC.md step 2).
+    #: whether clients apply rank self-pruning (docs/algorithm.md, local training).
     prunes: bool = False
     #: whether all clients must share one rank.
     uniform_rank: bool = False
-    #: keyword options :meth:`aggregate` understands, beyond ``previous`` and ``norm_bound``.
+    #: whether the norm-inflation bound (hetlora.core.robust) applies to its updates.
+    bounded: bool = True
+    #: keyword options :meth:`aggregate` understands (read from ``ctx.options``).
     options: tuple[str, ...] = ()
 
-    def aggregate(
+    def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
+        raise NotImplementedError
+
+    def split_valid(
         self,
         updates: Sequence[ClientUpdate],
-        r_max: int,
-        *,
-        previous: Mapping[str, torch.Tensor] | None = None,
-        norm_bound: float | None = None,
-        **options: Any,
-    ) -> Adapter:
-        raise NotImplementedError
+        ctx: AggregationContext,
+        assigned_ranks: Mapping[str, int] | None = None,
+        round_index: int | None = None,
+    ) -> tuple[list[ClientUpdate], list[tuple[str | None, str]]]:
+        """Keep the valid updates, list ``(client, reason)`` for the rest (LoRA adapters)."""
+        shapes = ctx.shapes if ctx.shapes is not None else _agreed_shapes(updates)
+        return split_valid(updates, ctx.r_max, shapes, assigned_ranks=assigned_ranks, round_index=round_index)
+
+
+def _agreed_shapes(updates: Sequence[ClientUpdate]) -> LayerShapes:
+    from ..core.validation import reference_shapes
+
+    return reference_shapes(updates)
+
+
+def require_valid(method: AggregationMethod, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> None:
+    """Raise :class:`InvalidUpdate` for the first update :meth:`split_valid` would drop."""
+    _, dropped = method.split_valid(updates, ctx)
+    if dropped:
+        client, problem = dropped[0]
+        raise InvalidUpdate(client, problem)
 
 
 def data_weights(updates: Sequence[ClientUpdate]) -> list[float]:
-    """q_k = n_k / Σ_j n_j (SPEC.md, Methods)."""
+    """q_k = n_k / Σ_j n_j."""
     total = sum(u.num_examples for u in updates)
     return [u.num_examples / total for u in updates]
 
@@ -57,7 +98,7 @@ def weighted_padded_sum(
     r_max: int,
     weights: Sequence[float] | Mapping[str, Sequence[float]],
 ) -> Adapter:
-    """B^g = Σ_k p_k pad(B_k), A^g = Σ_k p_k pad(A_k) (SPEC.md step 3).
+    """B^g = Σ_k p_k pad(B_k), A^g = Σ_k p_k pad(A_k) (docs/algorithm.md, aggregation).
 
     ``weights`` is one p_k per client, or a mapping module -> p_k per client for
     per-layer weights. Accumulates each client's slice in place instead of building

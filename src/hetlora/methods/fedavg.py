@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
-
-import torch
+from typing import Sequence
 
 from ..core.adapter import Adapter, ClientUpdate, adapter_rank
-from .base import AggregationMethod, data_weights, weighted_padded_sum
+from .base import AggregationContext, AggregationMethod, data_weights, weighted_padded_sum
 
 
 class FedAvg(AggregationMethod):
     name = "fedavg"
     uniform_rank = True
 
-    def aggregate(
-        self,
-        updates: Sequence[ClientUpdate],
-        r_max: int,
-        *,
-        previous: Mapping[str, torch.Tensor] | None = None,
-        norm_bound: float | None = None,
-        **options: Any,
-    ) -> Adapter:
+    def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         ranks = sorted({adapter_rank(u.adapter) for u in updates})
         if len(ranks) > 1:
             raise ValueError(
                 f"fedavg (HomLoRA) needs every client at one rank, got ranks {ranks}; "
                 "use hetlora, hetlora-naive, rbla or recon-svd for mixed ranks"
             )
-        return weighted_padded_sum(updates, r_max, data_weights(updates))
+        return weighted_padded_sum(updates, ctx.r_max, data_weights(updates))

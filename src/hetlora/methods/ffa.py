@@ -7,12 +7,12 @@ mixed ranks. A^g is the previous global A (or, without one, the clients' shared 
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import torch
 
 from ..core.adapter import A_SUFFIX, Adapter, ClientUpdate
-from .base import AggregationMethod, data_weights, per_module_factors, weighted_padded_sum
+from .base import AggregationContext, AggregationMethod, data_weights, per_module_factors, weighted_padded_sum
 
 
 def _shared_a(factors: list[tuple[torch.Tensor, torch.Tensor]], r_max: int, module: str) -> torch.Tensor:
@@ -29,18 +29,11 @@ def _shared_a(factors: list[tuple[torch.Tensor, torch.Tensor]], r_max: int, modu
 class FFALoRA(AggregationMethod):
     name = "ffa"
     client_kind = "ffa"
+    bounded = False
 
-    def aggregate(
-        self,
-        updates: Sequence[ClientUpdate],
-        r_max: int,
-        *,
-        previous: Mapping[str, torch.Tensor] | None = None,
-        norm_bound: float | None = None,
-        **options: Any,
-    ) -> Adapter:
-        out = weighted_padded_sum(updates, r_max, data_weights(updates))
+    def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
+        out = weighted_padded_sum(updates, ctx.r_max, data_weights(updates))
         for module, factors in per_module_factors(updates).items():
             key = module + A_SUFFIX
-            out[key] = previous[key].clone() if previous is not None else _shared_a(factors, r_max, module)
+            out[key] = ctx.previous[key].clone() if ctx.previous is not None else _shared_a(factors, ctx.r_max, module)
         return out

@@ -9,12 +9,10 @@ rate. ``split="sigma-on-b"`` gives recon-svd's convention.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
-
-import torch
+from typing import Sequence
 
 from ..core.adapter import Adapter, ClientUpdate
-from .base import AggregationMethod
+from .base import AggregationContext, AggregationMethod
 from .recon_svd import svd_aggregate
 
 
@@ -22,14 +20,5 @@ class FlexLoRA(AggregationMethod):
     name = "flexlora"
     options = ("split",)
 
-    def aggregate(
-        self,
-        updates: Sequence[ClientUpdate],
-        r_max: int,
-        *,
-        previous: Mapping[str, torch.Tensor] | None = None,
-        norm_bound: float | None = None,
-        split: str = "balanced",
-        **options: Any,
-    ) -> Adapter:
-        return svd_aggregate(updates, r_max, split=split)
+    def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
+        return svd_aggregate(updates, ctx.r_max, split=ctx.options.get("split", "balanced"))

@@ -7,27 +7,20 @@ clients fold s·B^g A^g into their frozen weights and start a fresh LoRA each ro
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import torch
 
 from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter, ClientUpdate
-from .base import AggregationMethod, data_weights, per_module_factors
+from .base import AggregationContext, AggregationMethod, data_weights, per_module_factors
 
 
 class FLoRA(AggregationMethod):
     name = "flora"
     client_kind = "flora"
+    bounded = False
 
-    def aggregate(
-        self,
-        updates: Sequence[ClientUpdate],
-        r_max: int,
-        *,
-        previous: Mapping[str, torch.Tensor] | None = None,
-        norm_bound: float | None = None,
-        **options: Any,
-    ) -> Adapter:
+    def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         q = data_weights(updates)
         out: Adapter = {}
         for module, factors in per_module_factors(updates).items():

@@ -9,13 +9,11 @@ bound × their median (hetlora.core.robust).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
-
-import torch
+from typing import Sequence
 
 from ..core.adapter import Adapter, ClientUpdate, product_norm_sq, update_norm
 from ..core.robust import cap_weights
-from .base import AggregationMethod, data_weights, normalise, per_module_factors, weighted_padded_sum
+from .base import AggregationContext, AggregationMethod, data_weights, normalise, per_module_factors, weighted_padded_sum
 
 
 def sparsity_weights(updates: Sequence[ClientUpdate], norm_bound: float | None = None) -> list[float]:
@@ -47,19 +45,7 @@ class HetLoRA(AggregationMethod):
     prunes = True
     options = ("per_layer",)
 
-    def aggregate(
-        self,
-        updates: Sequence[ClientUpdate],
-        r_max: int,
-        *,
-        previous: Mapping[str, torch.Tensor] | None = None,
-        norm_bound: float | None = None,
-        per_layer: bool = False,
-        **options: Any,
-    ) -> Adapter:
-        weights = (
-            per_layer_sparsity_weights(updates, norm_bound)
-            if per_layer
-            else sparsity_weights(updates, norm_bound)
-        )
-        return weighted_padded_sum(updates, r_max, weights)
+    def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
+        per_layer = ctx.options.get("per_layer", False)
+        weigh = per_layer_sparsity_weights if per_layer else sparsity_weights
+        return weighted_padded_sum(updates, ctx.r_max, weigh(updates, ctx.norm_bound))

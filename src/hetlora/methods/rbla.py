@@ -8,34 +8,26 @@ global value (zero without one).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import torch
 
 from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter, ClientUpdate
-from .base import AggregationMethod, data_weights, per_module_factors
+from .base import AggregationContext, AggregationMethod, data_weights, per_module_factors
 
 
 class RBLA(AggregationMethod):
     name = "rbla"
 
-    def aggregate(
-        self,
-        updates: Sequence[ClientUpdate],
-        r_max: int,
-        *,
-        previous: Mapping[str, torch.Tensor] | None = None,
-        norm_bound: float | None = None,
-        **options: Any,
-    ) -> Adapter:
+    def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         q = data_weights(updates)
         out: Adapter = {}
         for module, factors in per_module_factors(updates).items():
             b0, a0 = factors[0]
             dtype = torch.promote_types(b0.dtype, torch.float32)
-            acc_b = torch.zeros(b0.shape[0], r_max, dtype=dtype)
-            acc_a = torch.zeros(r_max, a0.shape[1], dtype=dtype)
-            mass = torch.zeros(r_max, dtype=torch.float64)
+            acc_b = torch.zeros(b0.shape[0], ctx.r_max, dtype=dtype)
+            acc_a = torch.zeros(ctx.r_max, a0.shape[1], dtype=dtype)
+            mass = torch.zeros(ctx.r_max, dtype=torch.float64)
             for w, (b, a) in zip(q, factors):
                 r = a.shape[0]
                 acc_b[:, :r].add_(b, alpha=w)
@@ -45,10 +37,10 @@ class RBLA(AggregationMethod):
             scale = torch.where(covered, 1.0 / mass.clamp_min(1e-300), torch.zeros_like(mass)).to(dtype)
             acc_b *= scale[None, :]
             acc_a *= scale[:, None]
-            if previous is not None:
+            if ctx.previous is not None:
                 empty = ~covered
-                acc_b[:, empty] = previous[module + B_SUFFIX][:, empty].to(dtype)
-                acc_a[empty] = previous[module + A_SUFFIX][empty].to(dtype)
+                acc_b[:, empty] = ctx.previous[module + B_SUFFIX][:, empty].to(dtype)
+                acc_a[empty] = ctx.previous[module + A_SUFFIX][empty].to(dtype)
             out[module + B_SUFFIX] = acc_b
             out[module + A_SUFFIX] = acc_a
         return out

@@ -10,13 +10,13 @@ stack [q_1 B_1 … q_K B_K] = Q_B R_B and [A_1; …; A_K]ᵀ = Q_A R_A (thin QR)
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter, ClientUpdate
-from .base import AggregationMethod, data_weights, per_module_factors
+from .base import AggregationContext, AggregationMethod, data_weights, per_module_factors
 
 
 def low_rank_svd(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -65,13 +65,5 @@ def svd_aggregate(updates: Sequence[ClientUpdate], r_max: int, split: str) -> Ad
 class ReconSVD(AggregationMethod):
     name = "recon-svd"
 
-    def aggregate(
-        self,
-        updates: Sequence[ClientUpdate],
-        r_max: int,
-        *,
-        previous: Mapping[str, torch.Tensor] | None = None,
-        norm_bound: float | None = None,
-        **options: Any,
-    ) -> Adapter:
-        return svd_aggregate(updates, r_max, split="sigma-on-b")
+    def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
+        return svd_aggregate(updates, ctx.r_max, split="sigma-on-b")

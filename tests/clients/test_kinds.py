@@ -2,10 +2,11 @@ import pytest
 import torch
 
 from hetlora import truncate_adapter
-from hetlora.client import LocalConfig, batches, train_fft_client, train_lora_client
 from hetlora.core.adapter import A_SUFFIX, B_SUFFIX, adapter_rank
 from hetlora.evaluate import evaluate_loss
 from hetlora.lora import init_global_adapter
+from hetlora.training import batches
+from tests.helpers import train
 
 
 @pytest.fixture(scope="module")
@@ -20,36 +21,36 @@ def nonzero_global(model, r, seed=0):
     return {k: (v + 0.05 * torch.randn(v.shape, generator=gen)) if k.endswith(B_SUFFIX) else v for k, v in g.items()}
 
 
-def test_pruning_event_cuts_the_tail(tiny, client_data):
+def test_pruning_event_cuts_the_tail(tiny, client_data, make_host):
     model, tok = tiny
     cid, examples = client_data
     start = truncate_adapter(nonzero_global(model, 8), 8)
-    cfg = LocalConfig(local_steps=3, batch_size=4, lr=1e-2, gamma=0.5, lam=1.0, r_min=2)
-    u = train_lora_client(model, tok, cid, examples, 32, start, 8, cfg, prune=True, seed=0)
+    host = make_host(local_steps=3, batch_size=4, lr=1e-2, gamma=0.5, lam=1.0, r_min=2)
+    u = train(host, "lora", cid, start, 8, prune=True)
     m = u.metrics
     assert m["p_before"] > 0 and m["p_after"] < m["p_before"]
     assert u.rank == m["rank_out"] == 4 == adapter_rank(u.adapter)  # c = floor(0.5 * 8)
     assert not any("lora" in n for n, _ in model.named_modules())
 
 
-def test_first_visit_cannot_prune_and_no_prune_keeps_rank(tiny, client_data):
+def test_first_visit_cannot_prune_and_no_prune_keeps_rank(tiny, client_data, make_host):
     model, tok = tiny
     cid, examples = client_data
     zero_b = truncate_adapter(init_global_adapter(model, 6, seed=0), 6)
-    cfg = LocalConfig(local_steps=2, batch_size=4, lr=1e-2, gamma=0.5, lam=1.0, r_min=2)
-    u = train_lora_client(model, tok, cid, examples, 32, zero_b, 6, cfg, prune=True)
+    host = make_host(local_steps=2, batch_size=4, lr=1e-2, gamma=0.5, lam=1.0, r_min=2)
+    u = train(host, "lora", cid, zero_b, 6, prune=True)
     assert u.metrics["p_before"] == 0.0 and u.rank == 6
-    u2 = train_lora_client(model, tok, cid, examples, 32, truncate_adapter(nonzero_global(model, 6), 6), 6, cfg, prune=False)
+    u2 = train(host, "lora", cid, truncate_adapter(nonzero_global(model, 6), 6), 6, prune=False)
     assert u2.rank == 6
 
 
-def test_training_lowers_client_loss_and_is_seeded(tiny, client_data):
+def test_training_lowers_client_loss_and_is_seeded(tiny, client_data, make_host):
     model, tok = tiny
     cid, examples = client_data
     start = truncate_adapter(init_global_adapter(model, 4, seed=1), 4)
-    cfg = LocalConfig(local_steps=6, batch_size=8, lr=2e-2)
-    u1 = train_lora_client(model, tok, cid, examples, 32, start, 4, cfg, prune=False, seed=5)
-    u2 = train_lora_client(model, tok, cid, examples, 32, start, 4, cfg, prune=False, seed=5)
+    host = make_host(seed=5, local_steps=6, batch_size=8, lr=2e-2)
+    u1 = train(host, "lora", cid, start, 4)
+    u2 = train(host, "lora", cid, start, 4)
     assert all(torch.equal(u1.adapter[k], u2.adapter[k]) for k in u1.adapter)
     from hetlora.lora import attach_lora, detach_lora, load_adapter_strict
 
@@ -61,22 +62,22 @@ def test_training_lowers_client_loss_and_is_seeded(tiny, client_data):
     assert after < before
 
 
-def test_ffa_client_keeps_a_frozen(tiny, client_data):
+def test_ffa_client_keeps_a_frozen(tiny, client_data, make_host):
     model, tok = tiny
     cid, examples = client_data
     start = truncate_adapter(init_global_adapter(model, 8, seed=2), 5)
-    u = train_lora_client(model, tok, cid, examples, 32, start, 5, LocalConfig(local_steps=2, batch_size=4), prune=False, freeze_a=True)
+    u = train(make_host(local_steps=2, batch_size=4), "ffa", cid, start, 5)
     for k in start:
         if k.endswith(A_SUFFIX):
             assert torch.equal(u.adapter[k], start[k])
     assert any(not torch.equal(u.adapter[k], start[k]) for k in start if k.endswith(B_SUFFIX))
 
 
-def test_fft_client_trains_every_weight(tiny, client_data):
+def test_fft_client_trains_every_weight(tiny, client_data, make_host):
     model, tok = tiny
     cid, examples = client_data
     original = {k: v.clone() for k, v in model.named_parameters()}
-    u = train_fft_client(model, tok, cid, examples, 32, original, LocalConfig(local_steps=1, batch_size=4))
+    u = train(make_host(local_steps=1, batch_size=4), "fft", cid, original, 0)
     changed = sum(not torch.equal(u.adapter[k], original[k]) for k in original)
     assert changed == len(original)
     with torch.no_grad():

@@ -1,0 +1,23 @@
+"""Client kinds: how a client trains and what travels for it (see :mod:`hetlora.clients.base`).
+
+Adding a kind = one module with a :class:`ClientKind` subclass + one line in ``CLIENT_KINDS``.
+"""
+
+from __future__ import annotations
+
+from .base import ClientKind, Job, State
+from .ffa import FFAClient
+from .fft import FFTClient
+from .flora import FLoRAClient
+
+CLIENT_KINDS: dict[str, ClientKind] = {k.name: k for k in (ClientKind(), FFAClient(), FLoRAClient(), FFTClient())}
+
+
+def get_kind(name: str) -> ClientKind:
+    try:
+        return CLIENT_KINDS[name]
+    except KeyError:
+        raise ValueError(f"unknown client kind {name!r}; known: {', '.join(CLIENT_KINDS)}") from None
+
+
+__all__ = ["CLIENT_KINDS", "ClientKind", "Job", "State", "get_kind"]

@@ -1,0 +1,39 @@
+"""User-level DP-FedAvg as a wrapper around a method (as Flower's DP strategies wrap a strategy).
+
+The wrapped method keeps its name, client kind, pruning and validation; its weighting
+is replaced by DP-FedAvg's (McMahan et al., ICLR 2018, docs/algorithm.md "Privacy"):
+each client's change on its own slice is clipped to L2 norm C, the clipped changes are
+summed, Gaussian noise N(0, σ²C²) is added and the sum divided by the expected number of
+clients. Weights must not depend on the data, so **sparsity weighting is off under DP**.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from ..core.adapter import Adapter, ClientUpdate
+from ..core.dp import dp_aggregate
+from .base import AggregationContext, AggregationMethod
+
+
+class DPFedAvg(AggregationMethod):
+    bounded = False  # clipping replaces the norm bound
+
+    def __init__(self, inner: AggregationMethod, clip_norm: float, noise_multiplier: float, expected_clients: int):
+        if inner.client_kind != "lora":
+            raise ValueError(f"DP mode supports the LoRA methods with a persistent global adapter, not {inner.name}")
+        self.inner = inner
+        self.name, self.client_kind, self.prunes, self.uniform_rank = inner.name, inner.client_kind, inner.prunes, inner.uniform_rank
+        self.clip_norm, self.noise_multiplier, self.expected_clients = clip_norm, noise_multiplier, expected_clients
+
+    def split_valid(self, updates: Sequence[ClientUpdate], ctx: AggregationContext,
+                    assigned_ranks: Mapping[str, int] | None = None, round_index: int | None = None):
+        return self.inner.split_valid(updates, ctx, assigned_ranks, round_index)
+
+    def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
+        if ctx.previous is None or ctx.generator is None:
+            raise ValueError("DP aggregation needs the previous global adapter and a seeded generator")
+        return dp_aggregate(
+            ctx.previous, updates, ctx.r_max, clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier,
+            expected_clients=self.expected_clients, generator=ctx.generator,
+        )
