@@ -26,9 +26,9 @@ def make_host(tiny, chitchat_small):
     from hetlora.config import RunConfig
     from hetlora.host import ClientHost
 
-    def make(seed: int = 0, **local):
+    def make(seed: int = 0, precision: str = "fp32", **local):
         model, tok = tiny
-        host = ClientHost(RunConfig(model="tiny", seed=seed, device="cpu"), model, tok, chitchat_small)
+        host = ClientHost(RunConfig(model="tiny", seed=seed, device="cpu", precision=precision), model, tok, chitchat_small)
         host.local = replace(host.local, **local)
         return host
 

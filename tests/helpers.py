@@ -31,4 +31,5 @@ def train(host, kind: str, client_id: str, payload, rank: int, round_index: int 
     """One client's local round through its client kind (what every engine calls)."""
     from hetlora.clients import Job, get_kind
 
-    return get_kind(kind).train(host, Job(client_id, rank, round_index, payload), prune=prune)
+    (update,) = get_kind(kind).train(host, [Job(client_id, rank, round_index, payload)], prune=prune)
+    return update

@@ -1,50 +1,167 @@
+import math
+
 import pytest
 import torch
 
 from hetlora import truncate_adapter
 from hetlora.core.adapter import A_SUFFIX, B_SUFFIX, adapter_rank
-from hetlora.lora import AdapterMismatch, adapter_state, attach_lora, detach_lora, init_global_adapter, load_adapter_strict
+from hetlora.lora import AdapterMismatch, LoRABank, find_targets, lora_config, lora_init, target_shapes
+
+IDS = torch.tensor([[1, 5, 9, 42, 7, 3], [8, 2, 77, 4, 4, 19]])
 
 
-def test_global_init_is_seeded_peft_default_with_zero_b(tiny):
+def random_adapter(model, rank, seed):
+    """A non-trivial adapter (A and B both random) in PEFT format."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: 0.05 * torch.randn(v.shape, generator=g) for k, v in lora_init(target_shapes(model, ["q_proj", "v_proj", "down_proj"]), rank, 0).items()}
+
+
+def peft_logits(model, adapter, rank, targets, ids):
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    peft_model = get_peft_model(model, lora_config(rank, 2.0, targets))
+    try:
+        set_peft_model_state_dict(peft_model, adapter)
+        with torch.no_grad():
+            return peft_model(input_ids=ids).logits
+    finally:
+        peft_model.unload()
+
+
+def test_bank_forward_equals_peft(tiny):
     model, _ = tiny
-    g1 = init_global_adapter(model, 8, seed=3)
-    g2 = init_global_adapter(model, 8, seed=3)
-    g3 = init_global_adapter(model, 8, seed=4)
-    assert adapter_rank(g1) == 8 and len(g1) == 2 * 7 * 2  # 2 layers x 7 modules x (A, B)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    adapter = random_adapter(model, 3, seed=1)
+    expected = peft_logits(model, adapter, 3, targets, IDS)
+    bank = LoRABank(model, targets, slots=2, rank=5)
+    try:
+        bank.load(0, adapter)
+        with torch.no_grad(), bank.use(1):
+            got = model(input_ids=IDS).logits
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            plain = model(input_ids=IDS).logits  # outside use(): the base model
+    finally:
+        bank.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(plain, model(input_ids=IDS).logits)
+    assert not torch.allclose(plain, expected)
+
+
+def test_two_slots_are_two_independent_loras(tiny):
+    """Rows 0 and 1 of a batch go through slot 0 and slot 1: each equals its own PEFT model."""
+    model, _ = tiny
+    targets = ["q_proj", "v_proj", "down_proj"]
+    a1, a2 = random_adapter(model, 2, seed=2), random_adapter(model, 4, seed=3)
+    bank = LoRABank(model, targets, slots=2, rank=4)
+    try:
+        bank.load(0, a1)
+        bank.load(1, a2)
+        with torch.no_grad(), bank.use(2):
+            got = model(input_ids=IDS).logits
+    finally:
+        bank.remove()
+    torch.testing.assert_close(got[:1], peft_logits(model, a1, 2, targets, IDS[:1]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1:], peft_logits(model, a2, 4, targets, IDS[1:]), rtol=1e-5, atol=1e-5)
+
+
+def test_load_read_round_trip_and_rejections(tiny):
+    model, _ = tiny
+    targets = ["q_proj", "v_proj", "down_proj"]
+    adapter = random_adapter(model, 3, seed=4)
+    bank = LoRABank(model, targets, slots=1, rank=6)
+    try:
+        assert bank.load(0, adapter) == 3
+        back = bank.read(0, 3)
+        assert all(torch.equal(back[k], adapter[k]) for k in adapter)
+        padded = bank.read(0, 6)  # components 3..5 are zero in both factors
+        assert all(float(v[3:].abs().sum() if k.endswith(A_SUFFIX) else v[:, 3:].abs().sum()) == 0 for k, v in padded.items())
+        extra = dict(adapter) | {"base_model.model.model.layers.9.mlp.up_proj.lora_A.weight": torch.zeros(3, 64)}
+        with pytest.raises(AdapterMismatch, match="unexpected"):
+            bank.load(0, extra)
+        missing = dict(adapter)
+        missing.pop(next(iter(missing)))
+        with pytest.raises(AdapterMismatch, match="not provided"):
+            bank.load(0, missing)
+        with pytest.raises(AdapterMismatch, match="ranks"):
+            bank.load(0, random_adapter(model, 7, seed=5))  # above the bank's rank
+        transposed = {k: v.T.contiguous() if k.endswith(B_SUFFIX) else v for k, v in adapter.items()}
+        with pytest.raises(AdapterMismatch):
+            bank.load(0, transposed)
+    finally:
+        bank.remove()
+
+
+def test_masked_components_get_zero_gradient_and_stay_zero(tiny):
+    model, _ = tiny
+    bank = LoRABank(model, ["q_proj", "v_proj"], slots=1, rank=6)
+    try:
+        bank.load(0, {k: v + 0.1 for k, v in lora_init(target_shapes(model, ["q_proj", "v_proj"]), 2, 0).items()})
+        params = bank.factors()
+        for p in params:
+            p.requires_grad_(True)
+        with bank.use(1):
+            model(input_ids=IDS).logits.square().mean().backward()
+        for a, b in zip(bank.A, bank.B):
+            assert a.grad[0, :2].abs().sum() > 0 and b.grad[0, :, :2].abs().sum() > 0
+            assert a.grad[0, 2:].abs().sum() == 0 and b.grad[0, :, 2:].abs().sum() == 0
+    finally:
+        bank.remove()
+
+
+def test_lora_init_is_peft_default_seeded_and_independent_of_global_rng(tiny):
+    model, _ = tiny
+    shapes = target_shapes(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    torch.manual_seed(0)
+    g1 = lora_init(shapes, 8, seed=3)
+    torch.manual_seed(99)
+    g2 = lora_init(shapes, 8, seed=3)
+    g3 = lora_init(shapes, 8, seed=4)
+    assert adapter_rank(g1) == 8 and len(g1) == 2 * 7 * 2
     assert all(torch.equal(g1[k], g2[k]) for k in g1)
     assert any(not torch.equal(g1[k], g3[k]) for k in g1 if k.endswith(A_SUFFIX))
     assert all(torch.all(v == 0) for k, v in g1.items() if k.endswith(B_SUFFIX))
-    assert not any("lora" in n for n, _ in model.named_modules())  # detached again
+    # PEFT's default: kaiming_uniform(a=√5) on A [r, in], i.e. U(±1/√in)
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora_config(8))
+    try:
+        peft_a = {k: v for k, v in peft_model.state_dict().items() if "lora_A" in k}
+    finally:
+        peft_model.unload()
+    for key, a in g1.items():
+        if key.endswith(A_SUFFIX):
+            bound = 1 / math.sqrt(a.shape[1])
+            assert a.abs().max() <= bound and a.abs().max() > 0.8 * bound
+            (peft,) = [v for k, v in peft_a.items() if k.startswith(key[: -len(A_SUFFIX)])]
+            assert peft.shape == a.shape and peft.abs().max() <= bound + 1e-7
 
 
-def test_lora_alpha_gives_same_scaling_at_every_rank(tiny):
+def test_scale_is_the_same_at_every_rank(tiny):
     model, _ = tiny
     for r in (2, 5):
-        peft_model = attach_lora(model, r, scale=2.0)
-        layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
-        assert layer.scaling["default"] == pytest.approx(2.0)
-        detach_lora(peft_model)
+        assert lora_config(r, scale=2.0).lora_alpha / r == pytest.approx(2.0)
 
 
-def test_strict_load_round_trip_and_rejections(tiny):
+def test_unknown_target_module_is_refused(tiny):
     model, _ = tiny
-    g = init_global_adapter(model, 8, seed=0)
-    g = {k: v + 0.01 for k, v in g.items()}
-    start = truncate_adapter(g, 3)
-    peft_model = attach_lora(model, 3)
+    with pytest.raises(ValueError, match=r"\['bogus_proj'\] not found"):
+        find_targets(model, ["q_proj", "bogus_proj"])
+    with pytest.raises(ValueError, match="not nn.Linear"):
+        find_targets(model, ["mlp"])
+
+
+def test_truncation_of_a_loaded_slot_is_the_truncated_adapter(tiny):
+    model, _ = tiny
+    adapter = random_adapter(model, 5, seed=6)
+    bank = LoRABank(model, ["q_proj", "v_proj", "down_proj"], slots=1, rank=5)
     try:
-        load_adapter_strict(peft_model, start)
-        back = adapter_state(peft_model)
-        assert all(torch.equal(back[k], start[k]) for k in start)
-        extra = dict(start) | {"base_model.model.model.layers.9.mlp.up_proj.lora_A.weight": torch.zeros(3, 64)}
-        with pytest.raises(AdapterMismatch, match="unexpected"):
-            load_adapter_strict(peft_model, extra)
-        missing = dict(start)
-        missing.pop(next(iter(missing)))
-        with pytest.raises(AdapterMismatch, match="not provided"):
-            load_adapter_strict(peft_model, missing)
-        with pytest.raises(Exception):
-            load_adapter_strict(peft_model, truncate_adapter(g, 2))  # wrong rank
+        bank.load(0, adapter)
+        with torch.no_grad(), bank.use(1, rank=2):
+            got = model(input_ids=IDS).logits
+        bank.load(0, truncate_adapter(adapter, 2))
+        with torch.no_grad(), bank.use(1):
+            expected = model(input_ids=IDS).logits
     finally:
-        detach_lora(peft_model)
+        bank.remove()
+    torch.testing.assert_close(got, expected)

@@ -5,7 +5,8 @@ from hetlora import memory, truncate_adapter
 from tests.helpers import train
 from hetlora.data.federated import collate
 from hetlora.evaluate import target_token_loss
-from hetlora.lora import attach_lora, detach_lora, init_global_adapter
+from hetlora.config import DEFAULT_TARGETS
+from hetlora.lora import LoRABank, lora_init, target_shapes
 from hetlora.memory import rss_mb
 
 
@@ -43,8 +44,13 @@ def test_lean_memory_releases_every_kth_layer_forward_and_backward_then_unhooks(
     _, examples = client_data
     calls = []
     monkeypatch.setattr(memory, "release_free_heap", lambda: calls.append(1) or True)
-    peft_model = attach_lora(model, 4)
+    bank = LoRABank(model, DEFAULT_TARGETS, slots=1, rank=4)
+    bank.load(0, lora_init(target_shapes(model, DEFAULT_TARGETS), 4, 0))
+    for p in bank.factors():
+        p.requires_grad_(True)
+    peft_model = model
     try:
+        bank.active = 1
         assert len(memory.decoder_layers(peft_model)) == 2
         with memory.lean_memory(peft_model, release_every=1):
             _lora_forward_backward(peft_model, tok, examples)
@@ -57,7 +63,7 @@ def test_lean_memory_releases_every_kth_layer_forward_and_backward_then_unhooks(
         _lora_forward_backward(peft_model, tok, examples)
         assert calls == []
     finally:
-        detach_lora(peft_model)
+        bank.remove()
 
 
 def _saved_bytes(model, tok, examples) -> int:
@@ -71,7 +77,7 @@ def _saved_bytes(model, tok, examples) -> int:
         return t
 
     batch = collate(examples[:8], tok.pad_token_id)
-    decoder = model.get_base_model().get_decoder()  # no LM head: its logits would dwarf the layers
+    decoder = model.get_decoder()  # no LM head: its logits would dwarf the layers
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
     hidden.square().mean().backward()
@@ -81,7 +87,11 @@ def _saved_bytes(model, tok, examples) -> int:
 def test_checkpointing_saves_fewer_activations_and_is_undone(tiny, client_data):
     model, tok = tiny
     _, examples = client_data
-    peft_model = attach_lora(model, 4)
+    bank = LoRABank(model, DEFAULT_TARGETS, slots=1, rank=4)
+    for p in bank.factors():
+        p.requires_grad_(True)
+    peft_model = model
+    bank.active = 1
     peft_model.train()
     try:
         plain = _saved_bytes(peft_model, tok, examples)
@@ -92,14 +102,14 @@ def test_checkpointing_saves_fewer_activations_and_is_undone(tiny, client_data):
         assert not any(layer.gradient_checkpointing for layer in memory.decoder_layers(peft_model))
         assert _saved_bytes(peft_model, tok, examples) == plain
     finally:
-        detach_lora(peft_model)
+        bank.remove()
         model.eval()
 
 
 def test_checkpointing_and_release_give_the_same_lora_update(tiny, client_data, make_host):
     model, tok = tiny
     cid, examples = client_data
-    start = truncate_adapter(init_global_adapter(model, 6, seed=3), 6)
+    start = truncate_adapter(lora_init(target_shapes(model, DEFAULT_TARGETS), 6, 3), 6)
     updates = []
     for checkpointing, release in ((False, None), (True, None), (False, 1), (True, 1)):
         host = make_host(seed=7, local_steps=3, batch_size=4, lr=1e-2, grad_checkpointing=checkpointing, release_memory_every=release)

@@ -105,7 +105,7 @@ def test_resume_is_bit_identical_and_survives_a_corrupt_checkpoint(tmp_path):
         f.write(b"\x00garbage\x00")
     from hetlora.runner import resume_config
 
-    run(resume_config(part, {"rounds": 3}), resume=True, progress=False)
+    run(resume_config(part, given={"rounds": 3}), resume=True, progress=False)
     assert [r["round"] for r in rows(part)] == [1, 2, 3]
     assert [strip_timing(r) for r in rows(part)] == [strip_timing(r) for r in rows(full)]
     assert (part / "adapter" / "adapter_model.safetensors").read_bytes() == (full / "adapter" / "adapter_model.safetensors").read_bytes()

@@ -90,16 +90,34 @@ def save_checkpoint(
     return final
 
 
-def verify(path: Path) -> dict[str, Any]:
-    """Check a checkpoint directory against its manifest; raise CorruptCheckpoint naming the problem."""
+def verify(path: Path, required: tuple[str, ...] = ("global",), allowed: tuple[str, ...] = ("global",)) -> dict[str, Any]:
+    """Check a checkpoint directory against its manifest; raise CorruptCheckpoint naming the problem.
+
+    The manifest must list ``state.json`` and the tensor files ``required`` (stems), may list
+    the ``allowed`` ones, and nothing else; every listed file must match its SHA-256, and
+    the directory must hold no file the manifest does not list (it would not be loaded,
+    and its presence means the directory was tampered with or mixed).
+    """
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise CorruptCheckpoint(f"{path}: no manifest (partial checkpoint)")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CorruptCheckpoint(f"{path}: unreadable manifest: {err}") from None
-    for name, digest in manifest.get("files", {}).items():
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("round"), int):
+        raise CorruptCheckpoint(f"{path}: the manifest is not an object with 'round' and 'files'")
+    files = manifest["files"]
+    expected = {"state.json"} | {f"{stem}.safetensors" for stem in required}
+    permitted = expected | {f"{stem}.safetensors" for stem in allowed}
+    if not expected <= files.keys():
+        raise CorruptCheckpoint(f"{path}: the manifest does not list {sorted(expected - files.keys())}")
+    if not files.keys() <= permitted:
+        raise CorruptCheckpoint(f"{path}: the manifest lists unexpected file(s) {sorted(files.keys() - permitted)}")
+    stray = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.name not in files)
+    if stray:
+        raise CorruptCheckpoint(f"{path}: file(s) {stray} are not in the manifest")
+    for name, digest in files.items():
         f = path / name
         if not f.is_file():
             raise CorruptCheckpoint(f"{path}: {name} is missing")
@@ -108,15 +126,23 @@ def verify(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_latest(root: Path) -> tuple[int, dict[str, dict[str, torch.Tensor]], dict[str, Any]] | None:
-    """The newest checkpoint that verifies: ``(round, tensors, state)``, or None if there is none."""
+def load_latest(
+    root: Path, required: tuple[str, ...] = ("global",), allowed: tuple[str, ...] = ("global",)
+) -> tuple[int, dict[str, dict[str, torch.Tensor]], dict[str, Any]] | None:
+    """The newest checkpoint that verifies: ``(round, tensors, state)``, or None if there is none.
+
+    Loads exactly the files its manifest lists (see :func:`verify`).
+    """
     for path in sorted(root.glob("round-*"), reverse=True):
         try:
-            manifest = verify(path)
+            manifest = verify(path, required, allowed)
+            tensors = {name[: -len(".safetensors")]: load_file(str(path / name)) for name in manifest["files"] if name.endswith(".safetensors")}
+            state = json.loads((path / "state.json").read_text())
         except CorruptCheckpoint as err:
             log.warning("skipping corrupt checkpoint: %s", err)
             continue
-        tensors = {p.name[: -len(".safetensors")]: load_file(str(p)) for p in path.glob("*.safetensors")}
-        state = json.loads((path / "state.json").read_text())
+        except (OSError, ValueError) as err:  # safetensors or JSON that verify passed but cannot be parsed
+            log.warning("skipping unreadable checkpoint %s: %s", path, err)
+            continue
         return int(manifest["round"]), tensors, state
     return None

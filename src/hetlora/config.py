@@ -1,19 +1,29 @@
-"""Run configuration: one dataclass, loadable from TOML, checked before any model loads."""
+"""Run configuration: one dataclass, the one place every default lives.
+
+Loadable from TOML (``key = value`` or ``key-name = value``, optionally under
+``[hetlora]``), from Flower's run config and from CLI flags; every value is type-checked
+when it is read and range-checked (finite numbers) by :meth:`RunConfig.validate`,
+before any model or data loads. Each problem is one line naming the key, the value and
+what was expected.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .methods import METHODS
 
-# LoRA defaults (SPEC.md, Notation): lora_alpha = DEFAULT_SCALE · r, on all 7 linear layers of a
-# Llama-style block. Here rather than in lora.py so that a config is checked without importing peft.
+# LoRA defaults (docs/algorithm.md, "Scaling"): lora_alpha = DEFAULT_SCALE · r, on all 7 linear layers
+# of a Llama-style block. Here rather than in lora.py so that a config is checked without importing peft.
 DEFAULT_SCALE = 2.0
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DP_NOISE_DEFAULT = 1.0
 
 
 @dataclass
@@ -44,14 +54,16 @@ class RunConfig:
     tier_eval: str = "final"  # final | every | off
     min_examples: int = 20
     max_clients: int | None = None  # register only the first N clients (sorted ids)
+    client_pool: int | None = None  # register N clients drawn by the seed: a fixed pool that keeps coming back
     min_clients: int = 1  # fewer valid updates than this: keep the previous global adapter
-    bf16: bool = False
+    precision: str = "auto"  # auto (bf16 where the hardware has it natively) | fp32 | bf16
+    parallel_clients: int | None = None  # clients trained together in one process (None: chosen from memory)
     grad_checkpointing: bool = False  # clients recompute activations in backward: less memory, slower
     release_memory: bool = False  # clients return freed heap pages to the OS every 3 layers: less RSS, slower
     lora_scale: float = DEFAULT_SCALE
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # module names LoRA wraps
     dp_clip: float | None = None  # user-level DP on: clip norm C
-    dp_noise: float = 1.0
+    dp_noise: float | None = None  # noise multiplier σ (DP_NOISE_DEFAULT when dp_clip is set)
     dp_delta: float = 1e-5
     engine: str = "local"
     partition: str | None = None  # user data without client_id: "iid:N" or "dirichlet:N"
@@ -61,7 +73,7 @@ class RunConfig:
 
     @property
     def global_rank(self) -> int:
-        """Rank of the global adapter: the one rank for fedavg, else r_max."""
+        """Rank of the global adapter: the one rank for a uniform-rank method (fedavg), else r_max."""
         method = METHODS.get(self.method)
         return (self.rank or self.r_max) if method is not None and method.uniform_rank else self.r_max
 
@@ -69,11 +81,28 @@ class RunConfig:
     def prunes(self) -> bool:
         return METHODS[self.method].prunes if self.prune is None else self.prune
 
+    @property
+    def noise_multiplier(self) -> float:
+        return DP_NOISE_DEFAULT if self.dp_noise is None else self.dp_noise
+
     def validate(self) -> "RunConfig":
-        """Raise ValueError naming the problem; runs before any model or data is loaded."""
+        """Raise ValueError naming every problem; runs before any model or data is loaded."""
+        problems = [p for p in (_type_problem(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)) if p]
+        if problems:
+            raise ValueError("invalid configuration: " + "; ".join(problems))
+        problems += self._range_problems()
+        if problems:
+            raise ValueError("invalid configuration: " + "; ".join(problems))
+        return self
+
+    def _range_problems(self) -> list[str]:
         problems = []
         if self.method not in METHODS:
             problems.append(f"unknown method {self.method!r} (known: {', '.join(METHODS)})")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{f.name} must be a finite number, got {value}")
         if not 1 <= self.r_min <= self.r_max:
             problems.append(f"need 1 ≤ r_min ≤ r_max, got r_min={self.r_min}, r_max={self.r_max}")
         if self.rank is not None and not 1 <= self.rank <= self.r_max:
@@ -84,45 +113,71 @@ class RunConfig:
             problems.append("rank_dist 'list' needs ranks = [..]")
         if any(not self.r_min <= r <= self.r_max for r in self.ranks):
             problems.append(f"ranks {self.ranks} must lie in [r_min, r_max]")
-        for name in ("rounds", "clients_per_round", "local_steps", "batch_size", "max_length", "eval_size", "min_clients"):
+        for name in ("rounds", "clients_per_round", "local_steps", "batch_size", "max_length", "eval_size",
+                     "eval_batch_size", "min_clients", "min_examples"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.lr <= 0:
+        for name in ("max_clients", "client_pool", "parallel_clients"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"{name} must be ≥ 1 (or unset for all), got {getattr(self, name)}")
+        if self.max_clients is not None and self.client_pool is not None:
+            problems.append("max_clients and client_pool both choose the registered clients: set one")
+        if self.batch_size > 4096:
+            problems.append(f"batch_size {self.batch_size} is larger than any device batch here (≤ 4096)")
+        if self.max_length > 8192:
+            problems.append(f"max_length {self.max_length} exceeds 8192 tokens")
+        if not self.lr > 0:
             problems.append(f"lr must be positive, got {self.lr}")
         if not 0 < self.gamma <= 1:
             problems.append(f"gamma must be in (0, 1], got {self.gamma}")
-        if self.lam < 0:
+        if not self.lam >= 0:
             problems.append(f"lambda must be ≥ 0, got {self.lam}")
-        if self.norm_bound is not None and self.norm_bound <= 0:
+        if self.norm_bound is not None and not self.norm_bound > 0:
             problems.append(f"norm_bound must be positive or off, got {self.norm_bound}")
+        if not self.lora_scale > 0:
+            problems.append(f"lora_scale must be positive, got {self.lora_scale}")
         if self.tier_eval not in ("final", "every", "off"):
             problems.append(f"tier_eval must be final, every or off, got {self.tier_eval!r}")
-        if not self.target_modules or not all(isinstance(m, str) and m.strip() for m in self.target_modules):
+        if not self.target_modules or not all(m.strip() for m in self.target_modules):
             problems.append(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            problems.append(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.engine not in ("local", "flower"):
             problems.append(f"engine must be local or flower, got {self.engine!r}")
-        if self.dp_clip is not None and (self.dp_clip <= 0 or self.dp_noise < 0):
-            problems.append("dp_clip must be positive and dp_noise ≥ 0")
-        if self.dp_clip is not None and METHODS.get(self.method) is not None and METHODS[self.method].client_kind != "lora":
-            problems.append(f"DP mode supports the LoRA methods with a persistent global adapter, not {self.method}")
+        problems += self._dp_problems()
         if self.data != "chitchat" and not Path(self.data).is_file():
             problems.append(f"data {self.data!r} is neither 'chitchat' nor an existing .jsonl/.csv file")
         if self.partition is not None:
             scheme, _, n = self.partition.partition(":")
             if scheme not in ("iid", "dirichlet") or not n.isdigit() or int(n) < 1:
                 problems.append(f"partition must be iid:N or dirichlet:N, got {self.partition!r}")
-        if problems:
-            raise ValueError("invalid configuration: " + "; ".join(problems))
-        return self
+        if not self.dirichlet_alpha > 0:
+            problems.append(f"dirichlet_alpha must be positive, got {self.dirichlet_alpha}")
+        return problems
+
+    def _dp_problems(self) -> list[str]:
+        if self.dp_clip is None:
+            return ["dp_noise needs dp_clip (DP is on only with a clip norm)"] if self.dp_noise is not None else []
+        problems = []
+        if not self.dp_clip > 0 or not self.noise_multiplier >= 0:
+            problems.append(f"dp_clip must be positive and dp_noise ≥ 0, got {self.dp_clip} and {self.dp_noise}")
+        if not 0 < self.dp_delta < 1:
+            problems.append(f"dp_delta must be in (0, 1), got {self.dp_delta}")
+        method = METHODS.get(self.method)
+        if method is not None and method.client_kind != "lora":
+            problems.append(f"DP mode supports the LoRA methods with a persistent global adapter, not {self.method}")
+        pool = self.client_pool or self.max_clients
+        if pool is not None and self.clients_per_round > pool:
+            problems.append(f"DP sampling: clients_per_round {self.clients_per_round} exceeds the {pool} registered clients")
+        return problems
 
     def data_options(self) -> dict[str, Any]:
         """Keyword arguments for :func:`hetlora.data.load_data` from this config."""
-        options: dict[str, Any] = {"max_length": self.max_length, "eval_size": self.eval_size, "seed": self.seed}
-        if self.data == "chitchat":
-            options["min_examples"] = self.min_examples
-        elif self.partition:
+        options: dict[str, Any] = {"max_length": self.max_length, "eval_size": self.eval_size, "seed": self.seed,
+                                   "min_examples": self.min_examples}
+        if self.data != "chitchat" and self.partition:
             scheme, _, n = self.partition.partition(":")
             options["partition"] = {"scheme": scheme, "num_clients": int(n), "seed": self.seed,
                                     "label_column": self.partition_by, "alpha": self.dirichlet_alpha}
@@ -131,30 +186,96 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def settings(self) -> dict[str, Any]:
+        """What defines the experiment: everything but where it is written (``out``)."""
+        return {k: v for k, v in self.to_dict().items() if k != "out"}
 
-FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
-ALIASES = {"lambda": "lam", "clients-per-round": "clients_per_round"}
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+ALIASES = {"lambda": "lam"}
+_HINTS = typing.get_type_hints(RunConfig)
 
 
-def from_mapping(values: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
-    """Overlay ``values`` (TOML keys, dashes or underscores) on ``base``; unknown keys are errors."""
+def _type_name(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is list:
+        return f"a list of {args[0].__name__}"
+    names = [a.__name__ for a in args if a is not type(None)] or [hint.__name__]
+    return " or ".join(names) + (" or off" if type(None) in args else "")
+
+
+def _is_instance(value: Any, hint: Any) -> bool:
+    if value is None:
+        return type(None) in typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_is_instance(v, item) for v in value)
+    if typing.get_args(hint) and origin is not None:  # Optional / union
+        return any(_is_instance(value, a) for a in typing.get_args(hint) if a is not type(None))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_problem(name: str, value: Any) -> str | None:
+    hint = _HINTS[name]
+    if _is_instance(value, hint):
+        return None
+    return f"{name} = {value!r} must be {_type_name(hint)} (got {type(value).__name__})"
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """The value as the field holds it: ints given for floats become floats; "off" is None where allowed."""
+    hint = _HINTS[name]
+    if isinstance(value, str) and value.lower() == "off" and type(None) in typing.get_args(hint) and str not in typing.get_args(hint):
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and float in (hint, *typing.get_args(hint)) and int not in typing.get_args(hint):
+        return float(value)
+    return value
+
+
+def from_mapping(values: Mapping[str, Any], base: RunConfig | None = None, explicit_none: tuple[str, ...] = ()) -> RunConfig:
+    """Overlay ``values`` (TOML keys, dashes or underscores) on ``base``.
+
+    Unknown keys and values of the wrong type are errors naming key, value and the
+    expected type. A ``None`` value means "not given" except for the names in ``explicit_none``.
+    """
     cfg = dataclasses.replace(base) if base is not None else RunConfig()
+    problems = []
     for key, value in values.items():
         name = ALIASES.get(key, key.replace("-", "_"))
         if name not in FIELDS:
-            raise ValueError(f"unknown config key {key!r}")
-        if name == "norm_bound" and isinstance(value, str):
-            value = None if value.lower() == "off" else float(value)
+            problems.append(f"unknown config key {key!r}")
+            continue
+        if value is None and name not in explicit_none:
+            continue
+        value = _coerce(name, value)
+        problem = _type_problem(name, value)
+        if problem:
+            problems.append(problem.replace(f"{name} =", f"{key} =", 1))
+            continue
         setattr(cfg, name, value)
+    if problems:
+        raise ValueError("invalid configuration: " + "; ".join(problems))
     return cfg
 
 
 def load_toml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a directory, not a TOML file")
     try:
-        raw = tomllib.loads(Path(path).read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"config file {path} does not exist") from None
+    except (UnicodeDecodeError, PermissionError) as err:
+        raise ValueError(f"config file {path} is unreadable: {err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"config file {path} is not valid TOML: {err}") from None
     values = raw.get("hetlora", raw)
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path}: [hetlora] must be a table")
     return from_mapping(values, base)

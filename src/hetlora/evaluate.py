@@ -19,8 +19,8 @@ def _unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def target_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over target tokens, and their count.
+def target_token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of the batch: summed cross-entropy over its target tokens, and their count.
 
     The decoder runs on the whole batch; the LM head only on hidden states whose next
     token is a target (label ≠ -100).
@@ -32,8 +32,18 @@ def target_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     labels = batch["labels"][:, 1:]
     picked = labels != IGNORE
     logits = inner.get_output_embeddings()(hidden[:, :-1][picked])
-    loss = F.cross_entropy(logits.float(), labels[picked], reduction="sum")
-    return loss, int(picked.sum())
+    per_token = F.cross_entropy(logits.float(), labels[picked], reduction="none")
+    rows = picked.nonzero()[:, 0]
+    n = labels.shape[0]
+    loss = torch.zeros(n, device=per_token.device, dtype=per_token.dtype).index_add_(0, rows, per_token)
+    count = torch.bincount(rows, minlength=n)
+    return loss, count
+
+
+def target_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the batch's target tokens, and their count."""
+    loss, count = target_token_losses(model, batch)
+    return loss.sum(), int(count.sum())
 
 
 def autocast(device: str, bf16: bool):

@@ -19,11 +19,13 @@ from .clients import Job, get_kind
 from .config import RunConfig
 from .core.adapter import ClientUpdate
 from .core.ranks import assign_ranks
-from .core.validation import layer_shapes
+from .core.rank_health import live_rank, rank_energy
+from .core.validation import InvalidUpdate, layer_shapes
 from .evaluate import perplexity
 from .host import ClientHost
 from .methods import AggregationContext, aggregate_valid, get_method
 from .methods.dp import DPFedAvg
+from .privacy import check_sampling
 from .training import client_seed
 
 log = logging.getLogger(__name__)
@@ -42,13 +44,53 @@ def tier_ranks_for_eval(ranks: Mapping[str, int], r_min: int, r_max: int) -> lis
     return sorted({r_min, int(statistics.median(distinct)), r_max})
 
 
+def available_memory_bytes(device: str) -> int:
+    """Free memory for training on ``device``: CUDA's free memory, else the OS's MemAvailable."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def auto_parallel_clients(host: ClientHost) -> int:
+    """Clients that fit together: 60 % of free memory over one client's activations.
+
+    One client's saved activations ≈ batch × length × layers × (10·hidden + 5·intermediate)
+    values (attention and MLP inputs and outputs), ×1.5 for temporaries; gradient
+    checkpointing keeps about a fifth of that.
+    """
+    config = host.model.config
+    hidden = getattr(config, "hidden_size", 1024)
+    inter = getattr(config, "intermediate_size", 4 * hidden)
+    layers = getattr(config, "num_hidden_layers", 12)
+    cfg = host.cfg
+    values = cfg.batch_size * cfg.max_length * layers * (10 * hidden + 5 * inter) * 1.5
+    per_client = values * (2 if host.local.bf16 else 4) * (0.2 if cfg.grad_checkpointing else 1.0)
+    return max(1, int(0.6 * available_memory_bytes(host.device) // max(per_client, 1)))
+
+
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The first tensor holding NaN or ±Inf, named (None if all are finite)."""
+    for key, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            return f"{key} holds NaN or Inf"
+    return None
+
+
 class Federation:
     def __init__(self, cfg: RunConfig, host: ClientHost | None = None):
         self.cfg = cfg.validate()
         self.host = host if host is not None else ClientHost(cfg)
         method = get_method(cfg.method)
         if cfg.dp_clip is not None:
-            method = DPFedAvg(method, cfg.dp_clip, cfg.dp_noise, cfg.clients_per_round)
+            check_sampling(cfg.clients_per_round, len(self.host.client_ids))
+            method = DPFedAvg(method, cfg.dp_clip, cfg.noise_multiplier, cfg.clients_per_round)
         self.method = method
         self.kind = get_kind(method.client_kind)
         self.client_ids = self.host.client_ids
@@ -62,6 +104,7 @@ class Federation:
         self.state = self.kind.initial_state(self.host, r, cfg.seed)
         self.shapes = layer_shapes(self.state["global"])
         self.round = 0  # rounds completed
+        self.base_version = 0  # the round that last changed the base delta
 
     @property
     def data(self):
@@ -70,6 +113,13 @@ class Federation:
     def trainable_params(self) -> int:
         return self.kind.trainable_params(self.shapes, self.cfg.global_rank, self.state)
 
+    def parallel_clients(self) -> int:
+        """How many clients train together here: the config's, else as many as memory allows."""
+        if not self.kind.parallel:
+            return 1
+        k = self.cfg.parallel_clients or auto_parallel_clients(self.host)
+        return max(1, min(k, self.cfg.clients_per_round))
+
     def sample(self, round_index: int) -> list[str]:
         return sample_clients(self.client_ids, self.cfg.clients_per_round, self.cfg.seed, round_index)
 
@@ -77,14 +127,15 @@ class Federation:
     def job(self, client_id: str, round_index: int) -> Job:
         """What the server sends client ``client_id`` this round (its kind's payload, its rank)."""
         rank = self.ranks[client_id]
-        return Job(client_id, rank, round_index, self.kind.payload(self.state, client_id, rank, round_index))
+        payload = self.kind.payload(self.state, client_id, rank, round_index)
+        return Job(client_id, rank, round_index, payload, self.state.get("base_delta", {}), self.base_version)
 
     def download_bytes(self, job: Job) -> int:
-        return self.kind.download_bytes(job.payload, self.state)
+        return self.kind.download_bytes(job)
 
-    def train(self, job: Job) -> ClientUpdate:
-        """Train one client in this process (the in-process engine's client side)."""
-        return self.kind.train(self.host, job, prune=self.cfg.prunes)
+    def train(self, jobs: Sequence[Job]) -> list[ClientUpdate]:
+        """Train clients in this process, together (the in-process engine's client side)."""
+        return self.kind.train(self.host, jobs, prune=self.cfg.prunes)
 
     # ------------------------------------------------------------------ aggregation
     def context(self, round_index: int) -> AggregationContext:
@@ -100,21 +151,37 @@ class Federation:
         ctx = self.context(round_index)
         kept, dropped_updates = self.method.split_valid(updates, ctx, assigned_ranks=self.ranks, round_index=round_index)
         dropped = [{"client": c, "reason": r} for c, r in list(failed) + dropped_updates]
+        new, rejected = None, None
+        while len(kept) >= self.cfg.min_clients:
+            try:
+                new = aggregate_valid(self.method, kept, ctx)
+                break
+            except InvalidUpdate as err:  # found while aggregating (a norm that is not finite): drop, retry
+                kept = [u for u in kept if u.client_id != err.client]
+                dropped.append({"client": err.client, "reason": err.problem})
         for d in dropped:
             log.warning("round %d: dropped client %s: %s", round_index + 1, d["client"], d["reason"])
-        aggregated = len(kept) >= self.cfg.min_clients
-        if aggregated:
-            self.state = self.kind.after_aggregate(self.state, aggregate_valid(self.method, kept, ctx), self.host)
-            for u in kept:
-                if u.client_id in self.ranks:
-                    self.ranks[u.client_id] = int(u.rank if u.rank is not None else self.ranks[u.client_id])
+        if new is not None:
+            base_update = self.method.base_update(kept, new, ctx)
+            rejected = non_finite(new) or non_finite(base_update or {})
+            if rejected:
+                log.error("round %d: the aggregate is not finite (%s); keeping the previous global model", round_index + 1, rejected)
+            else:
+                state = self.kind.after_aggregate(self.state, new, base_update)
+                if state.get("base_delta") is not self.state.get("base_delta"):
+                    self.base_version = round_index + 1
+                self.state = state
+                for u in kept:
+                    if u.client_id in self.ranks:
+                        self.ranks[u.client_id] = int(u.rank if u.rank is not None else self.ranks[u.client_id])
         self.round = round_index + 1
         train_losses = [u.metrics.get("train_loss") for u in kept if u.metrics.get("train_loss") is not None]
-        return {
+        return self.rank_metrics() | {
+            "rejected": rejected,
             "round": round_index + 1,
             "method": self.cfg.method,
             "clients": [u.client_id for u in kept],
-            "aggregated": aggregated,
+            "aggregated": new is not None and not rejected,
             "dropped": dropped,
             "train_loss": sum(train_losses) / len(train_losses) if train_losses else None,
             "ranks": {c: self.ranks[c] for c in sorted({u.client_id for u in updates if u.client_id in self.ranks})},
@@ -124,10 +191,19 @@ class Federation:
             "peak_rss_mb": max((u.metrics.get("peak_rss_mb", 0.0) for u in kept), default=0.0),
         }
 
+    def rank_metrics(self) -> dict[str, Any]:
+        """Live rank and rank energy of the global adapter (kinds with rank tiers only)."""
+        if not self.kind.rank_tiers:
+            return {}
+        global_adapter = self.state["global"]
+        r = self.cfg.global_rank
+        mid = max(self.cfg.r_min, min(r, int(statistics.median(self.assigned.values())) if self.assigned else r))
+        return {"live_rank": live_rank(global_adapter), "rank_energy": rank_energy(global_adapter, min(self.cfg.r_min, r), mid, r)}
+
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, ranks: Sequence[int] | None = None) -> dict[int, float]:
         """Held-out target-token loss of the global model at each rank (global rank if None)."""
-        return self.kind.evaluate(self.state, self.host, list(ranks or [self.cfg.global_rank]))
+        return self.kind.evaluate(self.state, self.host, list(ranks or [self.cfg.global_rank]), self.base_version)
 
     def eval_metrics(self, with_tiers: bool) -> dict[str, Any]:
         import time
@@ -143,15 +219,18 @@ class Federation:
         return row
 
     # ------------------------------------------------------------------ checkpoint state
+    CHECKPOINT_GROUPS = ("global", "base_delta")
+
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return {name: group for name, group in self.state.items() if group}
 
     def state_json(self) -> dict[str, Any]:
-        return {"round": self.round, "ranks": self.ranks, "torch_rng": torch.get_rng_state().tolist()}
+        return {"round": self.round, "ranks": self.ranks, "base_version": self.base_version,
+                "torch_rng": torch.get_rng_state().tolist()}
 
     def restore(self, tensors: Mapping[str, Mapping[str, torch.Tensor]], state: Mapping[str, Any]) -> None:
         self.state = {name: dict(group) for name, group in tensors.items()}
         self.ranks = {c: int(r) for c, r in state["ranks"].items()}
         self.round = int(state["round"])
+        self.base_version = int(state.get("base_version", 0))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-        self.kind.restore(self.state, self.host)

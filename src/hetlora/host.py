@@ -3,14 +3,22 @@
 The in-process engine keeps one host for every simulated client and for the server's
 held-out evaluation; a Flower ClientApp builds one per process and trains only the
 client its node holds. Neither needs the server's state (hetlora.federation).
+
+The host wraps its model with LoRA once (:class:`hetlora.lora.LoRABank`, created on
+first use with as many slots as clients train together) and applies a method's base
+delta (FLoRA, FedEx-LoRA) to pristine copies of the adapted weights.
 """
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 from .config import RunConfig
+from .core.base_delta import dense_delta, delta_modules
 from .evaluate import evaluate_loss
+from .lora import PEFT_PREFIX, LoRABank
 from .training import LocalConfig
 
 
@@ -20,23 +28,85 @@ def pick_device(choice: str) -> str:
     return choice
 
 
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` multiplies bf16 natively: CUDA with bf16, or a CPU with AVX512-BF16 / AMX."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(check()) for check in checks if check is not None)
+
+
+def resolve_precision(choice: str, device: str) -> str:
+    """``auto`` → bf16 where the hardware has it natively, else fp32 (bf16 autocast on a CPU
+    without bf16 units was ~25× slower than fp32 when measured)."""
+    if choice == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return choice
+
+
+def registered_clients(ids: list[str], cfg: RunConfig) -> list[str]:
+    """The clients of the federation: all, the first ``max_clients``, or a ``client_pool`` drawn by the seed."""
+    if cfg.client_pool:
+        return sorted(random.Random(f"pool:{cfg.seed}").sample(ids, min(cfg.client_pool, len(ids))))
+    return ids[: cfg.max_clients] if cfg.max_clients else list(ids)
+
+
 class ClientHost:
     def __init__(self, cfg: RunConfig, model=None, tokenizer=None, data=None):
         from .data import load_data
         from .models import load_base_model
 
         self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        if data is None and tokenizer is None:
+            from .models import load_tokenizer
+
+            tokenizer = load_tokenizer(cfg.model)
+        if data is None:
+            data = load_data(cfg.data, tokenizer, **cfg.data_options())  # data errors before the model loads
         if model is None:
             model, tokenizer = load_base_model(cfg.model)
-        self.model, self.tokenizer = model.to(pick_device(cfg.device)), tokenizer
+        self.model, self.tokenizer = model.to(self.device), tokenizer
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.data = data if data is not None else load_data(cfg.data, tokenizer, **cfg.data_options())
-        ids = self.data.client_ids
-        self.client_ids: list[str] = ids[: cfg.max_clients] if cfg.max_clients else ids
-        self.local = LocalConfig.from_run(cfg)
+        self.data = data
+        self.client_ids: list[str] = registered_clients(self.data.client_ids, cfg)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.local = LocalConfig.from_run(cfg, bf16=self.precision == "bf16")
         self.seed = cfg.seed
+        self._bank: LoRABank | None = None
+        self._pristine: dict[str, torch.Tensor] = {}
+        self._base_version: object = None
 
-    def evaluate_loss(self, model) -> float:
-        """Mean target-token loss of ``model`` on the held-out examples."""
-        return evaluate_loss(model, self.data.eval_examples(), self.tokenizer.pad_token_id, self.cfg.eval_batch_size, self.cfg.bf16)
+    # ------------------------------------------------------------------ LoRA
+    def bank(self, slots: int = 1) -> LoRABank:
+        """The run's LoRA wrap at the global rank, with at least ``slots`` slots (made once)."""
+        if self._bank is None or self._bank.slots < slots:
+            if self._bank is not None:
+                self._bank.remove()
+            self._bank = LoRABank(self.model, self.local.targets, slots, self.cfg.global_rank, self.local.scale)
+        return self._bank
+
+    # ------------------------------------------------------------------ base delta
+    def apply_base_delta(self, delta: dict[str, torch.Tensor] | None, version: object) -> None:
+        """W = W0 + s·ΔW on every module ``delta`` touches (W0 kept pristine); no-op if current."""
+        if version == self._base_version:
+            return
+        modules = dict(self.model.named_modules())
+        with torch.no_grad():
+            for path, w0 in self._pristine.items():
+                modules[path].weight.copy_(w0)
+            for module in delta_modules(delta or {}):
+                path = module.removeprefix(PEFT_PREFIX)
+                weight = modules[path].weight
+                if path not in self._pristine:
+                    self._pristine[path] = weight.detach().clone()
+                weight.add_((self.local.scale * dense_delta(delta, module)).to(weight.device, weight.dtype))
+        self._base_version = version
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate_loss(self, model=None) -> float:
+        """Mean target-token loss of the host's model (as currently set up) on the held-out examples."""
+        return evaluate_loss(model or self.model, self.data.eval_examples(), self.tokenizer.pad_token_id,
+                             self.cfg.eval_batch_size, self.local.bf16)

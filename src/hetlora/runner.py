@@ -1,20 +1,27 @@
 """The in-process engine: the round loop, checkpoints and outputs of ``hetlora run``.
 
+A run directory is the unit of truth: it holds the run's settings (``config.json``), its
+metrics, checkpoints and outputs, and it is the directory given that is written — never a
+path recorded inside it. A run holds an exclusive lock on its directory while it lives.
 Every random choice is a pure function of (seed, round, client), so a run resumed from
 its last checkpoint ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
+import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 from .checkpoint import load_latest, save_checkpoint
-from .config import RunConfig, from_mapping
+from .config import RunConfig, from_mapping, load_toml
 from .core.adapter import ClientUpdate
 from .federation import Federation
 from .memory import rss_mb
@@ -25,34 +32,102 @@ from .privacy import epsilon
 log = logging.getLogger(__name__)
 
 RoundHook = Callable[[int, list[ClientUpdate]], list[ClientUpdate]]
+LOCK = ".hetlora.lock"
+
+
+class RunFailed(RuntimeError):
+    """The run finished its rounds but its result must not be trusted (no aggregate, or a rejected one)."""
+
+
+# ---------------------------------------------------------------------------------- the run directory
+def check_writable(out: Path) -> None:
+    """``out`` must be a directory we can create and write (one line if not)."""
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"--out {out}: {parent} is not writable")
+            return
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """An exclusive lock on the run directory for as long as the run lives (fcntl, released on exit or crash)."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        handle.seek(0)
+        owner = handle.read().strip() or "?"
+        handle.close()
+        if err.errno in (errno.EAGAIN, errno.EACCES):
+            raise ValueError(f"{out} is in use by another hetlora run (pid {owner}); wait for it or choose another --out") from None
+        raise
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def saved_config(out: Path) -> RunConfig:
+    """The settings a run directory was started with (its own directory as ``out``)."""
+    path = out / "config.json"
+    if not out.is_dir():
+        raise ValueError(f"--resume: {out} does not exist")
+    if not path.is_file():
+        raise ValueError(f"--resume: {out} holds no run (no config.json)")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--resume: {path} is not valid JSON ({err.msg}); the run cannot be resumed") from None
+    values.pop("out", None)
+    return from_mapping(values, RunConfig(out=str(out)))
+
+
+def resume_config(out: Path, requested: RunConfig | None = None, given: Mapping[str, Any] | None = None) -> RunConfig:
+    """The saved config of the run in ``out``; only ``rounds`` may be raised.
+
+    ``requested``/``given``: what the user asked for now (a config, or just the keys they
+    set); every setting that differs from the saved one is listed (old → new) and refused.
+    """
+    saved = saved_config(out)
+    asked = dict(given or {})
+    if requested is not None:
+        asked = {k: v for k, v in requested.settings().items() if v != getattr(RunConfig(), k)} | asked
+    asked.pop("out", None)
+    rounds = asked.pop("rounds", None)
+    changed = [f"{k}: {getattr(saved, k)!r} → {v!r}" for k, v in asked.items() if getattr(saved, k) != v]
+    if changed:
+        raise ValueError("--resume keeps the run's settings; these differ from the saved run: " + "; ".join(changed)
+                         + " (only --rounds may be raised)")
+    if rounds is not None:
+        done = len(read_metrics(out))
+        if rounds < saved.rounds and rounds < max(done, 1):
+            raise ValueError(f"--resume: --rounds {rounds} is below the {max(done, saved.rounds)} round(s) of the saved run; rounds can only be raised")
+        saved.rounds = max(rounds, done)
+    return saved
 
 
 def prepare_out(cfg: RunConfig, resume: bool) -> Path:
     """Create ``--out``; refuse to overwrite a finished or started run unless resuming."""
     out = Path(cfg.out)
-    saved = out / "config.json"
     if resume:
-        if not saved.is_file():
-            raise ValueError(f"--resume: {out} holds no run (no config.json)")
         return out
-    if (out / "checkpoint").exists() or (out / "metrics.jsonl").exists():
+    if (out / "checkpoint").exists() or (out / "metrics.jsonl").exists() or (out / "config.json").exists():
         raise ValueError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True))
+    (out / "config.json").write_text(json.dumps(cfg.settings(), indent=1, sort_keys=True))
     return out
 
 
-def resume_config(out: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """The saved config of a run, with only ``rounds`` allowed to change."""
-    saved = from_mapping(json.loads((out / "config.json").read_text()))
-    for key, value in (overrides or {}).items():
-        if key == "rounds":
-            saved.rounds = value
-        elif getattr(saved, key) != value:
-            raise ValueError(f"--resume: {key} differs from the saved run ({getattr(saved, key)!r} vs {value!r})")
-    return saved
-
-
+# ---------------------------------------------------------------------------------- progress
 class Progress:
     """Rich progress bars over rounds and clients; silent when disabled."""
 
@@ -70,16 +145,17 @@ class Progress:
         if self.enabled:
             self.bar.reset(self.clients, total=n, description=f"round {t + 1} clients")
 
-    def client_done(self) -> None:
+    def client_done(self, n: int = 1) -> None:
         if self.enabled:
-            self.bar.advance(self.clients)
+            self.bar.advance(self.clients, n)
 
     def round_done(self, row: dict[str, Any]) -> None:
         if self.enabled:
             self.bar.advance(self.rounds)
             self.bar.console.print(
                 f"round {row['round']}: eval ppl {row['eval_ppl']:.2f}  train loss {row['train_loss'] or float('nan'):.3f}  "
-                f"ranks {sorted(row['ranks'].values())}  dropped {len(row['dropped'])}"
+                f"ranks {sorted(row['ranks'].values())}  live rank {row.get('live_rank', '-')}  dropped {len(row['dropped'])}"
+                + (f"  REJECTED: {row['rejected']}" if row.get("rejected") else "")
             )
 
     def stop(self) -> None:
@@ -95,27 +171,35 @@ def print_plan(fed: Federation) -> None:
     Console().print(
         f"[bold]hetlora[/bold] {cfg.method} on [cyan]{cfg.model}[/cyan] + [cyan]{fed.data.name}[/cyan]: "
         f"{len(fed.client_ids)} clients, {cfg.clients_per_round} per round, {cfg.rounds} rounds × {cfg.local_steps} local steps "
-        f"(batch {cfg.batch_size}, max length {cfg.max_length}, lr {cfg.lr})\n"
+        f"(batch {cfg.batch_size}, max length {cfg.max_length}, lr {cfg.lr}, {fed.host.precision} on {fed.host.device}, "
+        f"{fed.parallel_clients()} client(s) at a time)\n"
         f"  ranks {cfg.rank_dist} in [{min(ranks) if ranks else '-'}, {max(ranks) if ranks else '-'}] (global rank {cfg.global_rank}), "
-        f"prune={cfg.prunes}, norm_bound={cfg.norm_bound}, dp={'off' if cfg.dp_clip is None else f'C={cfg.dp_clip}, σ={cfg.dp_noise}'}, "
+        f"prune={cfg.prunes}, norm_bound={cfg.norm_bound}, dp={'off' if cfg.dp_clip is None else f'C={cfg.dp_clip}, σ={cfg.noise_multiplier}'}, "
         f"eval on {len(fed.data.eval_examples())} held-out examples, seed {cfg.seed}\n  writing to {cfg.out}"
     )
 
 
+# ---------------------------------------------------------------------------------- rounds
 def local_round(fed: Federation, t: int, progress: Progress, hook: RoundHook | None = None) -> dict[str, Any]:
-    """The in-process engine's round: sample, send, train each client here, complete."""
+    """The in-process engine's round: sample, send, train the clients here (K at a time), complete."""
     sampled = fed.sample(t)
     progress.round_started(t, len(sampled))
-    updates, failed, bytes_down = [], [], 0
-    for cid in sampled:
-        job = fed.job(cid, t)
-        bytes_down += fed.download_bytes(job)
+    jobs = [fed.job(cid, t) for cid in sampled]
+    bytes_down = sum(fed.download_bytes(job) for job in jobs)
+    updates, failed = [], []
+    k = fed.parallel_clients()
+    for start in range(0, len(jobs), k):
+        chunk = jobs[start : start + k]
         try:
-            updates.append(fed.train(job))
-        except Exception as err:  # a crashing client is dropped, the round goes on
-            log.exception("client %s failed", cid)
-            failed.append((cid, f"client failed: {err.__class__.__name__}: {err}"))
-        progress.client_done()
+            updates += fed.train(chunk)
+        except Exception:  # train the chunk's clients one by one, so only a crashing one is dropped
+            for job in chunk:
+                try:
+                    updates += fed.train([job])
+                except Exception as err:  # a crashing client is dropped, the round goes on
+                    log.exception("client %s failed", job.client_id)
+                    failed.append((job.client_id, f"client failed: {err.__class__.__name__}: {err}"))
+        progress.client_done(len(chunk))
     if hook is not None:
         updates = hook(t, updates)
     return fed.complete_round(t, updates, failed) | {"bytes_down": bytes_down}
@@ -125,12 +209,11 @@ RoundFn = Callable[[Federation, int, Progress, "RoundHook | None"], dict[str, An
 
 
 def evaluate_round(fed: Federation, t: int) -> dict[str, Any]:
-    """Held-out evaluation after round t (tiers as configured) and the DP budget spent."""
+    """Held-out evaluation after round t (tiers as configured), rank health and the DP budget spent."""
     final = t + 1 == fed.cfg.rounds
     row = fed.eval_metrics(with_tiers=fed.cfg.tier_eval == "every" or (final and fed.cfg.tier_eval == "final"))
     if fed.cfg.dp_clip is not None:
-        q = fed.cfg.clients_per_round / len(fed.client_ids)
-        row["dp_epsilon"] = epsilon(fed.cfg.dp_noise, q, t + 1, fed.cfg.dp_delta)
+        row["dp_epsilon"] = epsilon(fed.cfg.noise_multiplier, fed.cfg.clients_per_round, len(fed.client_ids), t + 1, fed.cfg.dp_delta)
         row["dp_delta"] = fed.cfg.dp_delta
     return row
 
@@ -151,39 +234,43 @@ def run(
     are the same for every engine.
     """
     cfg = cfg.validate()
-    out = prepare_out(cfg, resume)
-    fed = federation or Federation(cfg)
-    if progress:
-        print_plan(fed)
-    if cfg.dp_clip is not None:
-        log.warning("DP mode: sparsity weighting is off; clipped updates are averaged with uniform weights")
-    restored = load_latest(out / "checkpoint") if resume else None
-    summary_path = out / "summary.json"
-    summary: dict[str, Any] = json.loads(summary_path.read_text()) if resume and summary_path.is_file() else {}
-    if restored is not None:
-        round_done, tensors, state = restored
-        fed.restore(tensors, state)
-        truncate_metrics(out, round_done)
-    else:
-        truncate_metrics(out, 0)
-    if "initial_eval_ppl" not in summary:
-        base = fed.eval_metrics(with_tiers=False)  # B = 0: every truncation is the base model
-        summary = {"initial_eval_loss": base["eval_loss"], "initial_eval_ppl": base["eval_ppl"]}
-        write_summary(out, summary)
-    bar = Progress(progress, cfg.rounds, fed.round)
-    try:
-        for t in range(fed.round, cfg.rounds):
-            started = time.perf_counter()
-            row = round_fn(fed, t, bar, hook)
-            row.update(evaluate_round(fed, t))
-            row["seconds"] = time.perf_counter() - started
-            row["server_rss_mb"] = rss_mb()
-            append_metrics(out, row)
-            save_checkpoint(out / "checkpoint", fed.round, fed.state_tensors(), fed.state_json() | {"config": cfg.to_dict()})
-            bar.round_done(row)
-    finally:
-        bar.stop()
-    return finish(fed, out, summary)
+    out = Path(cfg.out)
+    check_writable(out)
+    with run_lock(out):
+        prepare_out(cfg, resume)
+        fed = federation or Federation(cfg)
+        if progress:
+            print_plan(fed)
+        if cfg.dp_clip is not None:
+            log.warning("DP mode: sparsity weighting is off; clipped updates are averaged with uniform weights")
+        restored = load_latest(out / "checkpoint", ("global",), Federation.CHECKPOINT_GROUPS) if resume else None
+        summary_path = out / "summary.json"
+        summary: dict[str, Any] = json.loads(summary_path.read_text()) if resume and summary_path.is_file() else {}
+        if restored is not None:
+            round_done, tensors, state = restored
+            fed.restore(tensors, state)
+            truncate_metrics(out, round_done)
+        else:
+            truncate_metrics(out, 0)
+        if "initial_eval_ppl" not in summary:
+            base = fed.eval_metrics(with_tiers=False)  # B = 0: every truncation is the base model
+            summary = {"initial_eval_loss": base["eval_loss"], "initial_eval_ppl": base["eval_ppl"]}
+            write_summary(out, summary)
+        bar = Progress(progress, cfg.rounds, fed.round)
+        try:
+            for t in range(fed.round, cfg.rounds):
+                started = time.perf_counter()
+                row = round_fn(fed, t, bar, hook)
+                row.update(evaluate_round(fed, t))
+                row["seconds"] = time.perf_counter() - started
+                row["server_rss_mb"] = rss_mb()
+                row["precision"] = fed.host.precision
+                append_metrics(out, row)
+                save_checkpoint(out / "checkpoint", fed.round, fed.state_tensors(), fed.state_json() | {"config": cfg.settings()})
+                bar.round_done(row)
+        finally:
+            bar.stop()
+        return finish(fed, out, summary)
 
 
 def finish(fed: Federation, out: Path, summary: dict[str, Any]) -> dict[str, Any]:
@@ -196,23 +283,64 @@ def finish(fed: Federation, out: Path, summary: dict[str, Any]) -> dict[str, Any
         save_adapter(adapter_dir, fed.state["global"], cfg.global_rank, cfg.lora_scale, cfg.target_modules, cfg.model)
     plot_run(rows, out / "plots", summary.get("initial_eval_ppl"))
     ppls = [r["eval_ppl"] for r in rows]
+    rejected = [r["round"] for r in rows if r.get("rejected")]
     summary.update(
         {
-            "config": cfg.to_dict(),
+            "config": cfg.settings(),
             "method": cfg.method,
             "rounds": len(rows),
+            "rounds_aggregated": sum(1 for r in rows if r.get("aggregated")),
+            "rejected_rounds": rejected,
             "clients": len(fed.client_ids),
             "final_eval_loss": rows[-1]["eval_loss"] if rows else None,
             "final_eval_ppl": ppls[-1] if ppls else None,
             "best_eval_ppl": min(ppls) if ppls else None,
             "final_tier_eval_ppl": rows[-1].get("tier_eval_ppl", {}) if rows else {},
+            "final_live_rank": rows[-1].get("live_rank") if rows else None,
             "bytes_up_total": sum(r["bytes_up"] for r in rows),
             "bytes_down_total": sum(r["bytes_down"] for r in rows),
             "trainable_params": fed.trainable_params(),
             "seconds_total": sum(r["seconds"] for r in rows),
             "final_ranks": dict(sorted(fed.ranks.items())) if len(fed.ranks) <= 2000 else None,
             "dropped_total": sum(len(r["dropped"]) for r in rows),
+            "precision": fed.host.precision,
+            "parallel_clients": fed.parallel_clients(),
         }
     )
     write_summary(out, summary)
+    return summary
+
+
+def failure(summary: Mapping[str, Any]) -> str | None:
+    """Why a finished run's result must not be trusted (None: it can be)."""
+    if summary.get("rejected_rounds"):
+        return (f"the aggregate of round(s) {summary['rejected_rounds']} was not finite and was rejected "
+                "(the previous global model was kept); see 'rejected' in metrics.jsonl")
+    if summary.get("rounds") and not summary.get("rounds_aggregated"):
+        return "no round aggregated a single valid update; see 'dropped' in metrics.jsonl"
+    return None
+
+
+def run_experiment(config: Path | None, flags: Mapping[str, Any], out: str | None, *, resume: bool, progress: bool) -> dict[str, Any]:
+    """``hetlora run``: build (or, with ``resume``, reload) the config, run it on its engine,
+    and raise :class:`RunFailed` when the result must not be trusted."""
+    from .cli import build_config
+
+    if resume:
+        out_dir = Path(out or RunConfig().out)
+        asked = build_config(config, dict(flags)).settings() if config else {}
+        given = {k: v for k, v in build_config(None, dict(flags)).settings().items() if flags.get(k) is not None}
+        cfg = resume_config(out_dir, given=asked | given)
+    else:
+        cfg = build_config(config, dict(flags) | {"out": out}).validate()
+    if cfg.engine == "flower":
+        from .flower.simulation import run_simulation
+
+        summary = run_simulation(cfg, resume=resume)
+    else:
+        summary = run(cfg, resume=resume, progress=progress)
+    summary = dict(summary) | {"out": cfg.out}
+    problem = failure(summary)
+    if problem:
+        raise RunFailed(f"run finished but {problem}")
     return summary

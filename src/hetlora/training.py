@@ -1,22 +1,28 @@
 """Local optimisation, the same for every client kind and engine.
 
-τ local AdamW steps on target-token cross-entropy (plus a penalty term for self-pruning
-methods, docs/algorithm.md "Local training"), gradient clipping at ``max_grad_norm``,
-batches drawn from a seeded per-(seed, round, client) generator so that a client's round
-does not depend on visiting order or on the engine.
+τ local AdamW steps on target-token cross-entropy (plus λ·P_k for self-pruning methods,
+docs/algorithm.md "Local training"), gradient clipping at ``max_grad_norm``, batches drawn
+from a seeded per-(seed, round, client) generator so a client's round depends neither on
+visiting order nor on the engine.
+
+K clients can train together on one frozen model (a :class:`hetlora.lora.LoRABank` with K
+slots): the batch is K groups of rows, the objective is the sum of the K clients'
+objectives, so each slot's gradient is its own client's; AdamW is element-wise, and
+clipping is done per slot — K clients trained together equal K clients trained in turn
+(within float rounding; tested).
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from .config import DEFAULT_SCALE, DEFAULT_TARGETS, RunConfig
 from .data.federated import Example, collate
-from .evaluate import autocast, target_token_loss
+from .evaluate import autocast, target_token_losses
 from .memory import RELEASE_EVERY_LAYERS, lean_memory
 
 _D = RunConfig  # the one place the defaults live
@@ -34,17 +40,17 @@ class LocalConfig:
     gamma: float = _D.gamma
     lam: float = _D.lam
     r_min: int = _D.r_min
-    bf16: bool = _D.bf16
+    bf16: bool = False  # resolved from RunConfig.precision by the host
     grad_checkpointing: bool = _D.grad_checkpointing  # recompute activations in backward: far less memory
     release_memory_every: int | None = None  # k: hand freed heap back to the OS every k decoder layers (memory.py)
     scale: float = DEFAULT_SCALE
     targets: Sequence[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
 
     @classmethod
-    def from_run(cls, cfg: RunConfig) -> "LocalConfig":
+    def from_run(cls, cfg: RunConfig, bf16: bool = False) -> "LocalConfig":
         return cls(
             local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, gamma=cfg.gamma, lam=cfg.lam,
-            r_min=cfg.r_min, bf16=cfg.bf16, grad_checkpointing=cfg.grad_checkpointing,
+            r_min=cfg.r_min, bf16=bf16, grad_checkpointing=cfg.grad_checkpointing,
             release_memory_every=RELEASE_EVERY_LAYERS if cfg.release_memory else None, scale=cfg.lora_scale,
             targets=list(cfg.target_modules),
         )
@@ -56,7 +62,7 @@ def client_seed(seed: int, round_index: int, client_id: str) -> int:
     return int.from_bytes(digest[:8], "big") % (2**63)
 
 
-def batches(examples: list[Example], batch_size: int, steps: int, generator: torch.Generator):
+def batches(examples: list[Example], batch_size: int, steps: int, generator: torch.Generator) -> Iterator[list[Example]]:
     """``steps`` batches drawn by walking seeded permutations of the client's examples."""
     order: list[int] = []
     for _ in range(steps):
@@ -66,24 +72,62 @@ def batches(examples: list[Example], batch_size: int, steps: int, generator: tor
         order = order[batch_size:]
 
 
-def optimise(model, params, examples, pad_id, cfg: LocalConfig, generator, penalty: Callable[[], torch.Tensor] | None = None) -> list[float]:
-    """τ AdamW steps on ``params``; returns the task loss of every step."""
+def clip_per_slot(params: Sequence[torch.Tensor], max_norm: float) -> None:
+    """``clip_grad_norm_`` for each slot (dim 0) of stacked parameters on its own."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    sq = sum(g.float().pow(2).flatten(1).sum(1) for g in grads)
+    coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+
+
+def optimise(
+    model,
+    params: Sequence[torch.Tensor],
+    groups: Sequence[tuple[list[Example], torch.Generator]],
+    pad_id: int,
+    cfg: LocalConfig,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    slotted: bool = False,
+) -> list[list[float]]:
+    """τ AdamW steps for ``len(groups)`` clients at once; returns each client's task loss per step.
+
+    ``groups``: each client's examples and batch generator. ``slotted``: ``params`` are
+    stacked per client on dim 0 (a LoRA bank) and clipped per client; otherwise there is
+    one client and clipping is over all ``params``.
+    """
     device = next(model.parameters()).device
     optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimiser.zero_grad(set_to_none=True)  # a stale gradient from anywhere else must not leak into step 1
     model.train()
-    losses = []
+    streams = [batches(examples, cfg.batch_size, cfg.local_steps, g) for examples, g in groups]
+    k = len(groups)
+    losses: list[list[float]] = [[] for _ in range(k)]
     release_every = cfg.release_memory_every if device.type == "cpu" else None
-    with lean_memory(model, release_every=release_every, checkpointing=cfg.grad_checkpointing):
-        for batch_examples in batches(examples, cfg.batch_size, cfg.local_steps, generator):
-            batch = {k: v.to(device) for k, v in collate(batch_examples, pad_id).items()}
-            with autocast(device.type, cfg.bf16):
-                loss_sum, n = target_token_loss(model, batch)
-            loss = loss_sum / max(n, 1)
-            total = loss + cfg.lam * penalty() if penalty is not None else loss
-            total.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimiser.step()
-            optimiser.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+    try:
+        with lean_memory(model, release_every=release_every, checkpointing=cfg.grad_checkpointing):
+            for _ in range(cfg.local_steps):
+                rows = [e for stream in streams for e in next(stream)]
+                batch = {key: v.to(device) for key, v in collate(rows, pad_id).items()}
+                with autocast(device.type, cfg.bf16):
+                    loss_rows, count_rows = target_token_losses(model, batch)
+                per_client = loss_rows.view(k, -1).sum(1) / count_rows.view(k, -1).sum(1).clamp(min=1)
+                total = per_client.sum()
+                if penalty is not None:
+                    total = total + cfg.lam * penalty()
+                total.backward()
+                if cfg.max_grad_norm:
+                    if slotted:
+                        clip_per_slot(params, cfg.max_grad_norm)
+                    else:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimiser.step()
+                optimiser.zero_grad(set_to_none=True)
+                for i, value in enumerate(per_client.detach().tolist()):
+                    losses[i].append(value)
+    finally:
+        optimiser.zero_grad(set_to_none=True)
+        model.eval()
     return losses

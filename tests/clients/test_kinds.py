@@ -4,7 +4,8 @@ import torch
 from hetlora import truncate_adapter
 from hetlora.core.adapter import A_SUFFIX, B_SUFFIX, adapter_rank
 from hetlora.evaluate import evaluate_loss
-from hetlora.lora import init_global_adapter
+from hetlora.config import DEFAULT_TARGETS
+from hetlora.lora import lora_init, target_shapes
 from hetlora.training import batches
 from tests.helpers import train
 
@@ -13,6 +14,10 @@ from tests.helpers import train
 def client_data(tiny, chitchat_small):
     cid = chitchat_small.client_ids[0]
     return cid, chitchat_small.train_examples(cid)[:32]
+
+
+def init_global_adapter(model, r, seed=0):
+    return lora_init(target_shapes(model, DEFAULT_TARGETS), r, seed)
 
 
 def nonzero_global(model, r, seed=0):
@@ -31,6 +36,7 @@ def test_pruning_event_cuts_the_tail(tiny, client_data, make_host):
     assert m["p_before"] > 0 and m["p_after"] < m["p_before"]
     assert u.rank == m["rank_out"] == 4 == adapter_rank(u.adapter)  # c = floor(0.5 * 8)
     assert not any("lora" in n for n, _ in model.named_modules())
+    assert not any(p.requires_grad for p in model.parameters()) and host.bank().active == 0
 
 
 def test_first_visit_cannot_prune_and_no_prune_keeps_rank(tiny, client_data, make_host):
@@ -52,13 +58,11 @@ def test_training_lowers_client_loss_and_is_seeded(tiny, client_data, make_host)
     u1 = train(host, "lora", cid, start, 4)
     u2 = train(host, "lora", cid, start, 4)
     assert all(torch.equal(u1.adapter[k], u2.adapter[k]) for k in u1.adapter)
-    from hetlora.lora import attach_lora, detach_lora, load_adapter_strict
-
     before = evaluate_loss(model, examples, tok.pad_token_id)
-    p = attach_lora(model, 4)
-    load_adapter_strict(p, u1.adapter)
-    after = evaluate_loss(p, examples, tok.pad_token_id)
-    detach_lora(p)
+    bank = host.bank()
+    bank.load(0, u1.adapter)
+    with bank.use(1):
+        after = evaluate_loss(model, examples, tok.pad_token_id)
     assert after < before
 
 
@@ -88,3 +92,56 @@ def test_fft_client_trains_every_weight(tiny, client_data, make_host):
 def test_batches_walk_permutations():
     seen = [x for b in batches(list(range(10)), 4, 5, torch.Generator().manual_seed(0)) for x in b]
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+
+
+def _jobs(model, cids, ranks, round_index=0):
+    from hetlora.clients import Job
+
+    g = nonzero_global(model, 8, seed=4)
+    return [Job(c, r, round_index, truncate_adapter(g, r)) for c, r in zip(cids, ranks)]
+
+
+@pytest.mark.parametrize("kind,prune", [("lora", True), ("ffa", False), ("flora", False)])
+def test_clients_trained_together_equal_clients_trained_in_turn(tiny, chitchat_small, make_host, kind, prune):
+    """K clients in the slots of one bank give each client's sequential update, loss and prune decision."""
+    from hetlora.clients import get_kind
+
+    model, _ = tiny
+    cids = chitchat_small.client_ids[:3]
+    host = make_host(seed=3, local_steps=3, batch_size=4, lr=1e-2, gamma=0.5, lam=1.0, r_min=2)
+    jobs = _jobs(model, cids, [8, 3, 5])
+    together = get_kind(kind).train(host, jobs, prune=prune)
+    in_turn = [get_kind(kind).train(host, [job], prune=prune)[0] for job in jobs]
+    for a, b in zip(together, in_turn):
+        assert a.client_id == b.client_id and a.rank == b.rank and a.metrics["rank_out"] == b.metrics["rank_out"]
+        assert a.metrics["train_loss"] == pytest.approx(b.metrics["train_loss"], rel=1e-4)
+        for k in b.adapter:
+            torch.testing.assert_close(a.adapter[k], b.adapter[k], rtol=1e-4, atol=1e-6)
+    if prune:
+        assert [u.rank for u in together] == [4, 2, 2]  # c = floor(0.5 r), at least r_min = 2
+
+
+def test_a_failing_lora_client_leaves_the_shared_model_untouched(tiny, chitchat_small, make_host, monkeypatch):
+    from hetlora.clients import lora as lora_client
+
+    model, _ = tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    host = make_host(local_steps=2, batch_size=4)
+    monkeypatch.setattr(lora_client, "optimise", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected")))
+    with pytest.raises(RuntimeError, match="injected"):
+        train(host, "lora", chitchat_small.client_ids[0], truncate_adapter(nonzero_global(model, 6), 6), 6)
+    assert host.bank().active == 0 and not any(p.requires_grad for p in host.bank().parameters())
+    assert not any(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_failing_fft_client_restores_requires_grad(tiny, chitchat_small, make_host, monkeypatch):
+    from hetlora.clients import fft as fft_client
+
+    model, _ = tiny
+    original = {k: v.clone() for k, v in model.named_parameters()}
+    host = make_host(local_steps=1, batch_size=4)
+    monkeypatch.setattr(fft_client, "optimise", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected")))
+    with pytest.raises(RuntimeError, match="injected"):
+        train(host, "fft", chitchat_small.client_ids[0], original, 0)
+    assert not any(p.requires_grad for p in model.parameters())

@@ -46,10 +46,28 @@ def test_noise_has_the_configured_scale():
     assert abs(float(noise.mean())) < 0.01 * expected_std * 10
 
 
-def test_rdp_accountant_matches_published_value():
+def test_epsilon_accounts_for_fixed_size_sampling_without_replacement():
+    """ε is dp-accounting's for the sampler hetlora uses: K of N clients without replacement,
+    replace-one neighbours, so σC noise on a sum of sensitivity 2C is a Gaussian of multiplier σ/2."""
+    from dp_accounting import dp_event
+    from dp_accounting.privacy_accountant import NeighboringRelation
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     from hetlora.privacy import epsilon
 
-    # noise 1.5, sampling rate 0.04, 2,250 steps, delta 1e-5 -> eps ~ 7.329 (RDP accountant)
-    assert epsilon(1.5, 0.04, 2250, 1e-5) == pytest.approx(7.329, abs=0.01)
-    assert epsilon(1.5, 0.04, 0, 1e-5) == 0.0
-    assert epsilon(1.5, 0.04, 100, 1e-5) < epsilon(1.5, 0.04, 200, 1e-5)
+    def reference(event, steps):
+        acc = rdp_privacy_accountant.RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+        acc.compose(event, steps)
+        return acc.get_epsilon(1e-5)
+
+    sampled = reference(dp_event.SampledWithoutReplacementDpEvent(100, 4, dp_event.GaussianDpEvent(0.75)), 30)
+    assert epsilon(1.5, 4, 100, 30, 1e-5) == pytest.approx(sampled, rel=1e-9)
+    # everybody every round: no amplification, T compositions of the Gaussian mechanism
+    full = reference(dp_event.GaussianDpEvent(0.75), 30)
+    assert epsilon(1.5, 100, 100, 30, 1e-5) == pytest.approx(full, rel=1e-6)
+    # sampling 4 of 100 amplifies privacy; Poisson at the same rate is a different (cheaper) event
+    assert epsilon(1.5, 4, 100, 30, 1e-5) < full
+    assert epsilon(1.5, 4, 100, 0, 1e-5) == 0.0
+    assert epsilon(1.5, 4, 100, 10, 1e-5) < epsilon(1.5, 4, 100, 20, 1e-5)
+    with pytest.raises(ValueError, match="clients_per_round"):
+        epsilon(1.5, 8, 5, 3, 1e-5)

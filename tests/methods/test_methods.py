@@ -10,6 +10,13 @@ from tests.helpers import SHAPES, make_adapter, make_update, product
 LORA_METHODS = [m for m in METHODS if m != "fft"]
 
 
+def assert_close(actual, expected, **kw):
+    """Global adapters are fp32 whatever the clients sent; compare at fp32 precision."""
+    assert actual.dtype == torch.float32 and not actual.requires_grad
+    kw = {"rtol": 1e-5, "atol": 1e-5} | kw
+    torch.testing.assert_close(actual, expected.to(torch.float32), **kw)
+
+
 def mixed_round():
     return [make_update(r, seed=s, n=n) for s, (r, n) in enumerate([(2, 10), (5, 30), (3, 20), (6, 5)])]
 
@@ -36,8 +43,8 @@ def test_hetlora_sparsity_weighted_hand_computed():
         "two",
     )
     g = aggregate("hetlora", [u1, u2], r_max=3)
-    torch.testing.assert_close(g["m" + B_SUFFIX], torch.tensor([[5 / 7, 0, 0], [4 / 7, 0, 0], [0, 0, 0.0]]))
-    torch.testing.assert_close(g["m" + A_SUFFIX], torch.tensor([[15 / 7, 22 / 7], [2 / 7, 2 / 7], [0, 0.0]]))
+    assert_close(g["m" + B_SUFFIX], torch.tensor([[5 / 7, 0, 0], [4 / 7, 0, 0], [0, 0, 0.0]]))
+    assert_close(g["m" + A_SUFFIX], torch.tensor([[15 / 7, 22 / 7], [2 / 7, 2 / 7], [0, 0.0]]))
 
 
 def test_hetlora_falls_back_to_data_weights_when_all_norms_zero():
@@ -48,7 +55,7 @@ def test_hetlora_falls_back_to_data_weights_when_all_norms_zero():
     g = aggregate("hetlora", updates, r_max=6)
     naive = aggregate("hetlora-naive", updates, r_max=6)
     for k in g:
-        torch.testing.assert_close(g[k], naive[k])
+        assert_close(g[k], naive[k])
 
 
 def test_hetlora_per_layer_weights_differ_from_per_client():
@@ -60,7 +67,7 @@ def test_hetlora_per_layer_weights_differ_from_per_client():
         norms = [float(torch.linalg.matrix_norm(product(u.adapter, m))) for u in updates]
         p = [n / sum(norms) for n in norms]
         expected = sum(w * zero_pad_adapter(u.adapter, 6)[m + A_SUFFIX] for w, u in zip(p, updates))
-        torch.testing.assert_close(g2[m + A_SUFFIX], expected)
+        assert_close(g2[m + A_SUFFIX], expected)
     assert not torch.allclose(g1["layers.0.q_proj" + A_SUFFIX], g2["layers.0.q_proj" + A_SUFFIX])
 
 
@@ -70,7 +77,7 @@ def test_identical_clients_give_the_same_adapter(method):
     updates = [ClientUpdate({k: v.clone() for k, v in ad.items()}, n, f"c{n}") for n in (3, 7, 11)]
     g = aggregate(method, updates, r_max=6)
     for k, v in zero_pad_adapter(ad, 6).items():
-        torch.testing.assert_close(g[k], v)
+        assert_close(g[k], v)
 
 
 @pytest.mark.parametrize("method", ["recon-svd", "flexlora", "flora"])
@@ -79,7 +86,7 @@ def test_identical_clients_give_the_same_update(method):
     updates = [ClientUpdate({k: v.clone() for k, v in ad.items()}, n, f"c{n}") for n in (3, 7)]
     g = aggregate(method, updates, r_max=6)
     for m in SHAPES:
-        torch.testing.assert_close(product(g, m), product(ad, m))
+        assert_close(product(g, m), product(ad, m))
 
 
 def test_homogeneous_naive_equals_fedavg_equals_hand_average():
@@ -88,8 +95,8 @@ def test_homogeneous_naive_equals_fedavg_equals_hand_average():
     fed = aggregate("fedavg", updates, r_max=4)
     q = q_weights(updates)
     for k in fed:
-        torch.testing.assert_close(naive[k], fed[k])
-        torch.testing.assert_close(fed[k], sum(w * u.adapter[k] for w, u in zip(q, updates)))
+        assert_close(naive[k], fed[k])
+        assert_close(fed[k], sum(w * u.adapter[k] for w, u in zip(q, updates)))
 
 
 def test_fedavg_refuses_mixed_ranks():
@@ -102,7 +109,7 @@ def test_naive_zero_pads_mixed_ranks():
     g = aggregate("hetlora-naive", updates, r_max=6)
     q = q_weights(updates)
     for k in g:
-        torch.testing.assert_close(g[k], sum(w * zero_pad_adapter(u.adapter, 6)[k] for w, u in zip(q, updates)))
+        assert_close(g[k], sum(w * zero_pad_adapter(u.adapter, 6)[k] for w, u in zip(q, updates)))
 
 
 def test_flora_is_exact_and_stacks():
@@ -111,7 +118,7 @@ def test_flora_is_exact_and_stacks():
     assert adapter_rank(g) == 2 + 5 + 3 + 6
     target = dense_average(updates, q_weights(updates))
     for m in SHAPES:
-        torch.testing.assert_close(product(g, m), target[m])
+        assert_close(product(g, m), target[m])
 
 
 def test_ffa_is_exact_under_mixed_ranks():
@@ -125,11 +132,11 @@ def test_ffa_is_exact_under_mixed_ranks():
     g = aggregate("ffa", updates, r_max=6, previous=shared)
     target = dense_average(updates, q_weights(updates))
     for m in SHAPES:
-        assert torch.equal(g[m + A_SUFFIX], shared[m + A_SUFFIX])
-        torch.testing.assert_close(product(g, m), target[m])
+        assert torch.equal(g[m + A_SUFFIX], shared[m + A_SUFFIX].float())
+        assert_close(product(g, m), target[m])
     g2 = aggregate("ffa", updates, r_max=6)  # rebuilt from the rank-6 client
     for k in g:
-        torch.testing.assert_close(g[k], g2[k])
+        assert_close(g[k], g2[k])
     with pytest.raises(ValueError, match="no client covers"):
         aggregate("ffa", updates[:2], r_max=6)
 
@@ -144,13 +151,13 @@ def test_recon_svd_is_best_rank_r_max_approximation(r_max):
         u, s, vh = torch.linalg.svd(target[m])
         k = min(r_max, s.numel())
         best = (u[:, :k] * s[:k]) @ vh[:k]
-        torch.testing.assert_close(product(g, m), best)
+        assert_close(product(g, m), best)
         # B = U Σ, A = Vᵀ: rows of A orthonormal
         a = g[m + A_SUFFIX][:k]
-        torch.testing.assert_close(a @ a.T, torch.eye(k, dtype=a.dtype))
+        assert_close(a @ a.T, torch.eye(k, dtype=a.dtype))
         # truncation hands a rank-2 client the best rank-2 approximation
         t = truncate_adapter(g, 2)
-        torch.testing.assert_close(product(t, m), (u[:, :2] * s[:2]) @ vh[:2])
+        assert_close(product(t, m), (u[:, :2] * s[:2]) @ vh[:2])
 
 
 def test_recon_svd_exact_when_total_rank_fits():
@@ -158,7 +165,7 @@ def test_recon_svd_exact_when_total_rank_fits():
     g = aggregate("recon-svd", updates, r_max=6)
     target = dense_average(updates, q_weights(updates))
     for m in SHAPES:
-        torch.testing.assert_close(product(g, m), target[m])
+        assert_close(product(g, m), target[m])
 
 
 def test_flexlora_same_product_as_recon_svd_balanced_factors():
@@ -166,10 +173,10 @@ def test_flexlora_same_product_as_recon_svd_balanced_factors():
     g = aggregate("flexlora", updates, r_max=3)
     r = aggregate("recon-svd", updates, r_max=3)
     for m in SHAPES:
-        torch.testing.assert_close(product(g, m), product(r, m))
+        assert_close(product(g, m), product(r, m))
         b_norms = g[m + B_SUFFIX].norm(dim=0)
         a_norms = g[m + A_SUFFIX].norm(dim=1)
-        torch.testing.assert_close(b_norms, a_norms)  # √Σ on each side
+        assert_close(b_norms, a_norms)  # √Σ on each side
 
 
 def test_rbla_averages_each_slice_over_its_owners_hand_computed():
@@ -178,8 +185,8 @@ def test_rbla_averages_each_slice_over_its_owners_hand_computed():
     u1 = ClientUpdate({"m" + B_SUFFIX: b1, "m" + A_SUFFIX: a1}, 1, "a")
     u2 = ClientUpdate({"m" + B_SUFFIX: b2, "m" + A_SUFFIX: a2}, 3, "b")
     g = aggregate("rbla", [u1, u2], r_max=3)
-    torch.testing.assert_close(g["m" + B_SUFFIX], torch.tensor([[4.0, 7.0, 0.0], [5.0, 8.0, 0.0]]))
-    torch.testing.assert_close(g["m" + A_SUFFIX], torch.tensor([[2.5, 3.0, 5.0], [1.0, 1.0, 1.0], [0, 0, 0.0]]))
+    assert_close(g["m" + B_SUFFIX], torch.tensor([[4.0, 7.0, 0.0], [5.0, 8.0, 0.0]]))
+    assert_close(g["m" + A_SUFFIX], torch.tensor([[2.5, 3.0, 5.0], [1.0, 1.0, 1.0], [0, 0, 0.0]]))
     prev = {"m" + B_SUFFIX: torch.full((2, 3), 9.0), "m" + A_SUFFIX: torch.full((3, 3), 9.0)}
     g2 = aggregate("rbla", [u1, u2], r_max=3, previous=prev)
     assert torch.all(g2["m" + B_SUFFIX][:, 2] == 9) and torch.all(g2["m" + A_SUFFIX][2] == 9)
@@ -204,8 +211,8 @@ def test_fft_averages_full_weights():
     w1 = {"w": torch.tensor([[1.0, 2.0]]), "b": torch.tensor([0.0])}
     w2 = {"w": torch.tensor([[3.0, 6.0]]), "b": torch.tensor([4.0])}
     g = aggregate("fft", [ClientUpdate(w1, 1, "a"), ClientUpdate(w2, 3, "b")], r_max=1)
-    torch.testing.assert_close(g["w"], torch.tensor([[2.5, 5.0]]))
-    torch.testing.assert_close(g["b"], torch.tensor([3.0]))
+    assert_close(g["w"], torch.tensor([[2.5, 5.0]]))
+    assert_close(g["b"], torch.tensor([3.0]))
     w2["w"][0, 0] = math.inf
     with pytest.raises(InvalidUpdate, match="b"):
         aggregate("fft", [ClientUpdate(w1, 1, "a"), ClientUpdate(w2, 3, "b")], r_max=1)

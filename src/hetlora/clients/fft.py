@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -34,6 +34,7 @@ class FFTClient(ClientKind):
     name = "fft"
     rank_tiers = False
     has_adapter = False
+    parallel = False  # every client needs its own copy of all weights
 
     def initial_state(self, host: "ClientHost", rank: int, seed: int) -> State:
         return {"global": trainable_state(host.model)}
@@ -44,11 +45,14 @@ class FFTClient(ClientKind):
     def trainable_params(self, shapes: LayerShapes, rank: int, state: State) -> int:
         return num_parameters(state["global"])
 
-    def evaluate(self, state: State, host: "ClientHost", ranks: list[int]) -> dict[int, float]:
+    def evaluate(self, state: State, host: "ClientHost", ranks: Sequence[int], base_version: int) -> dict[int, float]:
         load_weights(host.model, state["global"])
-        return {0: host.evaluate_loss(host.model)}
+        return {0: host.evaluate_loss()}
 
-    def train(self, host: "ClientHost", job: Job, *, prune: bool) -> ClientUpdate:
+    def train(self, host: "ClientHost", jobs: Sequence[Job], *, prune: bool) -> list[ClientUpdate]:
+        return [self._train_one(host, job) for job in jobs]
+
+    def _train_one(self, host: "ClientHost", job: Job) -> ClientUpdate:
         """Full fine-tuning of every weight from the global weights in the payload."""
         t0 = time.perf_counter()
         generator = torch.Generator().manual_seed(client_seed(host.seed, job.round, job.client_id))
@@ -58,8 +62,8 @@ class FFTClient(ClientKind):
         for p in params.values():
             p.requires_grad_(True)
         try:
-            losses = optimise(model, list(params.values()), host.data.train_examples(job.client_id),
-                              host.tokenizer.pad_token_id, host.local, generator)
+            (losses,) = optimise(model, list(params.values()), [(host.data.train_examples(job.client_id), generator)],
+                                 host.tokenizer.pad_token_id, host.local)
         finally:
             for p in params.values():
                 p.requires_grad_(False)

@@ -1,16 +1,18 @@
 """The LoRA client's local round (docs/algorithm.md, "Local training").
 
-Receives the leading r_k components of the global adapter, runs τ local steps on
-task loss + λ·P_k (when the method prunes), applies the prune rule and returns the
-trained adapter at the possibly smaller rank.
+Each job's start adapter goes into its own slot of the host's LoRA bank; the clients
+train together for τ steps on task loss + λ·P_k (when the method prunes); then each
+client's prune rule is applied on its own and its adapter is read back at its
+(possibly smaller) rank.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
+from torch import Tensor
 
 from ..core.adapter import ClientUpdate, truncate_adapter
 from ..core.pruning import prune_rank, tail_penalty, tail_start
@@ -22,50 +24,56 @@ if TYPE_CHECKING:
     from .base import Job
 
 
-def _lora_pairs_live(peft_model) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(B, A) weight tensors of every LoRA layer, live (differentiable)."""
-    pairs = []
-    for module in peft_model.modules():
-        if hasattr(module, "lora_A") and hasattr(module, "lora_B") and "default" in getattr(module, "lora_A", {}):
-            pairs.append((module.lora_B["default"].weight, module.lora_A["default"].weight))
-    return pairs
-
-
-def train_lora(host: "ClientHost", job: "Job", *, prune: bool, freeze_a: bool = False) -> ClientUpdate:
-    """Train a rank-``job.rank`` LoRA from ``job.payload`` (which must be exactly that rank)."""
-    from ..lora import adapter_state, attach_lora, detach_lora, load_adapter_strict
-
-    cfg, rank = host.local, job.rank
+def train_lora(
+    host: "ClientHost", jobs: Sequence["Job"], starts: Sequence[Mapping[str, Tensor]], *, prune: bool, freeze_a: bool = False
+) -> list[ClientUpdate]:
+    """Train one LoRA per job from ``starts`` (each exactly at its job's rank), together."""
     t0 = time.perf_counter()
-    generator = torch.Generator().manual_seed(client_seed(host.seed, job.round, job.client_id))
-    examples = host.data.train_examples(job.client_id)
-    peft_model = attach_lora(host.model, rank, cfg.scale, cfg.targets)
+    cfg, k = host.local, len(jobs)
+    host.apply_base_delta(jobs[0].base, jobs[0].base_version)
+    bank = host.bank(k)
+    ranks = [bank.load(slot, start) for slot, start in enumerate(starts)]
+    for job, r in zip(jobs, ranks):
+        if r != job.rank:
+            raise ValueError(f"client {job.client_id}: received an adapter of rank {r}, expected its rank {job.rank}")
+    cuts = [tail_start(r, cfg.gamma) for r in ranks]
+
+    def penalties() -> list[Tensor]:
+        return [tail_penalty(bank.pairs(slot), c) for slot, c in enumerate(cuts)]
+
+    with torch.no_grad():
+        p_before = [float(p) for p in penalties()]
+    groups = [
+        (host.data.train_examples(job.client_id), torch.Generator().manual_seed(client_seed(host.seed, job.round, job.client_id)))
+        for job in jobs
+    ]
+    params = bank.factors(freeze_a)
+    for p in params:
+        p.requires_grad_(True)
     try:
-        load_adapter_strict(peft_model, job.payload)
-        live = _lora_pairs_live(peft_model)
-        params = [b for b, _ in live] if freeze_a else [p for pair in live for p in pair]
-        if freeze_a:
-            for _, a in live:
-                a.requires_grad_(False)
-        c = tail_start(rank, cfg.gamma)
-        p_before = float(tail_penalty([(b.detach(), a.detach()) for b, a in live], c))
-        penalty = (lambda: tail_penalty(live, c)) if prune else None
-        losses = optimise(peft_model, params, examples, host.tokenizer.pad_token_id, cfg, generator, penalty)
-        p_after = float(tail_penalty([(b.detach(), a.detach()) for b, a in live], c))
-        adapter = adapter_state(peft_model)
+        with bank.use(k, max(ranks)):
+            penalty = (lambda: torch.stack(penalties()).sum()) if prune else None
+            losses = optimise(host.model, params, groups, host.tokenizer.pad_token_id, cfg, penalty, slotted=True)
     finally:
-        detach_lora(peft_model)
-    new_rank = prune_rank(p_before, p_after, rank, cfg.gamma, cfg.r_min) if prune else rank
-    if new_rank < rank:
-        adapter = truncate_adapter(adapter, new_rank)
-    metrics = {
-        "train_loss": sum(losses) / len(losses),
-        "p_before": p_before,
-        "p_after": p_after,
-        "rank_in": rank,
-        "rank_out": new_rank,
-        "seconds": time.perf_counter() - t0,
-        "peak_rss_mb": peak_rss_mb(),
-    }
-    return ClientUpdate(adapter, host.data.num_examples(job.client_id), client_id=job.client_id, rank=new_rank,
-                        round=job.round, metrics=metrics)
+        for p in bank.parameters():
+            p.requires_grad_(False)
+    with torch.no_grad():
+        p_after = [float(p) for p in penalties()]
+    seconds = (time.perf_counter() - t0) / k
+    updates = []
+    for slot, job in enumerate(jobs):
+        rank = ranks[slot]
+        new_rank = prune_rank(p_before[slot], p_after[slot], rank, cfg.gamma, cfg.r_min) if prune else rank
+        metrics = {
+            "train_loss": sum(losses[slot]) / len(losses[slot]),
+            "p_before": p_before[slot],
+            "p_after": p_after[slot],
+            "rank_in": rank,
+            "rank_out": new_rank,
+            "seconds": seconds,
+            "peak_rss_mb": peak_rss_mb(),
+            "parallel": k,
+        }
+        updates.append(ClientUpdate(bank.read(slot, new_rank), host.data.num_examples(job.client_id), client_id=job.client_id,
+                                    rank=new_rank, round=job.round, metrics=metrics))
+    return updates

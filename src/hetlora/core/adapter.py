@@ -100,10 +100,11 @@ def product_norm_sq(b: Tensor, a: Tensor) -> Tensor:
     ‖BA‖_F² = trace((BA)ᵀ BA) = trace((BᵀB)(AAᵀ)) (SPEC.md step 3). Both Gram
     matrices are symmetric r × r, so the trace of their product is the sum of
     their element-wise product: O(r²(out + in)) work instead of O(r·out·in).
+    Formed in float64 from the start, whatever the factors' dtypes: fp32 Gram matrices
+    overflow for |B| ~ 1e20, and half precision far sooner.
     """
-    if b.dtype not in (torch.float32, torch.float64):
-        b, a = b.float(), a.float()
-    return ((b.T @ b).double() * (a @ a.T).double()).sum()
+    b, a = b.detach().double(), a.detach().double()
+    return ((b.T @ b) * (a @ a.T)).sum()
 
 
 def update_norm(adapter: Mapping[str, Tensor]) -> float:

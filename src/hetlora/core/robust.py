@@ -21,6 +21,17 @@ from dataclasses import replace
 from typing import Sequence
 
 from .adapter import ClientUpdate, adapter_rank, factor_norms, scale_adapter, update_norm
+from .validation import InvalidUpdate
+
+# The lower median: with two clients it is the smaller value, so one inflated client of
+# two cannot set the reference it is measured against (the mean of two would let 1e30 pass).
+median = statistics.median_low
+
+
+def _finite_norms(updates: Sequence[ClientUpdate], norms: Sequence[float], what: str) -> None:
+    for u, n in zip(updates, norms):
+        if not math.isfinite(n):
+            raise InvalidUpdate(u.client_id, f"{what} is not finite ({n})")
 
 
 def _clip_factor(value: float, reference: float, bound: float) -> float:
@@ -36,8 +47,9 @@ def bound_updates(updates: Sequence[ClientUpdate], bound: float) -> list[ClientU
         raise ValueError(f"norm_bound must be positive, got {bound}")
     roots = [math.sqrt(adapter_rank(u.adapter)) for u in updates]
     norms = [factor_norms(u.adapter) for u in updates]
-    med_b = statistics.median(nb / s for (nb, _), s in zip(norms, roots))
-    med_a = statistics.median(na / s for (_, na), s in zip(norms, roots))
+    _finite_norms(updates, [nb * na for nb, na in norms], "‖B‖·‖A‖")
+    med_b = median(nb / s for (nb, _), s in zip(norms, roots))
+    med_a = median(na / s for (_, na), s in zip(norms, roots))
     clipped = [
         scale_adapter(
             u.adapter,
@@ -47,16 +59,24 @@ def bound_updates(updates: Sequence[ClientUpdate], bound: float) -> list[ClientU
         for u, (nb, na), s in zip(updates, norms, roots)
     ]
     products = [update_norm(a) / s for a, s in zip(clipped, roots)]
-    med_p = statistics.median(products)
+    _finite_norms(updates, products, "‖ΔW‖")
+    med_p = median(products)
+    med_n = median(u.num_examples for u in updates)
     return [
-        replace(u, adapter=scale_adapter(a, b_scale=_clip_factor(p, med_p, bound)))
+        replace(u, adapter=scale_adapter(a, b_scale=_clip_factor(p, med_p, bound)), num_examples=cap_examples(u.num_examples, med_n, bound))
         for u, a, p in zip(updates, clipped, products)
     ]
 
 
+def cap_examples(n: int, median_n: float, bound: float) -> int:
+    """A client's data-size weight n_k, capped at bound × the round's median: a client's claim
+    of 10³⁰ examples must not make a data-weighted average its own adapter."""
+    return min(n, max(1, int(bound * median_n)))
+
+
 def cap_weights(weights: Sequence[float], bound: float) -> list[float]:
     """w_k ← min(w_k, bound · median(w)): no client outweighs the typical one by more than ×bound."""
-    med = statistics.median(weights)
+    med = median(weights)
     if med <= 0:
         return list(weights)
     return [min(w, bound * med) for w in weights]

@@ -65,9 +65,11 @@ def train(message: Message, context: Context) -> Message:
     task = message.content.config_records["task"]
     if str(task["client-id"]) != cid:
         raise ValueError(f"asked to train client {task['client-id']} but this node holds {cid}")
-    job = Job(cid, int(task["rank"]), int(task["round"]), from_array_record(message.content.array_records["adapter"]))
+    records = message.content.array_records
+    job = Job(cid, int(task["rank"]), int(task["round"]), from_array_record(records["adapter"]),
+              from_array_record(records["base"]) if "base" in records else {}, int(task.get("base-version", 0)))
     try:
-        update = get_kind(get_method(cfg.method).client_kind).train(host, job, prune=cfg.prunes)
+        (update,) = get_kind(get_method(cfg.method).client_kind).train(host, [job], prune=cfg.prunes)
     except Exception:
         error = traceback.format_exc(limit=3)
         return Message(RecordDict({"result": ConfigRecord({"client-id": cid, "error": error})}), reply_to=message)

@@ -34,9 +34,12 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     for key, value in run_config.items():
         if key == "resume":
             continue
-        if isinstance(value, str) and value.startswith(("[", "{")) or value in ("null", "none", "off"):
-            value = None if value in ("null", "none", "off") else json.loads(value)
-        values[key] = value
+        if isinstance(value, str) and value.startswith(("[", "{")):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"run config {key} = {value!r} is not valid JSON: {err.msg}") from None
+        values[key] = value  # "off" becomes None only where a setting allows it (hetlora.config)
     return from_mapping(values)
 
 

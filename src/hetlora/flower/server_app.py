@@ -63,13 +63,14 @@ class HetLoRAStrategy(Strategy):
                 continue
             job = self.fed.job(cid, t)
             self.bytes_down += self.fed.download_bytes(job)
-            content = RecordDict(
-                {
-                    "adapter": to_array_record(job.payload),
-                    "task": ConfigRecord({"client-id": cid, "rank": job.rank, "round": t}),
-                    "config": run_config,
-                }
-            )
+            records = {
+                "adapter": to_array_record(job.payload),
+                "task": ConfigRecord({"client-id": cid, "rank": job.rank, "round": t, "base-version": job.base_version}),
+                "config": run_config,
+            }
+            if job.base:
+                records["base"] = to_array_record(job.base)
+            content = RecordDict(records)
             messages.append(Message(content, dst_node_id=self.node_of[cid], message_type="train"))
         return messages
 

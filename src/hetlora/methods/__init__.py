@@ -6,6 +6,7 @@ subclass and one line in ``METHODS`` (docs/algorithm.md, "Adding a method").
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -51,9 +52,16 @@ def aggregate_valid(method: AggregationMethod, updates: Sequence[ClientUpdate], 
     """Aggregate updates that already passed validation: the norm bound (if on), then the rule."""
     if not updates:
         raise ValueError("no updates to aggregate")
+    updates = [as_fp32(u) for u in updates]
     if ctx.norm_bound is not None and method.bounded:
         updates = bound_updates(updates, ctx.norm_bound)
-    return method.aggregate(updates, ctx)
+    return {k: v.detach().to(torch.float32).contiguous() for k, v in method.aggregate(updates, ctx).items()}
+
+
+def as_fp32(update: ClientUpdate) -> ClientUpdate:
+    """Detached factors in at least fp32 (half precision is widened before any sum; float64 stays)."""
+    adapter = {k: v.detach() if v.dtype in (torch.float32, torch.float64) else v.detach().float() for k, v in update.adapter.items()}
+    return replace(update, adapter=adapter)
 
 
 def aggregate(

@@ -56,6 +56,14 @@ class AggregationMethod:
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         raise NotImplementedError
 
+    def base_update(self, updates: Sequence[ClientUpdate], aggregated: Adapter, ctx: AggregationContext) -> Adapter | None:
+        """Low-rank factors to fold into the frozen base weights this round (None: nothing).
+
+        For methods that move part of the aggregate out of the adapter (FLoRA, FedEx-LoRA);
+        see hetlora.core.base_delta.
+        """
+        return None
+
     def split_valid(
         self,
         updates: Sequence[ClientUpdate],

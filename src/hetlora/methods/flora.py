@@ -27,3 +27,7 @@ class FLoRA(AggregationMethod):
             out[module + B_SUFFIX] = torch.cat([b for b, _ in factors], dim=1)
             out[module + A_SUFFIX] = torch.cat([w * a for w, (_, a) in zip(q, factors)], dim=0)
         return out
+
+    def base_update(self, updates: Sequence[ClientUpdate], aggregated: Adapter, ctx: AggregationContext) -> Adapter:
+        """The whole stacked update goes into the frozen weights; clients start fresh LoRAs."""
+        return aggregated

@@ -9,16 +9,21 @@ bound × their median (hetlora.core.robust).
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from ..core.adapter import Adapter, ClientUpdate, product_norm_sq, update_norm
 from ..core.robust import cap_weights
+from ..core.validation import InvalidUpdate
 from .base import AggregationContext, AggregationMethod, data_weights, normalise, per_module_factors, weighted_padded_sum
 
 
 def sparsity_weights(updates: Sequence[ClientUpdate], norm_bound: float | None = None) -> list[float]:
     """p_k ∝ ‖ΔW_k‖_F, falling back to q_k when every norm is zero."""
     norms = [update_norm(u.adapter) for u in updates]
+    for u, n in zip(updates, norms):
+        if not math.isfinite(n):
+            raise InvalidUpdate(u.client_id, f"‖ΔW‖ is not finite ({n})")
     if norm_bound is not None:
         norms = cap_weights(norms, norm_bound)
     if sum(norms) <= 0.0:

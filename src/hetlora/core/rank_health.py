@@ -1,0 +1,54 @@
+"""How much of its rank a global adapter really uses (docs/algorithm.md, "Live rank").
+
+Zero-padded factor averaging sets component j of the global adapter to zero in both
+factors whenever no client of a round had rank > j; with A_j = 0 and B_:,j = 0 both
+gradients are zero, so the component never trains again. The *live rank* counts the
+components still alive; the *rank energy* says where ΔW's energy sits.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from .adapter import lora_pairs
+
+
+def component_strengths(adapter: Mapping[str, Tensor]) -> Tensor:
+    """s_j = Σ_ℓ ‖B_ℓ[:, j]‖ · ‖A_ℓ[j, :]‖ for every component j (float64)."""
+    total: Tensor | None = None
+    for _, b, a in lora_pairs(adapter):
+        s = torch.linalg.vector_norm(b.detach().double(), dim=0) * torch.linalg.vector_norm(a.detach().double(), dim=1)
+        total = s if total is None else total + s
+    if total is None:
+        raise ValueError("adapter has no LoRA pairs")
+    return total
+
+
+def live_rank(adapter: Mapping[str, Tensor]) -> int:
+    """#{j : Σ_ℓ ‖B_ℓ[:, j]‖·‖A_ℓ[j, :]‖ > 0}: components that can still change ΔW."""
+    return int((component_strengths(adapter) > 0).sum())
+
+
+def slice_energy(adapter: Mapping[str, Tensor], start: int, stop: int) -> float:
+    """Σ_ℓ ‖B_ℓ[:, S] A_ℓ[S, :]‖_F² for the component slice S = [start, stop) (trace identity)."""
+    total = 0.0
+    for _, b, a in lora_pairs(adapter):
+        bs, as_ = b[:, start:stop].detach().double(), a[start:stop].detach().double()
+        total += float(((bs.T @ bs) * (as_ @ as_.T)).sum())
+    return total
+
+
+def rank_energy(adapter: Mapping[str, Tensor], r_min: int, r_mid: int, r_max: int) -> dict[str, float]:
+    """Shares of ΔW's energy in slices [0, r_min), [r_min, r_mid), [r_mid, r_max].
+
+    Each slice's energy is that of ΔW restricted to it; the shares are normalised by
+    their sum (cross terms between slices are left out), so they add up to 1.
+    """
+    bounds = {"low": (0, r_min), "mid": (r_min, r_mid), "high": (r_mid, r_max)}
+    energies = {name: slice_energy(adapter, lo, hi) if hi > lo else 0.0 for name, (lo, hi) in bounds.items()}
+    total = sum(energies.values())
+    shares = {name: (e / total if total > 0 else 0.0) for name, e in energies.items()}
+    return shares | {"bounds": [r_min, r_mid, r_max]}
