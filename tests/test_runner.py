@@ -200,3 +200,153 @@ def test_dp_mode_reports_epsilon_each_round(tmp_path, caplog):
     eps = [r["dp_epsilon"] for r in metrics]
     assert 0 < eps[0] < eps[1] and all(r["dp_delta"] == 1e-5 for r in metrics)
     assert "sparsity weighting is off" in caplog.text
+
+
+# ---------------------------------------------------------------------------------- run directories
+def test_resume_writes_to_the_directory_given_not_the_one_recorded(tmp_path):
+    """Copy a run and resume the copy: the copy grows, the original is untouched; a moved run resumes."""
+    import shutil
+
+    from hetlora.runner import resume_config
+
+    original = tmp_path / "original"
+    run(tiny_config(original, rounds=1), progress=False)
+    before = {p.name: p.read_bytes() for p in [original / "metrics.jsonl", original / "summary.json"]}
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    run(resume_config(copy, given={"rounds": 2}), resume=True, progress=False)
+    assert [r["round"] for r in rows(copy)] == [1, 2]
+    assert {p.name: p.read_bytes() for p in [original / "metrics.jsonl", original / "summary.json"]} == before
+    moved = tmp_path / "moved"
+    shutil.move(str(original), moved)
+    run(resume_config(moved, given={"rounds": 2}), resume=True, progress=False)
+    assert [r["round"] for r in rows(moved)] == [1, 2]
+    assert "out" not in json.loads((moved / "config.json").read_text())
+
+
+def test_resume_refuses_changed_settings_and_lower_rounds(tmp_path):
+    from hetlora.runner import resume_config
+
+    out = tmp_path / "run"
+    run(tiny_config(out, rounds=2), progress=False)
+    with pytest.raises(ValueError, match=r"lr: 0.005 → 0.1; seed: 7 → 8 \(only --rounds may be raised\)"):
+        resume_config(out, given={"lr": 0.1, "seed": 8, "rounds": 3})
+    with pytest.raises(ValueError, match="rounds can only be raised"):
+        resume_config(out, given={"rounds": 1})
+    assert resume_config(out, given={"rounds": 4, "lr": 5e-3}).rounds == 4  # unchanged values are fine
+    with pytest.raises(ValueError, match="does not exist"):
+        resume_config(tmp_path / "nowhere")
+
+
+def test_a_second_run_on_a_locked_directory_refuses(tmp_path):
+    from hetlora.runner import run_lock
+
+    out = tmp_path / "run"
+    with run_lock(out):
+        with pytest.raises(ValueError, match=r"in use by another hetlora run \(pid \d+\)"):
+            run(tiny_config(out, rounds=1), progress=False)
+    run(tiny_config(out, rounds=1), progress=False)  # free again
+    assert len(rows(out)) == 1
+
+
+def test_out_that_is_a_file_or_below_one(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "below"):
+        with pytest.raises(ValueError, match="is a file, not a directory"):
+            run(tiny_config(out, rounds=1), progress=False)
+
+
+def _checkpoint(out):
+    return sorted((out / "checkpoint").glob("round-*"))[-1]
+
+
+@pytest.mark.parametrize("damage", ["unlisted file", "empty manifest", "list manifest", "unexpected listed file"])
+def test_the_checkpoint_manifest_covers_exactly_what_is_loaded(tmp_path, damage):
+    """A damaged newest checkpoint is skipped (resume falls back one round and ends as an uninterrupted run)."""
+    from hetlora.checkpoint import MANIFEST, sha256
+    from hetlora.runner import resume_config
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(tiny_config(full, rounds=3), progress=False)
+    run(tiny_config(part, rounds=2), progress=False)
+    newest = _checkpoint(part)
+    manifest = json.loads((newest / MANIFEST).read_text())
+    if damage == "unlisted file":
+        (newest / "base_delta.safetensors").write_bytes((newest / "global.safetensors").read_bytes())
+    elif damage == "empty manifest":
+        (newest / MANIFEST).write_text(json.dumps({"round": manifest["round"], "files": {}}))
+    elif damage == "list manifest":
+        (newest / MANIFEST).write_text("[]")
+    else:
+        (newest / "extra.safetensors").write_bytes(b"junk")
+        manifest["files"]["extra.safetensors"] = sha256(newest / "extra.safetensors")
+        (newest / MANIFEST).write_text(json.dumps(manifest))
+    run(resume_config(part, given={"rounds": 3}), resume=True, progress=False)
+    assert [strip_timing(r) for r in rows(part)] == [strip_timing(r) for r in rows(full)]
+
+
+# ---------------------------------------------------------------------------------- non-finite results
+def test_a_huge_client_of_two_cannot_swamp_the_round(tmp_path):
+    """Two clients per round, one sends B × 1e30: with the default bound the global adapter stays finite
+    and close to the honest one (the lower median is the honest client's norm)."""
+    from hetlora.core.adapter import scale_adapter
+
+    def inflate(t, updates):
+        updates[0].adapter = scale_adapter(updates[0].adapter, b_scale=1e30)
+        return updates
+
+    out = tmp_path / "run"
+    summary = run(tiny_config(out, rounds=1, clients_per_round=2), progress=False, hook=inflate)
+    (row,) = rows(out)
+    assert row["aggregated"] and not row["rejected"] and math.isfinite(row["eval_loss"])
+    saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert max(float(v.abs().max()) for v in saved.values()) < 10
+    assert summary["rejected_rounds"] == []
+
+
+def test_a_non_finite_aggregate_is_never_applied_and_the_run_reports_failure(tmp_path):
+    from hetlora.runner import failure
+
+    def overflow(t, updates):  # finite factors whose product's SVD factors overflow fp32
+        for u in updates:
+            u.adapter = {k: torch.full_like(v, 1e30) for k, v in u.adapter.items()}
+        return updates
+
+    out = tmp_path / "run"
+    summary = run(tiny_config(out, rounds=1, norm_bound=None, method="recon-svd"), progress=False, hook=overflow)
+    (row,) = rows(out)
+    assert not row["aggregated"] and "NaN or Inf" in row["rejected"]
+    assert row["eval_ppl"] == pytest.approx(summary["initial_eval_ppl"])  # the initial global adapter kept
+    saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    from hetlora.checkpoint import load_latest
+
+    _, tensors, _ = load_latest(out / "checkpoint")
+    assert all(torch.isfinite(v).all() for v in tensors["global"].values())
+    assert summary["rejected_rounds"] == [1] and "was not finite" in failure(summary)
+
+
+def test_cli_exits_non_zero_when_no_round_aggregated(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("min_clients = 50\n")
+    args = ["--model", "tiny", "--rounds", "1", "--clients-per-round", "2", "--local-steps", "1", "--batch-size", "2",
+            "--max-length", "32", "--eval-size", "4", "--max-clients", "4", "--min-examples", "400", "--r-min", "2", "--r-max", "4"]
+    result = subprocess.run([sys.executable, "-m", "hetlora.cli", "run", "--config", str(config), "--out", str(tmp_path / "o"), "--quiet"] + args,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "no round aggregated" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_data_errors_come_before_the_model_loads(tmp_path, monkeypatch):
+    from hetlora import models
+
+    bad = tmp_path / "d.jsonl"
+    bad.write_text('{"client_id": "a", "text": "ok"}\n{broken\n')
+    monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("the model loaded before the data was checked"))
+    with pytest.raises(ValueError, match="d.jsonl:2: bad JSON"):
+        run(tiny_config(tmp_path / "o", data=str(bad), min_examples=1), progress=False)
+
+
+def test_unknown_target_module_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"\['bogus_proj'\] not found"):
+        run(tiny_config(tmp_path / "o", rounds=1, target_modules=["q_proj", "bogus_proj"]), progress=False)

@@ -41,7 +41,7 @@ RUN_OPTIONS: dict[str, tuple[Any, str, str]] = {
     "lr": (float, "--lr", "Local learning rate"),
     "r_min": (int, "--r-min", "Smallest client rank"),
     "r_max": (int, "--r-max", "Largest client rank = global rank"),
-    "rank": (int, "--rank", "fedavg (HomLoRA): the one rank for all [default: r_max]"),
+    "rank": (int, "--rank", "fedavg (HomLoRA): the one rank for all (default: r_max)"),
     "gamma": (float, "--gamma", "Pruning ratio γ"),
     "lam": (float, "--lambda", "Pruning penalty weight λ"),
     "rank_dist": (str, "--rank-dist", "uniform | tiers | list | fixed"),
@@ -53,12 +53,12 @@ RUN_OPTIONS: dict[str, tuple[Any, str, str]] = {
     "client_pool": (int, "--client-pool", "Register N clients drawn by the seed (a fixed pool that comes back)"),
     "min_examples": (int, "--min-examples", "Drop clients with fewer training examples"),
     "precision": (str, "--precision", "auto (bf16 where the hardware has it natively) | fp32 | bf16"),
-    "parallel_clients": (int, "--parallel-clients", "Clients trained together in one process [default: chosen from memory]"),
+    "parallel_clients": (int, "--parallel-clients", "Clients trained together in one process (default: chosen from memory)"),
     "target_modules": (str, "--target-modules", "Comma-separated module names LoRA wraps"),
     "grad_checkpointing": (bool, "--grad-checkpointing/--no-grad-checkpointing", "Clients recompute activations in backward: much less memory, ~1 extra forward per step"),
     "release_memory": (bool, "--release-memory/--no-release-memory", "Clients hand freed heap pages back to the OS every 3 layers (glibc): lower peak RSS, slower steps"),
     "dp_clip": (float, "--dp-clip", "User-level DP: clip norm C (turns DP on)"),
-    "dp_noise": (float, "--dp-noise", "User-level DP: noise multiplier σ (needs --dp-clip) [default: 1.0]"),
+    "dp_noise": (float, "--dp-noise", "User-level DP: noise multiplier σ (needs --dp-clip; default: 1.0)"),
     "engine": (str, "--engine", "local (in-process) | flower (Flower simulation)"),
     "partition": (str, "--partition", "Data file without client_id: iid:N or dirichlet:N"),
     "partition_by": (str, "--partition-by", "Label column for dirichlet partitioning"),
@@ -70,11 +70,11 @@ COMPARE_OPTIONS = [n for n in RUN_OPTIONS if n not in ("method", "rank", "engine
 
 def _default_text(name: str) -> str:
     value = getattr(DEFAULTS, name)
-    if value is None or "[default:" in RUN_OPTIONS[name][2]:
+    if value is None or "(default:" in RUN_OPTIONS[name][2]:
         return ""
     if isinstance(value, list):
         value = ",".join(map(str, value)) or "none"
-    return f" [default: {value}]"
+    return f" (default: {value})"
 
 
 def _parameter(name: str) -> inspect.Parameter:
@@ -160,7 +160,7 @@ def run(**options: Any) -> None:
 app.command(name="run")(
     _command(run, list(RUN_OPTIONS), [
         _extra("config", Optional[Path], None, "--config", help="TOML config file; flags override it."),
-        _extra("out", Optional[str], None, "--out", help=f"Output directory [default: {DEFAULTS.out}]"),
+        _extra("out", Optional[str], None, "--out", help=f"Output directory (default: {DEFAULTS.out})"),
         _extra("resume", bool, False, "--resume", help="Continue the run in --out from its last good checkpoint (only --rounds may be raised)"),
         _extra("quiet", bool, False, "--quiet", help="No progress bars"),
         _extra("debug", bool, False, "--debug", help="Show tracebacks"),

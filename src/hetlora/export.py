@@ -1,24 +1,76 @@
-"""``hetlora export``: fold a run's global adapter into its base model for on-device inference."""
+"""``hetlora export``: a finished run's global adapter, ready for on-device inference.
+
+``--merged DIR``: the adapter folded into its base model, saved as a standalone HF model.
+The target is written through a temporary sibling and renamed into place; a non-empty
+target is refused unless ``force``, and the run directory itself (or a directory that
+contains it) never is a target.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 
-def export_merged(run_dir: Path, target: Path) -> Path:
+def finished_run(run_dir: Path) -> dict:
+    """The settings of a finished run that has a global adapter (one line naming the problem if not)."""
+    from .clients import get_kind
+    from .methods import get_method
+
+    config_path = run_dir / "config.json"
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir} does not exist")
+    if not config_path.is_file():
+        raise ValueError(f"{run_dir} holds no run (no config.json)")
+    config = json.loads(config_path.read_text())
+    method = str(config.get("method"))
+    if not get_kind(get_method(method).client_kind).has_adapter:
+        raise ValueError(f"{run_dir}: method {method} ends with no LoRA adapter (its update lives in the model weights); "
+                         "there is nothing to export")
+    if not (run_dir / "adapter" / "adapter_model.safetensors").is_file():
+        raise ValueError(f"{run_dir} has no adapter/ yet: the run has not finished (continue it with --resume)")
+    return config
+
+
+def prepare_target(run_dir: Path, target: Path, force: bool) -> None:
+    run, tgt = run_dir.resolve(), target.resolve()
+    if tgt == run or run.is_relative_to(tgt):
+        raise ValueError(f"refusing to write into {target}: it is (or contains) the run directory {run_dir}")
+    if tgt.exists() and not tgt.is_dir():
+        raise ValueError(f"{target} is a file, not a directory")
+    if tgt.is_dir() and any(tgt.iterdir()) and not force:
+        raise ValueError(f"{target} is not empty; choose an empty directory or pass --force to replace it")
+
+
+def write_directory(target: Path, write) -> None:
+    """Write a directory through a temporary sibling, then swap it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def export_merged(run_dir: Path, target: Path, force: bool = False) -> Path:
     from peft import PeftModel
 
     from .models import load_base_model
 
-    config_path = run_dir / "config.json"
-    adapter_dir = run_dir / "adapter"
-    if not config_path.is_file() or not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise ValueError(f"{run_dir} has no config.json and adapter/ (is it a finished LoRA run?)")
-    model_name = json.loads(config_path.read_text())["model"]
-    base, tokenizer = load_base_model(model_name)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    target.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(target), safe_serialization=True)
-    tokenizer.save_pretrained(str(target))
+    config = finished_run(run_dir)
+    prepare_target(run_dir, target, force)
+    base, tokenizer = load_base_model(config["model"])
+    merged = PeftModel.from_pretrained(base, str(run_dir / "adapter")).merge_and_unload()
+
+    def write(tmp: Path) -> None:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+
+    write_directory(target, write)
     return target

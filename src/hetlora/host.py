@@ -66,7 +66,7 @@ class ClientHost:
         if data is None:
             data = load_data(cfg.data, tokenizer, **cfg.data_options())  # data errors before the model loads
         if model is None:
-            model, tokenizer = load_base_model(cfg.model)
+            model, tokenizer = load_base_model(cfg.model, tokenizer=tokenizer)
         self.model, self.tokenizer = model.to(self.device), tokenizer
         for p in self.model.parameters():
             p.requires_grad_(False)

@@ -274,6 +274,11 @@ def _write_atomically_files(directory: Path, tokenizer) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def local_only() -> bool:
+    """Never reach for a model hub (it would retry for most of a minute offline) unless allowed."""
+    return os.environ.get("HETLORA_ALLOW_DOWNLOAD") != "1"
+
+
 def load_tokenizer(name: str = "smollm2"):
     from transformers import AutoTokenizer
 
@@ -282,7 +287,13 @@ def load_tokenizer(name: str = "smollm2"):
     elif name == "tiny":
         tokenizer = _cached_tokenizer(smollm2_tokenizer_dir())
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only())
+        except OSError as err:
+            raise ValueError(
+                f"cannot load the tokenizer of {name!r}: not a local model directory and not in the local Hugging Face "
+                f"cache ({err.__class__.__name__}); hetlora does not download models unless HETLORA_ALLOW_DOWNLOAD=1"
+            ) from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -331,24 +342,28 @@ def check_special_tokens(model, tokenizer, name: str) -> None:
             )
 
 
-def load_base_model(name: str = "smollm2", dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` for ``smollm2`` (default), ``tiny``, or an HF model id / local path."""
+def load_base_model(name: str = "smollm2", dtype: torch.dtype = torch.float32, tokenizer=None):
+    """``(model, tokenizer)`` for ``smollm2`` (default), ``tiny``, or an HF model id / local path.
+
+    Pass ``tokenizer`` (from :func:`load_tokenizer`) when you already have it.
+    """
     from transformers import AutoModelForCausalLM
 
     if name == "tiny":
-        tokenizer = load_tokenizer(name)
+        tokenizer = tokenizer or load_tokenizer(name)
         model = tiny_model(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id).to(dtype)
     elif name == "smollm2":
-        tokenizer = load_tokenizer(name)
+        tokenizer = tokenizer or load_tokenizer(name)
         model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=dtype)
     else:
         try:
-            tokenizer = load_tokenizer(name)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            tokenizer = tokenizer or load_tokenizer(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only())
         except OSError as err:
             raise ValueError(
                 f"cannot load model {name!r}: not smollm2/tiny, not a local model directory, "
-                f"and not in the local Hugging Face cache ({err.__class__.__name__})"
+                f"and not in the local Hugging Face cache ({err.__class__.__name__}); hetlora does not download "
+                f"models unless HETLORA_ALLOW_DOWNLOAD=1"
             ) from err
     check_special_tokens(model, tokenizer, name)
     model.config.use_cache = False

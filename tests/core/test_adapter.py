@@ -75,3 +75,23 @@ def test_module_names_and_rank():
     ad = make_adapter(5)
     assert module_names(ad) == sorted(SHAPES)
     assert adapter_rank(ad) == 5
+
+
+def test_product_norm_does_not_overflow_for_huge_finite_factors():
+    """‖BA‖² is formed in float64: fp32 Gram matrices overflow for |B| ~ 1e20 and fp16 far sooner."""
+    from hetlora.core.adapter import product_norm_sq
+
+    g = torch.Generator().manual_seed(0)
+    b, a = torch.randn(7, 3, generator=g), torch.randn(3, 5, generator=g)
+    huge = product_norm_sq(b * 1e20, a)
+    assert torch.isfinite(huge)
+    assert float(huge) == pytest.approx(float(((b * 1e20).double() @ a.double()).square().sum()), rel=1e-9)
+
+
+def test_mixed_precision_factors_give_the_fp32_norm():
+    from hetlora.core.adapter import product_norm_sq
+
+    g = torch.Generator().manual_seed(1)
+    b, a = torch.randn(9, 4, generator=g), (100 * torch.randn(4, 6, generator=g)).half()
+    expected = float((b.double() @ a.double()).square().sum())
+    assert float(product_norm_sq(b, a)) == pytest.approx(expected, rel=1e-6)

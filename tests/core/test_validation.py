@@ -34,7 +34,7 @@ CASES = {
         "differs from rank",
     ),
     "1-D tensor": (lambda u: u.adapter.__setitem__(Q + A_SUFFIX, torch.zeros(20)), "2-D floating-point"),
-    "integer tensor": (lambda u: u.adapter.__setitem__(Q + A_SUFFIX, torch.zeros(4, 5, dtype=torch.int64)), "2-D floating-point"),
+    "integer tensor": (lambda u: u.adapter.__setitem__(Q + A_SUFFIX, torch.zeros(4, 5, dtype=torch.int64)), "float16, bfloat16, float32 or float64, got torch.int64"),
     "zero examples": (lambda u: setattr(u, "num_examples", 0), "num_examples"),
     "negative examples": (lambda u: setattr(u, "num_examples", -3), "num_examples"),
     "declared rank lies": (lambda u: setattr(u, "rank", 2), "declares rank 2"),

@@ -71,3 +71,79 @@ def test_iid_and_dirichlet_partitioning(tmp_path, tiny):
     bad = write_jsonl(tmp_path / "nolabel.jsonl", [{"text": "x"}] * 5)
     with pytest.raises(ValueError, match="needs a 'label' column"):
         load_data(str(bad), tok, partition={"scheme": "dirichlet", "num_clients": 2, "seed": 0})
+
+
+def test_csv_with_a_byte_order_mark_and_quoted_multiline_fields(tmp_path, tiny):
+    _, tok = tiny
+    p = tmp_path / "d.csv"
+    p.write_bytes("\ufeffclient_id,prompt,response\n".encode() + b'a,hi,"multi\nline\nresponse"\na,q,r\nb,x,y\nb,z,w\n')
+    d = load_data(str(p), tok, seed=0)
+    responses = sorted(r.target for c in d.client_ids for r in d.train[c] + d.test[c])
+    assert "multi\nline\nresponse" in responses and d.client_ids == ["a", "b"]
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b'client_id,prompt,response\na,"one\ntwo",ok\nb,x,y\nc,"unterminated\n')
+    with pytest.raises(ValueError, match=r"bad.csv:5: needs prompt and response"):
+        load_data(str(bad), tok)
+
+
+def test_non_utf8_is_reported_by_line(tmp_path, tiny):
+    _, tok = tiny
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"client_id": "a", "text": "ok"}\n{"client_id": "a", "text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2: not UTF-8 \(byte 0xe9\)"):
+        load_data(str(p), tok)
+
+
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ({"client_id": 1.0, "text": "t"}, "client_id must be a string or an integer, got float"),
+        ({"client_id": True, "text": "t"}, "client_id must be a string or an integer, got bool"),
+        ({"client_id": {"a": 1}, "text": "t"}, "client_id must be a string or an integer, got dict"),
+        ({"client_id": "a", "prompt": ["x"], "response": "r"}, "prompt must be a string, got list"),
+        ({"client_id": "a", "text": {"t": 1}}, "text must be a string, got dict"),
+    ],
+)
+def test_client_ids_and_text_are_typed(tmp_path, tiny, row, message):
+    _, tok = tiny
+    with pytest.raises(ValueError, match=f"d.jsonl:1: {message}"):
+        load_data(str(write_jsonl(tmp_path / "d.jsonl", [row])), tok)
+
+
+def test_integer_and_string_ids_are_one_client(tmp_path, tiny):
+    _, tok = tiny
+    rows = [{"client_id": 1, "text": f"a {i}"} for i in range(3)] + [{"client_id": "1", "text": f"b {i}"} for i in range(3)]
+    d = load_data(str(write_jsonl(tmp_path / "d.jsonl", rows)), tok)
+    assert d.client_ids == ["1"] and d.num_examples("1") + len(d.test["1"]) == 6
+
+
+def test_duplicates_are_dropped_and_counted(tmp_path, tiny):
+    _, tok = tiny
+    rows = [{"client_id": "a", "text": f"t {i % 4}"} for i in range(10)]  # 4 distinct, 6 copies
+    d = load_data(str(write_jsonl(tmp_path / "d.jsonl", rows)), tok)
+    assert d.duplicates_dropped == 6
+    train, test = {r.target for r in d.train["a"]}, {r.target for r in d.test["a"]}
+    assert len(d.train["a"]) + len(d.test["a"]) == 4 and not train & test
+
+
+def test_min_examples_applies_to_files(tmp_path, tiny):
+    _, tok = tiny
+    rows = [{"client_id": "big", "text": f"t {i}"} for i in range(10)] + [{"client_id": "small", "text": f"s {i}"} for i in range(3)]
+    d = load_data(str(write_jsonl(tmp_path / "d.jsonl", rows)), tok, min_examples=5)
+    assert d.client_ids == ["big"]
+    with pytest.raises(ValueError, match="no client has 50 training"):
+        load_data(str(tmp_path / "d.jsonl"), tok, min_examples=50)
+
+
+def test_a_huge_line_is_cut_before_it_is_tokenised(tmp_path, tiny):
+    import time
+
+    from hetlora.data.federated import RawExample, tokenize_example
+
+    _, tok = tiny
+    huge = RawExample((("user", "word " * 2_000_000),), "answer " * 2_000_000)  # 10 MB each
+    t = time.perf_counter()
+    e = tokenize_example(huge, tok, max_length=64)
+    assert time.perf_counter() - t < 2.0 and len(e.input_ids) == 64
+    small = RawExample((("user", "word " * 300),), "answer " * 300)
+    assert tokenize_example(small, tok, max_length=64) == e  # cutting changed nothing that is kept

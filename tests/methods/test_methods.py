@@ -216,3 +216,79 @@ def test_fft_averages_full_weights():
     w2["w"][0, 0] = math.inf
     with pytest.raises(InvalidUpdate, match="b"):
         aggregate("fft", [ClientUpdate(w1, 1, "a"), ClientUpdate(w2, 3, "b")], r_max=1)
+
+
+@pytest.mark.parametrize("method", ["flora", "ffa", "hetlora", "rbla"])
+def test_half_precision_uploads_are_accumulated_in_fp32(method):
+    """bf16 clients: the aggregate equals aggregating the same (bf16-valued) numbers in fp32."""
+    updates = [make_update(r, seed=s, n=n) for s, (r, n) in enumerate([(6, 10), (3, 30), (5, 20)])]
+    if method == "ffa":  # FFA clients share A
+        shared = make_adapter(6, seed=50)
+        for u in updates:
+            r = adapter_rank(u.adapter)
+            for m in SHAPES:
+                u.adapter[m + A_SUFFIX] = shared[m + A_SUFFIX][:r].clone()
+    low = [ClientUpdate({k: v.to(torch.bfloat16) for k, v in u.adapter.items()}, u.num_examples, u.client_id) for u in updates]
+    wide = [ClientUpdate({k: v.float() for k, v in u.adapter.items()}, u.num_examples, u.client_id) for u in low]
+    got, expected = aggregate(method, low, r_max=6), aggregate(method, wide, r_max=6)
+    for k in expected:
+        assert got[k].dtype == torch.float32
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", LORA_METHODS)
+def test_global_adapter_is_fp32_and_detached_whatever_the_clients_send(method):
+    updates = [make_update(r, seed=s, n=n) for s, (r, n) in enumerate([(3, 10), (3, 30)])]  # float64 first
+    for u in updates:
+        for t in u.adapter.values():
+            t.requires_grad_(True)
+    kw = {"previous": zero_pad_adapter({k: v.detach() for k, v in updates[0].adapter.items()}, 6)} if method == "ffa" else {}
+    g = aggregate(method, updates, r_max=6, **kw)
+    assert all(v.dtype == torch.float32 and not v.requires_grad for v in g.values())
+
+
+@pytest.mark.parametrize(
+    "corrupt,problem",
+    [
+        (lambda t: t.numpy(), "must be a torch tensor, got numpy.ndarray"),
+        (lambda t: torch.empty(t.shape, device="meta"), "meta tensor"),
+        (lambda t: t.to(torch.float8_e4m3fn), "float8_e4m3fn"),
+        (lambda t: t.to_sparse(), "dense"),
+        (lambda t: t[None], "3-D"),
+    ],
+)
+def test_odd_tensors_in_an_update_name_the_client(corrupt, problem):
+    updates = [make_update(3, seed=1, cid="good"), make_update(3, seed=2, cid="odd")]
+    key = next(iter(updates[1].adapter))
+    updates[1].adapter[key] = corrupt(updates[1].adapter[key].float())
+    with pytest.raises(InvalidUpdate, match=f"client odd: .*{problem}"):
+        aggregate("hetlora", updates, r_max=6)
+
+
+@pytest.mark.parametrize("count,ok", [(np_int := __import__("numpy").int64(7), True), (torch.tensor(7), True), (7, True),
+                                      (7.0, False), (7.5, False), (True, False), (0, False), (torch.tensor(7.0), False)])
+def test_example_counts_accept_integers_of_any_library(count, ok):
+    updates = [make_update(3, seed=1, cid="a"), ClientUpdate(make_adapter(3, seed=2), count, "b")]
+    if ok:
+        g = aggregate("hetlora-naive", updates, r_max=3)
+        for k in g:
+            assert_close(g[k], 10 / 17 * updates[0].adapter[k] + 7 / 17 * updates[1].adapter[k])
+    else:
+        with pytest.raises(InvalidUpdate, match="client b: num_examples must be a positive integer"):
+            aggregate("hetlora-naive", updates, r_max=6)
+
+
+def test_a_client_claiming_huge_data_is_capped_under_the_norm_bound():
+    """num_examples = 10³⁰ must not make a data-weighted average that client's adapter."""
+    honest = [make_update(3, seed=s, n=n, cid=f"h{s}") for s, n in enumerate([10, 12, 9])]
+    liar = make_update(3, seed=9, n=10**30, cid="liar")
+    # factors within the bound (the liar's B is 1.2× the others'), so only the data weights matter
+    for u in honest + [liar]:
+        u.adapter = {k: v.clone() for k, v in make_adapter(3, seed=5).items()}
+        u.adapter = {k: v * (1.2 if u.client_id == "liar" and k.endswith(B_SUFFIX) else 1.0) for k, v in u.adapter.items()}
+    g = aggregate("fedavg", honest + [liar], r_max=3, norm_bound=1.5)
+    # capped at 1.5 × the lower median (10) = 15 of 46 examples, not 10³⁰ of 10³⁰ + 31
+    b = make_adapter(3, seed=5)
+    for k in g:
+        expected = b[k] * (31 / 46 + 1.2 * 15 / 46) if k.endswith(B_SUFFIX) else b[k]
+        assert_close(g[k], expected, rtol=1e-5)

@@ -7,7 +7,9 @@ can drop one bad client and keep the round.
 
 from __future__ import annotations
 
+import numbers
 from collections import Counter
+from dataclasses import replace
 from typing import Mapping, Sequence
 
 import torch
@@ -31,13 +33,45 @@ class InvalidUpdate(ValueError):
 def layer_shapes(adapter: Mapping[str, Tensor]) -> LayerShapes:
     """The (out, in) shape of every module an adapter adapts; rank-free, so comparable."""
     shapes: LayerShapes = {}
+    if not isinstance(adapter, Mapping):
+        return shapes
     for key, t in adapter.items():
-        if key.endswith(A_SUFFIX) and t.dim() == 2:
+        if isinstance(key, str) and key.endswith(A_SUFFIX) and isinstance(t, Tensor) and t.dim() == 2:
             module = key[: -len(A_SUFFIX)]
             b = adapter.get(module + B_SUFFIX)
-            if b is not None and b.dim() == 2:
+            if isinstance(b, Tensor) and b.dim() == 2:
                 shapes[module] = (b.shape[0], t.shape[1])
     return shapes
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def example_count(value) -> int | None:
+    """A client's example count as an int (Python, numpy or 0-d torch integers), or None if it is
+    not a positive integer (booleans and floats, even 3.0, are refused)."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            return None
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value) if value > 0 else None
+
+
+def tensor_problem(t) -> str | None:
+    """Why ``t`` cannot be a LoRA factor (None if it can): a dense, real 2-D fp16/bf16/fp32/fp64 tensor with data."""
+    if not isinstance(t, Tensor):
+        return f"must be a torch tensor, got {type(t).__module__}.{type(t).__name__}"
+    if t.is_meta:
+        return "is a meta tensor (it holds no data)"
+    if t.layout != torch.strided:
+        return f"must be a dense tensor, got layout {t.layout}"
+    if t.dtype not in FLOAT_DTYPES:
+        return f"must be float16, bfloat16, float32 or float64, got {t.dtype}"
+    if t.dim() != 2:
+        return f"must be a 2-D floating-point tensor, got {t.dim()}-D"
+    return None
 
 
 def _all_finite(t: Tensor) -> bool:
@@ -66,16 +100,17 @@ def validate_update(
     """
     cid = update.client_id
     adapter = update.adapter
-    if not isinstance(update.num_examples, int) or isinstance(update.num_examples, bool) or update.num_examples <= 0:
+    if example_count(update.num_examples) is None:
         raise InvalidUpdate(cid, f"num_examples must be a positive integer, got {update.num_examples!r}")
     if not isinstance(adapter, Mapping) or not adapter:
         raise InvalidUpdate(cid, "adapter is empty or not a mapping of tensors")
-    stray = sorted(k for k in adapter if not (k.endswith(A_SUFFIX) or k.endswith(B_SUFFIX)))
+    stray = sorted(str(k) for k in adapter if not (isinstance(k, str) and (k.endswith(A_SUFFIX) or k.endswith(B_SUFFIX))))
     if stray:
         raise InvalidUpdate(cid, f"keys that are not LoRA factors: {stray[:3]}")
     for key, t in adapter.items():
-        if not isinstance(t, Tensor) or t.dim() != 2 or not t.is_floating_point():
-            raise InvalidUpdate(cid, f"{key} must be a 2-D floating-point tensor")
+        problem = tensor_problem(t)
+        if problem:
+            raise InvalidUpdate(cid, f"{key} {problem}")
     expected = {m + s for m in shapes for s in (A_SUFFIX, B_SUFFIX)}
     missing = sorted(expected - adapter.keys())
     extra = sorted(adapter.keys() - expected)
@@ -169,5 +204,5 @@ def split_valid(
             continue
         if u.client_id is not None:
             seen.add(u.client_id)
-        kept.append(u)
+        kept.append(replace(u, num_examples=example_count(u.num_examples)))
     return kept, dropped

@@ -9,6 +9,7 @@ so a test conversation is never seen in training; senders with fewer than
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -38,6 +39,17 @@ def conversation_examples(messages: list[list[dict]], context: int) -> list[tupl
     return out
 
 
+@functools.lru_cache(maxsize=2)
+def examples_by_sender(path: str, context: int) -> dict[str, dict[str, tuple[RawExample, ...]]]:
+    """sender -> conversation -> that sender's examples, parsed once per process (read-only)."""
+    data = json.loads(Path(path).read_text())
+    per_sender: dict[str, dict[str, list[RawExample]]] = {}
+    for conv_id, conv in data.items():
+        for sender, example in conversation_examples(conv["messages"], context):
+            per_sender.setdefault(sender, {}).setdefault(conv_id, []).append(example)
+    return {s: {c: tuple(e) for c, e in convs.items()} for s, convs in per_sender.items()}
+
+
 def load_chitchat(
     tokenizer,
     *,
@@ -49,11 +61,7 @@ def load_chitchat(
     seed: int = 0,
     path: str | Path | None = None,
 ) -> FederatedData:
-    data = json.loads(Path(path or chitchat_path()).read_text())
-    per_sender: dict[str, dict[str, list[RawExample]]] = {}
-    for conv_id, conv in data.items():
-        for sender, example in conversation_examples(conv["messages"], context):
-            per_sender.setdefault(sender, {}).setdefault(conv_id, []).append(example)
+    per_sender = examples_by_sender(str(path or chitchat_path()), context)
     train, test = {}, {}
     for sender, convs in per_sender.items():
         tr, te = split_by_group(convs, test_fraction, seed, sender)

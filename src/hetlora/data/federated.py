@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 IGNORE = -100
+CHARS_PER_TOKEN = 32  # an upper bound on the characters of one BPE token, for cutting long strings
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ def tokenize_example(raw: RawExample, tokenizer, max_length: int, end_id: int | 
     ``end_id`` is the end-of-turn id (:func:`end_of_turn_id`; -1: look it up, None: none).
     """
     end = end_of_turn_id(tokenizer) if end_id == -1 else end_id
+    # Cut strings before tokenising: no kept token lies beyond max_length × CHARS_PER_TOKEN
+    # characters, and a 10 MB line would otherwise be tokenised whole.
+    span = max_length * CHARS_PER_TOKEN
+    raw = RawExample(tuple((role, text[-span:]) for role, text in raw.prompt), raw.target[:span])
     messages = [{"role": role, "content": text} for role, text in raw.prompt]
     if messages and getattr(tokenizer, "chat_template", None):
         prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -104,6 +109,7 @@ class FederatedData:
     _cache: dict[str, list[Example]] = field(default_factory=dict, repr=False)
     _eval: list[Example] | None = field(default=None, repr=False)
     end_id: int | None = field(default=None, init=False)
+    duplicates_dropped: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.end_id = end_of_turn_id(self.tokenizer)

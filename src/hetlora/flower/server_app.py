@@ -34,6 +34,7 @@ class HetLoRAStrategy(Strategy):
         self.fed = federation
         self.timeout = timeout
         self.node_of: dict[str, int] = {}  # client id -> node id
+        self.examples_of: dict[str, int] = {}  # client id -> examples it reported when it joined
         self.last_row: dict[str, Any] = {}
         self.bytes_down = 0
 
@@ -47,8 +48,10 @@ class HetLoRAStrategy(Strategy):
             if reply.has_error():
                 log.warning("node %s did not identify itself: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
-            cid = str(reply.content.config_records["identity"]["client-id"])
+            identity = reply.content.config_records["identity"]
+            cid = str(identity["client-id"])
             self.node_of[cid] = reply.metadata.src_node_id
+            self.examples_of[cid] = int(identity["num-examples"])
         missing = [c for c in self.fed.client_ids if c not in self.node_of]
         if missing:
             log.warning("%d of %d clients have no node and will not be sampled", len(missing), len(self.fed.client_ids))
@@ -89,11 +92,14 @@ class HetLoRAStrategy(Strategy):
             if self.node_of.get(cid) != reply.metadata.src_node_id:
                 failed.append((cid, f"reply from node {reply.metadata.src_node_id}, which does not hold this client"))
                 continue
+            if result["num-examples"] != self.examples_of.get(cid):
+                failed.append((cid, f"reports {result['num-examples']!r} examples, but {self.examples_of.get(cid)} when it joined"))
+                continue
             metrics = dict(reply.content.metric_records.get("metrics", {}))
             updates.append(
                 ClientUpdate(
                     from_array_record(reply.content.array_records["adapter"]),
-                    int(result["num-examples"]),
+                    result["num-examples"],
                     client_id=cid,
                     rank=int(result["rank"]) or None,
                     round=int(result["round"]),

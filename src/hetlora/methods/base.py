@@ -50,6 +50,8 @@ class AggregationMethod:
     uniform_rank: bool = False
     #: whether the norm-inflation bound (hetlora.core.robust) applies to its updates.
     bounded: bool = True
+    #: whether :meth:`base_update` moves part of each aggregate into the frozen weights.
+    folds_into_base: bool = False
     #: keyword options :meth:`aggregate` understands (read from ``ctx.options``).
     options: tuple[str, ...] = ()
 

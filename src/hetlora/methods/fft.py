@@ -5,19 +5,25 @@ An "adapter" here is the full set of trainable weights; W^g = Σ q_k W_k.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Mapping, Sequence
 
 import torch
 
 from ..core.adapter import Adapter, ClientUpdate
-from ..core.validation import InvalidUpdate
+from ..core.validation import FLOAT_DTYPES, InvalidUpdate, example_count
 from .base import AggregationContext, AggregationMethod, data_weights
 
 
-def _weights_problem(update: ClientUpdate, reference: dict[str, torch.Size]) -> str | None:
-    if not isinstance(update.num_examples, int) or isinstance(update.num_examples, bool) or update.num_examples <= 0:
+def _weights_problem(update: ClientUpdate, reference: dict[str, torch.Size] | None) -> str | None:
+    if example_count(update.num_examples) is None:
         return f"num_examples must be a positive integer, got {update.num_examples!r}"
-    if {k: v.shape for k, v in update.adapter.items()} != reference:
+    if not isinstance(update.adapter, Mapping) or not update.adapter:
+        return "weights are empty or not a mapping of tensors"
+    for k, v in update.adapter.items():
+        if not isinstance(v, torch.Tensor) or v.is_meta or v.dtype not in FLOAT_DTYPES:
+            return f"{k} must be a floating-point torch tensor with data"
+    if reference is not None and {k: v.shape for k, v in update.adapter.items()} != reference:
         return "weights do not match the other clients' keys and shapes"
     for k, v in update.adapter.items():
         if not torch.isfinite(v).all():
@@ -41,10 +47,10 @@ class FullFineTuning(AggregationMethod):
         kept: list[ClientUpdate] = []
         dropped: list[tuple[str | None, str]] = []
         for u in updates:
-            reference = {k: v.shape for k, v in (kept[0] if kept else u).adapter.items()}
+            reference = {k: v.shape for k, v in kept[0].adapter.items()} if kept else None
             problem = _weights_problem(u, reference)
             if problem is None:
-                kept.append(u)
+                kept.append(replace(u, num_examples=example_count(u.num_examples)))
             else:
                 dropped.append((u.client_id, problem))
         return kept, dropped

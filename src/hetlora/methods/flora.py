@@ -19,6 +19,7 @@ class FLoRA(AggregationMethod):
     name = "flora"
     client_kind = "flora"
     bounded = False
+    folds_into_base = True
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         q = data_weights(updates)

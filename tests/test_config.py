@@ -1,0 +1,78 @@
+"""Configs: every value type-checked when read, every number finite and in range, one line per problem."""
+
+import pytest
+
+from hetlora.config import RunConfig, from_mapping, load_toml
+from hetlora.flower.common import config_from_run_config
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"lr": float("nan")}, "lr must be a finite number, got nan"),
+        ({"lr": float("inf")}, "lr must be a finite number"),
+        ({"lam": float("nan")}, "lam must be a finite number"),
+        ({"dp_clip": float("nan")}, "dp_clip must be a finite number"),
+        ({"norm_bound": float("nan")}, "norm_bound must be a finite number"),
+        ({"norm_bound": float("inf")}, "norm_bound must be a finite number"),
+        ({"max_clients": 0}, "max_clients must be ≥ 1"),
+        ({"max_clients": -1}, "max_clients must be ≥ 1"),
+        ({"batch_size": 100000}, "batch_size 100000"),
+        ({"dp_noise": 1.0}, "dp_noise needs dp_clip"),
+        ({"dp_clip": 1.0, "max_clients": 3, "clients_per_round": 4}, "exceeds the 3 registered clients"),
+        ({"max_clients": 3, "client_pool": 3}, "set one"),
+    ],
+)
+def test_bad_values_are_refused(changes, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig(**changes).validate()
+
+
+@pytest.mark.parametrize(
+    "toml,message",
+    [
+        ('lr = "1e-3"', r"lr = '1e-3' must be float \(got str\)"),
+        ('ranks = "2,3"', r"ranks = '2,3' must be a list of int"),
+        ('rounds = "two"', r"rounds = 'two' must be int"),
+        ("r_max = 4.5", r"r_max = 4.5 must be int \(got float\)"),
+        ("rounds = true", r"rounds = True must be int \(got bool\)"),
+        ('target_modules = "q_proj"', r"target_modules = 'q_proj' must be a list of str"),
+        ("max_clients = 2.0", r"max_clients = 2.0 must be int or off"),
+        ("nonsense = 1", "unknown config key 'nonsense'"),
+    ],
+)
+def test_toml_types_are_checked_when_read(tmp_path, toml, message):
+    path = tmp_path / "c.toml"
+    path.write_text(toml + "\n")
+    with pytest.raises(ValueError, match=message) as err:
+        load_toml(path)
+    assert "\n" not in str(err.value)
+
+
+def test_good_toml_and_aliases(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[hetlora]\nlambda = 0.1\nr-min = 3\nlr = 1\nnorm_bound = "off"\ntarget-modules = ["q_proj"]\n')
+    cfg = load_toml(path)
+    assert cfg.lam == 0.1 and cfg.r_min == 3 and cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.norm_bound is None and cfg.target_modules == ["q_proj"]
+    cfg.validate()
+
+
+def test_config_path_that_is_a_directory(tmp_path):
+    with pytest.raises(ValueError, match="is a directory"):
+        load_toml(tmp_path)
+
+
+def test_off_only_where_a_setting_allows_it():
+    """Flower run configs: 'off' is None for norm-bound, but tier-eval = "off" is a value of its own."""
+    cfg = config_from_run_config({"tier-eval": "off", "norm-bound": "off", "rounds": 2})
+    assert cfg.tier_eval == "off" and cfg.norm_bound is None and cfg.rounds == 2
+    cfg.validate()
+    with pytest.raises(ValueError, match="rounds = 'off' must be int"):
+        config_from_run_config({"rounds": "off"})
+
+
+def test_from_mapping_reports_every_problem_at_once():
+    with pytest.raises(ValueError) as err:
+        from_mapping({"rounds": "x", "lr": "y"})
+    assert "rounds" in str(err.value) and "lr" in str(err.value)
