@@ -127,7 +127,7 @@ class Federation:
     def job(self, client_id: str, round_index: int) -> Job:
         """What the server sends client ``client_id`` this round (its kind's payload, its rank)."""
         rank = self.ranks[client_id]
-        payload = self.kind.payload(self.state, client_id, rank, round_index)
+        payload = self.kind.payload(self.state, client_id, rank, round_index, self.cfg.seed)
         return Job(client_id, rank, round_index, payload, self.state.get("base_delta", {}), self.base_version)
 
     def download_bytes(self, job: Job) -> int:
@@ -144,6 +144,7 @@ class Federation:
         return AggregationContext(
             r_max=cfg.global_rank, previous=self.state["global"], norm_bound=cfg.norm_bound, shapes=self.shapes,
             options=options, generator=torch.Generator().manual_seed(client_seed(cfg.seed, round_index, "dp-noise")),
+            seed=cfg.seed, round_index=round_index,
         )
 
     def complete_round(self, round_index: int, updates: Sequence[ClientUpdate], failed: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:

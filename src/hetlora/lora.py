@@ -97,6 +97,7 @@ class LoRABank(nn.Module):
         self.slots, self.rank, self.scale = slots, rank, scale
         self.A = nn.ParameterList(nn.Parameter(torch.zeros(slots, rank, m.in_features, device=device)) for m in layers.values())
         self.B = nn.ParameterList(nn.Parameter(torch.zeros(slots, m.out_features, rank, device=device)) for m in layers.values())
+        self.register_buffer("slot_scale", torch.ones(slots, device=device), persistent=False)  # per-client factor on s
         self.active = 0  # slots in use by the current batch (0: the bank adds nothing)
         self.used_rank = rank  # components the current batch needs (the largest active rank)
         self._handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(layers.values())]
@@ -111,7 +112,8 @@ class LoRABank(nn.Module):
             a, b = self.A[index][:k, :r], self.B[index][:k, :, :r]
             xs = x.reshape(k, -1, x.shape[-1])
             delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2).to(xs.dtype)), b.transpose(1, 2).to(xs.dtype))
-            return output + (self.scale * delta).reshape(output.shape).to(output.dtype)
+            delta = delta * (self.scale * self.slot_scale[:k]).view(k, 1, 1).to(delta.dtype)
+            return output + delta.reshape(output.shape).to(output.dtype)
 
         return add_lora
 
@@ -122,15 +124,21 @@ class LoRABank(nn.Module):
         self._handles = []
 
     @contextmanager
-    def use(self, slots: int, rank: int | None = None) -> Iterator["LoRABank"]:
-        """Apply the first ``slots`` slots (components :rank) inside the block, nothing outside it."""
+    def use(self, slots: int, rank: int | None = None, scales: Sequence[float] | None = None) -> Iterator["LoRABank"]:
+        """Apply the first ``slots`` slots (components :rank) inside the block, nothing outside it.
+
+        ``scales``: a factor per slot on top of s (FSLoRA's r/m), 1 by default.
+        """
         if not 1 <= slots <= self.slots:
             raise ValueError(f"the bank has {self.slots} slot(s), asked for {slots}")
         self.active, self.used_rank = slots, min(rank or self.rank, self.rank)
+        if scales is not None:
+            self.slot_scale[:slots] = torch.tensor(list(scales), dtype=self.slot_scale.dtype)
         try:
             yield self
         finally:
             self.active, self.used_rank = 0, self.rank
+            self.slot_scale.fill_(1.0)
 
     # ------------------------------------------------------------------ adapters in and out
     def load(self, slot: int, adapter: Mapping[str, Tensor]) -> int:

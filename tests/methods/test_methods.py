@@ -242,7 +242,7 @@ def test_global_adapter_is_fp32_and_detached_whatever_the_clients_send(method):
     for u in updates:
         for t in u.adapter.values():
             t.requires_grad_(True)
-    kw = {"previous": zero_pad_adapter({k: v.detach() for k, v in updates[0].adapter.items()}, 6)} if method == "ffa" else {}
+    kw = {"previous": zero_pad_adapter({k: v.detach() for k, v in updates[0].adapter.items()}, 6)} if method in ("ffa", "fslora") else {}
     g = aggregate(method, updates, r_max=6, **kw)
     assert all(v.dtype == torch.float32 and not v.requires_grad for v in g.values())
 

@@ -9,8 +9,9 @@ from .base import ClientKind, Job, State
 from .ffa import FFAClient
 from .fft import FFTClient
 from .flora import FLoRAClient
+from .fslora import FSLoRAClient
 
-CLIENT_KINDS: dict[str, ClientKind] = {k.name: k for k in (ClientKind(), FFAClient(), FLoRAClient(), FFTClient())}
+CLIENT_KINDS: dict[str, ClientKind] = {k.name: k for k in (ClientKind(), FFAClient(), FLoRAClient(), FSLoRAClient(), FFTClient())}
 
 
 def get_kind(name: str) -> ClientKind:

@@ -66,7 +66,7 @@ class ClientKind:
 
         return {"global": lora_init(target_shapes(host.model, host.local.targets), rank, seed)}
 
-    def payload(self, state: State, client_id: str, rank: int, round_index: int) -> dict[str, Tensor]:
+    def payload(self, state: State, client_id: str, rank: int, round_index: int, seed: int) -> dict[str, Tensor]:
         """What client ``client_id`` receives: the leading ``rank`` components of the global adapter."""
         return truncate_adapter(state["global"], rank)
 

@@ -39,7 +39,7 @@ class FFTClient(ClientKind):
     def initial_state(self, host: "ClientHost", rank: int, seed: int) -> State:
         return {"global": trainable_state(host.model)}
 
-    def payload(self, state: State, client_id: str, rank: int, round_index: int) -> dict[str, Tensor]:
+    def payload(self, state: State, client_id: str, rank: int, round_index: int, seed: int) -> dict[str, Tensor]:
         return state["global"]
 
     def trainable_params(self, shapes: LayerShapes, rank: int, state: State) -> int:

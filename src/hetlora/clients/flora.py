@@ -26,7 +26,7 @@ class FLoRAClient(ClientKind):
     rank_tiers = False
     has_adapter = False
 
-    def payload(self, state: State, client_id: str, rank: int, round_index: int) -> dict[str, Tensor]:
+    def payload(self, state: State, client_id: str, rank: int, round_index: int, seed: int) -> dict[str, Tensor]:
         return {}  # the fresh LoRA is drawn on the client
 
     def evaluate(self, state: State, host: "ClientHost", ranks: Sequence[int], base_version: int) -> dict[int, float]:

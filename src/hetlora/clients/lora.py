@@ -25,9 +25,12 @@ if TYPE_CHECKING:
 
 
 def train_lora(
-    host: "ClientHost", jobs: Sequence["Job"], starts: Sequence[Mapping[str, Tensor]], *, prune: bool, freeze_a: bool = False
+    host: "ClientHost", jobs: Sequence["Job"], starts: Sequence[Mapping[str, Tensor]], *, prune: bool, freeze_a: bool = False,
+    scales: Sequence[float] | None = None,
 ) -> list[ClientUpdate]:
-    """Train one LoRA per job from ``starts`` (each exactly at its job's rank), together."""
+    """Train one LoRA per job from ``starts`` (each exactly at its job's rank), together.
+
+    ``scales``: an extra factor per client on the LoRA scaling s (FSLoRA's r/m)."""
     t0 = time.perf_counter()
     cfg, k = host.local, len(jobs)
     host.apply_base_delta(jobs[0].base, jobs[0].base_version)
@@ -51,7 +54,7 @@ def train_lora(
     for p in params:
         p.requires_grad_(True)
     try:
-        with bank.use(k, max(ranks)):
+        with bank.use(k, max(ranks), scales):
             penalty = (lambda: torch.stack(penalties()).sum()) if prune else None
             losses = optimise(host.model, params, groups, host.tokenizer.pad_token_id, cfg, penalty, slotted=True)
     finally:

@@ -16,12 +16,16 @@ from ..core.robust import bound_updates
 from ..core.validation import LayerShapes
 from .base import AggregationContext, AggregationMethod, require_valid
 from .fedavg import FedAvg
+from .fedex_lora import FedExLoRA
 from .ffa import FFALoRA
 from .fft import FullFineTuning
 from .flexlora import FlexLoRA
 from .flora import FLoRA
 from .hetlora import HetLoRA
+from .fslora import FSLoRA
+from .hetlora_keep import HetLoRAKeep
 from .hetlora_naive import HetLoRANaive
+from .rb_lora import RBLoRA
 from .rbla import RBLA
 from .recon_svd import ReconSVD
 
@@ -36,6 +40,10 @@ METHODS: dict[str, AggregationMethod] = {
         FLoRA(),
         FFALoRA(),
         RBLA(),
+        HetLoRAKeep(),
+        RBLoRA(),
+        FSLoRA(),
+        FedExLoRA(),
         FullFineTuning(),
     )
 }

@@ -27,7 +27,9 @@ class AggregationContext:
     round (None on a first call); ``norm_bound``: the robustness bound x (None: off);
     ``shapes``: module -> (out, in), else agreed by the clients; ``options``: the
     method's own keyword options (e.g. ``per_layer``); ``generator``: randomness a
-    method may draw (DP noise), seeded per round by the runner.
+    method may draw (DP noise), seeded per round by the runner; ``seed`` and
+    ``round_index``: the run's seed and this round (0-based), for methods whose server
+    re-derives what it sent (FSLoRA's sketches).
     """
 
     r_max: int
@@ -36,6 +38,8 @@ class AggregationContext:
     shapes: LayerShapes | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     generator: torch.Generator | None = None
+    seed: int = 0
+    round_index: int = 0
 
 
 class AggregationMethod:
