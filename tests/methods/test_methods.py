@@ -292,3 +292,19 @@ def test_a_client_claiming_huge_data_is_capped_under_the_norm_bound():
     for k in g:
         expected = b[k] * (31 / 46 + 1.2 * 15 / 46) if k.endswith(B_SUFFIX) else b[k]
         assert_close(g[k], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,stacked", [((40, 30), 25), ((30, 40), 25), ((60, 50), 6)])
+def test_both_svd_routes_give_the_exact_top_singular_triplets(shape, stacked):
+    """QR + core SVD and the Gram-eigenvector route agree with a dense SVD of B A."""
+    from hetlora.methods.recon_svd import gram_top_svd, low_rank_svd
+
+    g = torch.Generator().manual_seed(3)
+    b = torch.randn(shape[0], stacked, generator=g, dtype=torch.float64)
+    a = torch.randn(stacked, shape[1], generator=g, dtype=torch.float64)
+    dense = torch.linalg.svdvals(b @ a)[:5]
+    for route in (lambda: low_rank_svd(b, a), lambda: gram_top_svd(b, a, 5)):
+        u, s, vh = route()
+        torch.testing.assert_close(s[:5], dense, rtol=1e-9, atol=1e-9)
+        best = (u[:, :5] * s[:5]) @ vh[:5]
+        torch.testing.assert_close(torch.linalg.svdvals(b @ a - best)[:3], torch.linalg.svdvals(b @ a)[5:8], rtol=1e-8, atol=1e-8)
