@@ -18,7 +18,7 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hetlora import ClientUpdate, aggregate, truncate_adapter
+from hetlora import METHODS, ClientUpdate, aggregate, truncate_adapter
 from hetlora.core.adapter import A_SUFFIX, B_SUFFIX
 
 MODULES = {
@@ -97,7 +97,7 @@ def timed(fn, repeats):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip-svd", action="store_true", help="skip the slow SVD methods")
+    parser.add_argument("--skip-svd", action="store_true", help="skip the SVD methods (recon-svd, flexlora, rb-lora)")
     args = parser.parse_args()
     r_max = 50
     ranks = [round(5 + i * 45 / 19) for i in range(20)]
@@ -108,12 +108,11 @@ def main() -> None:
 
     plain = timed(lambda: plain_hetlora(updates, r_max), args.repeats)
     results = {"plain loop (hetlora arithmetic, no validation)": plain}
-    methods = ["hetlora", "hetlora-naive", "rbla", "ffa", "flora", "recon-svd", "flexlora"]
-    for m in methods:
-        if args.skip_svd and m in ("recon-svd", "flexlora"):
+    svd_methods = ("recon-svd", "flexlora", "rb-lora")
+    for m in [name for name in METHODS if name not in ("fft", "fedavg")]:
+        if args.skip_svd and m in svd_methods:
             continue
-        extra = {"previous": full} if m == "ffa" else {}
-        results[m] = timed(lambda m=m, extra=extra: aggregate(m, updates, r_max, **extra), args.repeats if "svd" not in m and m != "flexlora" else 1)
+        results[m] = timed(lambda m=m: aggregate(m, updates, r_max, previous=full), 1 if m in svd_methods else args.repeats)
     results["fedavg (homogeneous r=25)"] = timed(lambda: aggregate("fedavg", homog, r_max), args.repeats)
     results["hetlora + norm_bound 1.5"] = timed(lambda: aggregate("hetlora", updates, r_max, norm_bound=1.5), args.repeats)
 
