@@ -49,12 +49,15 @@ class RunConfig:
     prune: bool | None = None  # None: as the method says (hetlora prunes)
     seed: int = 0
     out: str = "runs/hetlora"
-    eval_size: int = 64
+    eval_size: int = 64  # held-out examples scored after every round
+    eval_split: str = "test"  # test | validation (half of the held-out pool each; tune on validation)
+    final_eval_size: int | None = None  # also score this many examples of eval_split after the last round
     eval_batch_size: int = 16
     tier_eval: str = "final"  # final | every | off
     min_examples: int = 20
     max_clients: int | None = None  # register only the first N clients (sorted ids)
     client_pool: int | None = None  # register N clients drawn by the seed: a fixed pool that keeps coming back
+    sampling: str = "uniform"  # uniform: K of the clients each round | cyclic: every client once per ceil(N/K) rounds
     min_clients: int = 1  # fewer valid updates than this: keep the previous global adapter
     precision: str = "auto"  # auto (bf16 where the hardware has it natively) | fp32 | bf16
     parallel_clients: int | None = None  # clients trained together in one process (None: chosen from memory)
@@ -136,6 +139,12 @@ class RunConfig:
             problems.append(f"norm_bound must be positive or off, got {self.norm_bound}")
         if not self.lora_scale > 0:
             problems.append(f"lora_scale must be positive, got {self.lora_scale}")
+        if self.eval_split not in ("test", "validation"):
+            problems.append(f"eval_split must be test or validation, got {self.eval_split!r}")
+        if self.final_eval_size is not None and self.final_eval_size < 1:
+            problems.append(f"final_eval_size must be ≥ 1 (or off), got {self.final_eval_size}")
+        if self.sampling not in ("uniform", "cyclic"):
+            problems.append(f"sampling must be uniform or cyclic, got {self.sampling!r}")
         if self.tier_eval not in ("final", "every", "off"):
             problems.append(f"tier_eval must be final, every or off, got {self.tier_eval!r}")
         if not self.target_modules or not all(m.strip() for m in self.target_modules):
@@ -161,6 +170,8 @@ class RunConfig:
         if self.dp_clip is None:
             return ["dp_noise needs dp_clip (DP is on only with a clip norm)"] if self.dp_noise is not None else []
         problems = []
+        if self.sampling != "uniform":
+            problems.append("DP accounting assumes uniform sampling without replacement: use sampling = uniform with DP")
         if not self.dp_clip > 0 or not self.noise_multiplier >= 0:
             problems.append(f"dp_clip must be positive and dp_noise ≥ 0, got {self.dp_clip} and {self.dp_noise}")
         if not 0 < self.dp_delta < 1:

@@ -31,9 +31,20 @@ from .training import client_seed
 log = logging.getLogger(__name__)
 
 
-def sample_clients(client_ids: Sequence[str], k: int, seed: int, round_index: int) -> list[str]:
-    """K clients uniformly without replacement, a pure function of (seed, round)."""
-    return sorted(random.Random(f"sample:{seed}:{round_index}").sample(list(client_ids), min(k, len(client_ids))))
+def sample_clients(client_ids: Sequence[str], k: int, seed: int, round_index: int, scheme: str = "uniform") -> list[str]:
+    """The clients of round ``round_index``, a pure function of (seed, round).
+
+    ``uniform``: K clients uniformly without replacement. ``cyclic``: a seeded permutation of
+    all clients per "epoch" of ceil(N/K) rounds, cut into rounds of K, so every client is
+    trained exactly once per epoch (the last round of an epoch may have fewer).
+    """
+    ids = sorted(client_ids)
+    if scheme == "cyclic":
+        per_epoch = -(-len(ids) // k)
+        epoch, slot = divmod(round_index, per_epoch)
+        order = random.Random(f"cycle:{seed}:{epoch}").sample(ids, len(ids))
+        return sorted(order[slot * k : (slot + 1) * k])
+    return sorted(random.Random(f"sample:{seed}:{round_index}").sample(ids, min(k, len(ids))))
 
 
 def tier_ranks_for_eval(ranks: Mapping[str, int], r_min: int, r_max: int) -> list[int]:
@@ -127,7 +138,7 @@ class Federation:
         return max(1, min(k, self.cfg.clients_per_round))
 
     def sample(self, round_index: int) -> list[str]:
-        return sample_clients(self.client_ids, self.cfg.clients_per_round, self.cfg.seed, round_index)
+        return sample_clients(self.client_ids, self.cfg.clients_per_round, self.cfg.seed, round_index, self.cfg.sampling)
 
     # ------------------------------------------------------------------ server -> client
     def job(self, client_id: str, round_index: int) -> Job:
@@ -208,19 +219,24 @@ class Federation:
         return {"live_rank": live_rank(global_adapter), "rank_energy": rank_energy(global_adapter, min(self.cfg.r_min, r), mid, r)}
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, ranks: Sequence[int] | None = None) -> dict[int, float]:
+    def evaluate(self, ranks: Sequence[int] | None = None, examples=None) -> dict[int, float]:
         """Held-out target-token loss of the global model at each rank (global rank if None)."""
-        return self.kind.evaluate(self.state, self.host, list(ranks or [self.cfg.global_rank]), self.base_version)
+        return self.kind.evaluate(self.state, self.host, list(ranks or [self.cfg.global_rank]), self.base_version, examples)
 
-    def eval_metrics(self, with_tiers: bool) -> dict[str, Any]:
+    def eval_metrics(self, with_tiers: bool, final: bool = False) -> dict[str, Any]:
+        """The round's evaluation; after the last round also the final set (``final_eval_size``), tiers on it."""
         import time
 
         t0 = time.perf_counter()
-        losses = self.evaluate()
-        loss = next(iter(losses.values()))
+        loss = next(iter(self.evaluate().values()))
         row: dict[str, Any] = {"eval_loss": loss, "eval_ppl": perplexity(loss)}
+        examples = None
+        if final and self.cfg.final_eval_size:
+            examples = self.data.eval_examples(self.cfg.eval_split, self.cfg.final_eval_size)
+            final_loss = next(iter(self.evaluate(examples=examples).values()))
+            row.update({"full_eval_loss": final_loss, "full_eval_ppl": perplexity(final_loss), "full_eval_size": len(examples)})
         if with_tiers and self.tiers:
-            tiers = self.evaluate(self.tiers)
+            tiers = self.evaluate(self.tiers, examples)
             row["tier_eval_ppl"] = {str(r): perplexity(v) for r, v in tiers.items()}
         row["eval_seconds"] = time.perf_counter() - t0
         return row

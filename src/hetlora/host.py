@@ -144,7 +144,9 @@ class ClientHost:
         self._base_version = version
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate_loss(self, model=None) -> float:
-        """Mean target-token loss of the host's model (as currently set up) on the held-out examples."""
-        return evaluate_loss(model or self.model, self.data.eval_examples(), self.tokenizer.pad_token_id,
-                             self.cfg.eval_batch_size, self.local.bf16)
+    def evaluate_loss(self, model=None, examples=None) -> float:
+        """Mean target-token loss of the host's model (as currently set up) on held-out examples
+        (default: the run's per-round evaluation set)."""
+        if examples is None:
+            examples = self.data.eval_examples(self.cfg.eval_split, self.cfg.eval_size)
+        return evaluate_loss(model or self.model, examples, self.tokenizer.pad_token_id, self.cfg.eval_batch_size, self.local.bf16)

@@ -70,3 +70,74 @@ def plot_comparison(curves: Mapping[str, Sequence[tuple[int, float]]], path: Pat
     ax.legend(fontsize=8, ncol=2)
     path.parent.mkdir(parents=True, exist_ok=True)
     return _save(fig, path, dpi=110)
+
+
+def _band(values_by_round: dict[int, list[float]]):
+    import statistics
+
+    xs = sorted(values_by_round)
+    means, lows, highs = [], [], []
+    for x in xs:
+        v = values_by_round[x]
+        m = statistics.fmean(v)
+        half = 0.0
+        if len(v) > 1:
+            from .study import T975
+
+            half = T975.get(len(v) - 1, 1.96) * statistics.stdev(v) / len(v) ** 0.5
+        means.append(m)
+        lows.append(m - half)
+        highs.append(m + half)
+    return xs, means, lows, highs
+
+
+def plot_study(runs: Sequence[Mapping[str, Any]], directory: Path, r_min: int) -> list[Path]:
+    """Convergence with 95 % bands across seeds, live rank over rounds, and upload bytes vs perplexity."""
+    directory.mkdir(parents=True, exist_ok=True)
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    colours = plt.get_cmap("tab20").colors
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    start = max((r["curve"][0][1] for r in runs), default=None)
+    for i, label in enumerate(labels):
+        per_round: dict[int, list[float]] = {}
+        for r in runs:
+            if r["label"] == label:
+                for x, y in r["curve"]:
+                    per_round.setdefault(x, []).append(y)
+        xs, m, lo, hi = _band(per_round)
+        ax.plot(xs, m, marker="o", markersize=3, color=colours[i % 20], label=label)
+        ax.fill_between(xs, lo, hi, color=colours[i % 20], alpha=0.15)
+    if start:
+        low = min(y for r in runs for _, y in r["curve"])
+        ax.set_ylim(0.95 * low, 1.1 * start)
+    ax.set(xlabel="round", ylabel="held-out perplexity (per-round subset)", title="Convergence (mean and 95 % interval over seeds)")
+    ax.legend(fontsize=7, ncol=3)
+    paths.append(_save(fig, directory / "convergence.png", dpi=110))
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for i, label in enumerate(labels):
+        per_round = {}
+        for r in runs:
+            if r["label"] == label:
+                for x, y in r["live_rank"]:
+                    if y is not None:
+                        per_round.setdefault(x, []).append(y)
+        if per_round:
+            xs, m, _, _ = _band(per_round)
+            ax.plot(xs, m, marker=".", color=colours[i % 20], label=label)
+    ax.set(xlabel="round", ylabel="live rank of the global adapter", title="Live rank (components with ‖B_j‖·‖A_j‖ > 0), mean over seeds")
+    ax.legend(fontsize=7, ncol=3)
+    paths.append(_save(fig, directory / "live_rank.png", dpi=110))
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, label in enumerate(labels):
+        pts = [(r["bytes_up_total"] / 1e6, r["final_eval_ppl"]) for r in runs if r["label"] == label]
+        if pts:
+            ax.scatter(*zip(*pts), color=colours[i % 20], label=label, s=18)
+    ax.set_xscale("log")
+    ax.set(xlabel="upload per run (MB, log scale)", ylabel="final test perplexity", title="Communication vs quality (one point per seed)")
+    ax.legend(fontsize=7, ncol=2)
+    paths.append(_save(fig, directory / "bytes_vs_ppl.png", dpi=110))
+    return paths

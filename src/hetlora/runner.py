@@ -28,6 +28,7 @@ from .memory import rss_mb
 from .outputs import append_metrics, read_metrics, save_adapter, truncate_metrics, write_summary
 from .plots import plot_run
 from .privacy import epsilon
+from .provenance import provenance
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,8 @@ def print_plan(fed: Federation) -> None:
         f"{fed.parallel_clients()} client(s) at a time)\n"
         f"  ranks {cfg.rank_dist} in [{min(ranks) if ranks else '-'}, {max(ranks) if ranks else '-'}] (global rank {cfg.global_rank}), "
         f"prune={cfg.prunes}, norm_bound={cfg.norm_bound}, dp={'off' if cfg.dp_clip is None else f'C={cfg.dp_clip}, σ={cfg.noise_multiplier}'}, "
-        f"eval on {len(fed.data.eval_examples())} held-out examples, seed {cfg.seed}\n  writing to {cfg.out}"
+        f"eval on {len(fed.data.eval_examples(cfg.eval_split, cfg.eval_size))} held-out {cfg.eval_split} examples"
+        + (f" (finally {cfg.final_eval_size})" if cfg.final_eval_size else "") + f", seed {cfg.seed}\n  writing to {cfg.out}"
     )
 
 
@@ -211,7 +213,7 @@ RoundFn = Callable[[Federation, int, Progress, "RoundHook | None"], dict[str, An
 def evaluate_round(fed: Federation, t: int) -> dict[str, Any]:
     """Held-out evaluation after round t (tiers as configured), rank health and the DP budget spent."""
     final = t + 1 == fed.cfg.rounds
-    row = fed.eval_metrics(with_tiers=fed.cfg.tier_eval == "every" or (final and fed.cfg.tier_eval == "final"))
+    row = fed.eval_metrics(with_tiers=fed.cfg.tier_eval == "every" or (final and fed.cfg.tier_eval == "final"), final=final)
     if fed.cfg.dp_clip is not None:
         row["dp_epsilon"] = epsilon(fed.cfg.noise_multiplier, fed.cfg.clients_per_round, len(fed.client_ids), t + 1, fed.cfg.dp_delta)
         row["dp_delta"] = fed.cfg.dp_delta
@@ -296,6 +298,8 @@ def finish(fed: Federation, out: Path, summary: dict[str, Any]) -> dict[str, Any
             "final_eval_ppl": ppls[-1] if ppls else None,
             "best_eval_ppl": min(ppls) if ppls else None,
             "final_tier_eval_ppl": rows[-1].get("tier_eval_ppl", {}) if rows else {},
+            "full_eval_ppl": rows[-1].get("full_eval_ppl") if rows else None,
+            "full_eval_size": rows[-1].get("full_eval_size") if rows else None,
             "final_live_rank": rows[-1].get("live_rank") if rows else None,
             "bytes_up_total": sum(r["bytes_up"] for r in rows),
             "bytes_down_total": sum(r["bytes_down"] for r in rows),
@@ -305,10 +309,23 @@ def finish(fed: Federation, out: Path, summary: dict[str, Any]) -> dict[str, Any
             "dropped_total": sum(len(r["dropped"]) for r in rows),
             "precision": fed.host.precision,
             "parallel_clients": fed.parallel_clients(),
+            "visits": visits(rows),
+            "pruning_events": sum(1 for r in rows for c, r_in in r.get("client_ranks_in", {}).items()
+                                  if r_in is not None and r["ranks"].get(c, r_in) < r_in),
+            "provenance": provenance(fed.host),
         }
     )
     write_summary(out, summary)
     return summary
+
+
+def visits(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """How many rounds each client was trained in (and aggregated)."""
+    out: dict[str, int] = {}
+    for r in rows:
+        for c in r.get("clients", []):
+            out[c] = out.get(c, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def failure(summary: Mapping[str, Any]) -> str | None:

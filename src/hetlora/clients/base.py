@@ -88,7 +88,7 @@ class ClientKind:
             new["base_delta"] = fold(state.get("base_delta"), base_update)
         return new
 
-    def evaluate(self, state: State, host: "ClientHost", ranks: Sequence[int], base_version: int) -> dict[int, float]:
+    def evaluate(self, state: State, host: "ClientHost", ranks: Sequence[int], base_version: int, examples=None) -> dict[int, float]:
         """Held-out loss of the global model truncated to each rank."""
         host.apply_base_delta(state.get("base_delta"), base_version)
         bank = host.bank()
@@ -96,7 +96,7 @@ class ClientKind:
         for r in ranks:
             bank.load(0, truncate_adapter(state["global"], r))
             with bank.use(1, r):
-                out[r] = host.evaluate_loss()
+                out[r] = host.evaluate_loss(examples=examples)
         return out
 
     # ------------------------------------------------------------------ client side

@@ -45,9 +45,9 @@ class FFTClient(ClientKind):
     def trainable_params(self, shapes: LayerShapes, rank: int, state: State) -> int:
         return num_parameters(state["global"])
 
-    def evaluate(self, state: State, host: "ClientHost", ranks: Sequence[int], base_version: int) -> dict[int, float]:
+    def evaluate(self, state: State, host: "ClientHost", ranks: Sequence[int], base_version: int, examples=None) -> dict[int, float]:
         load_weights(host.model, state["global"])
-        return {0: host.evaluate_loss()}
+        return {0: host.evaluate_loss(examples=examples)}
 
     def train(self, host: "ClientHost", jobs: Sequence[Job], *, prune: bool) -> list[ClientUpdate]:
         return [self._train_one(host, job) for job in jobs]

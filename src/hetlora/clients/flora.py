@@ -29,9 +29,9 @@ class FLoRAClient(ClientKind):
     def payload(self, state: State, client_id: str, rank: int, round_index: int, seed: int) -> dict[str, Tensor]:
         return {}  # the fresh LoRA is drawn on the client
 
-    def evaluate(self, state: State, host: "ClientHost", ranks: Sequence[int], base_version: int) -> dict[int, float]:
+    def evaluate(self, state: State, host: "ClientHost", ranks: Sequence[int], base_version: int, examples=None) -> dict[int, float]:
         host.apply_base_delta(state.get("base_delta"), base_version)
-        return {0: host.evaluate_loss()}
+        return {0: host.evaluate_loss(examples=examples)}
 
     def train(self, host: "ClientHost", jobs: Sequence[Job], *, prune: bool) -> list[ClientUpdate]:
         from .lora import train_lora

@@ -107,7 +107,7 @@ class FederatedData:
     eval_size: int = 256
     seed: int = 0
     _cache: dict[str, list[Example]] = field(default_factory=dict, repr=False)
-    _eval: list[Example] | None = field(default=None, repr=False)
+    _evals: dict[tuple[str, int], list[Example]] = field(default_factory=dict, repr=False)
     end_id: int | None = field(default=None, init=False)
     duplicates_dropped: int = field(default=0, init=False)
 
@@ -131,16 +131,24 @@ class FederatedData:
             self._cache[client_id] = [tokenize_example(r, self.tokenizer, self.max_length, self.end_id) for r in self.train[client_id]]
         return self._cache[client_id]
 
-    def eval_examples(self) -> list[Example]:
-        """Up to ``eval_size`` test examples pooled over clients, sampled with the seed."""
-        if self._eval is None:
-            pool = [r for c in sorted(self.test) for r in self.test[c]]
+    def heldout(self, split: str = "test") -> list[RawExample]:
+        """Every client's held-out conversations, pooled, shuffled with the seed and halved:
+        even positions form the ``validation`` split (for tuning), odd ones the ``test`` split."""
+        if split not in ("test", "validation"):
+            raise ValueError(f"split must be test or validation, got {split!r}")
+        pool = [r for c in sorted(self.test) for r in self.test[c]]
+        random.Random(f"heldout:{self.seed}").shuffle(pool)
+        return pool[1::2] if split == "test" else pool[0::2]
+
+    def eval_examples(self, split: str = "test", size: int | None = None) -> list[Example]:
+        """The first ``size`` (default ``eval_size``) examples of a held-out split, tokenised once."""
+        size = self.eval_size if size is None else size
+        if (split, size) not in self._evals:
+            pool = self.heldout(split)
             if not pool:
-                raise ValueError(f"{self.name}: no held-out test examples")
-            rng = random.Random(self.seed)
-            picked = rng.sample(pool, min(self.eval_size, len(pool)))
-            self._eval = [tokenize_example(r, self.tokenizer, self.max_length, self.end_id) for r in picked]
-        return self._eval
+                raise ValueError(f"{self.name}: no held-out {split} examples")
+            self._evals[(split, size)] = [tokenize_example(r, self.tokenizer, self.max_length, self.end_id) for r in pool[:size]]
+        return self._evals[(split, size)]
 
 
 def split_by_group(groups: dict[str, list], test_fraction: float, seed: int, salt: str) -> tuple[list, list]:
