@@ -236,8 +236,11 @@ class Federation:
             final_loss = next(iter(self.evaluate(examples=examples).values()))
             row.update({"full_eval_loss": final_loss, "full_eval_ppl": perplexity(final_loss), "full_eval_size": len(examples)})
         if with_tiers and self.tiers:
-            tiers = self.evaluate(self.tiers, examples)
-            row["tier_eval_ppl"] = {str(r): perplexity(v) for r, v in tiers.items()}
+            top = self.cfg.global_rank  # the global model itself: reuse its loss on the same examples
+            tiers = self.evaluate([r for r in self.tiers if r != top], examples) if any(r != top for r in self.tiers) else {}
+            if top in self.tiers:
+                tiers[top] = final_loss if examples is not None else loss
+            row["tier_eval_ppl"] = {str(r): perplexity(tiers[r]) for r in sorted(tiers)}
         row["eval_seconds"] = time.perf_counter() - t0
         return row
 

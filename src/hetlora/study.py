@@ -54,7 +54,8 @@ COMMON = dict(model="smollm2", data="chitchat", min_examples=20, sampling="cycli
 PRESETS: dict[str, Preset] = {
     # 2 CPU cores, ≤ 90 min: 12 returning clients, 4 a round, 9 rounds (every client trained 3 times).
     "cpu": Preset(seeds=(0, 1, 2), base=COMMON | dict(client_pool=12, clients_per_round=4, rounds=9, local_steps=2,
-                                                      batch_size=8, max_length=64, eval_size=32, final_eval_size=256)),
+                                                      batch_size=8, max_length=64, eval_size=32, final_eval_size=256),
+                  tune_rounds=4),
     # one GPU, ≥ 5× the CPU preset's compute per run (8× the tokens), 5 seeds.
     "gpu": Preset(seeds=(0, 1, 2, 3, 4), base=COMMON | dict(client_pool=24, clients_per_round=8, rounds=9, local_steps=4,
                                                             batch_size=8, max_length=128, eval_size=64, final_eval_size=512),
