@@ -44,7 +44,7 @@ class Preset:
     seeds: tuple[int, ...]
     base: dict[str, Any]
     lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
-    fft_lr_grid: tuple[float, ...] = (1e-5, 3e-5, 1e-4)
+    fft_lr_grid: tuple[float, ...] = (3e-5, 1e-4, 3e-4)
     tune_rounds: int = 6
     labels: tuple[str, ...] = tuple(LABELS)
 
