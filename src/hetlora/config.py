@@ -54,6 +54,7 @@ class RunConfig:
     final_eval_size: int | None = None  # also score this many examples of eval_split after the last round
     eval_batch_size: int = 16
     tier_eval: str = "final"  # final | every | off
+    tiers: list[int] = field(default_factory=list)  # rank tiers to evaluate truncations at (empty: chosen from the ranks)
     min_examples: int = 20
     max_clients: int | None = None  # register only the first N clients (sorted ids)
     client_pool: int | None = None  # register N clients drawn by the seed: a fixed pool that keeps coming back
@@ -114,6 +115,8 @@ class RunConfig:
             problems.append(f"rank_dist must be uniform, tiers, list or fixed, got {self.rank_dist!r}")
         if self.rank_dist == "list" and not self.ranks:
             problems.append("rank_dist 'list' needs ranks = [..]")
+        if any(not 1 <= r <= self.r_max for r in self.tiers):
+            problems.append(f"tiers {self.tiers} must lie in [1, r_max]")
         if any(not self.r_min <= r <= self.r_max for r in self.ranks):
             problems.append(f"ranks {self.ranks} must lie in [r_min, r_max]")
         for name in ("rounds", "clients_per_round", "local_steps", "batch_size", "max_length", "eval_size",

@@ -117,7 +117,8 @@ class Federation:
         else:
             self.ranks = assign_ranks(self.client_ids, cfg.rank_dist, cfg.r_min, r, cfg.seed, cfg.ranks)
         self.assigned = dict(self.ranks)
-        self.tiers = tier_ranks_for_eval(self.ranks, cfg.r_min, r) if self.kind.rank_tiers and not method.uniform_rank else []
+        tiers = sorted(set(cfg.tiers)) or tier_ranks_for_eval(self.ranks, cfg.r_min, r)
+        self.tiers = [t for t in tiers if t <= r] if self.kind.rank_tiers and not method.uniform_rank else []
         self.state = self.kind.initial_state(self.host, r, cfg.seed)
         self.shapes = layer_shapes(self.state["global"])
         self.round = 0  # rounds completed

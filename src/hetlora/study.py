@@ -50,7 +50,7 @@ class Preset:
 
 
 COMMON = dict(model="smollm2", data="chitchat", min_examples=20, sampling="cyclic", r_min=5, r_max=50,
-              rank_dist="uniform", gamma=0.99, lam=0.01, norm_bound=None, tier_eval="final", precision="auto")
+              rank_dist="uniform", gamma=0.99, lam=0.01, norm_bound=None, tier_eval="final", tiers=[5, 50], precision="auto")
 PRESETS: dict[str, Preset] = {
     # 2 CPU cores, ≤ 90 min: 12 returning clients, 4 a round, 9 rounds (every client trained 3 times).
     "cpu": Preset(seeds=(0, 1, 2), base=COMMON | dict(client_pool=12, clients_per_round=4, rounds=9, local_steps=2,
@@ -63,7 +63,7 @@ PRESETS: dict[str, Preset] = {
     # seconds, for tests: the tiny model
     "smoke": Preset(seeds=(0, 1), base=COMMON | dict(model="tiny", client_pool=4, clients_per_round=2, rounds=2, local_steps=1,
                                                      batch_size=2, max_length=32, eval_size=4, final_eval_size=8, r_min=2, r_max=6,
-                                                     min_examples=200),
+                                                     min_examples=200, tiers=[2, 6]),
                     lr_grid=(1e-3, 1e-2), fft_lr_grid=(1e-4,), tune_rounds=1,
                     labels=("hetlora", "fedavg-rmin", "fedavg-rmax", "recon-svd", "hetlora-noprune", "hetlora-naive", "fft")),
 }
