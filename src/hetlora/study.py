@@ -363,6 +363,8 @@ def write_report(study: Study, wall_seconds: float | None = None) -> Path:
     prov["commits"] = sorted({p["commit"] for p in provenances})
     prov["devices"] = sorted({p["device"] for p in provenances})
     prov["wall_seconds_of_runs"] = sum(r["seconds"] for r in runs)
+    prov["wall_seconds_of_tuning"] = sum(json.loads(f.read_text()).get("seconds_total", 0.0)
+                                         for f in sorted((results / "tuning").glob("*/summary.json")))
     if wall_seconds is not None:
         prov["wall_seconds_this_invocation"] = wall_seconds
     report = {
@@ -432,6 +434,8 @@ def render_markdown(report: dict, plots: list[Path], results: Path) -> str:
               "",
               f"Provenance: commits {prov.get('commits')}, devices {prov.get('devices')}, torch {prov.get('torch')}, transformers "
               f"{prov.get('transformers')}, peft {prov.get('peft')}, eos token {prov.get('eos_token')}, end of turn {prov.get('end_of_turn_token')}; "
-              f"sum of run wall times {prov.get('wall_seconds_of_runs', 0) / 60:.1f} min.", ""]
+              f"sum of run wall times {prov.get('wall_seconds_of_runs', 0) / 60:.1f} min "
+              f"(+ tuning {prov.get('wall_seconds_of_tuning', 0) / 60:.1f} min = "
+              f"{(prov.get('wall_seconds_of_runs', 0) + prov.get('wall_seconds_of_tuning', 0)) / 60:.1f} min of training and evaluation).", ""]
     lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     return "\n".join(lines) + "\n"
