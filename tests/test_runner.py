@@ -350,3 +350,41 @@ def test_data_errors_come_before_the_model_loads(tmp_path, monkeypatch):
 def test_unknown_target_module_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"\['bogus_proj'\] not found"):
         run(tiny_config(tmp_path / "o", rounds=1, target_modules=["q_proj", "bogus_proj"]), progress=False)
+
+
+def test_a_client_whose_norm_is_not_finite_is_dropped_with_the_reason(tmp_path):
+    """float64 factors × 1e200 are finite, but ‖B A‖_F overflows even in float64: that client is
+    dropped naming the reason, the others are aggregated."""
+    from hetlora.core.adapter import scale_adapter
+
+    def overflow(t, updates):
+        updates[0].adapter = scale_adapter({k: v.double() for k, v in updates[0].adapter.items()}, b_scale=1e200)
+        return updates
+
+    out = tmp_path / "run"
+    run(tiny_config(out, rounds=1, clients_per_round=3), progress=False, hook=overflow)
+    (row,) = rows(out)
+    assert len(row["dropped"]) == 1 and "not finite" in str(row["dropped"][0]), row["dropped"]
+    assert row["aggregated"] and not row["rejected"] and math.isfinite(row["eval_loss"])
+
+
+def test_the_run_lock_holds_against_another_process(tmp_path):
+    """Two processes: a child holds the lock on --out; a run here refuses, naming the child's pid."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    code = ("import sys, time, pathlib; from hetlora.runner import run_lock\n"
+            "with run_lock(pathlib.Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=rf"in use by another hetlora run \(pid {child.pid}\)"):
+            run(tiny_config(out, rounds=1), progress=False)
+    finally:
+        child.kill()
+        child.wait()
+    time.sleep(0.1)
+    run(tiny_config(out, rounds=1), progress=False)  # the lock died with its process
+    assert len(rows(out)) == 1

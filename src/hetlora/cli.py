@@ -215,16 +215,57 @@ def report(
 def export(
     directory: Path = typer.Argument(..., help="A finished run's --out directory"),
     merged: Optional[Path] = typer.Option(None, "--merged", help="Write the merged standalone HF model here"),
+    gguf: Optional[Path] = typer.Option(None, "--gguf", help="Write one llama.cpp GGUF LoRA adapter per rank tier here"),
+    ranks: Optional[str] = typer.Option(None, "--ranks", help="--gguf: comma-separated ranks (default: the run's rank tiers)"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty target directory"),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks"),
 ) -> None:
-    """Merge the run's global adapter into its base model and save a standalone HF model."""
-    from .export import export_merged
+    """Export a finished run: a merged standalone HF model (--merged) and/or per-tier GGUF LoRA adapters (--gguf)."""
+    if merged is None and gguf is None:
+        _fail(ValueError("say what to export: --merged DIR and/or --gguf DIR"), debug)
+    if merged is not None:
+        from .export import export_merged
 
-    if merged is None:
-        _fail(ValueError("say what to export: --merged DIR"), debug)
-    _guard(debug, lambda: export_merged(directory, merged, force=force))
-    typer.echo(f"wrote merged model to {merged}")
+        _guard(debug, lambda: export_merged(directory, merged, force=force))
+        typer.echo(f"wrote merged model to {merged}")
+    if gguf is not None:
+        from .gguf_export import export_gguf
+
+        def work():
+            parts = [p.strip() for p in (ranks or "").split(",") if p.strip()]
+            if not all(p.isdigit() for p in parts):
+                raise ValueError(f"--ranks takes comma-separated positive integers, got {ranks!r}")
+            return export_gguf(directory, gguf, [int(p) for p in parts] or None, force=force)
+
+        manifest = _guard(debug, work)
+        typer.echo(f"wrote GGUF adapters and {manifest}")
+
+
+@app.command()
+def study(
+    preset: str = typer.Option("cpu", "--preset", help="cpu (≤ 90 min on 2 cores) | gpu (≥ 5× the compute, 5 seeds) | smoke"),
+    results: Path = typer.Option(Path("benchmarks/results"), "--results", help="Where results/<preset>/ goes"),
+    work: Path = typer.Option(Path("runs/study"), "--work", help="Run directories (checkpoints, adapters)"),
+    budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Start no new run after this long"),
+    report_only: bool = typer.Option(False, "--report-only", help="Rebuild the report from the finished runs"),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks"),
+) -> None:
+    """The reproduction study of HetLoRA's claims (C1–C7): seeds, paired 95 % intervals, verdicts."""
+    import time
+
+    from .study import PRESETS, Study, write_report
+
+    if preset not in PRESETS:
+        _fail(ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}"), debug)
+    started = time.perf_counter()
+    s = Study(preset, results, work, budget_seconds=budget_minutes * 60 if budget_minutes else None, log=typer.echo)
+
+    def work_():
+        if not report_only:
+            s.run_all()
+        return write_report(s, wall_seconds=time.perf_counter() - started)
+
+    typer.echo(f"report: {_guard(debug, work_)}")
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 An *adapter* is a dict mapping ``<module>.lora_A.weight`` -> A [r, in] and
 ``<module>.lora_B.weight`` -> B [out, r], exactly what
 ``peft.get_peft_model_state_dict`` returns. The update of one module is
-ΔW = s · B A with the same scaling s at every rank (SPEC.md, Notation), so a
+ΔW = s · B A with the same scaling s at every rank (docs/algorithm.md §1), so a
 truncation and a zero-padding are consistent views of one global ΔW.
 """
 
@@ -54,7 +54,7 @@ def lora_pairs(adapter: Mapping[str, Tensor]) -> list[tuple[str, Tensor, Tensor]
 
 
 def adapter_rank(adapter: Mapping[str, Tensor]) -> int:
-    """The rank r of an adapter (one rank per client: SPEC.md, Notation)."""
+    """The rank r of an adapter (one rank per client: docs/algorithm.md §1)."""
     ranks = {a.shape[0] for _, _, a in lora_pairs(adapter)}
     if len(ranks) != 1:
         raise ValueError(f"adapter has no single rank: ranks {sorted(ranks)}")
@@ -62,7 +62,7 @@ def adapter_rank(adapter: Mapping[str, Tensor]) -> int:
 
 
 def truncate_adapter(adapter: Mapping[str, Tensor], rank: int) -> Adapter:
-    """Keep the leading ``rank`` components: B[:, :r], A[:r, :] (SPEC.md step 1).
+    """Keep the leading ``rank`` components: B[:, :r], A[:r, :] (docs/algorithm.md §2.1).
 
     Plain slicing, no SVD. Asking for more components than the adapter has is an error.
     """
@@ -76,7 +76,7 @@ def truncate_adapter(adapter: Mapping[str, Tensor], rank: int) -> Adapter:
 
 
 def zero_pad_adapter(adapter: Mapping[str, Tensor], rank: int) -> Adapter:
-    """Zero-pad every module to ``rank`` components (SPEC.md step 3).
+    """Zero-pad every module to ``rank`` components (docs/algorithm.md §2.3).
 
     The padded rows of A and columns of B are zero, so ΔW = B A is unchanged.
     """
@@ -97,7 +97,7 @@ def zero_pad_adapter(adapter: Mapping[str, Tensor], rank: int) -> Adapter:
 def product_norm_sq(b: Tensor, a: Tensor) -> Tensor:
     """‖B A‖_F² without forming the out × in matrix.
 
-    ‖BA‖_F² = trace((BA)ᵀ BA) = trace((BᵀB)(AAᵀ)) (SPEC.md step 3). Both Gram
+    ‖BA‖_F² = trace((BA)ᵀ BA) = trace((BᵀB)(AAᵀ)) (docs/algorithm.md §2.3). Both Gram
     matrices are symmetric r × r, so the trace of their product is the sum of
     their element-wise product: O(r²(out + in)) work instead of O(r·out·in).
     Formed in float64 from the start, whatever the factors' dtypes: fp32 Gram matrices
@@ -108,7 +108,7 @@ def product_norm_sq(b: Tensor, a: Tensor) -> Tensor:
 
 
 def update_norm(adapter: Mapping[str, Tensor]) -> float:
-    """‖ΔW_k‖_F with ‖ΔW_k‖_F² = Σ_ℓ ‖B_ℓ A_ℓ‖_F² (SPEC.md step 3, one weight per client)."""
+    """‖ΔW_k‖_F with ‖ΔW_k‖_F² = Σ_ℓ ‖B_ℓ A_ℓ‖_F² (docs/algorithm.md §2.3, one weight per client)."""
     total = sum((product_norm_sq(b, a) for _, b, a in lora_pairs(adapter)), torch.zeros((), dtype=torch.float64))
     return float(total.sqrt())
 

@@ -1,4 +1,4 @@
-"""Rank self-pruning (SPEC.md step 2).
+"""Rank self-pruning (docs/algorithm.md §2.2).
 
 The client adds λ·P_k to its task loss, where P_k = Σ_ℓ ‖B_ℓ[:, c:]‖_F · ‖A_ℓ[c:, :]‖_F
 is the norm of its trailing rank components, c = min(floor(γ·r), r − 1). If local

@@ -1,4 +1,4 @@
-"""Rank assignment (SPEC.md step 4): uniform from a seed, an explicit list, or device tiers.
+"""Rank assignment (docs/algorithm.md §2.4): uniform from a seed, an explicit list, or device tiers.
 
 Each client's rank (or tier) is derived from a hash of (seed, client id), so it is
 fixed per client whatever other clients exist and in whatever order a server meets

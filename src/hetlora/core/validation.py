@@ -1,4 +1,4 @@
-"""Validation of client updates before any arithmetic (SPEC.md; reliability issue).
+"""Validation of client updates before any arithmetic (docs/algorithm.md §5).
 
 A federated server takes tensors from devices it does not control. Every check
 here runs before aggregation and names the client and the problem, so a runner

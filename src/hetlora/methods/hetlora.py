@@ -1,4 +1,4 @@
-"""HetLoRA's sparsity-weighted aggregation (Cho et al., EMNLP 2024; SPEC.md step 3).
+"""HetLoRA's sparsity-weighted aggregation (Cho et al., EMNLP 2024; docs/algorithm.md §2.3).
 
 p_k = w_k / Σ_j w_j with w_k = ‖ΔW_k‖_F, ‖ΔW_k‖_F² = Σ_ℓ ‖B_{k,ℓ} A_{k,ℓ}‖_F² (one
 weight per client; ``per_layer=True`` weighs each module separately). The factors

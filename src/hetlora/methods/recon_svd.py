@@ -1,6 +1,6 @@
 """``recon-svd``: reconstruct ΔW = Σ_k q_k B_k A_k per layer, then SVD back to rank r_max.
 
-B^g = U[:, :r_max] Σ[:r_max], A^g = Vᵀ[:r_max] (SPEC.md, Methods), so truncating the
+B^g = U[:, :r_max] Σ[:r_max], A^g = Vᵀ[:r_max] (docs/algorithm.md §4), so truncating the
 global adapter hands each client the best rank-r_k approximation (Eckart–Young).
 
 The SVD is taken of the low-rank product without forming the out × in matrix: for a
