@@ -47,8 +47,11 @@ def test_export_writes_one_llamacpp_adapter_per_rank(tiny_run, tmp_path, tiny):
     assert manifest["run"]["rounds"] == 1 and manifest["run"]["commit"]
     saved = load_file(str(tiny_run / "adapter" / "adapter_model.safetensors"))
     names = GGUFNames(tiny[0].config)
+    live = manifest["global_live_rank"]
+    assert 1 <= live <= 6
     for entry in manifest["adapters"]:
         r = entry["rank"]
+        assert entry["live_rank"] == min(r, live)  # live components are the leading ones after zero-padded averaging
         reader = gguf.GGUFReader(tmp_path / "g" / entry["file"])
         fields = {k: f.contents() for k, f in reader.fields.items()}
         assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"

@@ -388,3 +388,20 @@ def test_the_run_lock_holds_against_another_process(tmp_path):
     time.sleep(0.1)
     run(tiny_config(out, rounds=1), progress=False)  # the lock died with its process
     assert len(rows(out)) == 1
+
+
+@pytest.mark.parametrize("method", ["hetlora", "hetlora-keep"])
+def test_every_round_records_the_live_rank_and_zero_padding_kills_components(tmp_path, method):
+    """Clients of ranks 2 and 3 under r_max 6: the live rank (‖B_j‖·‖A_j‖ > 0) is 3 in every round. Zero-padded
+    averaging also zeroes the A rows above 3, so those components can never train again; hetlora-keep keeps
+    their A rows (B is still 0: untrained, but alive for a client of higher rank)."""
+    out = tmp_path / method
+    run(tiny_config(out, method=method, rounds=2, clients_per_round=2, rank_dist="list", ranks=[2, 3], max_clients=2),
+        progress=False)
+    for row in rows(out):
+        energy = row["rank_energy"]
+        assert energy["low"] + energy["mid"] + energy["high"] == pytest.approx(1.0)
+    assert [row["live_rank"] for row in rows(out)] == [3, 3]
+    saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    tails = [float(v[3:].abs().max()) for k, v in saved.items() if k.endswith("lora_A.weight")]
+    assert (max(tails) == 0.0) if method == "hetlora" else (min(tails) > 0.0)

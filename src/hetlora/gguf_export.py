@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .core.adapter import Adapter, adapter_rank, lora_pairs, truncate_adapter
+from .core.rank_health import live_rank
 
 SUPPORTED = {"llama": "LLAMA"}  # HF model_type -> gguf.MODEL_ARCH member whose q/k convention we reproduce
 
@@ -141,10 +142,11 @@ def export_gguf(run_dir: Path, target: Path, ranks: Sequence[int] | None = None,
             path = tmp / f"adapter-r{r}.gguf"
             meta = {"hetlora.base_model": model, "hetlora.run_commit": str(provenance.get("commit", "unknown")),
                     "hetlora.round": str(summary.get("rounds", "")), "hetlora.rank": str(r)}
-            count = write_adapter(path, truncate_adapter(adapter, r), names, scale, meta)
-            files.append({"file": path.name, "rank": r, "alpha": scale * r, "scale": scale, "tensors": count,
+            truncated = truncate_adapter(adapter, r)
+            count = write_adapter(path, truncated, names, scale, meta)
+            files.append({"file": path.name, "rank": r, "live_rank": live_rank(truncated), "alpha": scale * r, "scale": scale, "tensors": count,
                           "bytes": path.stat().st_size, "sha256": sha256(path)})
-        manifest = {"base_model": model, "architecture": names.arch_name, "base_gguf": base_gguf,
+        manifest = {"base_model": model, "global_live_rank": live_rank(adapter), "architecture": names.arch_name, "base_gguf": base_gguf,
                     "run": {"commit": provenance.get("commit"), "rounds": summary.get("rounds"), "method": config.get("method"),
                             "final_tier_eval_ppl": summary.get("final_tier_eval_ppl")},
                     "how_to_load": "llama-cli -m <base>.gguf --lora <adapter>.gguf   (scale 1.0: alpha/rank is the run's LoRA scale)",

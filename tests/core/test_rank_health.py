@@ -1,0 +1,57 @@
+"""Live rank and rank energy of a global adapter (docs/algorithm.md §3), against dense computations."""
+
+import pytest
+import torch
+
+from hetlora.core.adapter import zero_pad_adapter
+from hetlora.core.rank_health import live_rank, rank_energy, slice_energy
+
+
+def adapter(rank, out=7, inn=5, seed=0, layers=2):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        **{f"m{i}.lora_A.weight": torch.randn(rank, inn, generator=g) for i in range(layers)},
+        **{f"m{i}.lora_B.weight": torch.randn(out, rank, generator=g) for i in range(layers)},
+    }
+
+
+def test_live_rank_counts_components_alive_in_any_layer():
+    a = adapter(6)
+    a["m0.lora_B.weight"][:, 4:] = 0  # components 4, 5 dead in layer 0 ...
+    a["m1.lora_A.weight"][5] = 0  # ... and component 5 dead in layer 1: 4 stays alive through layer 1
+    assert live_rank(a) == 5
+    a["m0.lora_A.weight"][2] = 0  # a dead A row in one layer only: component 2 lives on in layer 1
+    assert live_rank(a) == 5
+    assert live_rank(zero_pad_adapter(adapter(3), 8)) == 3
+
+
+def test_slice_energy_is_the_dense_norm_of_the_slice():
+    a = adapter(6, seed=1)
+    dense = sum(float((a[f"m{i}.lora_B.weight"][:, 1:4].double() @ a[f"m{i}.lora_A.weight"][1:4].double()).square().sum())
+                for i in range(2))
+    assert slice_energy(a, 1, 4) == pytest.approx(dense, rel=1e-12)
+
+
+def test_rank_energy_shares_add_up_and_sit_where_the_energy_is():
+    a = adapter(6, seed=2)
+    shares = rank_energy(a, 2, 4, 6)
+    assert shares["low"] + shares["mid"] + shares["high"] == pytest.approx(1.0)
+    a = zero_pad_adapter(adapter(2, seed=3), 6)  # all energy in the first two components
+    shares = rank_energy(a, 2, 4, 6)
+    assert (shares["low"], shares["mid"], shares["high"]) == (pytest.approx(1.0), 0.0, 0.0)
+    assert shares["bounds"] == [2, 4, 6]
+
+
+def test_a_component_zero_in_both_factors_gets_no_gradient():
+    """Why zero-padded averaging kills components for good: with B[:, j] = 0 and A[j] = 0 both gradients vanish."""
+    torch.manual_seed(0)
+    b = torch.randn(7, 4)
+    a = torch.randn(4, 5)
+    b[:, 3] = 0
+    a[3] = 0
+    b.requires_grad_(True)
+    a.requires_grad_(True)
+    x = torch.randn(9, 5)
+    (x @ (b @ a).T).square().sum().backward()
+    assert float(b.grad[:, 3].abs().max()) == 0.0 and float(a.grad[3].abs().max()) == 0.0
+    assert float(b.grad[:, :3].abs().max()) > 0 and float(a.grad[:3].abs().max()) > 0
