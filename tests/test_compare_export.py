@@ -99,3 +99,15 @@ def test_export_of_a_method_without_adapter_says_so(tmp_path, method):
     run(base(out, rounds=1, method=method, clients_per_round=1), progress=False)
     with pytest.raises(ValueError, match=f"method {method} ends with no LoRA adapter"):
         export_merged(out, tmp_path / "merged")
+
+
+@pytest.mark.parametrize("content,message", [("{", "is not valid JSON"), ("[1, 2]", "does not hold a JSON object")])
+def test_a_damaged_config_is_one_clear_error_for_export_and_resume(tmp_path, content, message):
+    from hetlora.export import finished_run
+    from hetlora.runner import saved_config
+
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(ValueError, match=f"^export: .*{message}"):
+        finished_run(tmp_path)
+    with pytest.raises(ValueError, match=f"^--resume: .*{message}"):
+        saved_config(tmp_path)

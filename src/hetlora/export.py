@@ -8,7 +8,6 @@ contains it) never is a target.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,12 +18,9 @@ def finished_run(run_dir: Path) -> dict:
     from .clients import get_kind
     from .methods import get_method
 
-    config_path = run_dir / "config.json"
-    if not run_dir.is_dir():
-        raise ValueError(f"{run_dir} does not exist")
-    if not config_path.is_file():
-        raise ValueError(f"{run_dir} holds no run (no config.json)")
-    config = json.loads(config_path.read_text())
+    from .runner import run_settings
+
+    config = run_settings(run_dir, "export")
     method = str(config.get("method"))
     if not get_kind(get_method(method).client_kind).has_adapter:
         raise ValueError(f"{run_dir}: method {method} ends with no LoRA adapter (its update lives in the model weights); "

@@ -77,19 +77,26 @@ def run_lock(out: Path) -> Iterator[None]:
         handle.close()
 
 
-def saved_config(out: Path) -> RunConfig:
-    """The settings a run directory was started with (its own directory as ``out``)."""
+def run_settings(out: Path, doing: str) -> dict[str, Any]:
+    """The raw settings in a run directory's config.json; ``doing`` (e.g. "--resume") starts each error."""
     path = out / "config.json"
     if not out.is_dir():
-        raise ValueError(f"--resume: {out} does not exist")
+        raise ValueError(f"{doing}: {out} does not exist")
     if not path.is_file():
-        raise ValueError(f"--resume: {out} holds no run (no config.json)")
+        raise ValueError(f"{doing}: {out} holds no run (no config.json)")
     try:
         values = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"--resume: {path} is not valid JSON ({err.msg}); the run cannot be resumed") from None
+        raise ValueError(f"{doing}: {path} is not valid JSON ({err.msg})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{doing}: {path} does not hold a JSON object of settings")
     values.pop("out", None)
-    return from_mapping(values, RunConfig(out=str(out)))
+    return values
+
+
+def saved_config(out: Path) -> RunConfig:
+    """The settings a run directory was started with (its own directory as ``out``)."""
+    return from_mapping(run_settings(out, "--resume"), RunConfig(out=str(out)))
 
 
 def resume_config(out: Path, requested: RunConfig | None = None, given: Mapping[str, Any] | None = None) -> RunConfig:
