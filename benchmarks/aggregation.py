@@ -6,14 +6,16 @@ and for a plain vectorised loop doing hetlora's arithmetic (norms by the trace t
 weighted zero-padded sum) without validation or plumbing, and checks that hetlora never
 materialises an out x in matrix.
 
-    python benchmarks/aggregation.py [--repeats 5]
+    python benchmarks/aggregation.py [--repeats 5] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -98,6 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-svd", action="store_true", help="skip the SVD methods (recon-svd, flexlora, rb-lora)")
+    parser.add_argument("--json", default=None, help="also write the figures (and commit, device, library versions) here")
     args = parser.parse_args()
     r_max = 50
     ranks = [round(5 + i * 45 / 19) for i in range(20)]
@@ -128,6 +131,12 @@ def main() -> None:
     smallest_dense = min(o * i for o, i in MODULES.values())
     print(f"largest tensor hetlora creates: {probe.largest:,} elements (smallest out x in is {smallest_dense:,})")
     assert probe.largest < smallest_dense, "hetlora built an out x in sized tensor"
+    if args.json:
+        from hetlora.provenance import environment
+
+        report = {**environment("cpu"), "threads": torch.get_num_threads(), "args": vars(args), "ranks": ranks,
+                  "ms_per_call": results, "largest_hetlora_tensor": probe.largest}
+        Path(args.json).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -155,12 +155,10 @@ def main() -> None:
     args = p.parse_args()
 
     from hetlora.host import pick_device, resolve_precision
+    from hetlora.provenance import environment
 
     device = pick_device("auto")
-    from hetlora.provenance import device_name, git_commit, library_versions
-
-    report: dict = {"device": device_name(device), "commit": git_commit(), **library_versions(),
-                    "threads": torch.get_num_threads(), "args": vars(args), "peak_gflops": {}, "runs": {}}
+    report: dict = {**environment(device), "threads": torch.get_num_threads(), "args": vars(args), "peak_gflops": {}, "runs": {}}
     for dtype in (torch.float32, torch.bfloat16):
         report["peak_gflops"][f"cpu mm 2048 {dtype}"] = matmul_peak("cpu", dtype)
         if device == "cuda":

@@ -41,16 +41,18 @@ def device_name(device: str) -> str:
     return f"cpu: {model or platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
+def environment(device: str) -> dict[str, Any]:
+    """Commit, device and library versions: the record every result file carries (benchmarks too)."""
+    return {"commit": git_commit(), "device": device_name(device), **library_versions(), "python": platform.python_version()}
+
+
 def provenance(host) -> dict[str, Any]:
     """The record for results made with ``host`` (a :class:`hetlora.host.ClientHost`)."""
     tok = host.tokenizer
     end = host.data.end_id
     return {
-        "commit": git_commit(),
-        "device": device_name(host.device),
+        **environment(host.device),
         "precision": host.precision,
-        **library_versions(),
-        "python": platform.python_version(),
         "eos_token": {"token": tok.eos_token, "id": tok.eos_token_id},
         "end_of_turn_token": {"token": tok.convert_ids_to_tokens(end) if end is not None else None, "id": end},
     }
