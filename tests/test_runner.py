@@ -352,7 +352,8 @@ def test_unknown_target_module_is_refused_before_training(tmp_path):
         run(tiny_config(tmp_path / "o", rounds=1, target_modules=["q_proj", "bogus_proj"]), progress=False)
 
 
-def test_a_client_whose_norm_is_not_finite_is_dropped_with_the_reason(tmp_path):
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_a_client_whose_norm_is_not_finite_is_dropped_with_the_reason(tmp_path, per_layer):
     """float64 factors × 1e200 are finite, but ‖B A‖_F overflows even in float64: that client is
     dropped naming the reason, the others are aggregated."""
     from hetlora.core.adapter import scale_adapter
@@ -362,7 +363,7 @@ def test_a_client_whose_norm_is_not_finite_is_dropped_with_the_reason(tmp_path):
         return updates
 
     out = tmp_path / "run"
-    run(tiny_config(out, rounds=1, clients_per_round=3), progress=False, hook=overflow)
+    run(tiny_config(out, rounds=1, clients_per_round=3, per_layer=per_layer, norm_bound=None), progress=False, hook=overflow)
     (row,) = rows(out)
     assert len(row["dropped"]) == 1 and "not finite" in str(row["dropped"][0]), row["dropped"]
     assert row["aggregated"] and not row["rejected"] and math.isfinite(row["eval_loss"])

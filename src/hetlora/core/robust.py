@@ -28,7 +28,8 @@ from .validation import InvalidUpdate
 median = statistics.median_low
 
 
-def _finite_norms(updates: Sequence[ClientUpdate], norms: Sequence[float], what: str) -> None:
+def require_finite_norms(updates: Sequence[ClientUpdate], norms: Sequence[float], what: str) -> None:
+    """A norm that overflowed (finite factors, float64 included) drops its client: InvalidUpdate names it."""
     for u, n in zip(updates, norms):
         if not math.isfinite(n):
             raise InvalidUpdate(u.client_id, f"{what} is not finite ({n})")
@@ -47,7 +48,7 @@ def bound_updates(updates: Sequence[ClientUpdate], bound: float) -> list[ClientU
         raise ValueError(f"norm_bound must be positive, got {bound}")
     roots = [math.sqrt(adapter_rank(u.adapter)) for u in updates]
     norms = [factor_norms(u.adapter) for u in updates]
-    _finite_norms(updates, [nb * na for nb, na in norms], "‖B‖·‖A‖")
+    require_finite_norms(updates, [nb * na for nb, na in norms], "‖B‖·‖A‖")
     med_b = median(nb / s for (nb, _), s in zip(norms, roots))
     med_a = median(na / s for (_, na), s in zip(norms, roots))
     clipped = [
@@ -59,7 +60,7 @@ def bound_updates(updates: Sequence[ClientUpdate], bound: float) -> list[ClientU
         for u, (nb, na), s in zip(updates, norms, roots)
     ]
     products = [update_norm(a) / s for a, s in zip(clipped, roots)]
-    _finite_norms(updates, products, "‖ΔW‖")
+    require_finite_norms(updates, products, "‖ΔW‖")
     med_p = median(products)
     med_n = median(u.num_examples for u in updates)
     return [

@@ -9,21 +9,17 @@ bound × their median (hetlora.core.robust).
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 from ..core.adapter import Adapter, ClientUpdate, product_norm_sq, update_norm
-from ..core.robust import cap_weights
-from ..core.validation import InvalidUpdate
+from ..core.robust import cap_weights, require_finite_norms
 from .base import AggregationContext, AggregationMethod, data_weights, normalise, per_module_factors, weighted_padded_sum
 
 
 def sparsity_weights(updates: Sequence[ClientUpdate], norm_bound: float | None = None) -> list[float]:
     """p_k ∝ ‖ΔW_k‖_F, falling back to q_k when every norm is zero."""
     norms = [update_norm(u.adapter) for u in updates]
-    for u, n in zip(updates, norms):
-        if not math.isfinite(n):
-            raise InvalidUpdate(u.client_id, f"‖ΔW‖ is not finite ({n})")
+    require_finite_norms(updates, norms, "‖ΔW‖")
     if norm_bound is not None:
         norms = cap_weights(norms, norm_bound)
     if sum(norms) <= 0.0:
@@ -39,6 +35,7 @@ def per_layer_sparsity_weights(
     out = {}
     for module, factors in per_module_factors(updates).items():
         norms = [float(product_norm_sq(b, a).sqrt()) for b, a in factors]
+        require_finite_norms(updates, norms, f"‖ΔW‖ of {module}")
         if norm_bound is not None:
             norms = cap_weights(norms, norm_bound)
         out[module] = normalise(norms) if sum(norms) > 0.0 else fallback
