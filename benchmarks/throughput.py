@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -52,7 +51,7 @@ class TokenCounter:
     """Counts padded tokens and target tokens that go through the decoder while training."""
 
     def __init__(self, model):
-        self.tokens = self.targets = 0
+        self.tokens = 0
         self.handle = model.get_decoder().register_forward_pre_hook(self, with_kwargs=True)
 
     def __call__(self, module, args, kwargs):
@@ -169,7 +168,7 @@ def main() -> None:
 
     for choice in args.precisions.split(","):
         precision = resolve_precision(choice, device)
-        cfg, host = make_host(args, precision)
+        _, host = make_host(args, precision)
         jobs = jobs_for(host, args.rank)
         for together in (False, True):
             label = f"{choice}={precision} {'together' if together else 'sequential'}"

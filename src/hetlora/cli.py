@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import inspect
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
 
-from .clients import CLIENT_KINDS
 from .config import RunConfig, from_mapping, load_toml
 from .methods import METHODS
 
@@ -145,7 +143,7 @@ def run(**options: Any) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     def work():
-        from .runner import RunFailed, run_experiment
+        from .runner import run_experiment
 
         summary = run_experiment(config, options, out, resume=resume, progress=not quiet)
         return summary

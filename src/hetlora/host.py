@@ -67,20 +67,6 @@ def set_attention(model, device: str) -> None:
         model.config._attn_implementation = choice
 
 
-def available_memory_bytes(device: str) -> int:
-    """Free memory for training on ``device``: CUDA's free memory, else the OS's MemAvailable."""
-    if device.startswith("cuda"):
-        return int(torch.cuda.mem_get_info()[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
-
-
 def auto_parallel_clients(host: ClientHost) -> int:
     """Clients to train together when not configured.
 
@@ -101,7 +87,7 @@ def auto_parallel_clients(host: ClientHost) -> int:
     cfg = host.cfg
     values = cfg.batch_size * cfg.max_length * layers * (10 * hidden + 5 * inter) * 1.5
     per_client = values * (2 if host.local.bf16 else 4) * (0.2 if cfg.grad_checkpointing else 1.0)
-    return max(1, int(0.6 * available_memory_bytes(host.device) // max(per_client, 1)))
+    return max(1, int(0.6 * torch.cuda.mem_get_info()[0] // max(per_client, 1)))
 
 
 class ClientHost:
@@ -181,9 +167,9 @@ class ClientHost:
         self._base_version = version
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate_loss(self, model=None, examples=None) -> float:
+    def evaluate_loss(self, examples=None) -> float:
         """Mean target-token loss of the host's model (as currently set up) on held-out examples
         (default: the run's per-round evaluation set)."""
         if examples is None:
             examples = self.data.eval_examples(self.cfg.eval_split, self.cfg.eval_size)
-        return evaluate_loss(model or self.model, examples, self.tokenizer.pad_token_id, self.cfg.eval_batch_size, self.local.bf16)
+        return evaluate_loss(self.model, examples, self.tokenizer.pad_token_id, self.cfg.eval_batch_size, self.local.bf16)

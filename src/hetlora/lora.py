@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import DEFAULT_SCALE, DEFAULT_TARGETS
-from .core.adapter import A_SUFFIX, B_SUFFIX, Adapter, lora_pairs
+from .core.adapter import A_SUFFIX, B_SUFFIX, Adapter
 
 PEFT_PREFIX = "base_model.model."
 
@@ -183,13 +183,3 @@ class LoRABank(nn.Module):
     def factors(self, freeze_a: bool = False) -> list[nn.Parameter]:
         """The trainable tensors: every B, and every A unless A is frozen."""
         return list(self.B) if freeze_a else [p for pair in zip(self.A, self.B) for p in pair]
-
-
-def merge_into_weights(model: nn.Module, adapter: Mapping[str, Tensor], scale: float) -> None:
-    """W ← W + s · B A for every module of a PEFT-format adapter (modules of any rank)."""
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, b, a in lora_pairs(adapter):
-            layer = modules[name.removeprefix(PEFT_PREFIX)]
-            delta = scale * (b.to(layer.weight.device, torch.float32) @ a.to(layer.weight.device, torch.float32))
-            layer.weight += delta.to(layer.weight.dtype)

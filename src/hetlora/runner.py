@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from .checkpoint import load_latest, save_checkpoint
-from .config import RunConfig, from_mapping, load_toml
+from .config import RunConfig, from_mapping
 from .core.adapter import ClientUpdate
 from .federation import Federation
 from .memory import rss_mb
@@ -99,16 +99,14 @@ def saved_config(out: Path) -> RunConfig:
     return from_mapping(run_settings(out, "--resume"), RunConfig(out=str(out)))
 
 
-def resume_config(out: Path, requested: RunConfig | None = None, given: Mapping[str, Any] | None = None) -> RunConfig:
+def resume_config(out: Path, given: Mapping[str, Any] | None = None) -> RunConfig:
     """The saved config of the run in ``out``; only ``rounds`` may be raised.
 
-    ``requested``/``given``: what the user asked for now (a config, or just the keys they
-    set); every setting that differs from the saved one is listed (old → new) and refused.
+    ``given``: the settings the user set now; every one that differs from the saved one is
+    listed (old → new) and refused.
     """
     saved = saved_config(out)
     asked = dict(given or {})
-    if requested is not None:
-        asked = {k: v for k, v in requested.settings().items() if v != getattr(RunConfig(), k)} | asked
     asked.pop("out", None)
     rounds = asked.pop("rounds", None)
     changed = [f"{k}: {getattr(saved, k)!r} → {v!r}" for k, v in asked.items() if getattr(saved, k) != v]

@@ -15,7 +15,7 @@ Adding a kind: subclass :class:`ClientKind` in one module here, add it to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from torch import Tensor
 

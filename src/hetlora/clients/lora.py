@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..core.adapter import ClientUpdate, truncate_adapter
+from ..core.adapter import ClientUpdate
 from ..core.pruning import prune_rank, tail_penalty, tail_start
 from ..memory import peak_rss_mb
 from ..training import client_seed, optimise

@@ -28,11 +28,13 @@ TEXT_FIELDS = ("prompt", "response", "text")
 
 
 def _client_id(value, where: str) -> str:
+    if value is None:
+        raise ValueError(f"{where}: missing client_id")
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise ValueError(f"{where}: client_id must be a string or an integer, got {type(value).__name__} {value!r}")
     cid = str(value).strip()
     if not cid:
-        raise ValueError(f"{where}: empty client_id")
+        raise ValueError(f"{where}: missing client_id")
     return cid
 
 
@@ -48,9 +50,7 @@ def _text(row: dict, key: str, where: str) -> str | None:
 def _row_example(row: dict, where: str) -> tuple[str, RawExample]:
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected an object with client_id, got {type(row).__name__}")
-    if row.get("client_id") is None or (isinstance(row.get("client_id"), str) and not row["client_id"].strip()):
-        raise ValueError(f"{where}: missing client_id")
-    cid = _client_id(row["client_id"], where)
+    cid = _client_id(row.get("client_id"), where)
     prompt, response, text = (_text(row, k, where) for k in TEXT_FIELDS)
     if prompt is not None and response is not None:
         if not response.strip():
