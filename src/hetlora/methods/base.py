@@ -143,3 +143,28 @@ def per_module_factors(updates: Sequence[ClientUpdate]) -> dict[str, list[tuple[
         for module, b, a in lora_pairs(u.adapter):
             out.setdefault(module, []).append((b, a))
     return out
+
+
+def slice_average(factors: list[tuple[torch.Tensor, torch.Tensor]], weights: Sequence[float], r_max: int,
+                  previous: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) with component j = Σ_{k: r_k > j} w_k (B_k, A_k)_j / Σ_{k: r_k > j} w_k; uncovered j keep ``previous``.
+
+    Each rank slice averaged over the clients that have it (rbla with data weights,
+    hetlora-keep with sparsity weights); accumulated in float64, returned as float32.
+    """
+    b0, a0 = factors[0]
+    acc_b = torch.zeros(b0.shape[0], r_max, dtype=torch.float64)
+    acc_a = torch.zeros(r_max, a0.shape[1], dtype=torch.float64)
+    mass = torch.zeros(r_max, dtype=torch.float64)
+    for w, (b, a) in zip(weights, factors):
+        r = a.shape[0]
+        acc_b[:, :r] += w * b.double()
+        acc_a[:r] += w * a.double()
+        mass[:r] += w
+    covered = mass > 0
+    acc_b[:, covered] /= mass[covered]
+    acc_a[covered] /= mass[covered][:, None]
+    if previous is not None:
+        acc_b[:, ~covered] = previous[0][:, ~covered].double()
+        acc_a[~covered] = previous[1][~covered].double()
+    return acc_b.float(), acc_a.float()
