@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .adapter import lora_pairs
+from .adapter import lora_pairs, product_norm_sq
 
 
 def component_strengths(adapter: Mapping[str, Tensor]) -> Tensor:
@@ -34,11 +34,7 @@ def live_rank(adapter: Mapping[str, Tensor]) -> int:
 
 def slice_energy(adapter: Mapping[str, Tensor], start: int, stop: int) -> float:
     """Σ_ℓ ‖B_ℓ[:, S] A_ℓ[S, :]‖_F² for the component slice S = [start, stop) (trace identity)."""
-    total = 0.0
-    for _, b, a in lora_pairs(adapter):
-        bs, as_ = b[:, start:stop].detach().double(), a[start:stop].detach().double()
-        total += float(((bs.T @ bs) * (as_ @ as_.T)).sum())
-    return total
+    return sum(float(product_norm_sq(b[:, start:stop].detach(), a[start:stop].detach())) for _, b, a in lora_pairs(adapter))
 
 
 def rank_energy(adapter: Mapping[str, Tensor], r_min: int, r_mid: int, r_max: int) -> dict[str, float]:
