@@ -14,13 +14,13 @@ clipping is done per slot — K clients trained together equal K clients trained
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
 
 from .config import DEFAULT_SCALE, DEFAULT_TARGETS, RunConfig
+from .core.seeds import derive_seed
 from .data.federated import Example, collate
 from .evaluate import autocast, target_token_losses
 from .memory import RELEASE_EVERY_LAYERS, lean_memory
@@ -58,8 +58,7 @@ class LocalConfig:
 
 def client_seed(seed: int, round_index: int, client_id: str) -> int:
     """A seed for one client's round: batches and fresh inits do not depend on visiting order."""
-    digest = hashlib.sha256(f"{seed}:{round_index}:{client_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % (2**63)
+    return derive_seed(seed, round_index, client_id)
 
 
 def batches(examples: list[Example], batch_size: int, steps: int, generator: torch.Generator) -> Iterator[list[Example]]:

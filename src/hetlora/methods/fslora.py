@@ -23,12 +23,12 @@ divide by K, not by the number of clients that drew a component, and weigh clien
 
 from __future__ import annotations
 
-import hashlib
 from typing import Sequence
 
 import torch
 
 from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter, ClientUpdate, adapter_rank, lora_pairs
+from ..core.seeds import derive_seed
 from .base import AggregationContext, AggregationMethod
 
 
@@ -36,8 +36,7 @@ def sketch_indices(seed: int, round_index: int, client_id: str, m: int, r: int) 
     """I_k: m of the r components, uniform without replacement, a pure function of (seed, round, client)."""
     if not 1 <= m <= r:
         raise ValueError(f"a sketch of {m} components does not fit rank {r}")
-    digest = hashlib.sha256(f"fslora:{seed}:{round_index}:{client_id}".encode()).digest()
-    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") % 2**63)
+    g = torch.Generator().manual_seed(derive_seed("fslora", seed, round_index, client_id))
     return sorted(torch.randperm(r, generator=g)[:m].tolist())
 
 
@@ -63,8 +62,8 @@ class FSLoRA(AggregationMethod):
         lr = float(ctx.options.get("server_lr", 1.0))
         step = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in ctx.previous.items()}
         for u in updates:
-            indices = torch.tensor(sketch_indices(ctx.seed, ctx.round_index, str(u.client_id), adapter_rank(u.adapter), ctx.r_max))
-            sent = gather(ctx.previous, indices.tolist())
+            indices = sketch_indices(ctx.seed, ctx.round_index, str(u.client_id), adapter_rank(u.adapter), ctx.r_max)
+            sent = gather(ctx.previous, indices)
             for module, b, a in lora_pairs(u.adapter):
                 step[module + B_SUFFIX][:, indices] += b.double() - sent[module + B_SUFFIX].double()
                 step[module + A_SUFFIX][indices] += a.double() - sent[module + A_SUFFIX].double()
