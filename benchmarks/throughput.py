@@ -136,7 +136,7 @@ def round_share(args, precision: str) -> dict:
         save_checkpoint(Path(out) / "checkpoint", fed.round, fed.state_tensors(), fed.state_json())
         total = time.perf_counter() - t
     return {"round_seconds": total, "train_seconds": train_seconds, "eval_seconds": row["eval_seconds"],
-            "non_training_share": 1 - train_seconds / total, "parallel_clients": fed.parallel_clients()}
+            "non_training_share": 1 - train_seconds / total, "parallel_clients": fed.parallel_clients}
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ global state, update ranks). ``evaluate`` asks the kind to score the global mode
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import statistics
@@ -94,8 +95,10 @@ class Federation:
     def trainable_params(self) -> int:
         return self.kind.trainable_params(self.shapes, self.cfg.global_rank, self.state)
 
+    @functools.cached_property
     def parallel_clients(self) -> int:
-        """How many clients train together here: the config's, else as many as memory allows."""
+        """How many clients train together here: the config's, else as many as memory allows
+        (decided once per run, so the number printed, used every round and recorded agree)."""
         if not self.kind.parallel:
             return 1
         k = self.cfg.parallel_clients or auto_parallel_clients(self.host)

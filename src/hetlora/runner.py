@@ -178,7 +178,7 @@ def print_plan(fed: Federation) -> None:
         f"[bold]hetlora[/bold] {cfg.method} on [cyan]{cfg.model}[/cyan] + [cyan]{fed.data.name}[/cyan]: "
         f"{len(fed.client_ids)} clients, {cfg.clients_per_round} per round, {cfg.rounds} rounds × {cfg.local_steps} local steps "
         f"(batch {cfg.batch_size}, max length {cfg.max_length}, lr {cfg.lr}, {fed.host.precision} on {fed.host.device}, "
-        f"{fed.parallel_clients()} client(s) at a time)\n"
+        f"{fed.parallel_clients} client(s) at a time)\n"
         f"  ranks {cfg.rank_dist} in [{min(ranks) if ranks else '-'}, {max(ranks) if ranks else '-'}] (global rank {cfg.global_rank}), "
         f"prune={cfg.prunes}, norm_bound={cfg.norm_bound}, dp={'off' if cfg.dp_clip is None else f'C={cfg.dp_clip}, σ={cfg.noise_multiplier}'}, "
         f"eval on {len(fed.data.eval_examples(cfg.eval_split, cfg.eval_size))} held-out {cfg.eval_split} examples"
@@ -194,7 +194,7 @@ def local_round(fed: Federation, t: int, progress: Progress, hook: RoundHook | N
     jobs = [fed.job(cid, t) for cid in sampled]
     bytes_down = sum(fed.download_bytes(job) for job in jobs)
     updates, failed = [], []
-    k = fed.parallel_clients()
+    k = fed.parallel_clients
     for start in range(0, len(jobs), k):
         chunk = jobs[start : start + k]
         try:
@@ -313,7 +313,7 @@ def finish(fed: Federation, out: Path, summary: dict[str, Any]) -> dict[str, Any
             "final_ranks": dict(sorted(fed.ranks.items())) if len(fed.ranks) <= 2000 else None,
             "dropped_total": sum(len(r["dropped"]) for r in rows),
             "precision": fed.host.precision,
-            "parallel_clients": fed.parallel_clients(),
+            "parallel_clients": fed.parallel_clients,
             "visits": visits(rows),
             "pruning_events": sum(1 for r in rows for c, r_in in r.get("client_ranks_in", {}).items()
                                   if r_in is not None and r["ranks"].get(c, r_in) < r_in),
