@@ -14,8 +14,9 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -56,6 +57,28 @@ def write_json_atomic(path: Path, value: Any) -> None:
     _fsync_file(tmp)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def write_directory_atomic(target: Path, write: Callable[[Path], None]) -> None:
+    """Write a directory through a temporary sibling and swap it into place (replacing ``target``).
+
+    The old ``target`` is moved aside before the new one moves in, so an interruption leaves
+    either the old or the new directory, never none.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        write(tmp)
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=target.name + ".old.", dir=target.parent))
+            os.replace(target, old / "x")
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_checkpoint(

@@ -8,9 +8,9 @@ contains it) never is a target.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
+
+from .checkpoint import write_directory_atomic
 
 
 def finished_run(run_dir: Path) -> dict:
@@ -40,20 +40,6 @@ def prepare_target(run_dir: Path, target: Path, force: bool) -> None:
         raise ValueError(f"{target} is not empty; choose an empty directory or pass --force to replace it")
 
 
-def write_directory(target: Path, write) -> None:
-    """Write a directory through a temporary sibling, then swap it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def export_merged(run_dir: Path, target: Path, force: bool = False) -> Path:
     from peft import PeftModel
 
@@ -68,5 +54,5 @@ def export_merged(run_dir: Path, target: Path, force: bool = False) -> Path:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
 
-    write_directory(target, write)
+    write_directory_atomic(target, write)
     return target

@@ -112,8 +112,8 @@ def export_gguf(run_dir: Path, target: Path, ranks: Sequence[int] | None = None,
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from .checkpoint import sha256
-    from .export import finished_run, prepare_target, write_directory
+    from .checkpoint import sha256, write_directory_atomic
+    from .export import finished_run, prepare_target
     from .models import smollm2_dir, smollm2_gguf_path
 
     config = finished_run(run_dir)
@@ -153,7 +153,7 @@ def export_gguf(run_dir: Path, target: Path, ranks: Sequence[int] | None = None,
                     "adapters": files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
-    write_directory(target, write)
+    write_directory_atomic(target, write)
     return target / "manifest.json"
 
 

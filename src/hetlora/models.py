@@ -112,24 +112,6 @@ def special_token_problems(tokenizer, special: dict[str, dict[str, Any]]) -> lis
 
 
 # ---------------------------------------------------------------------------------- the cache
-def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """Write a directory through a temporary sibling and swap it into place (replacing ``target``)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        write(tmp)
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=target.name + ".old.", dir=target.parent))
-            os.replace(target, old / "x")
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def read_manifest(directory: Path) -> dict[str, Any] | None:
     try:
         return json.loads((directory / CACHE_MANIFEST).read_text())
@@ -186,7 +168,9 @@ def ensure_cache(
         build(tmp, special)
         (tmp / CACHE_MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
-    _write_atomically(target, write)
+    from .checkpoint import write_directory_atomic
+
+    write_directory_atomic(target, write)
     return target, manifest
 
 
