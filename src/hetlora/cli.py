@@ -255,13 +255,12 @@ def study(
 
     if preset not in PRESETS:
         _fail(ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}"), debug)
-    started = time.perf_counter()
     s = Study(preset, results, work, budget_seconds=budget_minutes * 60 if budget_minutes else None, log=typer.echo)
 
     def work_():
         if not report_only:
             s.run_all()
-        return write_report(s, wall_seconds=time.perf_counter() - started)
+        return write_report(s, wall_seconds=time.perf_counter() - s.started)
 
     typer.echo(f"report: {_guard(debug, work_)}")
 

@@ -73,21 +73,16 @@ def plot_comparison(curves: Mapping[str, Sequence[tuple[int, float]]], path: Pat
 
 
 def _band(values_by_round: dict[int, list[float]]):
-    import statistics
+    """Mean and 95 % t-interval across seeds at every round (the interval collapses to the mean for one seed)."""
+    from .study import t_interval
 
     xs = sorted(values_by_round)
     means, lows, highs = [], [], []
     for x in xs:
-        v = values_by_round[x]
-        m = statistics.fmean(v)
-        half = 0.0
-        if len(v) > 1:
-            from .study import T975
-
-            half = T975.get(len(v) - 1, 1.96) * statistics.stdev(v) / len(v) ** 0.5
+        m, ci = t_interval(values_by_round[x])
         means.append(m)
-        lows.append(m - half)
-        highs.append(m + half)
+        lows.append(ci[0] if ci else m)
+        highs.append(ci[1] if ci else m)
     return xs, means, lows, highs
 
 

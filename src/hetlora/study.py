@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .compare import variant
+from .checkpoint import write_json_atomic
 from .config import RunConfig
+from .outputs import read_metrics
 
 # Methods in the order they run for each seed: the claims' methods first, then the references.
 CLAIM_LABELS = ["hetlora", "fedavg-rmin", "fedavg-rmax", "recon-svd", "hetlora-noprune", "hetlora-naive", "fft"]
@@ -146,6 +148,7 @@ class Study:
         tuning_file = self.results / "tuning.json"
         p = self.preset
         scores: dict[str, dict[str, float]] = {}
+        provenance: dict[str, Any] = {}
         plan = [(label, lr) for lr in p.lr_grid for label in TUNE_LORA_LABELS] + [("fft", lr) for lr in p.fft_lr_grid]
         for label, lr in plan:
             name = f"{label}-lr{lr:g}"
@@ -160,6 +163,7 @@ class Study:
                 self.log(f"tuning {name}: {time.perf_counter() - t:.0f}s")
             summary = json.loads((kept / "summary.json").read_text())
             scores.setdefault(label, {})[f"{lr:g}"] = summary["full_eval_ppl"]
+            provenance[name] = summary.get("provenance")
         complete = all(f"{lr:g}" in scores.get(label, {}) for label, lr in plan)
         lora_scores = {f"{lr:g}": math.exp(statistics.fmean(math.log(scores[m][f"{lr:g}"]) for m in TUNE_LORA_LABELS))
                        for lr in p.lr_grid if all(f"{lr:g}" in scores.get(m, {}) for m in TUNE_LORA_LABELS)}
@@ -171,9 +175,10 @@ class Study:
             "lora_lr": float(min(lora_scores, key=lora_scores.get)) if lora_scores else None,
             "lora_scores": lora_scores,
             "fft_lr": float(min(fft_scores, key=fft_scores.get)) if fft_scores else None,
+            "provenance": provenance,  # per tuning run: commit, device, library versions
         }
         self.results.mkdir(parents=True, exist_ok=True)
-        tuning_file.write_text(json.dumps(out, indent=1))
+        write_json_atomic(tuning_file, out)
         return out
 
     # -------------------------------------------------------------- the runs
@@ -206,7 +211,7 @@ def load_runs(results: Path) -> list[dict[str, Any]]:
             continue
         label, _, seed = path.name.rpartition("-s")
         summary = json.loads((path / "summary.json").read_text())
-        rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rows = read_metrics(path)
         runs.append({
             "label": label, "seed": int(seed), "method": summary["method"],
             "final_eval_ppl": summary["full_eval_ppl"], "final_eval_size": summary.get("full_eval_size"),
@@ -363,8 +368,9 @@ def write_report(study: Study, wall_seconds: float | None = None) -> Path:
     prov["commits"] = sorted({p["commit"] for p in provenances})
     prov["devices"] = sorted({p["device"] for p in provenances})
     prov["wall_seconds_of_runs"] = sum(r["seconds"] for r in runs)
-    prov["wall_seconds_of_tuning"] = sum(json.loads(f.read_text()).get("seconds_total", 0.0)
-                                         for f in sorted((results / "tuning").glob("*/summary.json")))
+    tuned = [json.loads(f.read_text()) for f in sorted((results / "tuning").glob("*/summary.json"))]
+    prov["wall_seconds_of_tuning"] = sum(s.get("seconds_total", 0.0) for s in tuned)
+    prov["tuning_commits"] = sorted({s["provenance"]["commit"] for s in tuned if s.get("provenance")})
     if wall_seconds is not None:
         prov["wall_seconds_this_invocation"] = wall_seconds
     report = {
@@ -376,7 +382,7 @@ def write_report(study: Study, wall_seconds: float | None = None) -> Path:
         "table": summarise(grouped),
         "claims": claims(grouped, preset),
     }
-    (results / "study.json").write_text(json.dumps(report, indent=1))
+    write_json_atomic(results / "study.json", report)
     plots = plot_study(runs, results / "plots", preset.base["r_min"])
     (results / "study.md").write_text(render_markdown(report, plots, results))
     return results / "study.md"
@@ -432,7 +438,7 @@ def render_markdown(report: dict, plots: list[Path], results: Path) -> str:
               f"{t.get('lora_grid')} scored by {t.get('lora_score')}: {json.dumps(t.get('lora_scores'))} → **{t.get('lora_lr')}**; "
               f"FFT grid {t.get('fft_grid')}: {json.dumps(t.get('scores', {}).get('fft'))} → **{t.get('fft_lr')}**.",
               "",
-              f"Provenance: commits {prov.get('commits')}, devices {prov.get('devices')}, torch {prov.get('torch')}, transformers "
+              f"Provenance: commits {prov.get('commits')} (tuning: {prov.get('tuning_commits')}), devices {prov.get('devices')}, torch {prov.get('torch')}, transformers "
               f"{prov.get('transformers')}, peft {prov.get('peft')}, eos token {prov.get('eos_token')}, end of turn {prov.get('end_of_turn_token')}; "
               f"sum of run wall times {prov.get('wall_seconds_of_runs', 0) / 60:.1f} min "
               f"(+ tuning {prov.get('wall_seconds_of_tuning', 0) / 60:.1f} min = "
