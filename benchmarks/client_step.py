@@ -1,11 +1,11 @@
 """Client step speed vs a plain PEFT loop, and peak memory of a LoRA vs an FFT client.
 
 Same model (SmolLM2-135M-Instruct), same batches, same rank, same AdamW. Ours:
-``hetlora.client.train_lora_client`` (LM head only at target positions, tail penalty on).
+the LoRA client kind through a ClientHost, as in a run (LM head only at target positions, tail penalty on).
 Plain: ``get_peft_model`` + ``model(**batch, labels=...)`` (full logits) + AdamW.
 Memory: each client kind trains in a fresh subprocess and reports its peak RSS, for every
-combination of heap release (hetlora.memory, on by default) and gradient checkpointing
-(``--grad-checkpointing``, off by default). The FFT client's peak includes the global
+combination of heap release (``--release-memory``) and gradient checkpointing
+(``--grad-checkpointing``), both off by default. The FFT client's peak includes the global
 weights it receives (a LoRA client receives only the adapter).
 
     python benchmarks/client_step.py [--steps 4] [--bf16-steps 1] [--rank 20] [--memory-only | --skip-memory]
@@ -22,65 +22,71 @@ import time
 import torch
 
 
-def setup(model_name: str, client_index: int = 5):
-    from hetlora.data import load_data
-    from hetlora.models import load_base_model
+def make_host(rank: int, steps: int, precision: str = "fp32", checkpointing: bool = False, release: bool = False):
+    """A SmolLM2 client host (the code both engines train with) and one client's job at ``rank``."""
+    from hetlora.clients import Job
+    from hetlora.config import RunConfig
+    from hetlora.core.adapter import B_SUFFIX
+    from hetlora.host import ClientHost
+    from hetlora.lora import lora_init, target_shapes
 
-    model, tok = load_base_model(model_name)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    data = load_data("chitchat", tok, max_length=128)
-    cid = data.client_ids[client_index]
-    return model, tok, cid, data.train_examples(cid)
-
-
-def ours(model, tok, cid, examples, rank, steps, bf16, checkpointing=False, release_every=None) -> float:
-    from hetlora.client import LocalConfig, train_lora_client
-    from hetlora.lora import init_global_adapter
-
-    start = init_global_adapter(model, rank, seed=0)
-    cfg = LocalConfig(local_steps=steps, batch_size=8, lr=1e-3, bf16=bf16, grad_checkpointing=checkpointing,
-                      release_memory_every=release_every)
-    u = train_lora_client(model, tok, cid, examples, len(examples), start, rank, cfg, prune=True)
-    return u.metrics["seconds"] / steps
+    cfg = RunConfig(model="smollm2", max_length=128, batch_size=8, local_steps=steps, r_min=rank, r_max=rank, lr=1e-3,
+                    precision=precision, seed=0, client_pool=8, min_examples=20, grad_checkpointing=checkpointing,
+                    release_memory=release)
+    host = ClientHost(cfg)
+    start = lora_init(target_shapes(host.model, host.local.targets), rank, 0)
+    start = {k: (v + 0.01) if k.endswith(B_SUFFIX) else v for k, v in start.items()}  # a non-zero B, as after round 1
+    return host, Job(host.client_ids[5 % len(host.client_ids)], rank, 0, start)
 
 
-def plain(model, tok, examples, rank, steps, bf16) -> float:
+def ours(host, job) -> float:
+    """Seconds per step of hetlora's LoRA client (LoRA bank, LM head at targets only, tail penalty on)."""
+    from hetlora.clients import get_kind
+
+    (u,) = get_kind("lora").train(host, [job], prune=True)
+    return u.metrics["seconds"] / host.local.local_steps
+
+
+def plain(host, job, bf16: bool) -> float:
+    """Seconds per step of a plain PEFT loop on its own copy of the model: full logits, the same batches and AdamW."""
     from peft import get_peft_model
 
-    from hetlora.client import batches
     from hetlora.data.federated import collate
     from hetlora.lora import lora_config
+    from hetlora.models import load_base_model
+    from hetlora.training import batches
 
+    model, tok = load_base_model("smollm2")
+    examples = host.data.train_examples(job.client_id)
+    steps = host.local.local_steps
     t0 = time.perf_counter()
-    peft_model = get_peft_model(model, lora_config(rank))
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
-    for group in batches(examples, 8, steps, gen):
+    peft_model = get_peft_model(model, lora_config(job.rank, host.local.scale, host.local.targets))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    for group in batches(examples, host.local.batch_size, steps, torch.Generator().manual_seed(0)):
         batch = collate(group, tok.pad_token_id)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = peft_model(**batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in peft_model.parameters() if p.requires_grad], 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad()
-    seconds = (time.perf_counter() - t0) / steps
-    peft_model.unload()
-    return seconds
+    return (time.perf_counter() - t0) / steps
 
 
-def memory_child(kind: str, steps: int, checkpointing: bool, release_every: int | None) -> None:
-    """Train one client and report the highest RSS seen while training (sampled every 5 ms)."""
+def memory_child(kind_name: str, steps: int, checkpointing: bool, release: bool) -> None:
+    """Train one client of ``kind_name`` and report the highest RSS seen while training (sampled every 5 ms)."""
     import gc
     import threading
 
-    from hetlora.client import LocalConfig, trainable_state, train_fft_client, train_lora_client
+    from hetlora.clients import Job, get_kind
     from hetlora.memory import rss_mb
-    from hetlora.lora import init_global_adapter
 
-    model, tok, cid, examples = setup("smollm2")
+    host, job = make_host(50, steps, "fp32", checkpointing, release)
+    kind = get_kind(kind_name)
+    payload = kind.payload(kind.initial_state(host, 50, 0), job.client_id, 50, 0, 0)  # FFT: the global weights
+    job = Job(job.client_id, 50, 0, payload)
     gc.collect()
-    start = trainable_state(model) if kind == "fft" else init_global_adapter(model, 50, 0)
     before = rss_mb()
     peak = [before]
     done = threading.Event()
@@ -92,14 +98,10 @@ def memory_child(kind: str, steps: int, checkpointing: bool, release_every: int 
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    cfg = LocalConfig(local_steps=steps, batch_size=8, grad_checkpointing=checkpointing, release_memory_every=release_every)
-    if kind == "lora":
-        u = train_lora_client(model, tok, cid, examples, len(examples), start, 50, cfg, prune=True)
-    else:
-        u = train_fft_client(model, tok, cid, examples, len(examples), start, cfg)
+    (u,) = kind.train(host, [job], prune=True)
     done.set()
     sampler.join()
-    print(json.dumps({"kind": kind, "peak_rss_mb": peak[0], "after_load_mb": before, "s_per_step": u.metrics["seconds"] / steps}))
+    print(json.dumps({"kind": kind_name, "peak_rss_mb": peak[0], "after_load_mb": before, "s_per_step": u.metrics["seconds"] / steps}))
 
 
 def memory_peaks(steps: int) -> None:
@@ -111,7 +113,7 @@ def memory_peaks(steps: int) -> None:
         for checkpointing in (False, True):
             peaks = {}
             for kind in ("lora", "fft"):
-                cmd = [sys.executable, __file__, "--memory-child", kind, "--steps", str(steps), "--release-every", str(release or 0)]
+                cmd = [sys.executable, __file__, "--memory-child", kind, "--steps", str(steps)] + (["--release-memory"] if release else [])
                 out = subprocess.run(cmd + (["--grad-checkpointing"] if checkpointing else []), capture_output=True, text=True, check=True)
                 peaks[kind] = json.loads(out.stdout.strip().splitlines()[-1])
             lora, fft = peaks["lora"], peaks["fft"]
@@ -127,31 +129,25 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=20)
     p.add_argument("--memory-child", choices=["lora", "fft"])
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--release-every", type=int, default=0, help="memory child: release the heap every k layers, 0 = off")
+    p.add_argument("--release-memory", action="store_true", help="memory child: release the heap every few layers")
     p.add_argument("--memory-only", action="store_true")
     p.add_argument("--memory-steps", type=int, default=3)
     p.add_argument("--skip-memory", action="store_true")
     args = p.parse_args()
     if args.memory_child:
-        memory_child(args.memory_child, args.steps, args.grad_checkpointing, args.release_every or None)
+        memory_child(args.memory_child, args.steps, args.grad_checkpointing, args.release_memory)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, SmolLM2-135M-Instruct, batch 8, max length 128, rank {args.rank}")
     if not args.memory_only:
-        model, tok, cid, examples = setup("smollm2")
-        ours(model, tok, cid, examples, args.rank, 1, False)  # warm-up
-        runs = [("fp32", False, args.steps)] + ([("bf16 autocast", True, args.bf16_steps)] if args.bf16_steps else [])
-        for label, bf16, steps in runs:
-            s_plain = plain(model, tok, examples, args.rank, steps, bf16)
-            s_ours = ours(model, tok, cid, examples, args.rank, steps, bf16)
-            print(f"{label:>14}: ours {s_ours:.2f} s/step, plain PEFT {s_plain:.2f} s/step, throughput ours/plain = {s_plain / s_ours:.2f}", flush=True)
-        s_ckpt = ours(model, tok, cid, examples, args.rank, args.steps, False, checkpointing=True)
-        print(f"{'fp32':>14}: ours with gradient checkpointing {s_ckpt:.2f} s/step", flush=True)
-        from hetlora.memory import RELEASE_EVERY_LAYERS
-
-        s_release = ours(model, tok, cid, examples, args.rank, args.steps, False, release_every=RELEASE_EVERY_LAYERS)
-        s_again = ours(model, tok, cid, examples, args.rank, args.steps, False)
-        print(f"{'fp32':>14}: ours with heap release every {RELEASE_EVERY_LAYERS} layers {s_release:.2f} s/step, without (again) {s_again:.2f} s/step", flush=True)
-        del model
+        for label, precision, steps in [("fp32", "fp32", args.steps)] + ([("bf16", "bf16", args.bf16_steps)] if args.bf16_steps else []):
+            host, job = make_host(args.rank, steps, precision)
+            ours(host, job)  # warm-up
+            s_ours, s_plain = ours(host, job), plain(host, job, precision == "bf16")
+            print(f"{label:>5}: ours {s_ours:.2f} s/step, plain PEFT {s_plain:.2f} s/step, throughput ours/plain = {s_plain / s_ours:.2f}", flush=True)
+        for label, options in (("gradient checkpointing", {"checkpointing": True}), ("heap release", {"release": True})):
+            host, job = make_host(args.rank, args.steps, "fp32", **options)
+            ours(host, job)  # warm-up
+            print(f" fp32: ours with {label} {ours(host, job):.2f} s/step", flush=True)
     if not args.skip_memory:
         memory_peaks(args.memory_steps)
 
