@@ -136,6 +136,7 @@ def main() -> None:
 
         report = {**environment("cpu"), "threads": torch.get_num_threads(), "args": vars(args), "ranks": ranks,
                   "ms_per_call": results, "largest_hetlora_tensor": probe.largest}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1))
 
 

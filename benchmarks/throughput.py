@@ -201,6 +201,7 @@ def main() -> None:
     for name, value in summary.items():
         print(f"{name}: {value:.2f}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1))
 
 
