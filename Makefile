@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml Makefile
 # this platform and is built from source once (cmake + a C++ compiler; about 3 min on 2 cores, then pip's cache)
 $(LLAMACPP_STAMP): $(STAMP)
 	@echo "building llama-cpp-python from source for the llama.cpp check (first time only)"
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -e ".[test,llamacpp]"
-	touch $(LLAMACPP_STAMP)
+	@if CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -e ".[test,llamacpp]"; then touch $(LLAMACPP_STAMP); \
+	else echo "WARNING: llama-cpp-python did not build (it needs cmake and a C++ compiler): tests/test_llamacpp.py will be SKIPPED"; fi
 
 install: $(STAMP)
 
