@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from .config import RunConfig, from_mapping, load_toml
+from .config import RunConfig, build_config, parse_int_list
 from .methods import METHODS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning with heterogeneous-rank LoRA (HetLoRA and peers).")
@@ -89,31 +89,6 @@ def _command(fn: Callable, names: list[str], extra: list[inspect.Parameter]) -> 
 
 def _extra(name: str, typ: Any, default: Any, *flags: str, **kw: Any) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(default, *flags, **kw), annotation=typ)
-
-
-def _norm_bound(value: Optional[str]) -> Optional[float]:
-    if value is None or value.lower() == "off":
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"--norm-bound takes a number or 'off', got {value!r}") from None
-
-
-def build_config(config: Optional[Path], flags: dict) -> RunConfig:
-    """TOML file first, then the flags the user gave (None = not given)."""
-    cfg = load_toml(config) if config else RunConfig()
-    given = {k: v for k, v in flags.items() if v is not None}
-    if "ranks" in given:
-        parts = [x.strip() for x in str(given["ranks"]).split(",") if x.strip()]
-        if not all(p.lstrip("-").isdigit() for p in parts):
-            raise ValueError(f"--ranks takes comma-separated integers, got {given['ranks']!r}")
-        given["ranks"] = [int(x) for x in parts]
-    if "target_modules" in given:
-        given["target_modules"] = [m.strip() for m in str(given["target_modules"]).split(",") if m.strip()]
-    if "norm_bound" in given:
-        given["norm_bound"] = _norm_bound(given["norm_bound"])
-    return from_mapping(given, cfg, explicit_none=("norm_bound",))
 
 
 def _fail(err: BaseException, debug: bool) -> None:
@@ -230,10 +205,7 @@ def export(
         from .gguf_export import export_gguf
 
         def work():
-            parts = [p.strip() for p in (ranks or "").split(",") if p.strip()]
-            if not all(p.isdigit() for p in parts):
-                raise ValueError(f"--ranks takes comma-separated positive integers, got {ranks!r}")
-            return export_gguf(directory, gguf, [int(p) for p in parts] or None, force=force)
+            return export_gguf(directory, gguf, parse_int_list(ranks or "", "--ranks") or None, force=force)
 
         manifest = _guard(debug, work)
         typer.echo(f"wrote GGUF adapters and {manifest}")

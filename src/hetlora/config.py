@@ -251,11 +251,11 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
-def from_mapping(values: Mapping[str, Any], base: RunConfig | None = None, explicit_none: tuple[str, ...] = ()) -> RunConfig:
+def from_mapping(values: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
     """Overlay ``values`` (TOML keys, dashes or underscores) on ``base``.
 
     Unknown keys and values of the wrong type are errors naming key, value and the
-    expected type. A ``None`` value means "not given" except for the names in ``explicit_none``.
+    expected type. A ``None`` value means "not given"; "off" turns off a setting that allows it.
     """
     cfg = dataclasses.replace(base) if base is not None else RunConfig()
     problems = []
@@ -264,7 +264,7 @@ def from_mapping(values: Mapping[str, Any], base: RunConfig | None = None, expli
         if name not in FIELDS:
             problems.append(f"unknown config key {key!r}")
             continue
-        if value is None and name not in explicit_none:
+        if value is None:
             continue
         value = _coerce(name, value)
         problem = _type_problem(name, value)
@@ -275,6 +275,30 @@ def from_mapping(values: Mapping[str, Any], base: RunConfig | None = None, expli
     if problems:
         raise ValueError("invalid configuration: " + "; ".join(problems))
     return cfg
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    """``"5, 27,50"`` → [5, 27, 50]; anything else is one line naming the flag."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not all(p.lstrip("-").isdigit() for p in parts):
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}")
+    return [int(p) for p in parts]
+
+
+def build_config(config: str | Path | None, flags: Mapping[str, Any]) -> RunConfig:
+    """A TOML file first, then the command-line flags the user gave (None = not given)."""
+    cfg = load_toml(config) if config else RunConfig()
+    given = {k: v for k, v in flags.items() if v is not None}
+    if "ranks" in given:
+        given["ranks"] = parse_int_list(given["ranks"], "--ranks")
+    if "target_modules" in given:
+        given["target_modules"] = [m.strip() for m in str(given["target_modules"]).split(",") if m.strip()]
+    if "norm_bound" in given and str(given["norm_bound"]).lower() != "off":
+        try:
+            given["norm_bound"] = float(given["norm_bound"])
+        except ValueError:
+            raise ValueError(f"--norm-bound takes a number or 'off', got {given['norm_bound']!r}") from None
+    return from_mapping(given, cfg)
 
 
 def load_toml(path: str | Path, base: RunConfig | None = None) -> RunConfig:

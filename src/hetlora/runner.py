@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from .checkpoint import load_latest, save_checkpoint
-from .config import RunConfig, from_mapping
+from .config import RunConfig, build_config, from_mapping
 from .core.adapter import ClientUpdate
 from .federation import Federation
 from .memory import rss_mb
@@ -346,8 +346,6 @@ def failure(summary: Mapping[str, Any]) -> str | None:
 def run_experiment(config: Path | None, flags: Mapping[str, Any], out: str | None, *, resume: bool, progress: bool) -> dict[str, Any]:
     """``hetlora run``: build (or, with ``resume``, reload) the config, run it on its engine,
     and raise :class:`RunFailed` when the result must not be trusted."""
-    from .cli import build_config
-
     if resume:
         out_dir = Path(out or RunConfig().out)
         asked = build_config(config, dict(flags)).settings() if config else {}
