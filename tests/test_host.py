@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hetlora.config import DEFAULT_TARGETS, RunConfig
-from hetlora.host import ClientHost, native_bf16, resolve_precision
+from hetlora.host import ClientHost, resolve_precision
 from hetlora.lora import lora_init, target_shapes
 
 
@@ -15,14 +15,24 @@ def host_for(tiny, data, precision, **kw):
     return ClientHost(RunConfig(model="tiny", device="cpu", precision=precision, **kw), model, tok, data)
 
 
-def test_auto_precision_follows_the_hardware():
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    import hetlora.host
+
     assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
-    assert resolve_precision("auto", "cpu") == ("bf16" if native_bf16("cpu") else "fp32")
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(hetlora.host, "native_bf16", lambda device, native=native: native)
+        assert resolve_precision("auto", "cpu") == expected
 
 
-def restore(model, state):
-    """Undo the bf16 storage of the frozen weights on the shared tiny model."""
+@pytest.fixture
+def shared_tiny(tiny):
+    """The session's tiny model, put back as it was after the test even when it fails: fp32 weights,
+    the same values, no hooks left by a LoRA bank."""
+    model, _ = tiny
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    yield tiny
     for m in model.modules():
+        m._forward_hooks.clear()
         if isinstance(m, torch.nn.Linear):
             m.weight.data = m.weight.data.float()
     model.load_state_dict(state)
@@ -33,48 +43,48 @@ def trained_adapter(model, seed=0):
     return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in lora_init(target_shapes(model, DEFAULT_TARGETS), 6, 1).items()}
 
 
-def test_bf16_and_fp32_evaluation_of_one_adapter_agree_within_one_percent(tiny, chitchat_small):
-    model, _ = tiny
+def test_bf16_and_fp32_evaluation_of_one_adapter_agree_within_one_percent(shared_tiny, chitchat_small):
+    model, _ = shared_tiny
     adapter = trained_adapter(model)
     losses = {}
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for precision in ("fp32", "bf16"):
-        host = host_for(tiny, chitchat_small, precision, r_max=6)
+        host = host_for(shared_tiny, chitchat_small, precision, r_max=6)
         bank = host.bank()
         bank.load(0, adapter)
         with bank.use(1):
             losses[precision] = host.evaluate_loss()
         bank.remove()
-        restore(model, state)
+        for m in model.modules():  # the fp32 run must not see the bf16 run's weights, nor the reverse
+            if isinstance(m, torch.nn.Linear):
+                m.weight.data = m.weight.data.float()
+        model.load_state_dict(state)
     assert math.exp(losses["bf16"]) == pytest.approx(math.exp(losses["fp32"]), rel=0.01)
 
 
-def test_frozen_bf16_weights_give_the_numbers_of_bf16_autocast(tiny, chitchat_small):
+def test_frozen_bf16_weights_give_the_numbers_of_bf16_autocast(shared_tiny, chitchat_small):
     """Storing frozen linear weights in bf16 is what autocast does to them on every forward."""
     from hetlora.data import collate
     from hetlora.evaluate import autocast, target_token_loss
 
-    model, tok = tiny
+    model, tok = shared_tiny
     batch = collate(chitchat_small.eval_examples()[:4], tok.pad_token_id)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad(), autocast("cpu", True):
         expected, _ = target_token_loss(model, batch)
-    host = host_for(tiny, chitchat_small, "bf16", r_max=6)
+    host = host_for(shared_tiny, chitchat_small, "bf16", r_max=6)
     host.bank()  # freezes the linear weights in bf16
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert model.get_output_embeddings().weight.dtype == torch.float32
     with torch.no_grad(), autocast("cpu", True):
         got, _ = target_token_loss(model, batch)
-    host.bank().remove()
-    restore(model, state)
     assert float(got) == float(expected)
 
 
-def test_base_delta_is_applied_to_pristine_weights_and_undone(tiny, chitchat_small):
+def test_base_delta_is_applied_to_pristine_weights_and_undone(shared_tiny, chitchat_small):
     from hetlora.core.adapter import A_SUFFIX, B_SUFFIX
 
-    model, _ = tiny
-    host = host_for(tiny, chitchat_small, "fp32", r_max=6, method="flora")
+    model, _ = shared_tiny
+    host = host_for(shared_tiny, chitchat_small, "fp32", r_max=6, method="flora")
     key = next(iter(target_shapes(model, ["q_proj"])))
     w = dict(model.named_modules())[key.removeprefix("base_model.model.")].weight
     w0 = w.detach().clone()

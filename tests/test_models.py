@@ -135,4 +135,4 @@ def test_an_hf_model_id_offline_fails_at_once(monkeypatch):
     t = time.perf_counter()
     with pytest.raises(ValueError, match="does not download"):
         load_base_model("some-organisation/some-model-that-is-not-cached")
-    assert time.perf_counter() - t < 5
+    assert time.perf_counter() - t < 20  # fails at once; hub retries take most of a minute

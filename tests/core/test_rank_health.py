@@ -40,18 +40,3 @@ def test_rank_energy_shares_add_up_and_sit_where_the_energy_is():
     shares = rank_energy(a, 2, 4, 6)
     assert (shares["low"], shares["mid"], shares["high"]) == (pytest.approx(1.0), 0.0, 0.0)
     assert shares["bounds"] == [2, 4, 6]
-
-
-def test_a_component_zero_in_both_factors_gets_no_gradient():
-    """Why zero-padded averaging kills components for good: with B[:, j] = 0 and A[j] = 0 both gradients vanish."""
-    torch.manual_seed(0)
-    b = torch.randn(7, 4)
-    a = torch.randn(4, 5)
-    b[:, 3] = 0
-    a[3] = 0
-    b.requires_grad_(True)
-    a.requires_grad_(True)
-    x = torch.randn(9, 5)
-    (x @ (b @ a).T).square().sum().backward()
-    assert float(b.grad[:, 3].abs().max()) == 0.0 and float(a.grad[3].abs().max()) == 0.0
-    assert float(b.grad[:, :3].abs().max()) > 0 and float(a.grad[:3].abs().max()) > 0
