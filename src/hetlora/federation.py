@@ -4,6 +4,8 @@ A round is ``jobs`` (sample, then each client's payload from its kind: truncatio
 docs/algorithm.md step 1) → clients train (in this process, or over Flower) →
 ``complete_round`` (validate once, drop bad updates, aggregate, let the kind update the
 global state, update ranks). ``evaluate`` asks the kind to score the global model.
+The loop over rounds is the engine's: ``runner.local_round`` in process,
+``flower/server_app.py`` on Flower; both call the methods here.
 """
 
 from __future__ import annotations

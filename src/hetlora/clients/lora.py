@@ -1,4 +1,7 @@
-"""The LoRA client's local round (docs/algorithm.md, "Local training").
+"""The LoRA client's local round (docs/algorithm.md, "Local training"): ``train_lora``.
+
+(The LoRA bank it trains in is ``hetlora/lora.py``; one optimiser step is
+``hetlora.training.optimise``.)
 
 Each job's start adapter goes into its own slot of the host's LoRA bank; the clients
 train together for τ steps on task loss + λ·P_k (when the method prunes); then each
