@@ -124,3 +124,21 @@ def test_study_command_rebuilds_the_committed_cpu_report_from_its_runs(tmp_path)
     assert "| **C4**" in (tmp_path / "results" / "cpu" / "study.md").read_text()
     bad = CliRunner().invoke(app, ["study", "--preset", "huge"])
     assert bad.exit_code == 2 and "unknown preset 'huge'" in bad.output
+
+
+def test_a_read_only_out_is_one_line(tmp_path):
+    """/sys refuses new directories even to root (chmod does not stop root, so it stands in for a read-only disk)."""
+    import os
+
+    try:
+        os.mkdir("/sys/hetlora-probe")
+    except PermissionError:
+        pass
+    except OSError:
+        pytest.skip("no /sys here")
+    else:  # not Linux, or /sys writable
+        os.rmdir("/sys/hetlora-probe")
+        pytest.skip("no read-only location to write to here")
+    result = cli("run", "--model", "tiny", "--out", "/sys/hetlora-run", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "/sys/hetlora-run" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
