@@ -6,6 +6,10 @@ and for a plain vectorised loop doing hetlora's arithmetic (norms by the trace t
 weighted zero-padded sum) without validation or plumbing, and checks that hetlora never
 materialises an out x in matrix.
 
+The SVD methods' floor: the same stacked factors, only the Gram matrices (the cheaper way,
+as recon-svd forms them) and their eigenvalues, no vectors, in float64 (what recon-svd
+computes in) and float32. No exact dense route can do less than this work.
+
     python benchmarks/aggregation.py [--repeats 5] [--json FILE]
 """
 
@@ -71,6 +75,27 @@ def plain_hetlora(updates, r_max):
     return out
 
 
+def svd_floor(updates, dtype):
+    """Seconds to form every module's Gram of Σ q_k B_k A_k and take its eigenvalues (no eigenvectors)."""
+    from hetlora.methods.base import data_weights, per_module_factors
+    from hetlora.methods.recon_svd import gram_flops
+
+    q = data_weights(updates)
+    stacks = [(torch.cat([w * b.to(dtype) for w, (b, _) in zip(q, f)], 1), torch.cat([a.to(dtype) for _, a in f]))
+              for f in per_module_factors(updates).values()]
+    start = time.perf_counter()
+    for b, a in stacks:
+        out_f, in_f = b.shape[0], a.shape[1]
+        from_factors, dense = gram_flops(out_f, in_f, b.shape[1])
+        if dense < from_factors:
+            m = b @ a
+            gram = m.T @ m if in_f <= out_f else m @ m.T
+        else:
+            gram = a.T @ ((b.T @ b) @ a) if in_f <= out_f else b @ ((a @ a.T) @ b.T)
+        torch.linalg.eigvalsh(gram)
+    return time.perf_counter() - start
+
+
 class LargestOutput(TorchDispatchMode):
     """Records the largest tensor any op produces."""
 
@@ -118,6 +143,12 @@ def main() -> None:
         results[m] = timed(lambda m=m: aggregate(m, updates, r_max, previous=full), 1 if m in svd_methods else args.repeats)
     results["fedavg (homogeneous r=25)"] = timed(lambda: aggregate("fedavg", homog, r_max), args.repeats)
     results["hetlora + norm_bound 1.5"] = timed(lambda: aggregate("hetlora", updates, r_max, norm_bound=1.5), args.repeats)
+
+    if not args.skip_svd:
+        for dtype in (torch.float64, torch.float32):
+            svd_floor(updates, dtype)  # warm-up
+            floor = statistics.median(svd_floor(updates, dtype) for _ in range(max(1, args.repeats)))
+            results[f"SVD floor: Grams + eigenvalues only, {str(dtype)[6:]}"] = floor * 1000
 
     for name, ms in results.items():
         print(f"{name:>48}: {ms:9.1f} ms")

@@ -294,9 +294,12 @@ def test_a_client_claiming_huge_data_is_capped_under_the_norm_bound():
         assert_close(g[k], expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("shape,stacked", [((40, 30), 25), ((30, 40), 25), ((60, 50), 6)])
+@pytest.mark.parametrize("shape,stacked", [((40, 30), 25), ((30, 40), 25), ((60, 50), 6), ((50, 60), 6)])
 def test_both_svd_routes_give_the_exact_top_singular_triplets(shape, stacked):
-    """QR + core SVD and the Gram-eigenvector route agree with a dense SVD of B A."""
+    """QR + core SVD and the Gram-eigenvector route agree with a dense SVD of B A.
+
+    The Gram is formed from B A for the first two shapes and from the factors for the last two
+    (see test_gram_is_formed_the_cheaper_way), on either side."""
     from hetlora.methods.recon_svd import gram_top_svd, low_rank_svd
 
     g = torch.Generator().manual_seed(3)
@@ -308,3 +311,15 @@ def test_both_svd_routes_give_the_exact_top_singular_triplets(shape, stacked):
         torch.testing.assert_close(s[:5], dense, rtol=1e-9, atol=1e-9)
         best = (u[:, :5] * s[:5]) @ vh[:5]
         torch.testing.assert_close(torch.linalg.svdvals(b @ a - best)[:3], torch.linalg.svdvals(b @ a)[5:8], rtol=1e-8, atol=1e-8)
+
+
+def test_gram_is_formed_the_cheaper_way():
+    from hetlora.methods.recon_svd import gram_flops
+
+    # (out, in, R) -> (from the factors, dense), counted by hand
+    assert gram_flops(40, 30, 25) == (25 * 25 * 70 + 30 * 30 * 25, 40 * 30 * 25 + 30 * 30 * 40)  # 66,250 > 66,000: dense
+    assert gram_flops(60, 50, 6) == (36 * 110 + 2500 * 6, 3000 * 6 + 2500 * 60)  # 18,960 < 168,000: factors
+    factors, dense = gram_flops(576, 576, 550)  # SmolLM2 q/o at 20 clients' stacked rank
+    assert dense < factors
+    factors, dense = gram_flops(1536, 576, 550)  # gate/up
+    assert factors < dense

@@ -6,7 +6,7 @@ global adapter hands each client the best rank-r_k approximation (Eckart–Young
 The SVD is taken of the low-rank product without forming the out × in matrix: for a
 small stacked rank R = Σ r_k, thin QRs of the stacked factors and an SVD of the R × R
 core; for R near min(out, in), the eigenvectors of the smaller Gram matrix
-(:func:`gram_top_svd`).
+(:func:`gram_top_svd`), formed from the factors or from B A, whichever costs fewer flops.
 """
 
 from __future__ import annotations
@@ -28,19 +28,35 @@ def low_rank_svd(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q_b @ u, s, vh @ q_a.T
 
 
+def gram_flops(out_f: int, in_f: int, r: int) -> tuple[int, int]:
+    """Multiply-adds to form the n × n Gram of B A (n = min(out, in)): (from the factors, through the dense product).
+
+    From the factors: Bᵀ B or A Aᵀ (R² · max), the other factor on both sides (R² · n + n² · R).
+    Dense: B A (out · in · R), then its Gram (n² · max). For SmolLM2's attention modules
+    (576 × 576, 192 × 576) at R ≈ 550 the dense route is 1.4–3× fewer; for the MLP ones
+    (1536 × 576) the factors are.
+    """
+    n, big = min(out_f, in_f), max(out_f, in_f)
+    return r * r * (big + n) + n * n * r, out_f * in_f * r + n * n * big
+
+
 def gram_top_svd(b: Tensor, a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """The top ``k`` singular triplets of B A from the eigenvectors of its smaller Gram matrix.
 
-    With n = min(out, in): (BA)ᵀ(BA) = Aᵀ(BᵀB)A (or BA(BA)ᵀ) is n × n and is formed from the
-    factors in O(R²(out + in) + R n²); one symmetric eigendecomposition gives V (or U) and σ²,
-    and the other side is B A V / σ. When the stacked rank R is close to n this is ~2.5× faster
-    than QR + SVD of the R × R core. In float64, σ_k² is accurate to ~1e-16·(σ_1/σ_k)² relative.
+    With n = min(out, in): (BA)ᵀ(BA) or BA(BA)ᵀ is n × n, formed from the factors or from the
+    dense product, whichever :func:`gram_flops` says is fewer multiply-adds; one symmetric
+    eigendecomposition gives V (or U) and σ², and the other side is B A V / σ. When the stacked
+    rank R is close to n this is ~2.5× faster than QR + SVD of the R × R core. In float64, σ_k²
+    is accurate to ~1e-16·(σ_1/σ_k)² relative.
     """
     out_f, in_f = b.shape[0], a.shape[1]
+    from_factors, dense = gram_flops(out_f, in_f, b.shape[1])
+    m = b @ a if dense < from_factors else None
     if in_f <= out_f:
-        lam, vecs = torch.linalg.eigh(a.T @ ((b.T @ b) @ a))
+        gram = m.T @ m if m is not None else a.T @ ((b.T @ b) @ a)
     else:
-        lam, vecs = torch.linalg.eigh(b @ ((a @ a.T) @ b.T))
+        gram = m @ m.T if m is not None else b @ ((a @ a.T) @ b.T)
+    lam, vecs = torch.linalg.eigh(gram)
     k = min(k, lam.shape[0])
     lam, vecs = lam.flip(0)[:k], vecs.flip(1)[:, :k]
     s = lam.clamp_min(0).sqrt()
@@ -49,11 +65,11 @@ def gram_top_svd(b: Tensor, a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     if in_f <= out_f:
         v = vecs
         u = torch.zeros(out_f, k, dtype=b.dtype)
-        u[:, live] = (b @ (a @ v[:, live])) / s[live]
+        u[:, live] = (m @ v[:, live] if m is not None else b @ (a @ v[:, live])) / s[live]
         return u, s, v.T
     u = vecs
     vh = torch.zeros(k, in_f, dtype=b.dtype)
-    vh[live] = ((u[:, live].T @ b) @ a) / s[live][:, None]
+    vh[live] = (u[:, live].T @ m if m is not None else (u[:, live].T @ b) @ a) / s[live][:, None]
     return u, s, vh
 
 
