@@ -78,21 +78,14 @@ def plain_hetlora(updates, r_max):
 def svd_floor(updates, dtype):
     """Seconds to form every module's Gram of Σ q_k B_k A_k and take its eigenvalues (no eigenvectors)."""
     from hetlora.methods.base import data_weights, per_module_factors
-    from hetlora.methods.recon_svd import gram_flops
+    from hetlora.methods.recon_svd import smaller_gram
 
     q = data_weights(updates)
     stacks = [(torch.cat([w * b.to(dtype) for w, (b, _) in zip(q, f)], 1), torch.cat([a.to(dtype) for _, a in f]))
               for f in per_module_factors(updates).values()]
     start = time.perf_counter()
     for b, a in stacks:
-        out_f, in_f = b.shape[0], a.shape[1]
-        from_factors, dense = gram_flops(out_f, in_f, b.shape[1])
-        if dense < from_factors:
-            m = b @ a
-            gram = m.T @ m if in_f <= out_f else m @ m.T
-        else:
-            gram = a.T @ ((b.T @ b) @ a) if in_f <= out_f else b @ ((a @ a.T) @ b.T)
-        torch.linalg.eigvalsh(gram)
+        torch.linalg.eigvalsh(smaller_gram(b, a)[0])
     return time.perf_counter() - start
 
 

@@ -40,6 +40,16 @@ def gram_flops(out_f: int, in_f: int, r: int) -> tuple[int, int]:
     return r * r * (big + n) + n * n * r, out_f * in_f * r + n * n * big
 
 
+def smaller_gram(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(BA)ᵀ(BA) if in ≤ out else BA(BA)ᵀ, the cheaper way (:func:`gram_flops`); also B A when that way formed it."""
+    out_f, in_f = b.shape[0], a.shape[1]
+    from_factors, dense = gram_flops(out_f, in_f, b.shape[1])
+    if dense < from_factors:
+        m = b @ a
+        return (m.T @ m if in_f <= out_f else m @ m.T), m
+    return (a.T @ ((b.T @ b) @ a) if in_f <= out_f else b @ ((a @ a.T) @ b.T)), None
+
+
 def gram_top_svd(b: Tensor, a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """The top ``k`` singular triplets of B A from the eigenvectors of its smaller Gram matrix.
 
@@ -50,12 +60,7 @@ def gram_top_svd(b: Tensor, a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     is accurate to ~1e-16·(σ_1/σ_k)² relative.
     """
     out_f, in_f = b.shape[0], a.shape[1]
-    from_factors, dense = gram_flops(out_f, in_f, b.shape[1])
-    m = b @ a if dense < from_factors else None
-    if in_f <= out_f:
-        gram = m.T @ m if m is not None else a.T @ ((b.T @ b) @ a)
-    else:
-        gram = m @ m.T if m is not None else b @ ((a @ a.T) @ b.T)
+    gram, m = smaller_gram(b, a)
     lam, vecs = torch.linalg.eigh(gram)
     k = min(k, lam.shape[0])
     lam, vecs = lam.flip(0)[:k], vecs.flip(1)[:, :k]
