@@ -10,7 +10,7 @@ to each rank-one product B_k[:, j] A_k[j, :]:
     ΔW = Σ_k Σ_{j < r_k} γ_j(k) · B_k[:, j] A_k[j, :] = Σ_k B_k diag(γ(k)) A_k,
 
 and the server keeps ΔW's best rank-r_max factors (U Σ, Vᵀ, computed from the stacked
-factors, never out × in), so truncating the global adapter hands client k the SVD of the
+factors as recon-svd does), so truncating the global adapter hands client k the SVD of the
 global product truncated to its rank — the authors' redistribution.
 
 **Where we differ from the authors' released code** (seonha01/rb-lora, read 2026-11-27):

@@ -3,10 +3,11 @@
 B^g = U[:, :r_max] Σ[:r_max], A^g = Vᵀ[:r_max] (docs/algorithm.md §4), so truncating the
 global adapter hands each client the best rank-r_k approximation (Eckart–Young).
 
-The SVD is taken of the low-rank product without forming the out × in matrix: for a
-small stacked rank R = Σ r_k, thin QRs of the stacked factors and an SVD of the R × R
-core; for R near min(out, in), the eigenvectors of the smaller Gram matrix
-(:func:`gram_top_svd`), formed from the factors or from B A, whichever costs fewer flops.
+The SVD is taken from the stacked factors (B = [q_1 B_1, …], A = [A_1; …], stacked rank
+R = Σ r_k): for a small R, thin QRs of the factors and an SVD of the R × R core, never
+forming out × in; for R near min(out, in), the eigenvectors of the smaller Gram matrix
+(:func:`gram_top_svd`), formed from the factors or from the dense B A, whichever costs
+fewer multiply-adds.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def gram_top_svd(b: Tensor, a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def top_svd(b: Tensor, a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-``k`` (U, S, Vᵀ) of B A, never forming out × in: QR route for a small stacked rank, Gram route otherwise."""
+    """Top-``k`` (U, S, Vᵀ) of B A: QR route for a small stacked rank, Gram route otherwise."""
     if 4 * b.shape[1] <= min(b.shape[0], a.shape[1]):
         u, s, vh = low_rank_svd(b, a)
         return u[:, :k], s[:k], vh[:k]
