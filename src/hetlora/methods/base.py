@@ -41,6 +41,12 @@ class AggregationContext:
     seed: int = 0
     round_index: int = 0
 
+    def previous_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B, A) of ``module`` in the global adapter before this round, None on a first call."""
+        if self.previous is None:
+            return None
+        return self.previous[module + B_SUFFIX], self.previous[module + A_SUFFIX]
+
 
 class AggregationMethod:
     """Base class; subclasses set the class attributes and implement :meth:`aggregate`."""

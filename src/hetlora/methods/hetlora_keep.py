@@ -32,6 +32,6 @@ class HetLoRAKeep(AggregationMethod):
             weights = {m: shared for m in modules}
         out: Adapter = {}
         for module, factors in modules.items():
-            prev = (ctx.previous[module + B_SUFFIX], ctx.previous[module + A_SUFFIX]) if ctx.previous is not None else None
-            out[module + B_SUFFIX], out[module + A_SUFFIX] = slice_average(factors, weights[module], ctx.r_max, prev)
+            out[module + B_SUFFIX], out[module + A_SUFFIX] = slice_average(factors, weights[module], ctx.r_max,
+                                                                           ctx.previous_factors(module))
         return out

@@ -21,6 +21,5 @@ class RBLA(AggregationMethod):
         q = data_weights(updates)
         out: Adapter = {}
         for module, factors in per_module_factors(updates).items():
-            prev = (ctx.previous[module + B_SUFFIX], ctx.previous[module + A_SUFFIX]) if ctx.previous is not None else None
-            out[module + B_SUFFIX], out[module + A_SUFFIX] = slice_average(factors, q, ctx.r_max, prev)
+            out[module + B_SUFFIX], out[module + A_SUFFIX] = slice_average(factors, q, ctx.r_max, ctx.previous_factors(module))
         return out
