@@ -71,9 +71,9 @@ def auto_parallel_clients(host: ClientHost) -> int:
     """Clients to train together when not configured.
 
     On a CPU: one. Measured on 2 cores (benchmarks/throughput.py, SmolLM2, batch 8 × 128):
-    one client's fp32 step already runs at 73 % of the matmul peak; eight clients together ran
-    at 0.54× (fp32) and 0.77× (bf16) the client-steps per second of one at a time, two together
-    at 1.04× (bf16) — their activations push the element-wise ops out of the caches.
+    one client's fp32 step already runs at 71–73 % of the matmul peak; eight clients together
+    ran at 0.54–0.63× (fp32) and 0.77–0.96× (bf16) the client-steps per second of one at a time
+    over three runs, two together at 1.04× (bf16): nothing to gain, and more memory used.
     On CUDA: as many as fit in 60 % of free GPU memory, one client's saved activations being
     ≈ batch × length × layers × (10·hidden + 5·intermediate) values, ×1.5 for temporaries
     (gradient checkpointing keeps about a fifth of that).
