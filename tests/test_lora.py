@@ -165,3 +165,24 @@ def test_truncation_of_a_loaded_slot_is_the_truncated_adapter(tiny):
     finally:
         bank.remove()
     torch.testing.assert_close(got, expected)
+
+
+def test_the_lora_scale_stays_fp32_under_bf16_autocast():
+    """FSLoRA scales the forward by s·r/m = 2·50/7 = 14.2857; a bf16 scale tensor made it 14.3125 (+0.19 %). Under
+    bf16 autocast each product is rounded, but without bias: the least-squares gain of the LoRA output against the
+    exact fp64 one must be 1 within rounding noise, at one slot and at two slots of different factors."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48, bias=False))
+    torch.nn.init.zeros_(model[0].weight)  # the output is the LoRA term alone
+    bank = LoRABank(model, ["0"], slots=2, rank=8, scale=2.0)
+    with torch.no_grad():
+        for p in (bank.A[0], bank.B[0]):
+            p.normal_()
+    x = torch.randn(2 * 256, 64)
+    for factors in ([50 / 7, 50 / 7], [50 / 7, 25 / 3]):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), bank.use(2, 8, factors):
+            y = model(x).double().reshape(2, 256, 48)
+        for k, f in enumerate(factors):
+            exact = 2.0 * f * (x.reshape(2, 256, 64)[k].double() @ bank.A[0][k].double().T @ bank.B[0][k].double().T)
+            gain = float((y[k] * exact).sum() / (exact * exact).sum())
+            assert abs(gain - 1) < 4e-4, (factors, k, gain)

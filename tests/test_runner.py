@@ -324,7 +324,7 @@ def test_a_non_finite_aggregate_is_never_applied_and_the_run_reports_failure(tmp
 
     _, tensors, _ = load_latest(out / "checkpoint")
     assert all(torch.isfinite(v).all() for v in tensors["global"].values())
-    assert summary["rejected_rounds"] == [1] and "was not finite" in failure(summary)
+    assert summary["rejected_rounds"] == [1] and "was rejected" in failure(summary)
 
 
 def test_cli_exits_non_zero_when_no_round_aggregated(tmp_path):
@@ -407,3 +407,57 @@ def test_every_round_records_the_live_rank_and_zero_padding_kills_components(tmp
     saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     tails = [float(v[3:].abs().max()) for k, v in saved.items() if k.endswith("lora_A.weight")]
     assert (max(tails) == 0.0) if method == "hetlora" else (min(tails) > 0.0)
+
+
+# ---------------------------------------------------------------------------------- a finite but huge client
+def all_huge(t, updates):
+    """Round 1: client 0's every tensor is 1e30 (finite, so validation passes it)."""
+    updates[0].adapter = {k: torch.full_like(v, 1e30) for k, v in updates[0].adapter.items()}
+    return updates
+
+
+@pytest.mark.parametrize("method", sorted(__import__("hetlora.methods", fromlist=["METHODS"]).METHODS))
+def test_every_method_bounds_a_huge_client(tmp_path, method):
+    """With the default bound, one client of 1e30s cannot poison any method's model: the round aggregates
+    and the held-out loss stays finite (fslora, fedex-lora, ffa, flora and fft applied it before)."""
+    from hetlora.runner import failure
+
+    summary = run(tiny_config(tmp_path / "run", rounds=1, method=method, local_steps=1, eval_size=4), progress=False, hook=all_huge)
+    (row,) = rows(tmp_path / "run")
+    assert row["aggregated"] and not row["rejected"] and math.isfinite(row["eval_loss"]), row.get("rejected")
+    assert row["eval_ppl"] < 2 * summary["initial_eval_ppl"]
+    assert failure(summary) is None
+
+
+@pytest.mark.parametrize("method", ["hetlora", "fedex-lora", "fslora", "fft"])
+def test_without_the_bound_a_poisoned_model_is_rejected_and_the_run_fails(tmp_path, method):
+    """Bound off: whatever the aggregate, a model whose held-out loss is not finite is never kept — the previous
+    global model stays, the round says why, and the run reports failure (non-zero exit)."""
+    from hetlora.checkpoint import load_latest
+    from hetlora.runner import failure
+
+    out = tmp_path / "run"
+    summary = run(tiny_config(out, rounds=1, method=method, local_steps=1, eval_size=4, norm_bound=None), progress=False, hook=all_huge)
+    (row,) = rows(out)
+    assert math.isfinite(row["eval_loss"])
+    if row["aggregated"]:  # a rule that is robust by itself
+        assert failure(summary) is None
+        return
+    assert row["rejected"] and row["eval_ppl"] == pytest.approx(summary["initial_eval_ppl"])
+    assert "was rejected" in failure(summary)
+    _, tensors, _ = load_latest(out / "checkpoint", ("global",), ("global", "base_delta"))
+    assert all(torch.isfinite(v).all() and float(v.abs().max()) < 1e6 for group in tensors.values() for v in group.values())
+
+
+def test_settings_that_are_off_stay_off_when_a_run_is_read_back(tmp_path):
+    """config.json holds null for a setting that is off (norm_bound, final_eval_size): read back, it must stay
+    off, not become the default (a resumed `--norm-bound off` run silently bounded again)."""
+    from hetlora.flower.common import config_from_run_config, encode_config
+    from hetlora.runner import check_resumable, saved_config
+
+    out = tmp_path / "run"
+    cfg = tiny_config(out, rounds=1, norm_bound=None, final_eval_size=None, local_steps=1, eval_size=4)
+    run(cfg, progress=False)
+    assert saved_config(out).norm_bound is None and saved_config(out).settings() == cfg.settings()
+    check_resumable(cfg)  # the same settings: accepted
+    assert config_from_run_config({"hetlora-config": encode_config(cfg)}).norm_bound is None

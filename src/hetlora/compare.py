@@ -102,16 +102,15 @@ def render(directory: Path, target: float | None = None, title: str = "") -> tup
 
 def compare(labels: list[str], base: RunConfig, *, progress: bool = True, target: float | None = None) -> list[dict[str, Any]]:
     """Run each labelled variant with the same seed, clients and budget, then render."""
-    from .runner import run
+    from .runner import finished_as_asked, run
 
     configs = [variant(label, base) for label in labels]  # all checked before anything runs
     root = Path(base.out)
     root.mkdir(parents=True, exist_ok=True)
     (root / "labels.json").write_text(json.dumps(labels))
     for label, cfg in zip(labels, configs):
-        done = Path(cfg.out) / "summary.json"
-        if done.is_file() and json.loads(done.read_text()).get("rounds") == cfg.rounds:
-            continue  # finished earlier: compare is restartable
+        if finished_as_asked(Path(cfg.out), cfg):
+            continue  # finished earlier with these settings: compare is restartable
         resume = (Path(cfg.out) / "config.json").is_file()
         run(cfg, resume=resume, progress=progress)
     render(root, target)

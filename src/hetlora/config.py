@@ -83,6 +83,10 @@ class RunConfig:
 
     @property
     def prunes(self) -> bool:
+        """Whether clients self-prune: as the method says unless set; never under DP (the pruned rank
+        is a data-dependent release the accountant does not cover)."""
+        if self.dp_clip is not None:
+            return False
         return METHODS[self.method].prunes if self.prune is None else self.prune
 
     @property
@@ -173,6 +177,9 @@ class RunConfig:
         if self.dp_clip is None:
             return ["dp_noise needs dp_clip (DP is on only with a clip norm)"] if self.dp_noise is not None else []
         problems = []
+        if self.prune:
+            problems.append("prune = true is refused under DP: the rank a client prunes to depends on its data and is "
+                            "released in the clear (update shape, ranks), which the DP accountant does not cover")
         if self.sampling != "uniform":
             problems.append("DP accounting assumes uniform sampling without replacement: use sampling = uniform with DP")
         if not self.dp_clip > 0 or not self.noise_multiplier >= 0:
@@ -251,11 +258,13 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
-def from_mapping(values: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
+def from_mapping(values: Mapping[str, Any], base: RunConfig | None = None, *, none_is_value: bool = False) -> RunConfig:
     """Overlay ``values`` (TOML keys, dashes or underscores) on ``base``.
 
     Unknown keys and values of the wrong type are errors naming key, value and the
-    expected type. A ``None`` value means "not given"; "off" turns off a setting that allows it.
+    expected type. A ``None`` value means "not given" (flags), or — with ``none_is_value``, for
+    a saved config.json — the setting's value (e.g. ``norm_bound`` off); "off" turns off a
+    setting that allows it.
     """
     cfg = dataclasses.replace(base) if base is not None else RunConfig()
     problems = []
@@ -264,7 +273,7 @@ def from_mapping(values: Mapping[str, Any], base: RunConfig | None = None) -> Ru
         if name not in FIELDS:
             problems.append(f"unknown config key {key!r}")
             continue
-        if value is None:
+        if value is None and not none_is_value:
             continue
         value = _coerce(name, value)
         problem = _type_problem(name, value)

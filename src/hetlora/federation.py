@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import random
 import statistics
 from typing import Any, Mapping, Sequence
@@ -22,14 +23,13 @@ from .clients import Job, get_kind
 from .config import RunConfig
 from .core.adapter import ClientUpdate
 from .core.ranks import assign_ranks
-from .core.rank_health import live_rank, rank_energy
+from .core.rank_health import live_rank, rank_energy, trainable_rank
 from .core.validation import InvalidUpdate, layer_shapes
 from .evaluate import perplexity
 from .host import ClientHost, auto_parallel_clients
-from .methods import AggregationContext, aggregate_valid, get_method
+from .methods import AggregationContext, aggregate_round, get_method
 from .methods.dp import DPFedAvg
-from .privacy import check_sampling
-from .training import client_seed
+from .privacy import ServerPrivacy, check_sampling
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,17 @@ def tier_ranks_for_eval(ranks: Mapping[str, int], r_min: int, r_max: int) -> lis
     if len(distinct) <= 4:
         return distinct
     return sorted({r_min, int(statistics.median(distinct)), r_max})
+
+
+def client_metrics(kept: Sequence[ClientUpdate]) -> dict[str, Any]:
+    """What the round reports of its clients' own measurements (train loss, time, memory)."""
+    losses = [u.metrics.get("train_loss") for u in kept]
+    losses = [x for x in losses if isinstance(x, (int, float)) and math.isfinite(x)]
+    return {
+        "train_loss": sum(losses) / len(losses) if losses else None,
+        "client_seconds": sum(float(u.metrics.get("seconds", 0.0)) for u in kept),
+        "peak_rss_mb": max((float(u.metrics.get("peak_rss_mb", 0.0)) for u in kept), default=0.0),
+    }
 
 
 def non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
@@ -89,6 +100,8 @@ class Federation:
         self.shapes = layer_shapes(self.state["global"])
         self.round = 0  # rounds completed
         self.base_version = 0  # the round that last changed the base delta
+        self._before: tuple | None = None  # the state before the last applied aggregate (for roll_back)
+        self.privacy = ServerPrivacy.fresh() if cfg.dp_clip is not None else None
 
     @property
     def data(self):
@@ -107,7 +120,9 @@ class Federation:
         return max(1, min(k, self.cfg.clients_per_round))
 
     def sample(self, round_index: int) -> list[str]:
-        return sample_clients(self.client_ids, self.cfg.clients_per_round, self.cfg.seed, round_index, self.cfg.sampling)
+        """The round's clients: from the seed, or under DP from the server's private entropy (a secret sample)."""
+        seed = self.privacy.sampling_seed if self.privacy else self.cfg.seed
+        return sample_clients(self.client_ids, self.cfg.clients_per_round, seed, round_index, self.cfg.sampling)
 
     # ------------------------------------------------------------------ server -> client
     def job(self, client_id: str, round_index: int) -> Job:
@@ -129,63 +144,85 @@ class Federation:
         options = {"per_layer": True} if cfg.per_layer and "per_layer" in self.method.options else {}
         return AggregationContext(
             r_max=cfg.global_rank, previous=self.state["global"], norm_bound=cfg.norm_bound, shapes=self.shapes,
-            options=options, generator=torch.Generator().manual_seed(client_seed(cfg.seed, round_index, "dp-noise")),
-            seed=cfg.seed, round_index=round_index,
+            options=options, generator=self.privacy.noise_generator(round_index) if self.privacy else None,
+            seed=cfg.seed, round_index=round_index, ranks=dict(self.ranks),
         )
 
     def complete_round(self, round_index: int, updates: Sequence[ClientUpdate], failed: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
         """Validate, aggregate, update ranks; returns the round's metrics (without eval)."""
         ctx = self.context(round_index)
-        kept, dropped_updates = self.method.split_valid(updates, ctx, assigned_ranks=self.ranks, round_index=round_index)
+        self._before = None  # only this round's aggregate can be rolled back
+        sent = dict(self.ranks)  # what the server sent this round: the ranks it reports, never a client's own claim
+        kept, dropped_updates = self.method.split_valid(updates, ctx, assigned_ranks=self.ranks, round_index=round_index,
+                                                         exact_rank=not self.cfg.prunes)
         dropped = [{"client": c, "reason": r} for c, r in list(failed) + dropped_updates]
-        new, rejected = None, None
-        while len(kept) >= self.cfg.min_clients:
-            try:
-                new = aggregate_valid(self.method, kept, ctx)
-                break
-            except InvalidUpdate as err:  # found while aggregating (a norm that is not finite): drop, retry
-                kept = [u for u in kept if u.client_id != err.client]
-                dropped.append({"client": err.client, "reason": err.problem})
+        new, base_update, kept = self._aggregate(kept, ctx, dropped)
         for d in dropped:
             log.warning("round %d: dropped client %s: %s", round_index + 1, d["client"], d["reason"])
+        rejected = None
         if new is not None:
-            base_update = self.method.base_update(kept, new, ctx)
             rejected = non_finite(new) or non_finite(base_update or {})
             if rejected:
                 log.error("round %d: the aggregate is not finite (%s); keeping the previous global model", round_index + 1, rejected)
             else:
-                state = self.kind.after_aggregate(self.state, new, base_update)
-                if state.get("base_delta") is not self.state.get("base_delta"):
-                    self.base_version = round_index + 1
-                self.state = state
-                for u in kept:
-                    if u.client_id in self.ranks:
-                        self.ranks[u.client_id] = int(u.rank if u.rank is not None else self.ranks[u.client_id])
+                self._apply(round_index, new, base_update, kept)
         self.round = round_index + 1
-        train_losses = [u.metrics.get("train_loss") for u in kept if u.metrics.get("train_loss") is not None]
-        return self.rank_metrics() | {
+        row = self.rank_metrics() | {
             "rejected": rejected,
             "round": round_index + 1,
             "method": self.cfg.method,
             "clients": [u.client_id for u in kept],
             "aggregated": new is not None and not rejected,
             "dropped": dropped,
-            "train_loss": sum(train_losses) / len(train_losses) if train_losses else None,
-            "ranks": {c: self.ranks[c] for c in sorted({u.client_id for u in updates if u.client_id in self.ranks})},
-            "client_ranks_in": {u.client_id: u.metrics.get("rank_in") for u in kept},
+            "ranks": self.sampled_ranks(updates),
+            "client_ranks_in": {u.client_id: sent.get(u.client_id) for u in kept},
             "bytes_up": sum(self.kind.upload_bytes(u) for u in kept),
-            "client_seconds": sum(u.metrics.get("seconds", 0.0) for u in kept),
-            "peak_rss_mb": max((u.metrics.get("peak_rss_mb", 0.0) for u in kept), default=0.0),
-        }
+        } | client_metrics(kept)
+        return self.privacy.released(row) if self.privacy else row
+
+    def _aggregate(self, kept: list[ClientUpdate], ctx: AggregationContext, dropped: list[dict[str, Any]]):
+        """(aggregate, base update, the updates it came from); a client whose norm is not finite is dropped and the rest retried."""
+        while len(kept) >= self.cfg.min_clients:
+            try:
+                new, base_update = aggregate_round(self.method, kept, ctx)
+                return new, base_update, kept
+            except InvalidUpdate as err:  # found while aggregating (a norm that is not finite): drop, retry
+                kept = [u for u in kept if u.client_id != err.client]
+                dropped.append({"client": err.client, "reason": err.problem})
+        return None, None, kept
+
+    def _apply(self, round_index: int, new, base_update, kept: Sequence[ClientUpdate]) -> None:
+        """Make the aggregate the global state; the state before it is kept until :meth:`roll_back` or the next round."""
+        self._before = (self.state, dict(self.ranks), self.base_version)
+        state = self.kind.after_aggregate(self.state, new, base_update)
+        if state.get("base_delta") is not self.state.get("base_delta"):
+            self.base_version = round_index + 1
+        self.state = state
+        for u in kept:
+            if u.client_id in self.ranks:
+                self.ranks[u.client_id] = int(u.rank if u.rank is not None else self.ranks[u.client_id])
+
+    def roll_back(self) -> bool:
+        """Undo the last applied aggregate (its held-out loss was not finite); False if there is none to undo."""
+        if self._before is None:
+            return False
+        self.state, self.ranks, self.base_version = self._before
+        self._before = None
+        return True
+
+    def sampled_ranks(self, updates: Sequence[ClientUpdate]) -> dict[str, int]:
+        """client -> its rank after the round, for the clients that sent an update."""
+        return {c: self.ranks[c] for c in sorted({u.client_id for u in updates if u.client_id in self.ranks})}
 
     def rank_metrics(self) -> dict[str, Any]:
-        """Live rank and rank energy of the global adapter (kinds with rank tiers only)."""
+        """Live rank, trainable rank and rank energy of the global adapter (kinds with rank tiers only)."""
         if not self.kind.rank_tiers:
             return {}
         global_adapter = self.state["global"]
         r = self.cfg.global_rank
         mid = max(self.cfg.r_min, min(r, int(statistics.median(self.assigned.values())) if self.assigned else r))
-        return {"live_rank": live_rank(global_adapter), "rank_energy": rank_energy(global_adapter, min(self.cfg.r_min, r), mid, r)}
+        return {"live_rank": live_rank(global_adapter), "trainable_rank": trainable_rank(global_adapter),
+                "rank_energy": rank_energy(global_adapter, min(self.cfg.r_min, r), mid, r)}
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, ranks: Sequence[int] | None = None, examples=None) -> dict[int, float]:
@@ -220,12 +257,16 @@ class Federation:
         return {name: group for name, group in self.state.items() if group}
 
     def state_json(self) -> dict[str, Any]:
+        """The checkpoint's JSON state (under DP it holds the server-private secret: checkpoints are server-private)."""
         return {"round": self.round, "ranks": self.ranks, "base_version": self.base_version,
-                "torch_rng": torch.get_rng_state().tolist()}
+                "torch_rng": torch.get_rng_state().tolist()} | (self.privacy.state() if self.privacy else {})
 
     def restore(self, tensors: Mapping[str, Mapping[str, torch.Tensor]], state: Mapping[str, Any]) -> None:
         self.state = {name: dict(group) for name, group in tensors.items()}
         self.ranks = {c: int(r) for c, r in state["ranks"].items()}
         self.round = int(state["round"])
         self.base_version = int(state.get("base_version", 0))
+        self._before = None
+        if self.privacy is not None:
+            self.privacy = ServerPrivacy.from_state(state)
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))

@@ -118,6 +118,7 @@ def export_gguf(run_dir: Path, target: Path, ranks: Sequence[int] | None = None,
     from .models import local_only, read_manifest, smollm2_dir
 
     config = finished_run(run_dir)
+    refuse_base_delta(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     prepare_target(run_dir, target, force)
     adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
@@ -158,6 +159,20 @@ def export_gguf(run_dir: Path, target: Path, ranks: Sequence[int] | None = None,
 
     write_directory_atomic(target, write)
     return target / "manifest.json"
+
+
+def refuse_base_delta(run_dir: Path) -> None:
+    """A GGUF LoRA adapter is applied to the *pristine* base GGUF, so a run whose method folded updates
+    into the frozen weights (fedex-lora, flora) cannot be served as one: its adapter alone is not the model."""
+    from .export import base_delta
+
+    delta = base_delta(run_dir)
+    if any(bool(t.abs().max() > 0) for t in delta.values()):
+        raise ValueError(f"{run_dir}: this run folded updates into the base weights (method {json.loads((run_dir / 'config.json').read_text()).get('method')}), "
+                         "so a LoRA adapter on the original base GGUF is not the model it evaluated; "
+                         "export --merged gives the whole model instead")
+    if not (run_dir / "adapter" / "adapter_model.safetensors").is_file():
+        raise ValueError(f"{run_dir} has no adapter/ to export as GGUF")
 
 
 def _tiny_config():

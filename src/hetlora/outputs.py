@@ -1,4 +1,4 @@
-"""The ``--out`` contract: metrics.jsonl, summary.json, plots/, adapter/ (PEFT format)."""
+"""The ``--out`` contract: metrics.jsonl, summary.json, plots/, adapter/ (PEFT format), base_delta.safetensors."""
 
 from __future__ import annotations
 
@@ -65,6 +65,21 @@ def save_adapter(directory: Path, adapter: Mapping[str, torch.Tensor], rank: int
     config.base_model_name_or_path = base
     config.save_pretrained(str(directory))
     save_file({k: v.contiguous().to(torch.float32) for k, v in adapter.items()}, str(directory / "adapter_model.safetensors"))
+
+
+def save_base_delta(out: Path, delta: Mapping[str, torch.Tensor]) -> None:
+    """``OUT/base_delta.safetensors``: what a method folded into the frozen weights (fedex-lora, flora),
+    written atomically; absent when there is none. Part of the final model (``hetlora export --merged``)."""
+    from safetensors.torch import save_file
+
+    path = out / "base_delta.safetensors"
+    if not delta:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().to(torch.float32) for k, v in delta.items()}, str(tmp))
+    _fsync_file(tmp)
+    os.replace(tmp, path)
 
 
 def write_summary(out: Path, summary: Mapping[str, Any]) -> None:

@@ -74,7 +74,7 @@ def plot_comparison(curves: Mapping[str, Sequence[tuple[int, float]]], path: Pat
 
 def _band(values_by_round: dict[int, list[float]]):
     """Mean and 95 % t-interval across seeds at every round (the interval collapses to the mean for one seed)."""
-    from .study import t_interval
+    from .stats import t_interval
 
     xs = sorted(values_by_round)
     means, lows, highs = [], [], []

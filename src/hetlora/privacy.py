@@ -7,9 +7,67 @@ AISTATS 2019), whose neighbouring relation is *replace one* (the population size
 fixed). Replacing one client changes the sum of clipped updates by at most 2C in L2, so
 noise of standard deviation σC is a Gaussian mechanism with noise multiplier σ/2
 relative to that sensitivity. ε is computed at ``delta`` with the RDP accountant.
+
+What the accountant assumes, and :class:`ServerPrivacy` provides: the noise is unknown to
+anyone but the server (it comes from OS entropy, never from the run's seed, which is in
+``config.json``), the sample of clients is secret (amplification by sampling; it is drawn
+from the same private entropy), and nothing released depends on a client's data except
+through the noised aggregate (no rank pruning, no per-client metrics).
 """
 
 from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from .core.seeds import derive_seed
+
+# Per-client values a round row may not release under DP: each depends on who was sampled or on
+# one client's data (its loss, its time, its memory, its rank, why it was dropped).
+PER_CLIENT_KEYS = ("clients", "dropped", "ranks", "client_ranks_in", "train_loss", "client_seconds", "peak_rss_mb")
+
+
+@dataclass(frozen=True)
+class ServerPrivacy:
+    """The server-private randomness of a DP run: 63 bits from OS entropy (``secrets``).
+
+    It seeds the Gaussian noise of each round and the sampling of clients. It is kept only
+    in the run's checkpoints (so a resumed run continues bit-identically), never in
+    config.json, summary.json, metrics.jsonl, plots or exports: a DP run's checkpoints are
+    server-private.
+    """
+
+    secret: int
+
+    @classmethod
+    def fresh(cls) -> "ServerPrivacy":
+        return cls(secrets.randbits(63))
+
+    def noise_generator(self, round_index: int) -> torch.Generator:
+        """The generator of round ``round_index``'s noise (a pure function of the secret and the round)."""
+        return torch.Generator().manual_seed(derive_seed("dp-noise", self.secret, round_index))
+
+    @property
+    def sampling_seed(self) -> int:
+        return derive_seed("dp-sample", self.secret)
+
+    def released(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """A round's row as it may be published: counts instead of the per-client values."""
+        out = {k: v for k, v in row.items() if k not in PER_CLIENT_KEYS}
+        return out | {"clients": [], "dropped": [], "ranks": {}, "clients_count": len(row.get("clients", [])),
+                      "dropped_count": len(row.get("dropped", [])), "train_loss": None}
+
+    def state(self) -> dict[str, str]:
+        return {"dp_secret": str(self.secret)}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> "ServerPrivacy":
+        if "dp_secret" not in state:
+            raise ValueError("the checkpoint of this DP run holds no server-private noise state; it cannot be resumed exactly")
+        return cls(int(state["dp_secret"]))
 
 
 def check_sampling(clients_per_round: int, num_clients: int) -> None:

@@ -53,6 +53,7 @@ def provenance(host) -> dict[str, Any]:
     return {
         **environment(host.device),
         "precision": host.precision,
+        "data_split": host.data.split_version,
         "eos_token": {"token": tok.eos_token, "id": tok.eos_token_id},
         "end_of_turn_token": {"token": tok.convert_ids_to_tokens(end) if end is not None else None, "id": end},
     }

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -25,7 +26,7 @@ from .config import RunConfig, build_config, from_mapping
 from .core.adapter import ClientUpdate
 from .federation import Federation
 from .memory import rss_mb
-from .outputs import append_metrics, read_metrics, save_adapter, truncate_metrics, write_summary
+from .outputs import append_metrics, read_metrics, save_adapter, save_base_delta, truncate_metrics, write_summary
 from .plots import plot_run
 from .privacy import epsilon
 from .provenance import provenance
@@ -96,7 +97,7 @@ def run_settings(out: Path, doing: str) -> dict[str, Any]:
 
 def saved_config(out: Path) -> RunConfig:
     """The settings a run directory was started with (its own directory as ``out``)."""
-    return from_mapping(run_settings(out, "--resume"), RunConfig(out=str(out)))
+    return from_mapping(run_settings(out, "--resume"), RunConfig(out=str(out)), none_is_value=True)
 
 
 def resume_config(out: Path, given: Mapping[str, Any] | None = None) -> RunConfig:
@@ -121,10 +122,42 @@ def resume_config(out: Path, given: Mapping[str, Any] | None = None) -> RunConfi
     return saved
 
 
+def finished_as_asked(summary_dir: Path, cfg: RunConfig) -> bool:
+    """Whether ``summary_dir`` holds a finished run of exactly ``cfg`` (``compare`` and the study reuse it then).
+
+    A finished run of other settings is refused, naming them (old → new): reusing it would report
+    numbers of an experiment other than the one asked for.
+    """
+    path = summary_dir / "summary.json"
+    if not path.is_file():
+        return False
+    try:
+        summary = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False
+    saved = summary.get("config") or {}
+    asked = cfg.settings()
+    changed = [f"{k}: {saved.get(k)!r} → {v!r}" for k, v in asked.items() if k != "rounds" and saved.get(k) != v]
+    if changed:
+        raise ValueError(f"{summary_dir} holds a finished run of other settings ({'; '.join(changed)}); "
+                         "remove it or choose another directory")
+    return summary.get("rounds") == cfg.rounds
+
+
+def check_resumable(cfg: RunConfig) -> None:
+    """``cfg`` may continue the run in ``cfg.out``: the same settings but ``rounds``, which may only grow.
+
+    Every engine resumes through here (the CLI, ``hetlora run --engine flower`` and ``flwr run``'s
+    ServerApp), so a changed setting is refused the same way everywhere.
+    """
+    resume_config(Path(cfg.out), given=cfg.settings())
+
+
 def prepare_out(cfg: RunConfig, resume: bool) -> Path:
-    """Create ``--out``; refuse to overwrite a finished or started run unless resuming."""
+    """Create ``--out``; refuse to overwrite a finished or started run unless resuming (then with the same settings)."""
     out = Path(cfg.out)
     if resume:
+        check_resumable(cfg)
         return out
     if (out / "checkpoint").exists() or (out / "metrics.jsonl").exists() or (out / "config.json").exists():
         raise ValueError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
@@ -159,8 +192,9 @@ class Progress:
         if self.enabled:
             self.bar.advance(self.rounds)
             self.bar.console.print(
-                f"round {row['round']}: eval ppl {row['eval_ppl']:.2f}  train loss {row['train_loss'] or float('nan'):.3f}  "
-                f"ranks {sorted(row['ranks'].values())}  live rank {row.get('live_rank', '-')}  dropped {len(row['dropped'])}"
+                f"round {row['round']}: eval ppl {row['eval_ppl']:.2f}  train loss {row.get('train_loss') or float('nan'):.3f}  "
+                f"ranks {sorted(row.get('ranks', {}).values())}  live rank {row.get('live_rank', '-')}  "
+                f"dropped {row.get('dropped_count', len(row.get('dropped', [])))}"
                 + (f"  REJECTED: {row['rejected']}" if row.get("rejected") else "")
             )
 
@@ -215,10 +249,20 @@ def local_round(fed: Federation, t: int, progress: Progress, hook: RoundHook | N
 RoundFn = Callable[[Federation, int, Progress, "RoundHook | None"], dict[str, Any]]
 
 
-def evaluate_round(fed: Federation, t: int) -> dict[str, Any]:
-    """Held-out evaluation after round t (tiers as configured), rank health and the DP budget spent."""
+def evaluate_round(fed: Federation, t: int, round_row: Mapping[str, Any]) -> dict[str, Any]:
+    """Held-out evaluation after round t (tiers as configured), rank health and the DP budget spent.
+
+    An aggregate after which the held-out loss is not finite is rejected: the previous global
+    model is restored and evaluated, and the row says why (the run then exits non-zero).
+    """
     final = t + 1 == fed.cfg.rounds
-    row = fed.eval_metrics(with_tiers=fed.cfg.tier_eval == "every" or (final and fed.cfg.tier_eval == "final"), final=final)
+    with_tiers = fed.cfg.tier_eval == "every" or (final and fed.cfg.tier_eval == "final")
+    row = fed.eval_metrics(with_tiers=with_tiers, final=final)
+    if not math.isfinite(row["eval_loss"]) and fed.roll_back():
+        reason = f"the held-out loss after aggregating was {row['eval_loss']}; the previous global model is kept"
+        log.error("round %d: %s", t + 1, reason)
+        row = fed.eval_metrics(with_tiers=with_tiers, final=final) | fed.rank_metrics()
+        row |= {"rejected": reason, "aggregated": False, "ranks": {c: fed.ranks[c] for c in round_row.get("ranks", {})}}
     if fed.cfg.dp_clip is not None:
         row["dp_epsilon"] = epsilon(fed.cfg.noise_multiplier, fed.cfg.clients_per_round, len(fed.client_ids), t + 1, fed.cfg.dp_delta)
         row["dp_delta"] = fed.cfg.dp_delta
@@ -268,7 +312,7 @@ def run(
             for t in range(fed.round, cfg.rounds):
                 started = time.perf_counter()
                 row = round_fn(fed, t, bar, hook)
-                row.update(evaluate_round(fed, t))
+                row.update(evaluate_round(fed, t, row))
                 row["seconds"] = time.perf_counter() - started
                 row["server_rss_mb"] = rss_mb()
                 row["precision"] = fed.host.precision
@@ -288,6 +332,7 @@ def finish(fed: Federation, out: Path, summary: dict[str, Any]) -> dict[str, Any
         adapter_dir = out / "adapter"
         shutil.rmtree(adapter_dir, ignore_errors=True)
         save_adapter(adapter_dir, fed.state["global"], cfg.global_rank, cfg.lora_scale, cfg.target_modules, cfg.model)
+    save_base_delta(out, fed.state.get("base_delta") or {})
     plot_run(rows, out / "plots", summary.get("initial_eval_ppl"))
     ppls = [r["eval_ppl"] for r in rows]
     rejected = [r["round"] for r in rows if r.get("rejected")]
@@ -306,6 +351,7 @@ def finish(fed: Federation, out: Path, summary: dict[str, Any]) -> dict[str, Any
             "full_eval_ppl": rows[-1].get("full_eval_ppl") if rows else None,
             "full_eval_size": rows[-1].get("full_eval_size") if rows else None,
             "final_live_rank": rows[-1].get("live_rank") if rows else None,
+            "final_trainable_rank": rows[-1].get("trainable_rank") if rows else None,
             "bytes_up_total": sum(r["bytes_up"] for r in rows),
             "bytes_down_total": sum(r["bytes_down"] for r in rows),
             "trainable_params": fed.trainable_params(),
@@ -336,8 +382,8 @@ def visits(rows: list[dict[str, Any]]) -> dict[str, int]:
 def failure(summary: Mapping[str, Any]) -> str | None:
     """Why a finished run's result must not be trusted (None: it can be)."""
     if summary.get("rejected_rounds"):
-        return (f"the aggregate of round(s) {summary['rejected_rounds']} was not finite and was rejected "
-                "(the previous global model was kept); see 'rejected' in metrics.jsonl")
+        return (f"the aggregate of round(s) {summary['rejected_rounds']} was rejected (not finite, or the held-out loss "
+                "after it was not; the previous global model was kept); see 'rejected' in metrics.jsonl")
     if summary.get("rounds") and not summary.get("rounds_aggregated"):
         return "no round aggregated a single valid update; see 'dropped' in metrics.jsonl"
     return None

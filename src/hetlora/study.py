@@ -29,6 +29,8 @@ from .compare import variant
 from .checkpoint import write_json_atomic
 from .config import RunConfig
 from .outputs import read_metrics
+from .runner import finished_as_asked
+from .stats import ALPHA, holm, t_interval, t_test, verdict
 
 # Methods in the order they run for each seed: the claims' methods first, then the references.
 CLAIM_LABELS = ["hetlora", "fedavg-rmin", "fedavg-rmax", "recon-svd", "hetlora-noprune", "hetlora-naive", "fft"]
@@ -70,40 +72,15 @@ PRESETS: dict[str, Preset] = {
                     labels=("hetlora", "fedavg-rmin", "fedavg-rmax", "recon-svd", "hetlora-noprune", "hetlora-naive", "fft")),
 }
 
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086}
-
-
-def t_interval(values: list[float]) -> tuple[float, tuple[float, float] | None]:
-    """Mean and its 95 % t-interval (None with fewer than two values)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, None
-    half = T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, (mean - half, mean + half)
-
-
-def verdict(ci: tuple[float, float] | None) -> str:
-    """Reproduced if the interval lies above 0 (the paper's side), not reproduced if below, else inconclusive."""
-    if ci is None:
-        return "inconclusive"
-    return "reproduced" if ci[0] > 0 else "not reproduced" if ci[1] < 0 else "inconclusive"
+# Pre-registered before the v3 runs: a "no worse" claim holds when the one-sided non-inferiority test
+# rejects "worse by at least this much" (per-seed relative perplexity difference, in %).
+EQUIVALENCE_MARGIN_PCT = 1.0
 
 
 # ---------------------------------------------------------------------------------- running
 def run_label(label: str, seed: int, base: RunConfig, out: Path) -> RunConfig:
     cfg = variant(label, dataclasses.replace(base, seed=seed, out=str(out)))
     return dataclasses.replace(cfg, out=str(out))
-
-
-def finished(path: Path, rounds: int) -> bool:
-    summary = path / "summary.json"
-    if not summary.is_file():
-        return False
-    try:
-        return json.loads(summary.read_text()).get("rounds") == rounds
-    except json.JSONDecodeError:
-        return False
 
 
 def execute(cfg: RunConfig, results: Path) -> dict[str, Any]:
@@ -153,11 +130,11 @@ class Study:
         for label, lr in plan:
             name = f"{label}-lr{lr:g}"
             kept = self.results / "tuning" / name
-            if not finished(kept, p.tune_rounds):
+            base = self.base(lr=lr, rounds=p.tune_rounds, eval_split="validation", tier_eval="off")
+            cfg = run_label(label, TUNE_SEED, base, self.work_root / self.preset_name / "tuning" / name)
+            if not finished_as_asked(kept, cfg):
                 if self.out_of_time():
                     break
-                base = self.base(lr=lr, rounds=p.tune_rounds, eval_split="validation", tier_eval="off")
-                cfg = run_label(label, TUNE_SEED, base, self.work_root / self.preset_name / "tuning" / name)
                 t = time.perf_counter()
                 execute(cfg, kept)
                 self.log(f"tuning {name}: {time.perf_counter() - t:.0f}s")
@@ -191,13 +168,13 @@ class Study:
         for seed in p.seeds:  # seed-major: a partial study still pairs every method on the seeds it has
             for label in p.labels:
                 kept = self.results / "runs" / f"{label}-s{seed}"
-                if finished(kept, p.base["rounds"]):
+                lr = tuning["fft_lr"] if label == "fft" else tuning["lora_lr"]
+                cfg = run_label(label, seed, self.base(lr=lr), self.work_root / self.preset_name / f"{label}-s{seed}")
+                if finished_as_asked(kept, cfg):
                     continue
                 if self.out_of_time():
                     self.log("time budget used up; run the study again to continue")
                     return
-                lr = tuning["fft_lr"] if label == "fft" else tuning["lora_lr"]
-                cfg = run_label(label, seed, self.base(lr=lr), self.work_root / self.preset_name / f"{label}-s{seed}")
                 t = time.perf_counter()
                 s = execute(cfg, kept)
                 self.log(f"{label:>16} seed {seed}: test ppl {s['full_eval_ppl']:.2f} ({time.perf_counter() - t:.0f}s)")
@@ -249,69 +226,79 @@ def paired(runs: dict, other: str, key: Callable[[dict], float | None], sign: in
 
 
 def diff_claim(cid: str, title: str, other: str, evidence: str, runs: dict, key=lambda r: r["final_eval_ppl"], basis: str = "perplexity") -> dict:
+    """A claim judged on the per-seed paired difference key(other) − key(hetlora) (> 0: the paper's side)."""
     seeds, diffs = paired(runs, other, key)
     if not diffs:
-        return {"id": cid, "claim": title, "paper": evidence, "versus": other, "verdict": "inconclusive", "n": 0,
+        return {"id": cid, "claim": title, "paper": evidence, "versus": other, "n": 0, "p": None,
                 "mean_diff": None, "ci95": None, "verdict_basis": basis, "note": "no paired runs yet"}
     mean, ci = t_interval(diffs)
     return {"id": cid, "claim": title, "paper": evidence, "versus": other, "n": len(diffs), "seeds": seeds, "diffs": diffs,
-            "mean_diff": mean, "ci95": list(ci) if ci else None, "verdict": verdict(ci), "verdict_basis": basis}
+            "mean_diff": mean, "ci95": list(ci) if ci else None, "p": t_test(diffs) if len(diffs) > 1 else None, "verdict_basis": basis}
+
+
+def relative_pct(runs: dict, other: str) -> tuple[list[int], list[float]]:
+    """Per seed, 100 · (ppl(other) − ppl(hetlora)) / ppl(hetlora): > 0 means hetlora is better."""
+    seeds = sorted(set(runs.get("hetlora", {})) & set(runs.get(other, {})))
+    return seeds, [100 * (runs[other][s]["final_eval_ppl"] - runs["hetlora"][s]["final_eval_ppl"]) / runs["hetlora"][s]["final_eval_ppl"]
+                   for s in seeds]
 
 
 def pruning_claim(runs: dict) -> dict:
-    """C4: ranks shrink, upload bytes drop, perplexity no worse (hetlora vs hetlora-noprune)."""
+    """C4: ranks shrink, upload bytes drop, perplexity no worse than hetlora-noprune's by more than the margin."""
     seeds, byte_diffs = paired(runs, "hetlora-noprune", lambda r: r["bytes_up_total"])
-    _, ppl_diffs = paired(runs, "hetlora-noprune", lambda r: r["final_eval_ppl"])
+    _, rel = relative_pct(runs, "hetlora-noprune")
     _, rank_diffs = paired(runs, "hetlora-noprune", lambda r: r["mean_final_rank"])
     base = {"id": "C4", "claim": "Rank self-pruning: ranks shrink, upload bytes drop, quality no worse",
             "paper": "HetLoRA with γ = 0.99 prunes ranks during training and keeps its perplexity (paper, rank self-pruning ablation)",
-            "versus": "hetlora-noprune", "verdict_basis": "upload bytes and final client ranks (must drop), perplexity (must not be worse)"}
+            "versus": "hetlora-noprune", "equivalence_margin_pct": EQUIVALENCE_MARGIN_PCT,
+            "verdict_basis": f"upload bytes must drop (one-sided t-test) and perplexity be no worse than {EQUIVALENCE_MARGIN_PCT:g} % "
+                             "(one-sided non-inferiority test); p = the larger of the two (intersection-union), Holm-adjusted"}
     if len(byte_diffs) < 2:
-        return base | {"verdict": "inconclusive", "n": len(byte_diffs), "mean_diff": None, "ci95": None, "note": "fewer than two paired seeds"}
+        return base | {"n": len(byte_diffs), "p": None, "mean_diff": None, "ci95": None, "note": "fewer than two paired seeds"}
     b_mean, b_ci = t_interval(byte_diffs)
-    p_mean, p_ci = t_interval(ppl_diffs)
+    p_mean, p_ci = t_interval(rel)
     r_mean, _ = t_interval(rank_diffs)
-    bytes_drop, ranks_shrink = b_ci[0] > 0, r_mean > 0
-    quality_worse = p_ci[1] < 0  # noprune − hetlora < 0: pruning significantly worse
-    if bytes_drop and ranks_shrink and not quality_worse:
-        v = "reproduced"
-    elif not ranks_shrink or b_ci[1] < 0 or quality_worse:
-        v = "not reproduced"
-    else:
-        v = "inconclusive"
-    return base | {"verdict": v, "n": len(byte_diffs), "seeds": seeds, "mean_diff": p_mean, "ci95": list(p_ci),
-                   "bytes_up_saved_mean": b_mean, "bytes_up_saved_ci95": list(b_ci), "mean_rank_reduction": r_mean}
+    p_saves = t_test(byte_diffs, alternative="greater")
+    p_no_worse = t_test(rel, null=-EQUIVALENCE_MARGIN_PCT, alternative="greater")
+    p_worse = t_test(rel, null=-EQUIVALENCE_MARGIN_PCT, alternative="less")  # pruning worse by more than the margin
+    return base | {"n": len(byte_diffs), "seeds": seeds, "mean_diff": p_mean, "ci95": list(p_ci), "diffs": rel,
+                   "p": max(p_saves, p_no_worse), "p_bytes_saved": p_saves, "p_no_worse": p_no_worse, "p_worse": p_worse,
+                   "ranks_shrink": r_mean > 0, "bytes_up_saved_mean": b_mean, "bytes_up_saved_ci95": list(b_ci),
+                   "mean_rank_reduction": r_mean}
 
 
 def cost_claim(runs: dict) -> dict:
-    """C6: HetLoRA closes most of the gap from the best HomLoRA to full fine-tuning at a fraction of its cost."""
+    """C6: HetLoRA closes at least half the gap from the best HomLoRA to full fine-tuning, at a fraction of its cost.
+
+    Judged on the per-seed difference d = (ppl(best HomLoRA) + ppl(FFT)) / 2 − ppl(HetLoRA) (> 0: HetLoRA is past
+    the midpoint of the gap), a linear combination with an exact t-interval; no seed is dropped, whichever side
+    FFT falls on. The share of the gap closed is reported per seed as a description only.
+    """
     base = {"id": "C6", "claim": "Cost and the gap to full fine-tuning",
             "paper": "FFT 32.70, HetLoRA 53.93, best HomLoRA 80.51: HetLoRA closes 56 % of the gap at a fraction of FFT's trainable parameters",
-            "versus": "fft", "verdict_basis": "share of the (best HomLoRA − FFT) perplexity gap closed by HetLoRA (must exceed 1/2), "
+            "versus": "fft", "verdict_basis": "per-seed (best HomLoRA + FFT)/2 − HetLoRA perplexity (> 0: at least half the gap closed), "
                                                "and trainable parameters and bytes relative to FFT"}
     seeds = sorted(set(runs.get("hetlora", {})) & set(runs.get("fft", {})) & set(runs.get("fedavg-rmin", {})) & set(runs.get("fedavg-rmax", {})))
     if not seeds:
-        return base | {"verdict": "inconclusive", "n": 0, "mean_diff": None, "ci95": None, "note": "no paired runs yet"}
-    closed, fft_better = [], []
+        return base | {"n": 0, "p": None, "mean_diff": None, "ci95": None, "note": "no paired runs yet"}
+    diffs, closed, fft_better = [], [], []
     for s in seeds:
         het, fft = runs["hetlora"][s]["final_eval_ppl"], runs["fft"][s]["final_eval_ppl"]
         hom = min(runs["fedavg-rmin"][s]["final_eval_ppl"], runs["fedavg-rmax"][s]["final_eval_ppl"])
+        diffs.append((hom + fft) / 2 - het)
         fft_better.append(hom - fft)
-        closed.append((hom - het) / (hom - fft) if hom - fft > 0 else float("nan"))
-    h, f, m = (runs[x][seeds[0]] for x in ("hetlora", "fft", "fedavg-rmax"))
+        closed.append((hom - het) / (hom - fft) if hom != fft else None)
+    f = runs["fft"][seeds[0]]
+    h = runs["hetlora"][seeds[0]]
     cost = {"trainable_params_vs_fft": h["trainable_params"] / f["trainable_params"],
             "bytes_up_vs_fft": statistics.fmean(runs["hetlora"][s]["bytes_up_total"] / runs["fft"][s]["bytes_up_total"] for s in seeds),
             "bytes_up_vs_fedavg_rmax": statistics.fmean(runs["hetlora"][s]["bytes_up_total"] / runs["fedavg-rmax"][s]["bytes_up_total"] for s in seeds),
             "fft_lr": f["lr"], "lora_lr": h["lr"]}
+    mean, ci = t_interval(diffs)
     g_mean, g_ci = t_interval(fft_better)
-    if g_ci is not None and g_ci[1] < 0:
-        return base | cost | {"verdict": "not reproduced", "n": len(seeds), "seeds": seeds, "mean_diff": g_mean, "ci95": list(g_ci),
-                              "note": "FFT with its own tuned learning rate is worse than the best HomLoRA: there is no gap for HetLoRA to close"}
-    valid = [c for c in closed if not math.isnan(c)]
-    c_mean, c_ci = t_interval(valid) if valid else (float("nan"), None)
-    shifted = (c_ci[0] - 0.5, c_ci[1] - 0.5) if c_ci else None
-    return base | cost | {"verdict": verdict(shifted), "n": len(valid), "seeds": seeds, "gap_closed": valid, "mean_diff": c_mean,
-                          "ci95": list(c_ci) if c_ci else None, "fft_minus_best_homlora_ci95": list(g_ci) if g_ci else None}
+    return base | cost | {"n": len(diffs), "seeds": seeds, "diffs": diffs, "mean_diff": mean, "ci95": list(ci) if ci else None,
+                          "p": t_test(diffs) if len(diffs) > 1 else None, "gap_closed": closed,
+                          "fft_minus_best_homlora_mean": g_mean, "fft_minus_best_homlora_ci95": list(g_ci) if g_ci else None}
 
 
 def tier_claim(runs: dict, r_min: int) -> dict:
@@ -322,9 +309,25 @@ def tier_claim(runs: dict, r_min: int) -> dict:
                       basis=f"perplexity of hetlora truncated to r = {r_min} vs HomLoRA trained at r = {r_min}")
 
 
+def judge(family: list[dict]) -> list[dict]:
+    """Holm-adjust the family's p-values and give each claim its verdict at α = 0.05."""
+    adjusted = holm({c["id"]: c["p"] for c in family if c.get("p") is not None})
+    out = []
+    for c in family:
+        p_holm = adjusted.get(c["id"])
+        if c["id"] == "C4":
+            v = verdict(1.0, p_holm) if c.get("ranks_shrink", True) else "not reproduced"
+            if c.get("p_worse") is not None and c["p_worse"] < ALPHA:
+                v = "not reproduced"
+        else:
+            v = verdict(c.get("mean_diff"), p_holm)
+        out.append(c | {"p_holm": p_holm, "verdict": v})
+    return out
+
+
 def claims(runs: dict, preset: Preset) -> list[dict]:
     r_min = preset.base["r_min"]
-    return [
+    return judge([
         diff_claim("C1", "HetLoRA beats HomLoRA at r_min", "fedavg-rmin", "53.93 vs 80.51 (HomLoRA r = 5)", runs),
         diff_claim("C2", "HetLoRA beats HomLoRA at r_max", "fedavg-rmax", "53.93 vs 307.96 (HomLoRA r = 50)", runs),
         diff_claim("C3", "HetLoRA beats reconstruction + SVD", "recon-svd", "53.93 vs 323.89", runs),
@@ -333,7 +336,7 @@ def claims(runs: dict, preset: Preset) -> list[dict]:
                    "HetLoRA's sparsity-weighted aggregation is part of its advantage (paper ablation)", runs),
         cost_claim(runs),
         tier_claim(runs, r_min),
-    ]
+    ])
 
 
 def summarise(runs: dict) -> list[dict]:
@@ -397,23 +400,27 @@ def render_markdown(report: dict, plots: list[Path], results: Path) -> str:
     lines = [f"# HetLoRA's claims on SmolLM2-135M-Instruct + chitchat — preset `{cfg['preset']}`", ""]
     lines += ["| claim | the paper's evidence | ours (paired, hetlora vs. the other; mean, 95 % CI, seeds) | verdict |", "|---|---|---|---|"]
     for c in report["claims"]:
+        ci = c.get("ci95")
+        interval = f"(CI {_fmt(ci[0]) if ci else '—'}…{_fmt(ci[1]) if ci else '—'})"
         if c.get("mean_diff") is None:
             ours = c.get("note", "no data")
         elif c["id"] == "C6":
-            ours = (f"gap closed {_fmt(c['mean_diff'])} (CI {_fmt(c['ci95'][0]) if c.get('ci95') else '—'}…{_fmt(c['ci95'][1]) if c.get('ci95') else '—'}); "
+            ours = (f"(best HomLoRA + FFT)/2 − ppl(hetlora) = {_fmt(c['mean_diff'])} {interval}; "
                     f"trainable params {100 * c['trainable_params_vs_fft']:.1f} % of FFT, upload {100 * c['bytes_up_vs_fft']:.1f} % of FFT, "
-                    f"{100 * c['bytes_up_vs_fedavg_rmax']:.0f} % of HomLoRA r_max" + (f"; {c['note']}" if c.get("note") else ""))
+                    f"{100 * c['bytes_up_vs_fedavg_rmax']:.0f} % of HomLoRA r_max")
         elif c["id"] == "C4":
             ours = (f"upload saved {c['bytes_up_saved_mean'] / 1e6:.1f} MB (CI {c['bytes_up_saved_ci95'][0] / 1e6:.1f}…{c['bytes_up_saved_ci95'][1] / 1e6:.1f}), "
-                    f"mean final rank −{_fmt(c['mean_rank_reduction'], 1)}, ppl(noprune) − ppl(hetlora) {_fmt(c['mean_diff'])} "
-                    f"(CI {_fmt(c['ci95'][0])}…{_fmt(c['ci95'][1])})")
+                    f"mean final rank −{_fmt(c['mean_rank_reduction'], 1)}, ppl(noprune) vs ppl(hetlora) {_fmt(c['mean_diff'])} % {interval}, "
+                    f"margin −{c['equivalence_margin_pct']:g} %")
         else:
-            ci = c.get("ci95")
-            ours = f"ppl({c['versus']}) − ppl(hetlora) = {_fmt(c['mean_diff'])} (CI {_fmt(ci[0]) if ci else '—'}…{_fmt(ci[1]) if ci else '—'})"
-        lines.append(f"| **{c['id']}** {c['claim']} | {c['paper']} | {ours}, n = {c.get('n', 0)} | **{c['verdict']}** |")
-    lines += ["", f"Verdict rule: *reproduced* when the 95 % t-interval of the per-seed paired difference lies on the paper's side of zero, "
-              "*not reproduced* when it lies on the other side, *inconclusive* otherwise. Perplexity is measured once, after the "
-              f"last round, on {cfg['final_eval_size']} held-out test examples (never used for tuning).", ""]
+            ours = f"ppl({c['versus']}) − ppl(hetlora) = {_fmt(c['mean_diff'])} {interval}"
+        p_text = f", p = {_fmt(c['p'], 3)}, Holm {_fmt(c['p_holm'], 3)}" if c.get("p_holm") is not None else ""
+        lines.append(f"| **{c['id']}** {c['claim']} | {c['paper']} | {ours}, n = {c.get('n', 0)}{p_text} | **{c['verdict']}** |")
+    lines += ["", "Verdict rule: each claim's paired per-seed difference is tested (two-sided t-test; C4: upload saved, one-sided, "
+              f"and perplexity no worse than {EQUIVALENCE_MARGIN_PCT:g} %, one-sided non-inferiority); the p-values of C1–C7 are "
+              "Holm-adjusted as one family. *Reproduced* when the adjusted p < 0.05 with the difference on the paper's side, "
+              "*not reproduced* when on the other side, *inconclusive* otherwise. Intervals are 95 % t-intervals with exact quantiles. "
+              f"Perplexity is measured once, after the last round, on {cfg['final_eval_size']} held-out test examples (never used for tuning).", ""]
     notes = results / "notes.md"
     if notes.is_file():
         lines += [notes.read_text().strip(), ""]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hetlora.core.adapter import zero_pad_adapter
-from hetlora.core.rank_health import live_rank, rank_energy, slice_energy
+from hetlora.core.rank_health import live_rank, rank_energy, slice_energy, trainable_rank
 
 
 def adapter(rank, out=7, inn=5, seed=0, layers=2):
@@ -40,3 +40,20 @@ def test_rank_energy_shares_add_up_and_sit_where_the_energy_is():
     shares = rank_energy(a, 2, 4, 6)
     assert (shares["low"], shares["mid"], shares["high"]) == (pytest.approx(1.0), 0.0, 0.0)
     assert shares["bounds"] == [2, 4, 6]
+
+
+def test_trainable_rank_counts_components_with_either_factor_alive():
+    """LoRA's own init (B = 0) is trainable at full rank and live at 0; a component is lost only when its B
+    column and A row are zero in every layer (zero padding does that)."""
+    from hetlora.lora import lora_init
+
+    fresh = lora_init({"m0": (7, 5), "m1": (3, 5)}, 6, seed=0)
+    assert trainable_rank(fresh) == 6 and live_rank(fresh) == 0
+    a = adapter(6)
+    a["m0.lora_B.weight"][:, 4:] = 0
+    a["m1.lora_B.weight"][:, 4:] = 0  # components 4, 5: B zero everywhere, A still non-zero → trainable, not live
+    assert trainable_rank(a) == 6 and live_rank(a) == 4
+    a["m0.lora_A.weight"][5] = 0
+    a["m1.lora_A.weight"][5] = 0  # component 5: both factors zero in every layer → lost
+    assert trainable_rank(a) == 5
+    assert trainable_rank(zero_pad_adapter(adapter(3), 8)) == 3

@@ -11,62 +11,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from flwr.app import Context, RecordDict
-from flwr.serverapp import Grid
 
 from hetlora.config import RunConfig
-from hetlora.flower import client_app as client_module
 from hetlora.flower.server_app import serve
 from hetlora.methods import METHODS
 from hetlora.runner import run
 
+from .loopback import LoopbackGrid
 
-class LoopbackGrid(Grid):
-    """Delivers each message to the ClientApp of the node it is addressed to, in this process."""
-
-    def __init__(self, partitions: int, fresh_process: bool = True):
-        self.contexts = {100 + pid: Context(run_id=1, node_id=100 + pid, node_config={"partition-id": pid}, state=RecordDict(), run_config={})
-                         for pid in range(partitions)}
-        self.fresh_process = fresh_process
-        self.bytes_sent = 0
-
-    def set_run(self, run):  # pragma: no cover - not used by serve()
-        pass
-
-    @property
-    def run(self):  # pragma: no cover
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # pragma: no cover
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in messages:
-            if self.fresh_process:
-                client_module._HOSTS.clear()
-            self.bytes_sent += sum(a.numpy().nbytes for rec in message.content.array_records.values() for a in rec.values())
-            replies.append(client_module.app(message, self.contexts[message.metadata.dst_node_id]))
-        return replies
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """What Flower's runtime sets in a ServerApp process before messages are created."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def tiny(out, **kw):

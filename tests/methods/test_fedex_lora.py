@@ -32,3 +32,22 @@ def test_fedex_lora_is_exact_under_mixed_ranks():
     residual = dense_delta(fold(None, METHODS["fedex-lora"].base_update(ups, g, ctx)), M).double()
     mean = sum(prod(u.adapter) for u in ups) / 3
     torch.testing.assert_close(residual + prod(g), mean, rtol=1e-5, atol=1e-5)
+
+
+def test_fedex_lora_folds_the_residual_of_the_bounded_updates():
+    """The issue's repro: one (6, 5) module, 3 clients of rank 2, client 0's B × 50, bound 1.5. The effective
+    update B̄Ā + R must be the mean of the *bounded* products, not of the raw ones."""
+    from hetlora.core.robust import bound_updates
+    from hetlora.methods import aggregate_round
+    from tests.helpers import make_update
+
+    shapes = {M: (6, 5)}
+    ups = [make_update(2, seed=41 + k, n=10, cid=f"c{k}", shapes=shapes) for k in range(3)]
+    ups[0].adapter[M + B_SUFFIX] = ups[0].adapter[M + B_SUFFIX] * 50
+    ctx = AggregationContext(r_max=2, norm_bound=1.5)
+    g, base = aggregate_round(METHODS["fedex-lora"], ups, ctx)
+    effective = prod(g) + dense_delta(fold(None, base), M).double()
+    bounded = sum(prod(u.adapter) for u in bound_updates(ups, 1.5)) / 3
+    raw = sum(prod(u.adapter) for u in ups) / 3
+    torch.testing.assert_close(effective, bounded, rtol=1e-5, atol=1e-5)
+    assert float((effective - raw).abs().max()) > 1.0  # the raw mean is far away: the bound acted

@@ -1,9 +1,10 @@
 """fslora against the authors' worked example; its sketches."""
 
 import numpy as np
+import pytest
 import torch
 
-from hetlora import aggregate
+from hetlora import METHODS, ClientUpdate, aggregate
 from hetlora.core.adapter import A_SUFFIX, B_SUFFIX
 from tests.methods.helpers import M, T, update
 
@@ -38,3 +39,47 @@ def test_fslora_sketches_are_seeded_uniform_and_sized_by_the_budget():
     for t in range(2000):
         counts[sketch_indices(0, t, "c", 3, 10)] += 1
     assert counts.min() > 0.8 * 600 and counts.max() < 1.2 * 600  # each component drawn ~ m/r of the time
+
+
+def fslora_round(ranks_sent, sizes, seed=3):
+    """Clients that trained their sketch (a small change on what they were sent); ``sizes``: ranks they return."""
+    from hetlora.methods.fslora import gather, sketch_indices
+
+    g = torch.Generator().manual_seed(seed)
+    previous = {M + B_SUFFIX: torch.randn(4, 6, generator=g), M + A_SUFFIX: torch.randn(6, 5, generator=g)}
+    ups = []
+    for k, (sent, size) in enumerate(zip(ranks_sent, sizes)):
+        sketch = gather(previous, sketch_indices(0, 0, f"c{k}", sent, 6))
+        change = {key: 0.01 * torch.randn(v.shape, generator=g) for key, v in sketch.items()}
+        adapter = {key: (sketch[key] + change[key])[..., :size] if key.endswith(B_SUFFIX) else (sketch[key] + change[key])[:size]
+                   for key in sketch}
+        ups.append(ClientUpdate(adapter, 10, client_id=f"c{k}", rank=size, round=0))
+    return previous, ups
+
+
+def test_a_short_fslora_update_is_refused_not_applied_to_other_components():
+    from hetlora.core.validation import InvalidUpdate
+    from hetlora.methods import AggregationContext, aggregate_round
+
+    previous, ups = fslora_round([3, 3], [3, 2])
+    ctx = AggregationContext(r_max=6, previous=previous, ranks={"c0": 3, "c1": 3})
+    with pytest.raises(InvalidUpdate, match="sent a sketch of 2 components, but was sent 3"):
+        aggregate_round(METHODS["fslora"], ups, ctx)
+    kept, dropped = METHODS["fslora"].split_valid(ups, ctx, assigned_ranks={"c0": 3, "c1": 3}, round_index=0, exact_rank=True)
+    assert [u.client_id for u in kept] == ["c0"] and "not the rank 3 it was sent" in dropped[0][1]
+
+
+def test_the_fslora_bound_scales_the_change_not_the_sketch():
+    """A client whose change is inflated is brought to the median change; honest clients are untouched,
+    so with the bound on an honest round aggregates exactly as with it off."""
+    from hetlora.methods import AggregationContext, aggregate_round
+
+    previous, ups = fslora_round([3, 3, 3], [3, 3, 3])
+    ctx = dict(r_max=6, previous=previous, ranks={"c0": 3, "c1": 3, "c2": 3})
+    honest_on, _ = aggregate_round(METHODS["fslora"], ups, AggregationContext(norm_bound=1.5, **ctx))
+    honest_off, _ = aggregate_round(METHODS["fslora"], ups, AggregationContext(norm_bound=None, **ctx))
+    for k in honest_on:
+        torch.testing.assert_close(honest_on[k], honest_off[k])
+    huge = [ClientUpdate({k: v * 1e30 for k, v in ups[0].adapter.items()}, 10, client_id="c0", rank=3, round=0)] + ups[1:]
+    bounded, _ = aggregate_round(METHODS["fslora"], huge, AggregationContext(norm_bound=1.5, **ctx))
+    assert all(torch.isfinite(v).all() and float((v - previous[k]).abs().max()) < 10 for k, v in bounded.items())

@@ -3,7 +3,8 @@
 Zero-padded factor averaging sets component j of the global adapter to zero in both
 factors whenever no client of a round had rank > j; with A_j = 0 and B_:,j = 0 both
 gradients are zero, so the component never trains again. The *live rank* counts the
-components still alive; the *rank energy* says where ΔW's energy sits.
+components still alive (both factors non-zero), the *trainable rank* those that still receive
+a gradient (either factor non-zero); the *rank energy* says where ΔW's energy sits.
 """
 
 from __future__ import annotations
@@ -30,6 +31,21 @@ def component_strengths(adapter: Mapping[str, Tensor]) -> Tensor:
 def live_rank(adapter: Mapping[str, Tensor]) -> int:
     """#{j : Σ_ℓ ‖B_ℓ[:, j]‖·‖A_ℓ[j, :]‖ > 0}: components that can still change ΔW."""
     return int((component_strengths(adapter) > 0).sum())
+
+
+def trainable_rank(adapter: Mapping[str, Tensor]) -> int:
+    """#{j : B[:, j] ≠ 0 or A[j, :] ≠ 0 in some module}: components that receive a gradient.
+
+    A component with one factor zero still trains (LoRA's own init has B = 0, so a fresh
+    adapter is trainable at full rank and live at 0); one with both zero never trains again.
+    """
+    total: Tensor | None = None
+    for _, b, a in lora_pairs(adapter):
+        s = (b.detach() != 0).any(dim=0) | (a.detach() != 0).any(dim=1)
+        total = s if total is None else total | s
+    if total is None:
+        raise ValueError("adapter has no LoRA pairs")
+    return int(total.sum())
 
 
 def slice_energy(adapter: Mapping[str, Tensor], start: int, stop: int) -> float:

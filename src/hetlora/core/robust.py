@@ -18,9 +18,11 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import replace
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
-from .adapter import ClientUpdate, adapter_rank, factor_norms, scale_adapter, update_norm
+from torch import Tensor
+
+from .adapter import A_SUFFIX, ClientUpdate, adapter_rank, factor_norms, scale_adapter, update_norm
 from .validation import InvalidUpdate
 
 # The lower median: with two clients it is the smaller value, so one inflated client of
@@ -81,3 +83,33 @@ def cap_weights(weights: Sequence[float], bound: float) -> list[float]:
     if med <= 0:
         return list(weights)
     return [min(w, bound * med) for w in weights]
+
+
+
+def bound_changes(updates: Sequence[ClientUpdate], changes: Sequence[Mapping[str, Tensor]], bound: float,
+                  group: Callable[[str], str] = lambda key: "") -> list[dict[str, Tensor]]:
+    """Bound each client's *change* from what it was sent, not its tensors (docs/algorithm.md §5).
+
+    For methods whose update is "the tensors sent plus a change" (FSLoRA's sketch, full
+    fine-tuning's weights), scaling the tensors themselves would pull an honest client's
+    update towards zero; the change Δ_k is what a client controls. Keys are grouped by
+    ``group(key)`` (one group: one flat norm; fft: a group per tensor). In each group, a
+    client whose ‖Δ‖ (divided by √rank, so sketches of different sizes compare) exceeds
+    ``bound`` × the round's lower median is scaled to that median, as :func:`bound_updates`
+    does. Norms are formed in float64; one that is not finite drops its client.
+    """
+    if bound <= 0:
+        raise ValueError(f"norm_bound must be positive, got {bound}")
+    roots = [math.sqrt(max(1, adapter_rank(u.adapter))) if _is_lora(u.adapter) else 1.0 for u in updates]
+    names = sorted({group(k) for change in changes for k in change})
+    norms = {g: [math.sqrt(sum(float(v.double().pow(2).sum()) for k, v in change.items() if group(k) == g)) / s
+                 for change, s in zip(changes, roots)] for g in names}
+    for g, values in norms.items():
+        require_finite_norms(updates, values, f"‖Δ‖ of {g or 'the update'}")
+    factors = {g: [_clip_factor(v, median(values), bound) for v in values] for g, values in norms.items()}
+    return [{k: v * factors[group(k)][i] if factors[group(k)][i] != 1.0 else v for k, v in change.items()}
+            for i, change in enumerate(changes)]
+
+
+def _is_lora(adapter: Mapping[str, Tensor]) -> bool:
+    return any(k.endswith(A_SUFFIX) for k in adapter)

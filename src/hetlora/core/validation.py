@@ -89,6 +89,7 @@ def validate_update(
     r_max: int,
     *,
     max_rank: int | None = None,
+    exact_rank: bool = False,
 ) -> int:
     """Check one update against the expected layer shapes; return its rank.
 
@@ -96,7 +97,9 @@ def validate_update(
     factors, missing or extra modules, tensors that are not 2-D floating point,
     shapes that disagree with ``shapes``, an A/B rank mismatch inside one module,
     different ranks across modules, rank < 1, rank > r_max (or > ``max_rank``,
-    the client's assigned rank), and NaN/Inf values.
+    the client's assigned rank), a rank other than the assigned one when ``exact_rank``
+    (a run without pruning: a short update would be read against the wrong components),
+    and NaN/Inf values.
     """
     cid = update.client_id
     adapter = update.adapter
@@ -138,6 +141,8 @@ def validate_update(
         raise InvalidUpdate(cid, f"rank {rank} exceeds r_max {r_max}")
     if max_rank is not None and rank > max_rank:
         raise InvalidUpdate(cid, f"rank {rank} exceeds the client's assigned rank {max_rank}")
+    if exact_rank and max_rank is not None and rank != max_rank:
+        raise InvalidUpdate(cid, f"rank {rank} is not the rank {max_rank} it was sent (this run does not prune)")
     if update.rank is not None and update.rank != rank:
         raise InvalidUpdate(cid, f"declares rank {update.rank} but its tensors have rank {rank}")
     for key, t in adapter.items():
@@ -182,6 +187,7 @@ def split_valid(
     *,
     assigned_ranks: Mapping[str, int] | None = None,
     round_index: int | None = None,
+    exact_rank: bool = False,
 ) -> tuple[list[ClientUpdate], list[tuple[str | None, str]]]:
     """Keep the valid updates and list ``(client, reason)`` for every dropped one.
 
@@ -198,7 +204,7 @@ def split_valid(
             if round_index is not None and u.round is not None and u.round != round_index:
                 raise InvalidUpdate(u.client_id, f"update is for round {u.round}, not the current round {round_index}")
             max_rank = assigned_ranks.get(u.client_id) if assigned_ranks and u.client_id is not None else None
-            validate_update(u, shapes, r_max, max_rank=max_rank)
+            validate_update(u, shapes, r_max, max_rank=max_rank, exact_rank=exact_rank)
         except InvalidUpdate as err:
             dropped.append((u.client_id, err.problem))
             continue

@@ -2,9 +2,14 @@
 
 A turn is one sender's consecutive utterances. An example is the previous ``context``
 turns as the prompt (this sender's turns as ``assistant``, the other's as ``user``) and
-this sender's turn as the target. Clients are split by conversation into train and test,
-so a test conversation is never seen in training; senders with fewer than
-``min_examples`` training turns are dropped (default 20 → about 500 clients).
+this sender's turn as the target. Senders with fewer than ``min_examples`` training turns
+are dropped (default 20 → about 500 clients).
+
+**The split is by conversation, for every sender at once** (:data:`SPLIT_VERSION`): each
+conversation lies wholly in train, validation or test, so neither side of a held-out
+conversation is ever trained on, by its sender or by the other one. (Split version 1 split
+each sender's conversations on their own: the other side of 64 % of held-out conversations
+was in some client's training data, and validation and test shared conversations.)
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import random
 from pathlib import Path
 
-from .federated import FederatedData, RawExample, split_by_group
+from .federated import FederatedData, RawExample
+
+SPLIT_VERSION = "conversation-v2"  # recorded in every result's provenance
 
 
 def chitchat_path() -> Path:
@@ -50,6 +58,18 @@ def examples_by_sender(path: str, context: int) -> dict[str, dict[str, tuple[Raw
     return {s: {c: tuple(e) for c, e in convs.items()} for s, convs in per_sender.items()}
 
 
+def conversation_sides(conversation_ids, test_fraction: float, seed: int) -> dict[str, str]:
+    """conversation -> ``train`` | ``validation`` | ``test``: a seeded shuffle of all conversations,
+    ``test_fraction`` of them held out and split evenly between validation and test."""
+    ids = sorted(conversation_ids)
+    random.Random(f"conversation-split:{seed}").shuffle(ids)
+    n_heldout = round(test_fraction * len(ids))
+    n_test = n_heldout // 2
+    sides = {c: "test" for c in ids[:n_test]}
+    sides |= {c: "validation" for c in ids[n_test:n_heldout]}
+    return sides | {c: "train" for c in ids[n_heldout:]}
+
+
 def load_chitchat(
     tokenizer,
     *,
@@ -62,11 +82,16 @@ def load_chitchat(
     path: str | Path | None = None,
 ) -> FederatedData:
     per_sender = examples_by_sender(str(path or chitchat_path()), context)
-    train, test = {}, {}
+    sides = conversation_sides({c for convs in per_sender.values() for c in convs}, test_fraction, seed)
+    split: dict[str, dict[str, list[RawExample]]] = {"train": {}, "validation": {}, "test": {}}
     for sender, convs in per_sender.items():
-        tr, te = split_by_group(convs, test_fraction, seed, sender)
-        if len(tr) >= min_examples:
-            train[sender], test[sender] = tr, te
-    if not train:
+        parts: dict[str, list[RawExample]] = {"train": [], "validation": [], "test": []}
+        for conv_id in sorted(convs):
+            parts[sides[conv_id]] += convs[conv_id]
+        if len(parts["train"]) >= min_examples:
+            for side, examples in parts.items():
+                split[side][sender] = examples
+    if not split["train"]:
         raise ValueError(f"chitchat: no sender has {min_examples} training examples")
-    return FederatedData("chitchat", train, test, tokenizer, max_length, eval_size, seed)
+    return FederatedData("chitchat", split["train"], split["test"], tokenizer, max_length, eval_size, seed,
+                         validation=split["validation"], split_version=SPLIT_VERSION)

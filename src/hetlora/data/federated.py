@@ -77,6 +77,30 @@ def tokenize_example(raw: RawExample, tokenizer, max_length: int, end_id: int | 
     return Example(list(prompt_ids) + target_ids, [IGNORE] * len(prompt_ids) + target_ids)
 
 
+# Tokenised examples shared by every FederatedData of one process that uses the same tokenizer files
+# and settings (a study or a test session builds many runs over the same clients): tokenising is
+# pure, so a cached Example equals a fresh one. Examples are never mutated after tokenisation.
+_TOKENISED: dict[tuple, dict[RawExample, Example]] = {}
+
+
+def tokenizer_key(tokenizer, max_length: int, end_id: int | None) -> tuple:
+    """What a tokenisation depends on: the tokenizer's files (class, path, vocabulary, template, special ids) and the settings."""
+    return (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer),
+            getattr(tokenizer, "chat_template", None), tuple(getattr(tokenizer, "all_special_ids", ())), max_length, end_id)
+
+
+def tokenize_all(raws: list[RawExample], tokenizer, max_length: int, end_id: int | None) -> list[Example]:
+    """:func:`tokenize_example` of each, through the process-wide cache."""
+    cache = _TOKENISED.setdefault(tokenizer_key(tokenizer, max_length, end_id), {})
+    out = []
+    for raw in raws:
+        example = cache.get(raw)
+        if example is None:
+            example = cache[raw] = tokenize_example(raw, tokenizer, max_length, end_id)
+        out.append(example)
+    return out
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; padded positions get label -100 and mask 0."""
     width = max(len(e.input_ids) for e in examples)
@@ -93,8 +117,11 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 @dataclass
 class FederatedData:
-    """Per-client train/test examples (raw) and a held-out global test set.
+    """Per-client train examples and held-out examples (raw), pooled into global validation and test sets.
 
+    ``validation``: held-out examples kept apart from ``test`` by the loader (chitchat: whole
+    conversations on each side); None: the ``test`` pool is halved (rows with no shared
+    context, e.g. a user file). ``split_version`` names how the split was made (provenance).
     Tokenisation happens on first use of a client, so building a federation of
     hundreds of clients costs string handling only.
     """
@@ -106,6 +133,8 @@ class FederatedData:
     max_length: int = 128
     eval_size: int = 256
     seed: int = 0
+    validation: dict[str, list[RawExample]] | None = None
+    split_version: str = "rows-v1"
     _cache: dict[str, list[Example]] = field(default_factory=dict, repr=False)
     _evals: dict[tuple[str, int], list[Example]] = field(default_factory=dict, repr=False)
     end_id: int | None = field(default=None, init=False)
@@ -128,14 +157,20 @@ class FederatedData:
 
     def train_examples(self, client_id: str) -> list[Example]:
         if client_id not in self._cache:
-            self._cache[client_id] = [tokenize_example(r, self.tokenizer, self.max_length, self.end_id) for r in self.train[client_id]]
+            self._cache[client_id] = tokenize_all(self.train[client_id], self.tokenizer, self.max_length, self.end_id)
         return self._cache[client_id]
 
     def heldout(self, split: str = "test") -> list[RawExample]:
-        """Every client's held-out conversations, pooled, shuffled with the seed and halved:
-        even positions form the ``validation`` split (for tuning), odd ones the ``test`` split."""
+        """One held-out split, every client's examples pooled and shuffled with the seed: ``validation``
+        (for tuning) or ``test``. Without a separate validation set, the test pool's even positions
+        form the validation split and its odd ones the test split."""
         if split not in ("test", "validation"):
             raise ValueError(f"split must be test or validation, got {split!r}")
+        if self.validation is not None:
+            source = self.validation if split == "validation" else self.test
+            pool = [r for c in sorted(source) for r in source[c]]
+            random.Random(f"heldout:{split}:{self.seed}").shuffle(pool)
+            return pool
         pool = [r for c in sorted(self.test) for r in self.test[c]]
         random.Random(f"heldout:{self.seed}").shuffle(pool)
         return pool[1::2] if split == "test" else pool[0::2]
@@ -147,7 +182,7 @@ class FederatedData:
             pool = self.heldout(split)
             if not pool:
                 raise ValueError(f"{self.name}: no held-out {split} examples")
-            self._evals[(split, size)] = [tokenize_example(r, self.tokenizer, self.max_length, self.end_id) for r in pool[:size]]
+            self._evals[(split, size)] = tokenize_all(pool[:size], self.tokenizer, self.max_length, self.end_id)
         return self._evals[(split, size)]
 
 

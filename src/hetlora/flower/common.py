@@ -29,7 +29,7 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     ``hetlora-config``; ``flwr run .`` gives the individual keys.
     """
     if CONFIG_KEY in run_config:
-        return from_mapping(json.loads(str(run_config[CONFIG_KEY])))
+        return from_mapping(json.loads(str(run_config[CONFIG_KEY])), none_is_value=True)  # the whole config: None is a value
     values: dict[str, Any] = {}
     for key, value in run_config.items():
         if key == "resume":

@@ -11,6 +11,7 @@ Server-side evaluation, metrics.jsonl, checkpoints and the final adapter come fr
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -20,7 +21,7 @@ from flwr.serverapp.strategy import Strategy
 from ..config import RunConfig
 from ..core.adapter import ClientUpdate
 from ..federation import Federation
-from ..runner import Progress, run
+from ..runner import Progress, check_resumable, run
 from .common import config_from_run_config, encode_config, from_array_record, to_array_record
 
 log = logging.getLogger(__name__)
@@ -35,36 +36,59 @@ class HetLoRAStrategy(Strategy):
         self.timeout = timeout
         self.node_of: dict[str, int] = {}  # client id -> node id
         self.examples_of: dict[str, int] = {}  # client id -> examples it reported when it joined
+        self.refused: list[dict[str, Any]] = []  # claims refused at discovery (node, client, reason)
+        self.sent: dict[str, int] = {}  # client id -> the rank sent to it this round
         self.last_row: dict[str, Any] = {}
         self.bytes_down = 0
 
     # -- identity: which node holds which client (stable across rounds) -------------------
     def discover(self, grid: Grid) -> None:
-        """Ask every node which client it holds; the server only sees opaque node ids."""
+        """Ask every node which client it holds; the server only sees opaque node ids.
+
+        A claim is accepted only for a client of this federation that no other node holds: a
+        second claim for a held client is refused (the first node keeps it) and named, as is a
+        claim for a client the federation does not have.
+        """
         config = ConfigRecord({"hetlora-config": encode_config(self.fed.cfg)})
         nodes = list(grid.get_node_ids())
         messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type="query") for n in nodes]
-        for reply in grid.send_and_receive(messages, timeout=self.timeout):
+        registered = set(self.fed.client_ids)
+        for reply in sorted(grid.send_and_receive(messages, timeout=self.timeout), key=lambda r: r.metadata.src_node_id):
+            node = reply.metadata.src_node_id
             if reply.has_error():
-                log.warning("node %s did not identify itself: %s", reply.metadata.src_node_id, reply.error.reason)
+                log.warning("node %s did not identify itself: %s", node, reply.error.reason)
                 continue
             identity = reply.content.config_records["identity"]
             cid = str(identity["client-id"])
-            self.node_of[cid] = reply.metadata.src_node_id
+            problem = self.claim_problem(cid, node, registered)
+            if problem:
+                self.refused.append({"node": node, "client": cid, "reason": problem})
+                log.warning("node %s: %s", node, problem)
+                continue
+            self.node_of[cid] = node
             self.examples_of[cid] = int(identity["num-examples"])
         missing = [c for c in self.fed.client_ids if c not in self.node_of]
         if missing:
             log.warning("%d of %d clients have no node and will not be sampled", len(missing), len(self.fed.client_ids))
 
+    def claim_problem(self, cid: str, node: int, registered: set[str]) -> str | None:
+        """Why node ``node``'s claim to hold ``cid`` is refused (None: accepted)."""
+        if cid not in registered:
+            return f"claims client {cid}, which is not a client of this federation; refused"
+        if cid in self.node_of and self.node_of[cid] != node:
+            return f"claims client {cid}, already held by node {self.node_of[cid]}; refused (the first claim keeps it)"
+        return None
+
     # -- Strategy API ----------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         t = server_round - 1
         run_config = ConfigRecord({"hetlora-config": encode_config(self.fed.cfg)})
-        messages, self.bytes_down = [], 0
+        messages, self.bytes_down, self.sent = [], 0, {}
         for cid in self.fed.sample(t):
             if cid not in self.node_of:
                 continue
             job = self.fed.job(cid, t)
+            self.sent[cid] = job.rank
             self.bytes_down += self.fed.download_bytes(job)
             records = {
                 "adapter": to_array_record(job.payload),
@@ -96,6 +120,10 @@ class HetLoRAStrategy(Strategy):
                 failed.append((cid, f"reports {result['num-examples']!r} examples, but {self.examples_of.get(cid)} when it joined"))
                 continue
             metrics = dict(reply.content.metric_records.get("metrics", {}))
+            problem = self.metrics_problem(cid, metrics, int(result["round"]), t)
+            if problem:
+                failed.append((cid, problem))
+                continue
             updates.append(
                 ClientUpdate(
                     from_array_record(reply.content.array_records["adapter"]),
@@ -110,6 +138,19 @@ class HetLoRAStrategy(Strategy):
         self.last_row = self.fed.complete_round(t, updates, failed) | {"bytes_down": self.bytes_down}
         summary = MetricRecord({"clients": float(len(updates)), "dropped": float(len(self.last_row["dropped"]))})
         return to_array_record(self.fed.state["global"]), summary
+
+    def metrics_problem(self, cid: str, metrics: dict[str, Any], reply_round: int, t: int) -> str | None:
+        """A reply whose own account contradicts what the server sent it (never trusted for ranks or pruning)."""
+        if cid not in self.sent:
+            return f"replied without being sent a task this round"
+        if reply_round != t:
+            return f"reply is for round {reply_round}, not round {t}"
+        rank_in = metrics.get("rank_in")
+        if rank_in is not None and int(rank_in) != self.sent[cid]:
+            return f"reports it trained from rank {rank_in}, but was sent rank {self.sent[cid]}"
+        if any(not math.isfinite(float(v)) for v in metrics.values() if isinstance(v, (int, float))):
+            return "reports metrics that are not finite"
+        return None
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return []  # evaluation is centralised on the held-out set
@@ -133,7 +174,10 @@ class HetLoRAStrategy(Strategy):
 
 
 def serve(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
-    """Run the experiment over ``grid`` and write the usual ``--out`` contract."""
+    """Run the experiment over ``grid`` and write the usual ``--out`` contract (a resume with changed
+    settings is refused before any model loads or any node is asked)."""
+    if resume:
+        check_resumable(cfg)
     fed = Federation(cfg)
     strategy = HetLoRAStrategy(fed)
     strategy.discover(grid)

@@ -28,6 +28,7 @@ def run_simulation(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     from ..data import load_data
+    from ..host import registered_clients
     from ..models import load_tokenizer
     from .client_app import app as client_app
     from .server_app import serve
@@ -42,7 +43,7 @@ def run_simulation(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     ray_dir.mkdir(parents=True, exist_ok=True)
 
     data = load_data(cfg.data, load_tokenizer(cfg.model), **cfg.data_options())
-    n_clients = min(len(data.client_ids), cfg.max_clients or len(data.client_ids))
+    n_clients = len(registered_clients(data.client_ids, cfg))  # one node per registered client (client_pool honoured)
     result: dict[str, Any] = {}
     server_app = ServerApp()
 

@@ -12,7 +12,6 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..core.adapter import Adapter, ClientUpdate
-from ..core.robust import bound_updates
 from ..core.validation import LayerShapes
 from .base import AggregationContext, AggregationMethod, require_valid
 from .fedavg import FedAvg
@@ -56,14 +55,25 @@ def get_method(name: str) -> AggregationMethod:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}") from None
 
 
-def aggregate_valid(method: AggregationMethod, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
-    """Aggregate updates that already passed validation: the norm bound (if on), then the rule."""
+def aggregate_round(method: AggregationMethod, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> tuple[Adapter, Adapter | None]:
+    """Aggregate updates that already passed validation: the norm bound (if on), then the rule.
+
+    Returns the new global adapter and the method's base update (what it folds into the frozen
+    weights, None for most), both formed from the *same* bounded updates: a residual taken
+    from the raw updates would undo the bound (docs/algorithm.md, "fedex-lora").
+    """
     if not updates:
         raise ValueError("no updates to aggregate")
     updates = [as_fp32(u) for u in updates]
     if ctx.norm_bound is not None and method.bounded:
-        updates = bound_updates(updates, ctx.norm_bound)
-    return {k: v.detach().to(torch.float32).contiguous() for k, v in method.aggregate(updates, ctx).items()}
+        updates = method.bound(updates, ctx)
+    aggregated = {k: v.detach().to(torch.float32).contiguous() for k, v in method.aggregate(updates, ctx).items()}
+    return aggregated, method.base_update(updates, aggregated, ctx)
+
+
+def aggregate_valid(method: AggregationMethod, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
+    """The new global adapter from validated updates (:func:`aggregate_round` without the base update)."""
+    return aggregate_round(method, updates, ctx)[0]
 
 
 def as_fp32(update: ClientUpdate) -> ClientUpdate:
@@ -101,4 +111,4 @@ def aggregate(
     return aggregate_valid(m, updates, ctx)
 
 
-__all__ = ["METHODS", "AggregationContext", "AggregationMethod", "aggregate", "aggregate_valid", "get_method"]
+__all__ = ["METHODS", "AggregationContext", "AggregationMethod", "aggregate", "aggregate_round", "aggregate_valid", "get_method"]

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter, ClientUpdate, lora_pairs, module_names
+from ..core.robust import bound_updates
 from ..core.validation import InvalidUpdate, LayerShapes, split_valid
 
 
@@ -29,7 +30,8 @@ class AggregationContext:
     method's own keyword options (e.g. ``per_layer``); ``generator``: randomness a
     method may draw (DP noise), seeded per round by the runner; ``seed`` and
     ``round_index``: the run's seed and this round (0-based), for methods whose server
-    re-derives what it sent (FSLoRA's sketches).
+    re-derives what it sent (FSLoRA's sketches); ``ranks``: client -> the rank the server
+    sent it this round (None: not known, e.g. the public :func:`hetlora.aggregate`).
     """
 
     r_max: int
@@ -40,6 +42,7 @@ class AggregationContext:
     generator: torch.Generator | None = None
     seed: int = 0
     round_index: int = 0
+    ranks: Mapping[str, int] | None = None
 
     def previous_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(B, A) of ``module`` in the global adapter before this round, None on a first call."""
@@ -68,6 +71,15 @@ class AggregationMethod:
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         raise NotImplementedError
 
+    def bound(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> list[ClientUpdate]:
+        """The norm-inflation bound (docs/algorithm.md §5) on LoRA factors: B, A and B·A per √rank.
+
+        Methods whose update is "what was sent plus a change" override this to bound the change
+        (hetlora.core.robust.bound_changes). Every method's aggregate and base update are formed
+        from what this returns.
+        """
+        return bound_updates(updates, ctx.norm_bound)
+
     def base_update(self, updates: Sequence[ClientUpdate], aggregated: Adapter, ctx: AggregationContext) -> Adapter | None:
         """Low-rank factors to fold into the frozen base weights this round (None: nothing).
 
@@ -82,10 +94,13 @@ class AggregationMethod:
         ctx: AggregationContext,
         assigned_ranks: Mapping[str, int] | None = None,
         round_index: int | None = None,
+        exact_rank: bool = False,
     ) -> tuple[list[ClientUpdate], list[tuple[str | None, str]]]:
-        """Keep the valid updates, list ``(client, reason)`` for the rest (LoRA adapters)."""
+        """Keep the valid updates, list ``(client, reason)`` for the rest (LoRA adapters).
+
+        ``exact_rank``: every update must have its assigned rank (a run without pruning)."""
         shapes = ctx.shapes if ctx.shapes is not None else _agreed_shapes(updates)
-        return split_valid(updates, ctx.r_max, shapes, assigned_ranks=assigned_ranks, round_index=round_index)
+        return split_valid(updates, ctx.r_max, shapes, assigned_ranks=assigned_ranks, round_index=round_index, exact_rank=exact_rank)
 
 
 def _agreed_shapes(updates: Sequence[ClientUpdate]) -> LayerShapes:

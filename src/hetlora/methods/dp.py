@@ -23,12 +23,13 @@ class DPFedAvg(AggregationMethod):
         if inner.client_kind != "lora":
             raise ValueError(f"DP mode supports the LoRA methods with a persistent global adapter, not {inner.name}")
         self.inner = inner
-        self.name, self.client_kind, self.prunes, self.uniform_rank = inner.name, inner.client_kind, inner.prunes, inner.uniform_rank
+        self.name, self.client_kind, self.uniform_rank = inner.name, inner.client_kind, inner.uniform_rank
+        self.prunes = False  # a pruned rank is a data-dependent release the accountant does not cover
         self.clip_norm, self.noise_multiplier, self.expected_clients = clip_norm, noise_multiplier, expected_clients
 
     def split_valid(self, updates: Sequence[ClientUpdate], ctx: AggregationContext,
-                    assigned_ranks: Mapping[str, int] | None = None, round_index: int | None = None):
-        return self.inner.split_valid(updates, ctx, assigned_ranks, round_index)
+                    assigned_ranks: Mapping[str, int] | None = None, round_index: int | None = None, exact_rank: bool = False):
+        return self.inner.split_valid(updates, ctx, assigned_ranks, round_index, exact_rank)
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         if ctx.previous is None or ctx.generator is None:

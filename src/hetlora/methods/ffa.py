@@ -29,7 +29,6 @@ def _shared_a(factors: list[tuple[torch.Tensor, torch.Tensor]], r_max: int, modu
 class FFALoRA(AggregationMethod):
     name = "ffa"
     client_kind = "ffa"
-    bounded = False
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         out = weighted_padded_sum(updates, ctx.r_max, data_weights(updates))

@@ -1,6 +1,7 @@
 """``fft``: full fine-tuning with FedAvg over all weights — the cost reference.
 
-An "adapter" here is the full set of trainable weights; W^g = Σ q_k W_k.
+An "adapter" here is the full set of trainable weights; W^g = Σ q_k W_k. The norm bound
+applies to each tensor's change from the global weights (docs/algorithm.md §5).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..core.adapter import Adapter, ClientUpdate
+from ..core.robust import bound_changes, cap_examples, median
 from ..core.validation import FLOAT_DTYPES, InvalidUpdate, example_count
 from .base import AggregationContext, AggregationMethod, data_weights
 
@@ -34,7 +36,18 @@ def _weights_problem(update: ClientUpdate, reference: dict[str, torch.Size] | No
 class FullFineTuning(AggregationMethod):
     name = "fft"
     client_kind = "fft"
-    bounded = False
+
+    def bound(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> list[ClientUpdate]:
+        """The norm bound on each tensor's change from the global weights the client was sent
+        (a client's ‖W_k − W‖ per tensor against the round's median), and on the data weights."""
+        if ctx.previous is None:
+            raise ValueError("fft's norm bound needs the previous global weights (pass previous=...)")
+        changes = [{k: v.float() - ctx.previous[k].float() for k, v in u.adapter.items()} for u in updates]
+        bounded = bound_changes(updates, changes, ctx.norm_bound, group=lambda key: key)
+        med_n = median(u.num_examples for u in updates)
+        return [replace(u, adapter={k: (ctx.previous[k].float() + d).to(u.adapter[k].dtype) for k, d in change.items()},
+                        num_examples=cap_examples(u.num_examples, med_n, ctx.norm_bound))
+                for u, change in zip(updates, bounded)]
 
     def split_valid(
         self,
@@ -42,6 +55,7 @@ class FullFineTuning(AggregationMethod):
         ctx: AggregationContext,
         assigned_ranks: Mapping[str, int] | None = None,
         round_index: int | None = None,
+        exact_rank: bool = False,
     ) -> tuple[list[ClientUpdate], list[tuple[str | None, str]]]:
         """Full weights: every client must send the first valid client's keys and shapes, finite."""
         kept: list[ClientUpdate] = []

@@ -18,7 +18,6 @@ from .base import AggregationContext, AggregationMethod, data_weights, per_modul
 class FLoRA(AggregationMethod):
     name = "flora"
     client_kind = "flora"
-    bounded = False
     folds_into_base = True
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:

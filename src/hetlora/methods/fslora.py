@@ -19,16 +19,22 @@ rows and by every module (so a client's payload is an ordinary rank-m_k adapter)
 in the forward as the paper's S_k, and step the server with SGD η = 1 (their default is AdamW,
 lr 3e-4, over 600 rounds; a handful of rounds here would barely move it). Like the authors we
 divide by K, not by the number of clients that drew a component, and weigh clients uniformly.
+
+The norm bound (docs/algorithm.md §5) applies to each client's *change* Δ_k on its sketch:
+scaling the sketch itself would move an honest client's components towards zero.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
 
 from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter, ClientUpdate, adapter_rank, lora_pairs
+from ..core.robust import bound_changes
 from ..core.seeds import derive_seed
+from ..core.validation import InvalidUpdate
 from .base import AggregationContext, AggregationMethod
 
 
@@ -53,19 +59,42 @@ def gather(adapter: Adapter, indices: Sequence[int]) -> Adapter:
 class FSLoRA(AggregationMethod):
     name = "fslora"
     client_kind = "fslora"
-    bounded = False
     options = ("server_lr",)
 
-    def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
+    @staticmethod
+    def sketch(u: ClientUpdate, ctx: AggregationContext) -> list[int]:
+        """I_k of the update's client, re-derived from the rank the server *sent* it (ctx.ranks) when known:
+        an update of another size would be read against the wrong components, so it is refused."""
+        rank = adapter_rank(u.adapter)
+        sent = ctx.ranks.get(str(u.client_id)) if ctx.ranks is not None else None
+        if sent is not None and sent != rank:
+            raise InvalidUpdate(u.client_id, f"sent a sketch of {rank} components, but was sent {sent}")
+        return sketch_indices(ctx.seed, ctx.round_index, str(u.client_id), sent or rank, ctx.r_max)
+
+    def changes(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> list[tuple[list[int], Adapter, Adapter]]:
+        """(I_k, what client k was sent, its change Δ_k on the sketch) for every update."""
         if ctx.previous is None:
             raise ValueError("fslora aggregates changes: it needs the previous global adapter")
-        lr = float(ctx.options.get("server_lr", 1.0))
-        step = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in ctx.previous.items()}
+        out = []
         for u in updates:
-            indices = sketch_indices(ctx.seed, ctx.round_index, str(u.client_id), adapter_rank(u.adapter), ctx.r_max)
+            indices = self.sketch(u, ctx)
             sent = gather(ctx.previous, indices)
-            for module, b, a in lora_pairs(u.adapter):
-                step[module + B_SUFFIX][:, indices] += b.double() - sent[module + B_SUFFIX].double()
-                step[module + A_SUFFIX][indices] += a.double() - sent[module + A_SUFFIX].double()
+            out.append((indices, sent, {k: u.adapter[k].double() - sent[k].double() for k in sent}))
+        return out
+
+    def bound(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> list[ClientUpdate]:
+        """Bound each client's change on its sketch (its pseudo-gradient), not the sketch itself."""
+        triples = self.changes(updates, ctx)
+        bounded = bound_changes(updates, [change for _, _, change in triples], ctx.norm_bound)
+        return [replace(u, adapter={k: (sent[k].double() + change[k]).float() for k in sent})
+                for u, (_, sent, _), change in zip(updates, triples, bounded)]
+
+    def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
+        lr = float(ctx.options.get("server_lr", 1.0))
+        step = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in ctx.previous.items()} if ctx.previous is not None else {}
+        for indices, _, change in self.changes(updates, ctx):
+            for module, db, da in lora_pairs(change):
+                step[module + B_SUFFIX][:, indices] += db
+                step[module + A_SUFFIX][indices] += da
         k = len(updates)
         return {key: (ctx.previous[key].double() + lr * step[key] / k).float() for key in ctx.previous}

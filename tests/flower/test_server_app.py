@@ -1,0 +1,88 @@
+"""The ServerApp trusts only what it sent and what the operator set: claims, metrics, resumes, the pool."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hetlora.config import RunConfig
+from hetlora.federation import Federation
+from hetlora.flower.server_app import HetLoRAStrategy, serve
+from hetlora.runner import run
+
+from .loopback import LoopbackGrid
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+
+def tiny(out, **kw):
+    base = dict(model="tiny", rounds=1, clients_per_round=2, local_steps=1, batch_size=2, max_length=48, lr=5e-3,
+                r_min=2, r_max=6, eval_size=4, min_examples=400, max_clients=3, out=str(out), seed=4, precision="fp32")
+    return RunConfig(**(base | kw))
+
+
+class Untouchable(LoopbackGrid):
+    def get_node_ids(self):
+        raise AssertionError("the grid was used")
+
+    def send_and_receive(self, messages, *, timeout=None):
+        raise AssertionError("the grid was used")
+
+
+def test_a_resume_through_the_server_app_refuses_changed_settings(tmp_path):
+    out = tmp_path / "run"
+    run(tiny(out), progress=False)
+    with pytest.raises(ValueError, match=r"differ from the saved run: lr: 0.005 → 0.05"):
+        serve(Untouchable(partitions=2), tiny(out, lr=5e-2, rounds=2), resume=True)
+    with pytest.raises(ValueError, match=r"--rounds 0 is below"):
+        serve(Untouchable(partitions=2), tiny(out, rounds=0), resume=True)
+
+
+def test_a_second_claim_for_a_held_client_is_refused_and_named(tmp_path):
+    """Nodes 101 and 102 both say they hold the client at partition 1: the first keeps it, the second is named."""
+    grid = LoopbackGrid(partitions=3, fresh_process=False)
+    grid.contexts[102].node_config["partition-id"] = 1
+    cfg = tiny(tmp_path / "run")
+    strategy = HetLoRAStrategy(Federation(cfg))
+    strategy.discover(grid)
+    held = strategy.fed.client_ids[1]
+    assert strategy.node_of == {strategy.fed.client_ids[0]: 100, held: 101}
+    assert strategy.refused == [{"node": 102, "client": held, "reason": f"claims client {held}, already held by node 101; "
+                                                                         "refused (the first claim keeps it)"}]
+
+
+def test_a_node_whose_metrics_contradict_what_it_was_sent_is_dropped(tmp_path):
+    """A reply claiming it trained from another rank (which would feed pruning_events) is dropped with the reason."""
+
+    class Lying(LoopbackGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = super().send_and_receive(messages, timeout=timeout)
+            for reply in replies:
+                if "metrics" in reply.content.metric_records and reply.metadata.src_node_id == 100:
+                    reply.content.metric_records["metrics"]["rank_in"] = 99.0
+            return replies
+
+    out = tmp_path / "flower"
+    cfg = tiny(out, clients_per_round=3)
+    serve(Lying(partitions=3, fresh_process=False), cfg)
+    (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(row["dropped"]) == 1 and "reports it trained from rank 99.0, but was sent rank" in row["dropped"][0]["reason"]
+    assert len(row["clients"]) == 2 and row["aggregated"]
+
+
+def test_the_simulation_starts_one_node_per_client_of_the_pool(tmp_path, monkeypatch):
+    """client_pool registers N clients drawn by the seed: the simulation needs exactly N SuperNodes."""
+    import flwr.simulation
+
+    started = {}
+
+    def fake_simulation(**kwargs):
+        started.update(kwargs)
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", fake_simulation)
+    from hetlora.flower.simulation import run_simulation
+
+    with pytest.raises(RuntimeError, match="ended without finishing"):
+        run_simulation(tiny(tmp_path / "sim", max_clients=None, client_pool=3, engine="flower"))
+    assert started["num_supernodes"] == 3
