@@ -28,7 +28,7 @@ def make_host(tiny, chitchat_small):
 
     def make(seed: int = 0, precision: str = "fp32", **local):
         model, tok = tiny
-        host = ClientHost(RunConfig(model="tiny", seed=seed, device="cpu", precision=precision), model, tok, chitchat_small)
+        host = ClientHost(RunConfig(model="tiny", seed=seed, device="cpu", precision=precision, r_max=32), model, tok, chitchat_small)
         host.local = replace(host.local, **local)
         return host
 

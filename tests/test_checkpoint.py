@@ -85,3 +85,23 @@ def test_write_directory_atomic_keeps_the_old_directory_when_writing_fails(tmp_p
     assert (target / "a.txt").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["export"]
     write_directory_atomic(target, lambda d: (d / "b.txt").write_text("new"))
     assert [p.name for p in target.iterdir()] == ["b.txt"] and [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_rounds_are_ordered_by_number_past_99999(tmp_path):
+    """round-100000 sorts before round-99999 as text: the newest checkpoint was deleted right after it was written."""
+    for r in (99_998, 99_999, 100_000, 100_001):
+        save_checkpoint(tmp_path, r, tensors(r % 7), {"round": r}, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("round-*")) == ["round-100000", "round-100001"]
+    assert load_latest(tmp_path)[0] == 100_001
+
+
+def test_a_checkpoint_of_another_run_is_skipped_and_never_pruned(tmp_path, caplog):
+    for r in (1, 2):
+        save_checkpoint(tmp_path, r, tensors(r), {"round": r}, run_id="mine")
+    save_checkpoint(tmp_path, 9, tensors(9), {"round": 9}, run_id="theirs", keep=5)  # planted, newer
+    with caplog.at_level("WARNING"):
+        assert load_latest(tmp_path, run_id="mine")[0] == 2
+    assert "belongs to another run" in caplog.text
+    save_checkpoint(tmp_path, 3, tensors(3), {"round": 3}, run_id="mine", keep=2)
+    assert sorted(p.name for p in tmp_path.glob("round-*")) == ["round-00002", "round-00003", "round-00009"]
+    assert load_latest(tmp_path, run_id="mine")[0] == 3

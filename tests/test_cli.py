@@ -91,7 +91,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_finished_rounds(tmp_path, monkeyp
         return real(directory, round_index, *args, **kwargs)
 
     out = tmp_path / "run"
-    args = ["run", "--model", "tiny", "--rounds", "3", "--clients-per-round", "2", "--local-steps", "1", "--eval-size", "4",
+    args = ["run", "--model", "tiny", "--rounds", "3", "--clients-per-round", "2", "--local-steps", "1", "--eval-size", "4", "--r-min", "2", "--r-max", "8",
             "--out", str(out), "--quiet"]
     monkeypatch.setattr(runner, "save_checkpoint", full_at_round_2)
     result = CliRunner().invoke(app, args)
@@ -142,3 +142,15 @@ def test_a_read_only_out_is_one_line(tmp_path):
     result = cli("run", "--model", "tiny", "--out", "/sys/hetlora-run", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "/sys/hetlora-run" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_export_to_one_directory_as_both_merged_and_gguf_is_refused(tmp_path):
+    result = CliRunner().invoke(app, ["export", str(tmp_path), "--merged", str(tmp_path / "x"), "--gguf", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "name the same directory" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_study_report_only_on_an_empty_directory_is_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["study", "--preset", "smoke", "--report-only", "--results", str(tmp_path / "r"),
+                                      "--work", str(tmp_path / "w")])
+    assert result.exit_code == 2 and "nothing to report: no finished runs" in result.output, result.output

@@ -21,6 +21,8 @@ from hetlora.flower.common import config_from_run_config
         ({"dp_noise": 1.0}, "dp_noise needs dp_clip"),
         ({"dp_clip": 1.0, "max_clients": 3, "clients_per_round": 4}, "exceeds the 3 registered clients"),
         ({"max_clients": 3, "client_pool": 3}, "set one"),
+        ({"out": ""}, "out must name a directory"),
+        ({"out": "  "}, "out must name a directory"),
     ],
 )
 def test_bad_values_are_refused(changes, message):
@@ -76,3 +78,20 @@ def test_from_mapping_reports_every_problem_at_once():
     with pytest.raises(ValueError) as err:
         from_mapping({"rounds": "x", "lr": "y"})
     assert "rounds" in str(err.value) and "lr" in str(err.value)
+
+
+def test_a_toml_with_both_a_hetlora_table_and_top_level_keys_is_refused(tmp_path):
+    """The top-level keys were silently ignored (the run used the defaults)."""
+    path = tmp_path / "c.toml"
+    path.write_text('rounds = 9\nlr = 0.1\n\n[hetlora]\nmethod = "fedavg"\n')
+    with pytest.raises(ValueError, match=r"both a \[hetlora\] table and top-level keys \['lr', 'rounds'\]"):
+        load_toml(path)
+
+
+def test_cuda_on_a_machine_without_it_is_one_line(monkeypatch):
+    import hetlora.config as config
+
+    monkeypatch.setattr(config, "_cuda_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA device") as err:
+        RunConfig(device="cuda").validate()
+    assert "\n" not in str(err.value)

@@ -461,3 +461,84 @@ def test_settings_that_are_off_stay_off_when_a_run_is_read_back(tmp_path):
     assert saved_config(out).norm_bound is None and saved_config(out).settings() == cfg.settings()
     check_resumable(cfg)  # the same settings: accepted
     assert config_from_run_config({"hetlora-config": encode_config(cfg)}).norm_bound is None
+
+
+# ---------------------------------------------------------------------------------- run hygiene
+def test_a_planted_checkpoint_of_another_run_is_not_loaded(tmp_path, caplog):
+    import shutil
+
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    run(tiny_config(mine, rounds=1, local_steps=1, eval_size=4), progress=False)
+    run(tiny_config(other, rounds=1, local_steps=1, eval_size=4, seed=8, method="fedavg"), progress=False)
+    shutil.copytree(other / "checkpoint" / "round-00001", mine / "checkpoint" / "round-00007")
+    from hetlora.runner import resume_config
+
+    with caplog.at_level("WARNING"):
+        run(resume_config(mine, given={"rounds": 2}), resume=True, progress=False)
+    assert [r["round"] for r in rows(mine)] == [1, 2] and "belongs to another run" in caplog.text
+    assert (mine / "checkpoint" / "round-00007").is_dir() and (mine / "checkpoint" / "round-00002").is_dir()
+
+
+def test_a_torn_last_metrics_line_does_not_block_an_extension_and_the_extension_is_recorded(tmp_path):
+    from hetlora.runner import resume_config
+
+    out = tmp_path / "run"
+    run(tiny_config(out, rounds=2, local_steps=1, eval_size=4), progress=False)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"round": 3, "eval_lo')  # a crash mid-write
+    run(resume_config(out, given={"rounds": 3}), resume=True, progress=False)
+    assert [r["round"] for r in rows(out)] == [1, 2, 3]
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["rounds"] == 3 and saved["_run"]["rounds_history"] == [2, 3]
+    with pytest.raises(ValueError, match="--rounds 2 is below the 3 round"):
+        resume_config(out, given={"rounds": 2})
+
+
+def test_a_run_that_failed_after_set_up_can_be_started_again_in_place(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="not found in the model"):
+        run(tiny_config(out, rounds=1, target_modules=["nope"]), progress=False)
+    assert (out / "config.json").is_file()  # the failure came after set-up
+    run(tiny_config(out, rounds=1, local_steps=1, eval_size=4), progress=False)
+    assert [r["round"] for r in rows(out)] == [1]
+    with pytest.raises(ValueError, match="already holds a run"):  # one finished round: no longer restartable
+        run(tiny_config(out, rounds=1), progress=False)
+
+
+def test_a_rank_above_the_layers_dimensions_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match="exceeds 32, the smallest dimension of the adapted layers"):
+        run(tiny_config(tmp_path / "run", r_max=100_000), progress=False)
+
+
+def test_a_data_file_is_recorded_by_hash_and_a_changed_file_refused_on_resume(tmp_path):
+    from hetlora.config import build_config
+    from hetlora.runner import resume_config
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"client_id": f"c{i % 3}", "prompt": f"q {i}", "response": f"answer {i}"}) + "\n"
+                            for i in range(60)))
+    out = tmp_path / "run"
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        cfg = build_config(None, {"data": "data.jsonl", "model": "tiny", "rounds": 1, "clients_per_round": 2, "local_steps": 1,
+                                  "batch_size": 2, "max_length": 32, "eval_size": 4, "min_examples": 1, "r_min": 2, "r_max": 4,
+                                  "out": str(out)})
+    finally:
+        os.chdir(cwd)
+    run(cfg, progress=False)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["data"] == str(data.resolve()) and len(saved["_run"]["data_sha256"]) == 64
+    assert resume_config(out).data == str(data.resolve())  # found from any working directory
+    data.write_text(data.read_text() + json.dumps({"client_id": "c0", "prompt": "new", "response": "row"}) + "\n")
+    with pytest.raises(ValueError, match="is not the one this run started with"):
+        resume_config(out, given={"rounds": 2})
+
+
+def test_dp_without_noise_writes_valid_json(tmp_path):
+    out = tmp_path / "dp"
+    run(tiny_config(out, rounds=1, local_steps=1, eval_size=4, dp_clip=1.0, dp_noise=0.0), progress=False)
+    text = (out / "metrics.jsonl").read_text()
+    assert "Infinity" not in text and json.loads(text, parse_constant=lambda c: pytest.fail(c))["dp_epsilon"] is None

@@ -72,6 +72,7 @@ def test_a_study_resumes_and_rebuilds_its_report(tmp_path, monkeypatch):
     assert {c["id"] for c in report["claims"]} == {f"C{i}" for i in range(1, 8)}
     assert report["provenance"]["eos_token"]["token"] == "<|im_end|>" and report["provenance"]["commits"]
     assert report["config"]["seeds"] == [0, 1] and report["config"]["final_eval_size"] == 8
+    assert path.read_text().startswith("# HetLoRA's claims on model `tiny` + chitchat")  # not "SmolLM2" for any model
     assert all(r["final_eval_size"] == 8 for r in report["runs"])
     # a second sitting runs only what is missing
     import shutil

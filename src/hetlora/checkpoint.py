@@ -4,6 +4,10 @@ Each round goes to ``checkpoint/round-NNNNN/``: files are written into a tempora
 directory and fsynced, ``manifest.json`` (their SHA-256) is written last, the directory
 is renamed into place and its parent fsynced. Loading verifies the manifest and falls
 back to the newest earlier round that verifies. The last ``keep`` rounds are kept.
+Rounds are ordered by their number, not their name (``round-100000`` comes after
+``round-99999``). A manifest records the ``run_id`` of the run that wrote it: a
+checkpoint of another run found in the directory is skipped with a warning, never
+loaded, and never counted among (or deleted as) this run's own.
 Payloads are read only as safetensors and JSON — never pickle.
 """
 
@@ -81,10 +85,29 @@ def write_directory_atomic(target: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def round_dirs(root: Path) -> list[tuple[int, Path]]:
+    """``(round, path)`` of every ``round-N`` directory, in round order."""
+    out = []
+    for path in root.glob("round-*"):
+        number = path.name[len("round-"):]
+        if number.isdigit():
+            out.append((int(number), path))
+    return sorted(out)
+
+
+def manifest_run_id(path: Path) -> str | None:
+    try:
+        value = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return value.get("run_id") if isinstance(value, dict) else None
+
+
 def save_checkpoint(
-    root: Path, round_index: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any], keep: int = 2
+    root: Path, round_index: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any], keep: int = 2,
+    run_id: str | None = None,
 ) -> Path:
-    """Save ``tensors`` (file stem -> tensor dict) and ``state`` (JSON) for ``round_index``."""
+    """Save ``tensors`` (file stem -> tensor dict) and ``state`` (JSON) for ``round_index``; ``run_id`` goes in the manifest."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"round-{round_index:05d}"
     tmp = root / f".tmp-round-{round_index:05d}"
@@ -101,14 +124,15 @@ def save_checkpoint(
     _fsync_file(state_path)
     files[state_path.name] = sha256(state_path)
     manifest = tmp / MANIFEST
-    manifest.write_text(json.dumps({"round": round_index, "files": files}, indent=1, sort_keys=True))
+    manifest.write_text(json.dumps({"round": round_index, "files": files} | ({"run_id": run_id} if run_id else {}), indent=1, sort_keys=True))
     _fsync_file(manifest)
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(root)
-    for old in sorted(root.glob("round-*"))[:-keep]:
+    own = [path for _, path in round_dirs(root) if run_id is None or manifest_run_id(path) == run_id]
+    for old in own[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -150,15 +174,20 @@ def verify(path: Path, required: tuple[str, ...] = ("global",), allowed: tuple[s
 
 
 def load_latest(
-    root: Path, required: tuple[str, ...] = ("global",), allowed: tuple[str, ...] = ("global",)
+    root: Path, required: tuple[str, ...] = ("global",), allowed: tuple[str, ...] = ("global",), run_id: str | None = None,
 ) -> tuple[int, dict[str, dict[str, torch.Tensor]], dict[str, Any]] | None:
     """The newest checkpoint that verifies: ``(round, tensors, state)``, or None if there is none.
 
-    Loads exactly the files its manifest lists (see :func:`verify`).
+    Loads exactly the files its manifest lists (see :func:`verify`). With ``run_id``, a
+    checkpoint whose manifest names another run (or none) is skipped with a warning.
     """
-    for path in sorted(root.glob("round-*"), reverse=True):
+    for _, path in reversed(round_dirs(root)):
         try:
             manifest = verify(path, required, allowed)
+            if run_id is not None and manifest.get("run_id") != run_id:
+                log.warning("skipping checkpoint %s: it belongs to another run (run id %s, this run is %s)",
+                            path, manifest.get("run_id"), run_id)
+                continue
             tensors = {name[: -len(".safetensors")]: load_file(str(path / name)) for name in manifest["files"] if name.endswith(".safetensors")}
             state = json.loads((path / "state.json").read_text())
         except CorruptCheckpoint as err:

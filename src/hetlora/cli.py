@@ -196,6 +196,8 @@ def export(
     """Export a finished run: a merged standalone HF model (--merged) and/or per-tier GGUF LoRA adapters (--gguf)."""
     if merged is None and gguf is None:
         _fail(ValueError("say what to export: --merged DIR and/or --gguf DIR"), debug)
+    if merged is not None and gguf is not None and merged.resolve() == gguf.resolve():
+        _fail(ValueError(f"--merged and --gguf name the same directory {merged}: give each its own"), debug)
     if merged is not None:
         from .export import export_merged
 

@@ -160,6 +160,10 @@ class RunConfig:
             problems.append(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append(f"device must be auto, cpu or cuda, got {self.device!r}")
+        elif self.device == "cuda" and not _cuda_available():
+            problems.append("device cuda was asked for, but this machine has no CUDA device (torch sees none); use auto or cpu")
+        if not str(self.out).strip():
+            problems.append("out must name a directory, got an empty string")
         if self.engine not in ("local", "flower"):
             problems.append(f"engine must be local or flower, got {self.engine!r}")
         problems += self._dp_problems()
@@ -210,6 +214,12 @@ class RunConfig:
     def settings(self) -> dict[str, Any]:
         """What defines the experiment: everything but where it is written (``out``)."""
         return {k: v for k, v in self.to_dict().items() if k != "out"}
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
@@ -298,10 +308,14 @@ def build_config(config: str | Path | None, flags: Mapping[str, Any]) -> RunConf
     """A TOML file first, then the command-line flags the user gave (None = not given)."""
     cfg = load_toml(config) if config else RunConfig()
     given = {k: v for k, v in flags.items() if v is not None}
+    if "data" not in given and cfg.data != "chitchat" and Path(cfg.data).is_file():
+        given["data"] = cfg.data
     if "ranks" in given:
         given["ranks"] = parse_int_list(given["ranks"], "--ranks")
     if "target_modules" in given:
         given["target_modules"] = [m.strip() for m in str(given["target_modules"]).split(",") if m.strip()]
+    if given.get("data") not in (None, "chitchat") and Path(str(given["data"])).is_file():
+        given["data"] = str(Path(str(given["data"])).resolve())  # a run finds its data from any directory
     if "norm_bound" in given and str(given["norm_bound"]).lower() != "off":
         try:
             given["norm_bound"] = float(given["norm_bound"])
@@ -325,4 +339,8 @@ def load_toml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
     values = raw.get("hetlora", raw)
     if not isinstance(values, dict):
         raise ValueError(f"config file {path}: [hetlora] must be a table")
+    if "hetlora" in raw and len(raw) > 1:
+        others = sorted(k for k in raw if k != "hetlora")
+        raise ValueError(f"config file {path} has both a [hetlora] table and top-level keys {others}: put every "
+                         "setting in one place (top-level keys would be ignored)")
     return from_mapping(values, base)

@@ -17,11 +17,12 @@ import math
 import os
 import shutil
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from .checkpoint import load_latest, save_checkpoint
+from .checkpoint import load_latest, round_dirs, save_checkpoint, sha256, write_json_atomic
 from .config import RunConfig, build_config, from_mapping
 from .core.adapter import ClientUpdate
 from .federation import Federation
@@ -92,7 +93,47 @@ def run_settings(out: Path, doing: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ValueError(f"{doing}: {path} does not hold a JSON object of settings")
     values.pop("out", None)
+    values.pop(RECORD, None)
     return values
+
+
+RECORD = "_run"  # config.json's record of the run itself (not a setting): id, data file hash, rounds asked over time
+
+
+def run_record(out: Path) -> dict[str, Any]:
+    """The run's own record in config.json (empty for a run written before it existed)."""
+    try:
+        record = json.loads((out / "config.json").read_text()).get(RECORD, {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def data_sha256(cfg: RunConfig) -> str | None:
+    """The SHA-256 of a user data file (None for the packaged chitchat)."""
+    return sha256(Path(cfg.data)) if cfg.data != "chitchat" and Path(cfg.data).is_file() else None
+
+
+def write_config(out: Path, cfg: RunConfig, record: Mapping[str, Any]) -> None:
+    write_json_atomic(out / "config.json", cfg.settings() | {RECORD: dict(record)})
+
+
+def rounds_done(out: Path) -> int:
+    """Finished rounds in metrics.jsonl; a line torn by a crash (the last one) is not a finished round."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    done = 0
+    for i, line in enumerate(lines):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{i + 1}: not a JSON object") from None
+        done += 1
+    return done
 
 
 def saved_config(out: Path) -> RunConfig:
@@ -115,10 +156,15 @@ def resume_config(out: Path, given: Mapping[str, Any] | None = None) -> RunConfi
         raise ValueError("--resume keeps the run's settings; these differ from the saved run: " + "; ".join(changed)
                          + " (only --rounds may be raised)")
     if rounds is not None:
-        done = len(read_metrics(out))
-        if rounds < saved.rounds and rounds < max(done, 1):
-            raise ValueError(f"--resume: --rounds {rounds} is below the {max(done, saved.rounds)} round(s) of the saved run; rounds can only be raised")
-        saved.rounds = max(rounds, done)
+        done = rounds_done(out)
+        if rounds < max(saved.rounds, done):
+            raise ValueError(f"--resume: --rounds {rounds} is below the {max(done, saved.rounds)} round(s) of the saved run "
+                             f"({done} finished); rounds can only be raised")
+        saved.rounds = rounds
+    recorded, current = run_record(out).get("data_sha256"), data_sha256(saved)
+    if recorded and current != recorded:
+        raise ValueError(f"--resume: the data file {saved.data} is not the one this run started with "
+                         f"(SHA-256 {current or 'missing'}, recorded {recorded})")
     return saved
 
 
@@ -153,16 +199,32 @@ def check_resumable(cfg: RunConfig) -> None:
     resume_config(Path(cfg.out), given=cfg.settings())
 
 
+def has_finished_round(out: Path) -> bool:
+    return rounds_done(out) > 0 or bool(round_dirs(out / "checkpoint"))
+
+
 def prepare_out(cfg: RunConfig, resume: bool) -> Path:
-    """Create ``--out``; refuse to overwrite a finished or started run unless resuming (then with the same settings)."""
+    """Create ``--out``; refuse to overwrite a run with a finished round unless resuming (then with the same settings).
+
+    A directory whose run failed before finishing a round (a bad flag or data found after set-up) is
+    started again in place. An extension (more rounds) is recorded in config.json.
+    """
     out = Path(cfg.out)
     if resume:
         check_resumable(cfg)
+        record = run_record(out)
+        history = record.get("rounds_history") or [saved_config(out).rounds]
+        if cfg.rounds != history[-1]:
+            write_config(out, cfg, record | {"rounds_history": history + [cfg.rounds]})
         return out
-    if (out / "checkpoint").exists() or (out / "metrics.jsonl").exists() or (out / "config.json").exists():
+    if has_finished_round(out):
         raise ValueError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
+    if (out / "config.json").exists():
+        log.warning("%s holds a run that finished no round; starting it again in place", out)
+        for name in ("config.json", "summary.json", "metrics.jsonl"):
+            (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.settings(), indent=1, sort_keys=True))
+    write_config(out, cfg, {"id": uuid.uuid4().hex, "data_sha256": data_sha256(cfg), "rounds_history": [cfg.rounds]})
     return out
 
 
@@ -264,7 +326,8 @@ def evaluate_round(fed: Federation, t: int, round_row: Mapping[str, Any]) -> dic
         row = fed.eval_metrics(with_tiers=with_tiers, final=final) | fed.rank_metrics()
         row |= {"rejected": reason, "aggregated": False, "ranks": {c: fed.ranks[c] for c in round_row.get("ranks", {})}}
     if fed.cfg.dp_clip is not None:
-        row["dp_epsilon"] = epsilon(fed.cfg.noise_multiplier, fed.cfg.clients_per_round, len(fed.client_ids), t + 1, fed.cfg.dp_delta)
+        eps = epsilon(fed.cfg.noise_multiplier, fed.cfg.clients_per_round, len(fed.client_ids), t + 1, fed.cfg.dp_delta)
+        row["dp_epsilon"] = eps if math.isfinite(eps) else None  # no noise: no finite ε (JSON has no Infinity)
         row["dp_delta"] = fed.cfg.dp_delta
     return row
 
@@ -294,7 +357,8 @@ def run(
             print_plan(fed)
         if cfg.dp_clip is not None:
             log.warning("DP mode: sparsity weighting is off; clipped updates are averaged with uniform weights")
-        restored = load_latest(out / "checkpoint", ("global",), Federation.CHECKPOINT_GROUPS) if resume else None
+        run_id = run_record(out).get("id")
+        restored = load_latest(out / "checkpoint", ("global",), Federation.CHECKPOINT_GROUPS, run_id=run_id) if resume else None
         summary_path = out / "summary.json"
         summary: dict[str, Any] = json.loads(summary_path.read_text()) if resume and summary_path.is_file() else {}
         if restored is not None:
@@ -317,7 +381,8 @@ def run(
                 row["server_rss_mb"] = rss_mb()
                 row["precision"] = fed.host.precision
                 append_metrics(out, row)
-                save_checkpoint(out / "checkpoint", fed.round, fed.state_tensors(), fed.state_json() | {"config": cfg.settings()})
+                save_checkpoint(out / "checkpoint", fed.round, fed.state_tensors(), fed.state_json() | {"config": cfg.settings()},
+                                run_id=run_id)
                 bar.round_done(row)
         finally:
             bar.stop()
@@ -393,7 +458,9 @@ def run_experiment(config: Path | None, flags: Mapping[str, Any], out: str | Non
     """``hetlora run``: build (or, with ``resume``, reload) the config, run it on its engine,
     and raise :class:`RunFailed` when the result must not be trusted."""
     if resume:
-        out_dir = Path(out or RunConfig().out)
+        if out is not None and not str(out).strip():
+            raise ValueError("--out must name a directory, got an empty string")
+        out_dir = Path(out if out is not None else RunConfig().out)
         asked = build_config(config, dict(flags)).settings() if config else {}
         given = {k: v for k, v in build_config(None, dict(flags)).settings().items() if flags.get(k) is not None}
         cfg = resume_config(out_dir, given=asked | given)
@@ -402,7 +469,7 @@ def run_experiment(config: Path | None, flags: Mapping[str, Any], out: str | Non
     if cfg.engine == "flower":
         from .flower.simulation import run_simulation
 
-        summary = run_simulation(cfg, resume=resume)
+        summary = run_simulation(cfg, resume=resume, quiet=not progress)
     else:
         summary = run(cfg, resume=resume, progress=progress)
     summary = dict(summary) | {"out": cfg.out}

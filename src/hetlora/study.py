@@ -363,7 +363,9 @@ def write_report(study: Study, wall_seconds: float | None = None) -> Path:
     from .plots import plot_study
 
     results, preset = study.results, study.preset
-    runs = load_runs(results)
+    runs = load_runs(results) if (results / "runs").is_dir() else []
+    if not runs:
+        raise ValueError(f"nothing to report: no finished runs under {results / 'runs'} (run the study first)")
     grouped = by_label(runs)
     tuning = json.loads((results / "tuning.json").read_text()) if (results / "tuning.json").is_file() else {}
     provenances = [r["provenance"] for r in runs if r.get("provenance")]
@@ -397,7 +399,8 @@ def _fmt(x, digits=2):
 
 def render_markdown(report: dict, plots: list[Path], results: Path) -> str:
     cfg, prov = report["config"], report["provenance"]
-    lines = [f"# HetLoRA's claims on SmolLM2-135M-Instruct + chitchat — preset `{cfg['preset']}`", ""]
+    model = "SmolLM2-135M-Instruct" if cfg.get("model") == "smollm2" else f"model `{cfg.get('model')}`"
+    lines = [f"# HetLoRA's claims on {model} + {cfg.get('data', 'chitchat')} — preset `{cfg['preset']}`", ""]
     lines += ["| claim | the paper's evidence | ours (paired, hetlora vs. the other; mean, 95 % CI, seeds) | verdict |", "|---|---|---|---|"]
     for c in report["claims"]:
         ci = c.get("ci95")

@@ -86,3 +86,18 @@ def test_the_simulation_starts_one_node_per_client_of_the_pool(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="ended without finishing"):
         run_simulation(tiny(tmp_path / "sim", max_clients=None, client_pool=3, engine="flower"))
     assert started["num_supernodes"] == 3
+
+
+def test_quiet_silences_flowers_info_lines(tmp_path, monkeypatch):
+    import logging
+
+    import flwr.simulation
+
+    levels = {}
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kw: levels.setdefault("flwr", logging.getLogger("flwr").getEffectiveLevel()))
+    monkeypatch.setattr(logging.getLogger("flwr"), "level", logging.INFO)
+    from hetlora.flower.simulation import run_simulation
+
+    with pytest.raises(RuntimeError):
+        run_simulation(tiny(tmp_path / "sim", engine="flower"), quiet=True)
+    assert levels["flwr"] == logging.WARNING

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ def _ray_temp_dir(out: Path) -> Path:
     return Path("/tmp") / f"hetlora-ray-{hashlib.sha1(str(inside).encode()).hexdigest()[:10]}"
 
 
-def run_simulation(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Run ``cfg`` with one virtual SuperNode per client; returns the summary."""
+def run_simulation(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` with one virtual SuperNode per client; returns the summary (``quiet``: Flower logs warnings only)."""
+    if quiet:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation as flwr_run_simulation
