@@ -186,3 +186,26 @@ def test_the_lora_scale_stays_fp32_under_bf16_autocast():
             exact = 2.0 * f * (x.reshape(2, 256, 64)[k].double() @ bank.A[0][k].double().T @ bank.B[0][k].double().T)
             gain = float((y[k] * exact).sum() / (exact * exact).sum())
             assert abs(gain - 1) < 4e-4, (factors, k, gain)
+
+
+def test_a_prefix_mask_is_the_truncated_adapter_and_stops_the_tails_gradient(tiny):
+    """use_prefixes([3]) on a rank-6 slot: the forward is the rank-3 truncation's, and components 3..5 get no gradient."""
+    model, _ = tiny
+    adapter = random_adapter(model, 6, seed=4)
+    bank = LoRABank(model, ["q_proj", "v_proj", "down_proj"], slots=1, rank=6)
+    try:
+        bank.load(0, truncate_adapter(adapter, 3))
+        with torch.no_grad(), bank.use(1):
+            truncated = model(input_ids=IDS).logits
+        bank.load(0, adapter)
+        for p in bank.parameters():
+            p.requires_grad_(True)
+        with bank.use(1):
+            bank.use_prefixes([3])
+            masked = model(input_ids=IDS).logits
+            masked.sum().backward()
+        torch.testing.assert_close(masked.detach(), truncated, rtol=1e-5, atol=1e-5)
+        assert all(float(p.grad[0, 3:].abs().max()) == 0 and float(p.grad[0, :3].abs().max()) > 0 for p in bank.A)
+        assert bank.prefix_mask is None  # the mask ends with the block
+    finally:
+        bank.remove()

@@ -542,3 +542,16 @@ def test_dp_without_noise_writes_valid_json(tmp_path):
     run(tiny_config(out, rounds=1, local_steps=1, eval_size=4, dp_clip=1.0, dp_noise=0.0), progress=False)
     text = (out / "metrics.jsonl").read_text()
     assert "Infinity" not in text and json.loads(text, parse_constant=lambda c: pytest.fail(c))["dp_epsilon"] is None
+
+
+def test_revive_keeps_every_component_trainable_in_a_run(tmp_path):
+    """Clients of ranks 2 and 3 under r_max 6: hetlora's trainable rank falls to 3 and stays; hetlora-revive's is 6
+    after every round, with the same live rank (the revived components have B = 0 until a client trains them)."""
+    def ranks(method):
+        out = tmp_path / method
+        run(tiny_config(out, method=method, rounds=2, clients_per_round=2, rank_dist="list", ranks=[2, 3], max_clients=2,
+                        local_steps=1, eval_size=4), progress=False)
+        return [(r["trainable_rank"], r["live_rank"]) for r in rows(out)]
+
+    assert ranks("hetlora") == [(3, 3), (3, 3)]
+    assert ranks("hetlora-revive") == [(6, 3), (6, 3)]

@@ -54,6 +54,7 @@ RUN_OPTIONS: dict[str, tuple[Any, str, str]] = {
     "parallel_clients": (int, "--parallel-clients", "Clients trained together in one process (default: chosen from memory)"),
     "target_modules": (str, "--target-modules", "Comma-separated module names LoRA wraps"),
     "grad_checkpointing": (bool, "--grad-checkpointing/--no-grad-checkpointing", "Clients recompute activations in backward: much less memory, ~1 extra forward per step"),
+    "ordered_dropout": (bool, "--ordered-dropout/--no-ordered-dropout", "LoRA clients train a random prefix r' in [r_min, r_k] of their components each step (FjORD)"),
     "release_memory": (bool, "--release-memory/--no-release-memory", "Clients hand freed heap pages back to the OS every 3 layers (glibc): lower peak RSS, slower steps"),
     "dp_clip": (float, "--dp-clip", "User-level DP: clip norm C (turns DP on)"),
     "dp_noise": (float, "--dp-noise", "User-level DP: noise multiplier σ (needs --dp-clip; default: 1.0)"),

@@ -17,6 +17,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "hetlora-noprune": {"method": "hetlora", "prune": False},
     "hetlora-bound": {"method": "hetlora", "norm_bound": 1.5},
     "hetlora-paper": {"method": "hetlora", "norm_bound": None},
+    "hetlora-ordered": {"method": "hetlora", "ordered_dropout": True},
+    "hetlora-svd-ordered": {"method": "hetlora-svd", "ordered_dropout": True},
 }
 
 

@@ -64,6 +64,7 @@ class RunConfig:
     parallel_clients: int | None = None  # clients trained together in one process (None: chosen from memory)
     grad_checkpointing: bool = False  # clients recompute activations in backward: less memory, slower
     release_memory: bool = False  # clients return freed heap pages to the OS every 3 layers: less RSS, slower
+    ordered_dropout: bool = False  # LoRA clients train a random prefix r' ∈ [r_min, r_k] of their components each step
     lora_scale: float = DEFAULT_SCALE
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # module names LoRA wraps
     dp_clip: float | None = None  # user-level DP on: clip norm C

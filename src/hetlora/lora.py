@@ -99,6 +99,7 @@ class LoRABank(nn.Module):
         self.B = nn.ParameterList(nn.Parameter(torch.zeros(slots, m.out_features, rank, device=device)) for m in layers.values())
         self.alpha = float(scale)  # the scaling of the current batch when all its slots share one (fp32)
         self.per_slot_scale: torch.Tensor | None = None  # s·factor per slot when the slots' factors differ
+        self.prefix_mask: torch.Tensor | None = None  # [slots, R] 1 on each slot's trained prefix (ordered dropout)
         self.active = 0  # slots in use by the current batch (0: the bank adds nothing)
         self.used_rank = rank  # components the current batch needs (the largest active rank)
         self._handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(layers.values())]
@@ -115,6 +116,8 @@ class LoRABank(nn.Module):
             h = torch.bmm(xs, a.transpose(1, 2).to(xs.dtype))  # [k, n, r]: small
             if self.per_slot_scale is not None:  # slots with different factors: applied to h in fp32
                 h = (h.float() * self.per_slot_scale[:k].view(k, 1, 1)).to(xs.dtype)
+            if self.prefix_mask is not None:  # components past a slot's prefix add nothing and get no gradient
+                h = h * self.prefix_mask[:k, None, :r].to(h.dtype)
             out3 = output.reshape(k, -1, output.shape[-1])
             # y + α·h Bᵀ in one kernel: α is a Python float, so the scaling stays fp32 under bf16
             # autocast (a bf16 scale tensor rounds FSLoRA's s·50/7 up by 0.19 %), and no
@@ -148,7 +151,14 @@ class LoRABank(nn.Module):
             yield self
         finally:
             self.active, self.used_rank = 0, self.rank
-            self.alpha, self.per_slot_scale = float(self.scale), None
+            self.alpha, self.per_slot_scale, self.prefix_mask = float(self.scale), None, None
+
+    def use_prefixes(self, prefixes: Sequence[int]) -> None:
+        """Inside :meth:`use`: slot k uses only its components :prefixes[k] (ordered dropout) until the block ends."""
+        mask = torch.zeros(self.slots, self.rank, device=self.A[0].device)
+        for slot, p in enumerate(prefixes):
+            mask[slot, :p] = 1.0
+        self.prefix_mask = mask
 
     # ------------------------------------------------------------------ adapters in and out
     def load(self, slot: int, adapter: Mapping[str, Tensor]) -> int:

@@ -43,6 +43,7 @@ class LocalConfig:
     bf16: bool = False  # resolved from RunConfig.precision by the host
     grad_checkpointing: bool = _D.grad_checkpointing  # recompute activations in backward: far less memory
     release_memory_every: int | None = None  # k: hand freed heap back to the OS every k decoder layers (memory.py)
+    ordered_dropout: bool = _D.ordered_dropout  # train a random prefix of the components each step (clients/lora.py)
     scale: float = DEFAULT_SCALE
     targets: Sequence[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
 
@@ -52,6 +53,7 @@ class LocalConfig:
             local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, gamma=cfg.gamma, lam=cfg.lam,
             r_min=cfg.r_min, bf16=bf16, grad_checkpointing=cfg.grad_checkpointing,
             release_memory_every=RELEASE_EVERY_LAYERS if cfg.release_memory else None, scale=cfg.lora_scale,
+            ordered_dropout=cfg.ordered_dropout,
             targets=list(cfg.target_modules),
         )
 
@@ -90,12 +92,14 @@ def optimise(
     cfg: LocalConfig,
     penalty: Callable[[], torch.Tensor] | None = None,
     slotted: bool = False,
+    before_step: Callable[[int], None] | None = None,
 ) -> list[list[float]]:
     """τ AdamW steps for ``len(groups)`` clients at once; returns each client's task loss per step.
 
     ``groups``: each client's examples and batch generator. ``slotted``: ``params`` are
     stacked per client on dim 0 (a LoRA bank) and clipped per client; otherwise there is
-    one client and clipping is over all ``params``.
+    one client and clipping is over all ``params``. ``before_step(i)`` runs before step i's forward
+    (ordered dropout picks each client's prefix there).
     """
     device = next(model.parameters()).device
     optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -107,7 +111,9 @@ def optimise(
     release_every = cfg.release_memory_every if device.type == "cpu" else None
     try:
         with lean_memory(model, release_every=release_every, checkpointing=cfg.grad_checkpointing):
-            for _ in range(cfg.local_steps):
+            for step in range(cfg.local_steps):
+                if before_step is not None:
+                    before_step(step)
                 rows = [e for stream in streams for e in next(stream)]
                 batch = {key: v.to(device) for key, v in collate(rows, pad_id).items()}
                 with autocast(device.type, cfg.bf16):

@@ -145,3 +145,27 @@ def test_a_failing_fft_client_restores_requires_grad(tiny, chitchat_small, make_
     with pytest.raises(RuntimeError, match="injected"):
         train(host, "fft", chitchat_small.client_ids[0], original, 0)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_ordered_dropout_prefixes_are_seeded_and_in_range():
+    from hetlora.clients.base import Job
+    from hetlora.clients.lora import prefix_ranks
+
+    job = Job("c1", 8, 3, {})
+    p = prefix_ranks(0, job, 8, 2, 400)
+    assert p == prefix_ranks(0, job, 8, 2, 400) and p != prefix_ranks(1, job, 8, 2, 400)
+    assert min(p) == 2 and max(p) == 8  # uniform over [r_min, r_k], both ends reached
+    assert prefix_ranks(0, job, 3, 5, 50) == [3] * 50  # r_k below r_min: always the whole adapter
+
+
+def test_ordered_dropout_trains_prefixes_and_reduces_to_plain_training(tiny, client_data, make_host):
+    """With r_min = r_k every prefix is the whole adapter: the same update as plain training, bit for bit.
+    With r_min = 1 the prefixes vary and the update differs (components past a step's prefix got no gradient then)."""
+    model, _ = tiny
+    cid, _ = client_data
+    start = truncate_adapter(nonzero_global(model, 6), 6)
+    plain = train(make_host(seed=2, local_steps=3, batch_size=4, lr=1e-2, r_min=6), "lora", cid, start, 6)
+    same = train(make_host(seed=2, local_steps=3, batch_size=4, lr=1e-2, r_min=6, ordered_dropout=True), "lora", cid, start, 6)
+    assert all(torch.equal(plain.adapter[k], same.adapter[k]) for k in plain.adapter)
+    ordered = train(make_host(seed=2, local_steps=3, batch_size=4, lr=1e-2, r_min=1, ordered_dropout=True), "lora", cid, start, 6)
+    assert any(not torch.equal(plain.adapter[k], ordered.adapter[k]) for k in plain.adapter)

@@ -20,11 +20,21 @@ from torch import Tensor
 from ..core.adapter import ClientUpdate
 from ..core.pruning import prune_rank, tail_penalty, tail_start
 from ..memory import peak_rss_mb
+from ..core.seeds import derive_seed
 from ..training import client_seed, optimise
 
 if TYPE_CHECKING:
     from ..host import ClientHost
     from .base import Job
+
+
+def prefix_ranks(seed: int, job: "Job", rank: int, r_min: int, steps: int) -> list[int]:
+    """Ordered dropout (FjORD; docs/algorithm.md §3): the prefix r' ∈ [min(r_min, r_k), r_k] each local step
+    trains, uniform and seeded by (seed, round, client), so the leading components see every step and
+    carry the most signal. r_min = r_k gives r' = r_k: plain training."""
+    low = min(r_min, rank)
+    g = torch.Generator().manual_seed(derive_seed("ordered-dropout", seed, job.round, job.client_id))
+    return [int(x) for x in torch.randint(low, rank + 1, (steps,), generator=g)]
 
 
 def train_lora(
@@ -56,10 +66,13 @@ def train_lora(
     params = bank.factors(freeze_a)
     for p in params:
         p.requires_grad_(True)
+    prefixes = [prefix_ranks(host.seed, job, r, cfg.r_min, cfg.local_steps) for job, r in zip(jobs, ranks)] if cfg.ordered_dropout else None
     try:
         with bank.use(k, max(ranks), scales):
             penalty = (lambda: torch.stack(penalties()).sum()) if prune else None
-            losses = optimise(host.model, params, groups, host.tokenizer.pad_token_id, cfg, penalty, slotted=True)
+            before_step = (lambda step: bank.use_prefixes([p[step] for p in prefixes])) if prefixes else None
+            losses = optimise(host.model, params, groups, host.tokenizer.pad_token_id, cfg, penalty, slotted=True,
+                              before_step=before_step)
     finally:
         for p in bank.parameters():
             p.requires_grad_(False)

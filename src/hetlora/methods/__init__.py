@@ -24,6 +24,7 @@ from .hetlora import HetLoRA
 from .fslora import FSLoRA
 from .hetlora_keep import HetLoRAKeep
 from .hetlora_naive import HetLoRANaive
+from .hetlora_svd import HetLoRARevive, HetLoRASVD, HetLoRASVDRevive
 from .rb_lora import RBLoRA
 from .rbla import RBLA
 from .recon_svd import ReconSVD
@@ -44,6 +45,9 @@ METHODS: dict[str, AggregationMethod] = {
         FSLoRA(),
         FedExLoRA(),
         FullFineTuning(),
+        HetLoRASVD(),
+        HetLoRARevive(),
+        HetLoRASVDRevive(),
     )
 }
 
