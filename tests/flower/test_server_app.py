@@ -101,3 +101,35 @@ def test_quiet_silences_flowers_info_lines(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         run_simulation(tiny(tmp_path / "sim", engine="flower"), quiet=True)
     assert levels["flwr"] == logging.WARNING
+
+
+def test_ray_processes_left_by_a_killed_run_are_ended_when_it_starts_again(tmp_path, monkeypatch):
+    """A SIGKILLed simulation leaves Ray's processes running; the next start of that run directory ends every
+    process whose command line names the run's Ray temp dir, and no other."""
+    import subprocess
+    import sys
+
+    import flwr.simulation
+
+    from hetlora.flower.simulation import _ray_temp_dir, run_simulation
+
+    out = tmp_path / "sim"
+    ray_dir = _ray_temp_dir(out)
+    (ray_dir / "logs").mkdir(parents=True)
+    sleeper = "import time; time.sleep(60)"
+    named = subprocess.Popen([sys.executable, "-c", sleeper, f"--temp-dir={ray_dir}"])
+    # Ray renames some processes (ray::DashboardAgent): this one only holds a log file of the run open
+    holding = subprocess.Popen([sys.executable, "-c", f"f = open({str(ray_dir / 'logs' / 'agent.out')!r}, 'w'); {sleeper}"])
+    bystander = subprocess.Popen([sys.executable, "-c", sleeper, f"--temp-dir={tmp_path / 'other' / '.ray'}"])
+    import time
+
+    time.sleep(1.0)  # let the holder open its file
+    try:
+        monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kw: None)
+        with pytest.raises(RuntimeError):
+            run_simulation(tiny(out, engine="flower"))
+        assert named.wait(timeout=10) == -9 and holding.wait(timeout=10) == -9 and bystander.poll() is None
+    finally:
+        for p in (named, holding, bystander):
+            p.kill()
+            p.wait()

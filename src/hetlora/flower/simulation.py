@@ -6,10 +6,12 @@ import hashlib
 import json
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
+from ..runner import run_lock
 
 # Ray's Unix sockets must fit in 107 bytes; a deep --out gets a short sibling under /tmp.
 MAX_RAY_DIR = 60
@@ -20,6 +22,41 @@ def _ray_temp_dir(out: Path) -> Path:
     if len(str(inside)) <= MAX_RAY_DIR:
         return inside
     return Path("/tmp") / f"hetlora-ray-{hashlib.sha1(str(inside).encode()).hexdigest()[:10]}"
+
+
+def _names_dir(proc: Path, marker: str) -> bool:
+    """Whether a process's command line, or any file it holds open, lies under ``marker``.
+
+    Ray renames some of its processes (``ray::DashboardAgent``): those are found by their open log files."""
+    try:
+        if marker in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+            return True
+        return any(os.readlink(fd).startswith(marker) for fd in (proc / "fd").iterdir())
+    except OSError:
+        return False
+
+
+def end_stale_ray(ray_dir: Path) -> list[int]:
+    """End the processes a SIGKILLed earlier run of this directory left behind (Ray's GCS, raylet, agents, workers).
+
+    A SIGKILL gives the driver no chance to stop its Ray cluster, and nothing can end it at that moment; the
+    next start or resume of the same run directory ends every process that names this run's Ray temp dir
+    (which no other run uses) in its command line or its open files. Returns the pids ended.
+    """
+    marker = str(ray_dir)
+    mine = {os.getpid(), os.getppid()}
+    ended = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        pid = int(proc.name)
+        if pid not in mine and _names_dir(proc, marker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                ended.append(pid)
+            except OSError:
+                pass
+    if ended:
+        logging.getLogger(__name__).warning("ended %d Ray process(es) left by an earlier run of this directory", len(ended))
+    return ended
 
 
 def run_simulation(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
@@ -43,6 +80,8 @@ def run_simulation(cfg: RunConfig, *, resume: bool = False, quiet: bool = False)
     os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     os.environ.setdefault("FLWR_HOME", str((out / ".flwr").resolve()))
     ray_dir = _ray_temp_dir(out)
+    with run_lock(out):  # a live run of this directory refuses here, before its Ray processes could be touched
+        end_stale_ray(ray_dir)
     ray_dir.mkdir(parents=True, exist_ok=True)
 
     data = load_data(cfg.data, load_tokenizer(cfg.model), **cfg.data_options())
