@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make run    -> the main job: HetLoRA on SmolLM2-135M-Instruct + chitchat (offline, ~3 min on 2 CPU cores)
+#   make run    -> the main job: HetLoRA on SmolLM2-135M-Instruct + chitchat (offline; ~4 min on 2 cores with native bf16, ~10 min AVX2-only)
 #   make test   -> the test suite
 # Both create .venv if missing. torch==2.13.0 is installed first so pip takes the CPU build.
 VENV ?= .venv
