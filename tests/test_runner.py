@@ -440,7 +440,7 @@ def test_without_the_bound_a_poisoned_model_is_rejected_and_the_run_fails(tmp_pa
     summary = run(tiny_config(out, rounds=1, method=method, local_steps=1, eval_size=4, norm_bound=None), progress=False, hook=all_huge)
     (row,) = rows(out)
     assert math.isfinite(row["eval_loss"])
-    if row["aggregated"]:  # a rule that is robust by itself
+    if row["aggregated"]:  # fft: the loss stays finite (uniform predictions); bound off, only a non-finite loss is rejected
         assert failure(summary) is None
         return
     assert row["rejected"] and row["eval_ppl"] == pytest.approx(summary["initial_eval_ppl"])
@@ -555,3 +555,18 @@ def test_revive_keeps_every_component_trainable_in_a_run(tmp_path):
 
     assert ranks("hetlora") == [(3, 3), (3, 3)]
     assert ranks("hetlora-revive") == [(6, 3), (6, 3)]
+
+
+def test_a_finished_run_is_reused_only_with_the_settings_asked_for(tmp_path):
+    """compare and the study skip a finished run; one of other settings must be refused, not reported as this one."""
+    from hetlora.runner import finished_as_asked
+
+    out = tmp_path / "done"
+    out.mkdir()
+    cfg = tiny_config(out, rounds=2)
+    assert not finished_as_asked(out, cfg)  # nothing there yet
+    (out / "summary.json").write_text(json.dumps({"rounds": 2, "config": cfg.settings()}))
+    assert finished_as_asked(out, cfg)
+    assert not finished_as_asked(out, tiny_config(out, rounds=3))  # same settings, more rounds: continue it
+    with pytest.raises(ValueError, match=r"holds a finished run of other settings \(lr: 0.005 → 0.01\)"):
+        finished_as_asked(out, tiny_config(out, rounds=2, lr=1e-2))
