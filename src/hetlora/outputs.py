@@ -20,17 +20,19 @@ def append_metrics(out: Path, row: Mapping[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def read_metrics(out: Path) -> list[dict[str, Any]]:
+def read_metrics(out: Path, torn_tail: bool = False) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl; ``torn_tail``: a last line torn by a crash is not a row (any other bad line is an error)."""
     path = Path(out) / "metrics.jsonl"
     if not path.is_file():
         return []
+    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, (i, line) in enumerate(lines):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
+            if torn_tail and n == len(lines) - 1:
+                break
             raise ValueError(f"{path}:{i}: not a JSON object (a torn last line is dropped on --resume)") from None
     return rows
 

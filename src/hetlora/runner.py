@@ -120,20 +120,7 @@ def write_config(out: Path, cfg: RunConfig, record: Mapping[str, Any]) -> None:
 
 def rounds_done(out: Path) -> int:
     """Finished rounds in metrics.jsonl; a line torn by a crash (the last one) is not a finished round."""
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    done = 0
-    for i, line in enumerate(lines):
-        try:
-            json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path}:{i + 1}: not a JSON object") from None
-        done += 1
-    return done
+    return len(read_metrics(out, torn_tail=True))
 
 
 def saved_config(out: Path) -> RunConfig:
