@@ -28,7 +28,7 @@ from hetlora.study import PRESETS
 
 LABELS = ["hetlora", "hetlora-svd", "hetlora-revive", "hetlora-svd-revive", "hetlora-ordered", "hetlora-svd-ordered"]
 RESULTS = Path("benchmarks/results/pilot-rank-health")
-LR = 1e-3  # the CPU study's tuned LoRA rate (benchmarks/results/cpu/tuning.json); not re-tuned for the pilot
+LR = 1e-3  # the CPU study's tuned LoRA rate (benchmarks/results/cpu-v2/tuning.json); not re-tuned for the pilot
 
 
 def config(label: str, seed: int, work: Path) -> RunConfig:

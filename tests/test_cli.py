@@ -103,25 +103,27 @@ def test_a_full_disk_is_one_line_and_keeps_the_finished_rounds(tmp_path, monkeyp
     assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
-def test_study_command_rebuilds_the_committed_cpu_report_from_its_runs(tmp_path):
-    """`hetlora study --report-only` on a copy of the committed CPU results: the claims it recomputes from the
-    runs are the committed ones (verdicts and paired differences)."""
+def test_study_command_rebuilds_the_committed_cpu_v2_report_from_its_runs(tmp_path):
+    """`hetlora study --report-only` on a copy of the committed (superseded) v2 CPU results: the claims it
+    recomputes from the runs are the committed ones (verdicts and paired differences); running it is refused."""
     import json
     import shutil
     from pathlib import Path
 
-    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu"
+    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu-v2"
     if not (committed / "study.json").is_file():
         pytest.skip("no committed CPU study results")
-    shutil.copytree(committed, tmp_path / "results" / "cpu")
-    result = CliRunner().invoke(app, ["study", "--preset", "cpu", "--report-only", "--results", str(tmp_path / "results"),
+    shutil.copytree(committed, tmp_path / "results" / "cpu-v2")
+    result = CliRunner().invoke(app, ["study", "--preset", "cpu-v2", "--report-only", "--results", str(tmp_path / "results"),
                                       "--work", str(tmp_path / "work")])
     assert result.exit_code == 0, result.output
-    rebuilt = json.loads((tmp_path / "results" / "cpu" / "study.json").read_text())["claims"]
+    rebuilt = json.loads((tmp_path / "results" / "cpu-v2" / "study.json").read_text())["claims"]
     original = json.loads((committed / "study.json").read_text())["claims"]
     assert [(c["id"], c["verdict"]) for c in rebuilt] == [(c["id"], c["verdict"]) for c in original]
     assert [c["mean_diff"] for c in rebuilt] == pytest.approx([c["mean_diff"] for c in original], rel=1e-12)
-    assert "| **C4**" in (tmp_path / "results" / "cpu" / "study.md").read_text()
+    assert "| **C4**" in (tmp_path / "results" / "cpu-v2" / "study.md").read_text()
+    rerun = CliRunner().invoke(app, ["study", "--preset", "cpu-v2", "--results", str(tmp_path / "results"), "--work", str(tmp_path / "work")])
+    assert rerun.exit_code == 2 and "is a record, not run again" in rerun.output, rerun.output
     bad = CliRunner().invoke(app, ["study", "--preset", "huge"])
     assert bad.exit_code == 2 and "unknown preset 'huge'" in bad.output
 

@@ -7,6 +7,8 @@ import pytest
 from hetlora import study
 from hetlora.stats import holm, interval_verdict, t_interval, t_quantile, t_test, verdict
 from hetlora.study import PRESETS, Preset, Study, claims, write_report
+from hetlora.study_claims import beats_hetlora, curve_shape, variant_rows
+from hetlora.study_plan import power, seeds_needed, size_claim
 
 
 def test_t_interval_and_verdicts():
@@ -57,28 +59,153 @@ def test_claims_pair_by_seed_and_follow_the_verdict_rule():
     assert by_id["C7"]["mean_diff"] == pytest.approx(9.0)  # HomLoRA r_min vs hetlora truncated to r_min (ppl + 1)
 
 
+def test_power_of_the_paired_t_test_against_published_values():
+    # Cohen's tables / G*Power: a paired t-test, d = 1, n = 10, two-sided α = 0.05 has power 0.803; n = 10 is the
+    # smallest n reaching 0.8; d = 0.5 needs n = 34
+    assert power(1.0, 1.0, 10, 0.05) == pytest.approx(0.8031, abs=5e-4)
+    assert seeds_needed(1.0, 1.0, 0.05) == 10 and seeds_needed(0.5, 1.0, 0.05) == 34
+    assert seeds_needed(-2.0, 2.0, 0.05) == 10  # the sign of the effect does not matter, only its size
+    # one-sided non-inferiority: the effect is the distance from −margin
+    c = size_claim("C4", [-0.5, 0.5, 0.0], family_size=1, n_run=10, margin_pct=1.0)
+    assert c["sides"] == 1 and c["power_at_n"] == pytest.approx(power(1.0, 0.5, 10, 0.05, sides=1))
+    assert size_claim("C9", [1.0], 7, 10)["note"].startswith("no earlier paired runs")
+
+
+def test_c8_names_a_method_that_beats_hetlora_after_holm():
+    runs = {"hetlora": {s: fake("hetlora", s, 50 + s) for s in range(5)},
+            "fslora": {s: fake("fslora", s, 50 + s - [1.0, 1.1, 0.9, 1.05, 0.95][s]) for s in range(5)},  # ~1 better every seed
+            "fedex-lora": {s: fake("fedex-lora", s, 50 + s + [-1, 1, -2, 2, 0.5][s]) for s in range(5)}}
+    c8 = beats_hetlora(runs, ["hetlora", "fslora", "fedex-lora"])
+    rows = {r["versus"]: r for r in c8["rows"]}
+    assert rows["fslora"]["verdict"] == "beats hetlora" and rows["fedex-lora"]["verdict"] == "inconclusive"
+    assert c8["winners"] == ["fslora"] and c8["verdict"] == "yes: fslora"
+    # Holm: the smaller p is doubled, the larger kept (made monotone)
+    assert rows["fslora"]["p_holm"] == pytest.approx(min(1, 2 * rows["fslora"]["p"]))
+    assert rows["fedex-lora"]["p_holm"] == pytest.approx(max(rows["fedex-lora"]["p"], rows["fslora"]["p_holm"]))
+    assert beats_hetlora({"hetlora": runs["hetlora"]}, ["hetlora", "fslora"])["verdict"] == "no paired runs yet"
+
+
+def test_variant_rows_pair_final_and_r_min_tier_perplexity():
+    runs = {"hetlora": {s: fake("hetlora", s, 50, tier_ppl={"5": 60.0 + s}) for s in range(3)},
+            "hetlora-ordered": {s: fake("hetlora-ordered", s, 49, tier_ppl={"5": 55.0 + s}) for s in range(3)}}
+    (row,) = variant_rows(runs, ["hetlora-ordered"], 5)
+    assert row["final_diff"] == pytest.approx(-1.0) and row["tier_diff"] == pytest.approx(-5.0) and row["tier_n"] == 3
+
+
+def test_curve_shape_finds_the_best_round_and_overfitting():
+    run = {"seed": 0, "final_eval_ppl": 40.0, "curve": [[0, 90], [1, 50], [2, 40], [3, 42], [4, 45]],
+           "train_curve": [[1, 4.0], [2, 3.5], [3, 3.2], [4, 3.0]]}
+    shape = curve_shape(run)
+    assert shape["best_round"] == 2 and shape["turns_up"] and shape["train_loss_falls_after_best"]
+    run["curve"] = [[0, 90], [1, 50], [2, 45], [3, 42], [4, 41]]
+    assert curve_shape(run)["best_round"] == 4 and not curve_shape(run)["turns_up"]
+
+
+def unit_preset(**kw):
+    return Preset(seeds=(0, 1), base=PRESETS["smoke"].base, lr_grid=(1e-2,), fft_lr_grid=(1e-4,), tune_rounds=1,
+                  labels=("hetlora", "fedavg-rmin"), **kw)
+
+
 def test_a_study_resumes_and_rebuilds_its_report(tmp_path, monkeypatch):
-    tiny = Preset(seeds=(0, 1), base=PRESETS["smoke"].base, lr_grid=(1e-2,), fft_lr_grid=(1e-4,), tune_rounds=1,
-                  labels=("hetlora", "fedavg-rmin"))
-    monkeypatch.setitem(study.PRESETS, "unit", tiny)
+    monkeypatch.setitem(study.PRESETS, "unit", unit_preset(long_labels=("hetlora",), long_seeds=(0,), long_steps_factor=2))
     monkeypatch.setattr(study, "TUNE_LORA_LABELS", ["hetlora"])
     log = []
     s = Study("unit", tmp_path / "results", tmp_path / "work", log=log.append)
     s.run_all()
-    assert sorted(p.name for p in (tmp_path / "results" / "unit" / "runs").iterdir()) == [
-        "fedavg-rmin-s0", "fedavg-rmin-s1", "hetlora-s0", "hetlora-s1"]
+    results = tmp_path / "results" / "unit"
+    assert sorted(p.name for p in (results / "runs").iterdir()) == ["fedavg-rmin-s0", "fedavg-rmin-s1", "hetlora-s0", "hetlora-s1"]
+    long_summary = json.loads((results / "long" / "runs" / "hetlora-s0" / "summary.json").read_text())
+    assert long_summary["config"]["local_steps"] == 2 * PRESETS["smoke"].base["local_steps"]
+    block = json.loads((results / "runs" / "hetlora-s0" / "block.json").read_text())
+    assert block["precision"] == "fp32" and block["device_class"].startswith("cpu ") and len(block["behaviour"]) == 16
     path = write_report(s)
     report = json.loads((path.parent / "study.json").read_text())
-    assert {c["id"] for c in report["claims"]} == {f"C{i}" for i in range(1, 8)}
+    assert {c["id"] for c in report["claims"]} == {f"C{i}" for i in range(1, 8)} and report["c8"]["id"] == "C8"
+    assert report["plan"]["design"]["core_seeds"] == [0, 1] and report["long"]["methods"]["hetlora"]["n"] == 1
+    assert report["seed_blocks"]["runs"]["0"]["block"]["behaviour"] == block["behaviour"]
     assert report["provenance"]["eos_token"]["token"] == "<|im_end|>" and report["provenance"]["commits"]
     assert report["config"]["seeds"] == [0, 1] and report["config"]["final_eval_size"] == 8
-    assert path.read_text().startswith("# HetLoRA's claims on model `tiny` + chitchat")  # not "SmolLM2" for any model
+    text = path.read_text()
+    assert text.startswith("# HetLoRA's claims on model `tiny` + chitchat")  # not "SmolLM2" for any model
+    assert text.index("| **C1**") < text.index("## C8") < text.index("## The long regime") < text.index("## Every method")
+    assert (path.parent / "plots" / "long_regime.png").is_file() and (path.parent / "plots" / "tier_ppl.png").is_file()
     assert all(r["final_eval_size"] == 8 for r in report["runs"])
     # a second sitting runs only what is missing
     import shutil
 
-    shutil.rmtree(tmp_path / "results" / "unit" / "runs" / "hetlora-s1")
+    shutil.rmtree(results / "runs" / "hetlora-s1")
     log.clear()
     Study("unit", tmp_path / "results", tmp_path / "work", log=log.append).run_all()
-    assert [m for m in log if "seed" in m and "tuning" not in m] == [m for m in log if m.strip().startswith("hetlora seed 1")]
-    assert len(log) == 1
+    ran = [m for m in log if "seed" in m and "block" not in m]
+    assert len(ran) == 1 and ran[0].strip().startswith("hetlora seed 1"), log
+
+
+def test_the_registered_plan_is_not_changed_after_runs(tmp_path, monkeypatch):
+    monkeypatch.setitem(study.PRESETS, "unit", unit_preset())
+    s = Study("unit", tmp_path / "results", tmp_path / "work")
+    registered = s.plan()
+    assert (tmp_path / "results" / "unit" / "plan.json").is_file() and s.plan() == registered
+    monkeypatch.setitem(study.PRESETS, "unit", unit_preset(reference_labels=("ffa",), reference_seeds=(0,)))
+    with pytest.raises(ValueError, match="differs from its pre-registered plan .* in reference_labels, reference_seeds"):
+        Study("unit", tmp_path / "results", tmp_path / "work").run_all()
+
+
+def test_the_cpu_plan_is_sized_from_the_committed_v2_runs(tmp_path):
+    """The registered v3 plan recomputes from the committed v2 runs and pilot (so a reader can check it)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    if not (root / "cpu-v2" / "runs").is_dir() or not (root / "cpu-v3" / "plan.json").is_file():
+        pytest.skip("no committed v2 runs or v3 plan")
+    import shutil
+
+    for d in ("cpu-v2", "pilot-rank-health"):
+        shutil.copytree(root / d, tmp_path / d)
+    fresh = Study("cpu", tmp_path, tmp_path / "work").plan()
+    committed = json.loads((root / "cpu-v3" / "plan.json").read_text())
+    assert fresh["design"] == committed["design"]
+    for mine, theirs in zip(fresh["claims"] + fresh["c8"], committed["claims"] + committed["c8"], strict=True):
+        assert (mine["id"], mine.get("seeds_needed_80pct"), mine.get("expected")) == (theirs["id"], theirs.get("seeds_needed_80pct"), theirs.get("expected"))
+        assert mine.get("prior_mean", 0) == pytest.approx(theirs.get("prior_mean", 0), rel=1e-9)
+    by_id = {c["id"]: c for c in committed["claims"]}
+    assert by_id["C1"]["prior_n"] == 3 and by_id["C1"]["prior_mean"] == pytest.approx(1.8297, abs=1e-3)
+
+
+def test_a_seed_of_another_block_is_not_run_and_a_mixed_seed_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setitem(study.PRESETS, "unit", unit_preset())
+    monkeypatch.setattr(study, "TUNE_LORA_LABELS", ["hetlora"])
+    s = Study("unit", tmp_path / "results", tmp_path / "work", log=lambda m: None)
+    s.run_all()
+    results = tmp_path / "results" / "unit" / "runs"
+    other = json.loads((results / "hetlora-s1" / "block.json").read_text()) | {"precision": "bf16"}
+    (results / "hetlora-s1" / "block.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="seed 1 under .* mixes seed blocks"):
+        write_report(s)
+    import shutil
+
+    shutil.rmtree(results / "fedavg-rmin-s1")  # seed 1 now holds one run, of another block: this machine leaves it alone
+    log = []
+    Study("unit", tmp_path / "results", tmp_path / "work", log=log.append).run_all()
+    assert any("seed 1 (runs) was run in block" in m and "not mixing" in m for m in log) and not (results / "fedavg-rmin-s1").exists()
+
+
+def test_a_paused_study_starts_no_run_until_the_pause_file_goes(tmp_path):
+    import threading
+
+    s = Study("smoke", tmp_path / "results", tmp_path / "work", log=lambda m: None)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / study.PAUSE_FILE).touch()
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (s.wait_while_paused(poll_seconds=0.01), done.set()))
+    t.start()
+    assert not done.wait(0.2)
+    (tmp_path / "work" / study.PAUSE_FILE).unlink()
+    assert done.wait(5)
+    t.join()
+
+
+def test_the_fingerprint_changes_when_the_training_computes_other_numbers(tmp_path, monkeypatch):
+    a = study.behaviour_fingerprint("fp32", tmp_path)
+    assert study.behaviour_fingerprint("fp32", tmp_path) == a  # deterministic
+    monkeypatch.setitem(study.PRESETS, "smoke", Preset(seeds=(0,), base=PRESETS["smoke"].base | {"local_steps": 2}))
+    assert study.behaviour_fingerprint("fp32", tmp_path) != a

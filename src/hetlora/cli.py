@@ -216,14 +216,14 @@ def export(
 
 @app.command()
 def study(
-    preset: str = typer.Option("cpu", "--preset", help="cpu (≤ 90 min on 2 cores) | gpu (≥ 5× the compute, 5 seeds) | smoke"),
+    preset: str = typer.Option("cpu", "--preset", help="cpu (study v3: 20 seeds, many sittings) | gpu (≥ 5× the compute per run, 5 seeds) | cpu-v2 (record, --report-only) | smoke"),
     results: Path = typer.Option(Path("benchmarks/results"), "--results", help="Where results/<preset>/ goes"),
     work: Path = typer.Option(Path("runs/study"), "--work", help="Run directories (checkpoints, adapters)"),
     budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Start no new run after this long"),
     report_only: bool = typer.Option(False, "--report-only", help="Rebuild the report from the finished runs"),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks"),
 ) -> None:
-    """The reproduction study of HetLoRA's claims (C1–C7): seeds, paired 95 % intervals, verdicts."""
+    """The reproduction study of HetLoRA's claims (C1–C8): a pre-registered plan, paired 95 % intervals, verdicts."""
     import time
 
     from .study import PRESETS, Study, write_report

