@@ -11,8 +11,11 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .data.federated import IGNORE, Example, collate
+
+CE_CHUNK = 256  # target tokens whose logits exist at once (256 × 49152 fp32 logits = 48 MiB for SmolLM2)
 
 
 def _unwrap(model):
@@ -31,13 +34,35 @@ def target_token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
     labels = batch["labels"][:, 1:]
     picked = labels != IGNORE
-    logits = inner.get_output_embeddings()(hidden[:, :-1][picked])
-    per_token = F.cross_entropy(logits.float(), labels[picked], reduction="none")
+    per_token = chunked_cross_entropy(inner.get_output_embeddings(), hidden[:, :-1][picked], labels[picked])
     rows = picked.nonzero()[:, 0]
     n = labels.shape[0]
     loss = torch.zeros(n, device=per_token.device, dtype=per_token.dtype).index_add_(0, rows, per_token)
     count = torch.bincount(rows, minlength=n)
     return loss, count
+
+
+def _token_losses(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), labels, reduction="none")
+
+
+def chunked_cross_entropy(head, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = CE_CHUNK) -> torch.Tensor:
+    """Per-token cross-entropy of ``head(hidden)`` against ``labels``, ``chunk`` tokens at a time.
+
+    The logits of all N target tokens (N × vocabulary, fp32) and the log-softmax autograd keeps
+    for them were the largest tensors of a small LM's step (~120 MB each for SmolLM2 at batch
+    8 × 128). Each chunk's loss is checkpointed when it needs a gradient: only its hidden rows
+    are kept, and its logits are recomputed in backward (the LM head is a few % of a step), so at
+    most one chunk's logits exist at a time.
+    """
+    if len(labels) <= chunk:
+        return _token_losses(head, hidden, labels)
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    pieces = []
+    for start in range(0, len(labels), chunk):
+        h, y = hidden[start : start + chunk], labels[start : start + chunk]
+        pieces.append(checkpoint(_token_losses, head, h, y, use_reentrant=False) if grad else _token_losses(head, h, y))
+    return torch.cat(pieces)
 
 
 def target_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

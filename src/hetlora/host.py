@@ -19,6 +19,7 @@ from .config import RunConfig
 from .core.base_delta import dense_delta, delta_modules
 from .evaluate import evaluate_loss
 from .lora import PEFT_PREFIX, LoRABank
+from .memory import configure_allocator
 from .methods import METHODS
 from .training import LocalConfig
 
@@ -110,6 +111,7 @@ class ClientHost:
         from .data import load_data
         from .models import load_base_model
 
+        configure_allocator()  # before the model's tensors are allocated
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         if data is None and tokenizer is None:
@@ -136,13 +138,15 @@ class ClientHost:
         self._base_version: object = None
 
     # ------------------------------------------------------------------ LoRA
-    def bank(self, slots: int = 1) -> LoRABank:
-        """The run's LoRA wrap at the global rank, with at least ``slots`` slots (made once)."""
-        if self._bank is None or self._bank.slots < slots:
-            if self._bank is not None:
-                self._bank.remove()
+    def bank(self, slots: int = 1, rank: int | None = None) -> LoRABank:
+        """The run's LoRA wrap (hooked once), holding exactly ``slots`` slots of ``rank`` components
+        (default: the global rank): a client's factors, gradients and moments are of its own size."""
+        rank = rank or self.cfg.global_rank
+        if self._bank is None:
             self._freeze_in_bf16()
-            self._bank = LoRABank(self.model, self.local.targets, slots, self.cfg.global_rank, self.local.scale)
+            self._bank = LoRABank(self.model, self.local.targets, slots, rank, self.local.scale)
+        elif (self._bank.slots, self._bank.rank) != (slots, rank):
+            self._bank.resize(slots, rank)
         return self._bank
 
     def _freeze_in_bf16(self) -> None:

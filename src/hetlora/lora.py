@@ -91,18 +91,28 @@ class LoRABank(nn.Module):
     def __init__(self, model: nn.Module, targets: Sequence[str], slots: int, rank: int, scale: float = DEFAULT_SCALE):
         super().__init__()
         layers = find_targets(model, targets)
-        device = next(model.parameters()).device
+        self.device = next(model.parameters()).device
         self.paths = list(layers)
         self.keys = [PEFT_PREFIX + p for p in self.paths]
-        self.slots, self.rank, self.scale = slots, rank, scale
-        self.A = nn.ParameterList(nn.Parameter(torch.zeros(slots, rank, m.in_features, device=device)) for m in layers.values())
-        self.B = nn.ParameterList(nn.Parameter(torch.zeros(slots, m.out_features, rank, device=device)) for m in layers.values())
+        self.dims = [(m.out_features, m.in_features) for m in layers.values()]
+        self.scale = scale
+        self.resize(slots, rank)
         self.alpha = float(scale)  # the scaling of the current batch when all its slots share one (fp32)
         self.per_slot_scale: torch.Tensor | None = None  # s·factor per slot when the slots' factors differ
         self.prefix_mask: torch.Tensor | None = None  # [slots, R] 1 on each slot's trained prefix (ordered dropout)
         self.active = 0  # slots in use by the current batch (0: the bank adds nothing)
         self.used_rank = rank  # components the current batch needs (the largest active rank)
         self._handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(layers.values())]
+
+    def resize(self, slots: int, rank: int) -> None:
+        """Hold exactly ``slots`` slots of ``rank`` components (zeros), freeing the old factors.
+
+        A client trains a bank of its own size: a rank-5 client in an r_max = 50 bank held
+        gradients and AdamW moments for ten times what it trains (docs/algorithm.md §7).
+        """
+        self.slots, self.rank = slots, rank
+        self.A = nn.ParameterList(nn.Parameter(torch.zeros(slots, rank, i, device=self.device), requires_grad=False) for _, i in self.dims)
+        self.B = nn.ParameterList(nn.Parameter(torch.zeros(slots, o, rank, device=self.device), requires_grad=False) for o, _ in self.dims)
 
     # ------------------------------------------------------------------ forward
     def _hook(self, index: int):
@@ -119,10 +129,14 @@ class LoRABank(nn.Module):
             if self.prefix_mask is not None:  # components past a slot's prefix add nothing and get no gradient
                 h = h * self.prefix_mask[:k, None, :r].to(h.dtype)
             out3 = output.reshape(k, -1, output.shape[-1])
-            # y + α·h Bᵀ in one kernel: α is a Python float, so the scaling stays fp32 under bf16
-            # autocast (a bf16 scale tensor rounds FSLoRA's s·50/7 up by 0.19 %), and no
-            # output-sized temporary is made for the product or the scaling.
-            return torch.baddbmm(out3, h, b.transpose(1, 2).to(h.dtype), alpha=self.alpha).reshape(output.shape).to(output.dtype)
+            # y += α·h Bᵀ in one kernel, in place: α is a Python float, so the scaling stays fp32
+            # under bf16 autocast (a bf16 scale tensor rounds FSLoRA's s·50/7 up by 0.19 %), and no
+            # output-sized tensor is made for the product, the scaling or the sum (the base output
+            # is not saved for backward, so autograd allows writing into it).
+            if out3.dtype != h.dtype:
+                return torch.baddbmm(out3, h, b.transpose(1, 2).to(h.dtype), alpha=self.alpha).reshape(output.shape).to(output.dtype)
+            out3.baddbmm_(h, b.transpose(1, 2).to(h.dtype), alpha=self.alpha)
+            return output
 
         return add_lora
 

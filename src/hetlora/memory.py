@@ -63,6 +63,27 @@ def release_free_heap() -> bool:
     return True
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+MMAP_THRESHOLD_BYTES = 64 * 1024
+
+
+@functools.cache
+def configure_allocator(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Serve every heap allocation above ``threshold`` bytes with its own mapping (glibc), once per process.
+
+    glibc raises its mmap threshold each time a large mapped block is freed (up to 32 MiB), after
+    which the step's activation-sized tensors come from the heap, whose freed holes stay resident:
+    a SmolLM2 LoRA client peaked at 4.2 GB holding 2.3 GB (benchmarks/footprint.py). A fixed
+    threshold turns that adjustment off, so a freed tensor's pages go back at once — without the
+    malloc_trim calls (``--release-memory``) that cost 1.24–1.37× the step. False where there is no
+    mallopt (not glibc)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold))
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks of a Hugging Face model (the units gradient checkpointing uses)."""
     from transformers.modeling_layers import GradientCheckpointingLayer

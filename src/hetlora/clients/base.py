@@ -91,7 +91,7 @@ class ClientKind:
     def evaluate(self, state: State, host: "ClientHost", ranks: Sequence[int], base_version: int, examples=None) -> dict[int, float]:
         """Held-out loss of the global model truncated to each rank."""
         host.apply_base_delta(state.get("base_delta"), base_version)
-        bank = host.bank()
+        bank = host.bank(1, max(ranks))
         out = {}
         for r in ranks:
             bank.load(0, truncate_adapter(state["global"], r))

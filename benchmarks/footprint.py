@@ -1,0 +1,230 @@
+"""Device footprint (#25): peak RSS of one client training one round the way a device runs it.
+
+Every measurement is a fresh process, as on a device:
+
+* ``clientapp``: the process a deployed SuperNode starts for a message (flwr's ClientApp): it imports
+  flwr and hetlora, loads SmolLM2 from the safetensors cache, receives a train message (the truncated
+  global adapter) and trains one round;
+* ``in-process``: the same client without Flower (a :class:`ClientHost` and the client kind).
+
+Rows at ranks r_min / median / r_max, fp32 and bf16 (where native), gradient checkpointing off/on, and
+full fine-tuning for reference. The *floor* is computed in the same process from its parts: the measured
+RSS after imports, the frozen weights in the compute precision, the activations autograd saves for one
+step (measured with saved-tensor hooks; with checkpointing, the layer inputs plus one layer's own), the
+LoRA state at the client's rank (factors, gradients and two AdamW moments in fp32) and the loss's logits.
+``peak_rss_mb`` is the process's lifetime peak (``ru_maxrss``): loading counts, since a device that
+cannot load the model cannot train it.
+
+    python benchmarks/footprint.py [--steps 2] [--ranks 5 27 50] [--json benchmarks/results/footprint.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+R_MIN, R_MAX, BATCH, LENGTH = 5, 50, 8, 128
+
+
+def run_config(kind: str, rank: int, precision: str, checkpointing: bool, steps: int, extra: dict | None = None):
+    from hetlora.config import RunConfig
+
+    return RunConfig(model="smollm2", method="fft" if kind == "fft" else "hetlora", max_length=LENGTH, batch_size=BATCH,
+                     local_steps=steps, r_min=R_MIN, r_max=R_MAX, lr=1e-3, precision=precision, seed=0, client_pool=8,
+                     min_examples=20, grad_checkpointing=checkpointing, **(extra or {})).validate()
+
+
+def start_payload(host, kind: str, rank: int) -> dict:
+    """What the client receives: the global adapter at its rank (B ≠ 0, as after round 1), or FFT's weights."""
+    from hetlora.clients import get_kind
+    from hetlora.core.adapter import B_SUFFIX
+
+    k = get_kind("fft" if kind == "fft" else "lora")
+    payload = k.payload(k.initial_state(host, R_MAX, 0), host.client_ids[0], rank, 0, 0)
+    return payload if kind == "fft" else {n: (v + 0.01) if n.endswith(B_SUFFIX) else v for n, v in payload.items()}
+
+
+def saved_activation_bytes(host, checkpointing: bool) -> int:
+    """Bytes autograd saves for backward in one training forward (parameters and buffers left out)."""
+    import torch
+
+    from hetlora.data.federated import collate
+    from hetlora.evaluate import autocast, target_token_losses
+    from hetlora.memory import lean_memory
+    from hetlora.training import batches
+
+    params = {p.untyped_storage().data_ptr() for p in host.model.parameters()} | {b.untyped_storage().data_ptr() for b in host.model.buffers()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    examples = host.data.train_examples(host.client_ids[0])
+    rows = next(batches(examples, host.local.batch_size, 1, torch.Generator().manual_seed(0)))
+    batch = collate(rows, host.tokenizer.pad_token_id)
+    bank = host.bank()
+    for p in bank.parameters():
+        p.requires_grad_(True)
+    try:
+        with lean_memory(host.model, checkpointing=checkpointing), bank.use(1), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with autocast("cpu", host.local.bf16):
+                loss, _ = target_token_losses(host.model, batch)
+            del loss
+    finally:
+        for p in bank.parameters():
+            p.requires_grad_(False)
+    return sum(seen.values())
+
+
+def floor_parts(host, kind: str, rank: int, checkpointing: bool, baseline_mb: float) -> dict:
+    """The floor of this client from its parts (MB)."""
+    import torch
+
+    layers = host.model.config.num_hidden_layers
+    linear = {id(m.weight) for m in host.model.modules() if isinstance(m, torch.nn.Linear) and m is not host.model.get_output_embeddings()}
+    compute_bytes = 2 if host.precision == "bf16" else 4
+    weights = sum(p.numel() * (compute_bytes if id(p) in linear else 4) for p in host.model.parameters())
+    full = saved_activation_bytes(host, False)
+    activations = full if not checkpointing else saved_activation_bytes(host, True) + full / layers
+    shapes = [(m.out_features, m.in_features) for p, m in host.model.named_modules() if isinstance(m, torch.nn.Linear)
+              and p.rsplit(".", 1)[-1] in host.local.targets]
+    if kind == "fft":
+        trainable = sum(p.numel() for p in host.model.parameters())
+        state = trainable * 4 * 3  # gradient and two AdamW moments in fp32 (weights counted above)
+    else:
+        state = sum((o + i) * rank for o, i in shapes) * 4 * 4  # factors, gradients, two moments
+    mb = 2**20
+    parts = {"import_baseline_mb": baseline_mb, "weights_mb": weights / mb, "activations_mb": activations / mb, "trainable_state_mb": state / mb}
+    parts["floor_mb"] = sum(parts.values())
+    return parts
+
+
+def child(spec: dict) -> None:
+    """One measurement in this (fresh) process; prints one JSON line."""
+    t0 = time.perf_counter()
+    import torch  # noqa: F401
+
+    from hetlora.memory import peak_rss_mb, rss_mb
+
+    if spec["engine"] == "clientapp":
+        from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: F401
+
+        from hetlora.flower import client_app
+        from hetlora.flower.common import encode_config, to_array_record
+    from hetlora.clients import Job, get_kind
+    from hetlora.host import ClientHost
+
+    baseline = rss_mb()
+    cfg = run_config(spec["kind"], spec["rank"], spec["precision"], spec["checkpointing"], spec["steps"], spec.get("extra"))
+    if spec["engine"] == "clientapp":
+        host = client_app.client_host(cfg)  # what the ClientApp builds on its first message
+    else:
+        host = ClientHost(cfg)
+    loaded = rss_mb()
+    payload = start_payload(host, spec["kind"], spec["rank"])
+    if spec["engine"] == "clientapp":
+        content = RecordDict({"config": ConfigRecord({"hetlora-config": encode_config(cfg)}), "adapter": to_array_record(payload),
+                              "task": ConfigRecord({"client-id": host.client_ids[0], "rank": spec["rank"], "round": 1, "base-version": 0})})
+        from flwr.supercore.task_identity import TaskIdentity
+
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 0  # what the runtime sets in its process
+        context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+        message = Message(content, dst_node_id=1, message_type="train")
+        del payload
+        reply = client_app.app(message, context)
+        result = reply.content.config_records["result"]
+        if "error" in result:
+            raise RuntimeError(result["error"])
+        seconds = float(reply.content.metric_records["metrics"]["seconds"])
+    else:
+        (update,) = get_kind("fft" if spec["kind"] == "fft" else "lora").train(host, [Job(host.client_ids[0], spec["rank"], 1, payload)], prune=True)
+        seconds = update.metrics["seconds"]
+    peak = peak_rss_mb()
+    parts = floor_parts(host, spec["kind"], spec["rank"], spec["checkpointing"], baseline) if spec.get("floor", True) else {}
+    print(json.dumps(spec | {"peak_rss_mb": peak, "after_load_mb": loaded, "seconds_per_step": seconds / spec["steps"],
+                             "precision": host.precision, "process_seconds": time.perf_counter() - t0} | parts))
+
+
+def measure(spec: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"measurement {spec} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--ranks", type=int, nargs="+", default=[R_MIN, (R_MIN + R_MAX) // 2, R_MAX])
+    p.add_argument("--engines", nargs="+", default=["clientapp", "in-process"])
+    p.add_argument("--precisions", nargs="+", default=None, help="default: fp32, and bf16 where native")
+    p.add_argument("--no-fft", action="store_true")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--child", default=None)
+    args = p.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+    import torch
+
+    from hetlora.host import native_bf16
+    from hetlora.provenance import environment
+
+    precisions = args.precisions or (["fp32", "bf16"] if native_bf16("cpu") else ["fp32"])
+    rows = []
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}; SmolLM2-135M, "
+          f"batch {BATCH} x {LENGTH}, {args.steps} steps; peak RSS of a fresh process (MB)")
+    print(f"{'engine':>10} {'kind':>4} {'rank':>4} {'prec':>4} {'ckpt':>4} {'peak':>7} {'floor':>7} {'peak/floor':>10} {'s/step':>7}")
+    plan = [(e, "lora", r, pr, c) for pr in precisions for c in (False, True) for e in args.engines for r in args.ranks]
+    plan += [] if args.no_fft else [("in-process", "fft", 0, pr, c) for pr in precisions for c in (False, True)]
+    for engine, kind, rank, precision, ckpt in plan:
+        row = measure({"engine": engine, "kind": kind, "rank": rank, "precision": precision, "checkpointing": ckpt, "steps": args.steps})
+        row["default"] = engine == "clientapp" and kind == "lora" and ckpt == device_default_checkpointing() and precision == precisions[0]
+        rows.append(row)
+        print(f"{engine:>10} {kind:>4} {rank:>4} {row['precision']:>4} {'on' if ckpt else 'off':>4} {row['peak_rss_mb']:7.0f} "
+              f"{row['floor_mb']:7.0f} {row['peak_rss_mb'] / row['floor_mb']:10.2f} {row['seconds_per_step']:7.2f}", flush=True)
+    summary = goals(rows)
+    for line in summary["lines"]:
+        print(line)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"provenance": environment("cpu"), "steps": args.steps, "batch": [BATCH, LENGTH],
+                                         "rows": rows, "goals": summary}, indent=1) + "\n")
+        print(f"wrote {args.json}")
+
+
+def device_default_checkpointing() -> bool:
+    """What a device client gets by default (RunConfig's default)."""
+    from hetlora.config import RunConfig
+
+    return bool(RunConfig.grad_checkpointing)
+
+
+def goals(rows: list[dict]) -> dict:
+    """The issue's goals, read off the rows: default peak ≤ 1.5× floor and ≤ 0.35× FFT's; r_min below r_max."""
+    lines = []
+    out: dict = {}
+    defaults = [r for r in rows if r["default"]]
+    for r in defaults:
+        fft = next((f for f in rows if f["kind"] == "fft" and f["precision"] == r["precision"] and f["checkpointing"] == r["checkpointing"]), None)
+        key = f"rank {r['rank']}"
+        out[key] = {"peak_over_floor": r["peak_rss_mb"] / r["floor_mb"], "peak_over_fft": r["peak_rss_mb"] / fft["peak_rss_mb"] if fft else None}
+        lines.append(f"default client, rank {r['rank']}: peak/floor {out[key]['peak_over_floor']:.2f} (goal ≤ 1.5), "
+                     f"peak/FFT {out[key]['peak_over_fft'] if out[key]['peak_over_fft'] is None else round(out[key]['peak_over_fft'], 2)} (goal ≤ 0.35)")
+    if defaults:
+        low, high = min(defaults, key=lambda r: r["rank"]), max(defaults, key=lambda r: r["rank"])
+        out["r_min_below_r_max_mb"] = high["peak_rss_mb"] - low["peak_rss_mb"]
+        lines.append(f"default client: r_max peak − r_min peak = {out['r_min_below_r_max_mb']:.0f} MB")
+    out["lines"] = lines
+    return out
+
+
+if __name__ == "__main__":
+    main()
