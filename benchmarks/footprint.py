@@ -121,6 +121,10 @@ def child(spec: dict) -> None:
     from hetlora.clients import Job, get_kind
     from hetlora.host import ClientHost
 
+    if "mmap_threshold" in spec:  # an allocator setting to compare (0: glibc's default); the first setting stays
+        from hetlora.memory import configure_allocator
+
+        configure_allocator(spec["mmap_threshold"])
     baseline = rss_mb()
     cfg = run_config(spec["kind"], spec["rank"], spec["precision"], spec["checkpointing"], spec["steps"], spec.get("extra"))
     if spec["engine"] == "clientapp":
@@ -167,6 +171,7 @@ def main() -> None:
     p.add_argument("--precisions", nargs="+", default=None, help="default: fp32, and bf16 where native")
     p.add_argument("--no-fft", action="store_true")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--calibrate", action="store_true", help="write the fits to hetlora/footprint_calibration.json")
     p.add_argument("--child", default=None)
     args = p.parse_args()
     if args.child:
@@ -190,14 +195,42 @@ def main() -> None:
         rows.append(row)
         print(f"{engine:>10} {kind:>4} {rank:>4} {row['precision']:>4} {'on' if ckpt else 'off':>4} {row['peak_rss_mb']:7.0f} "
               f"{row['floor_mb']:7.0f} {row['peak_rss_mb'] / row['floor_mb']:10.2f} {row['seconds_per_step']:7.2f}", flush=True)
+    for r in rows:
+        r["batch"], r["length"] = BATCH, LENGTH
     summary = goals(rows)
+    fits = calibration_check(rows, summary)
     for line in summary["lines"]:
         print(line)
+    if args.calibrate:
+        from hetlora.footprint import CALIBRATION
+
+        CALIBRATION.write_text(json.dumps({"source": str(args.json or "benchmarks/footprint.py"), "provenance": environment("cpu"),
+                                           "fits": fits}, indent=1) + "\n")
+        print(f"wrote {CALIBRATION}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"provenance": environment("cpu"), "steps": args.steps, "batch": [BATCH, LENGTH],
                                          "rows": rows, "goals": summary}, indent=1) + "\n")
         print(f"wrote {args.json}")
+
+
+def calibration_check(rows: list[dict], summary: dict) -> dict:
+    """Fit the footprint model to the ClientApp LoRA rows and say how far its predictions fall from them."""
+    from hetlora.footprint import calibrate, fit
+
+    fits = calibrate(rows)
+    errors = []
+    for key, f in fits.items():
+        points = f["points"]
+        for i, (rank, peak) in enumerate(points):  # leave one out: each rank predicted from the others
+            others = points[:i] + points[i + 1 :]
+            if len(others) >= 2:
+                errors.append(abs(fit(others).predict(rank) - peak) / peak)
+        summary["lines"].append(f"footprint model {key}: {f['fixed_mb']:.0f} MB + {f['per_rank_mb']:.2f} MB/rank")
+    if errors:
+        summary["calibration_max_relative_error_leave_one_out"] = max(errors)
+        summary["lines"].append(f"footprint model, each ClientApp row predicted from the others: worst {100 * max(errors):.1f} % (goal ≤ 15 %)")
+    return fits
 
 
 def device_default_checkpointing() -> bool:

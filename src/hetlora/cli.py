@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 
@@ -54,6 +54,8 @@ RUN_OPTIONS: dict[str, tuple[Any, str, str]] = {
     "parallel_clients": (int, "--parallel-clients", "Clients trained together in one process (default: chosen from memory)"),
     "target_modules": (str, "--target-modules", "Comma-separated module names LoRA wraps"),
     "grad_checkpointing": (bool, "--grad-checkpointing/--no-grad-checkpointing", "Clients recompute activations in backward: much less memory, ~1 extra forward per step"),
+    "memory_budget_mb": (float, "--memory-budget", "Every client's memory budget (MB): its rank is the largest predicted to fit (footprint_calibration.json)"),
+    "memory_budgets": (str, "--memory-budgets", "JSON file {client id: MB} of per-client memory budgets"),
     "ordered_dropout": (bool, "--ordered-dropout/--no-ordered-dropout", "LoRA clients train a random prefix r' in [r_min, r_k] of their components each step (FjORD)"),
     "release_memory": (bool, "--release-memory/--no-release-memory", "Clients hand freed heap pages back to the OS every 3 layers (glibc): lower peak RSS, slower steps"),
     "dp_clip": (float, "--dp-clip", "User-level DP: clip norm C (turns DP on)"),
@@ -212,6 +214,21 @@ def export(
 
         manifest = _guard(debug, work)
         typer.echo(f"wrote GGUF adapters and {manifest}")
+
+
+@app.command()
+def credentials(
+    directory: Path = typer.Argument(..., help="Where to write ca.crt, server.pem/.key and node-K/node-K.pub"),
+    nodes: int = typer.Option(..., "--nodes", help="How many SuperNode key pairs"),
+    host: Optional[List[str]] = typer.Option(None, "--host", help="A name or address the SuperLink is reached at (repeat); localhost, 127.0.0.1 and ::1 are always in"),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty directory"),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks"),
+) -> None:
+    """TLS and SuperNode-authentication credentials for a secure Flower deployment, made offline."""
+    from .credentials import write_credentials
+
+    files = _guard(debug, lambda: write_credentials(directory, nodes, host or [], force=force))
+    typer.echo(f"wrote {len(files)} files to {directory}: " + ", ".join(f.name for f in files))
 
 
 @app.command()

@@ -64,6 +64,8 @@ class RunConfig:
     parallel_clients: int | None = None  # clients trained together in one process (None: chosen from memory)
     grad_checkpointing: bool = False  # clients recompute activations in backward: less memory, slower
     release_memory: bool = False  # clients return freed heap pages to the OS every 3 layers: less RSS, slower
+    memory_budget_mb: float | None = None  # every client's memory budget: its rank = the largest predicted to fit
+    memory_budgets: str | None = None  # JSON file {client id: MB}: per-client budgets (overrides memory_budget_mb)
     ordered_dropout: bool = False  # LoRA clients train a random prefix r' ∈ [r_min, r_k] of their components each step
     lora_scale: float = DEFAULT_SCALE
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # module names LoRA wraps
@@ -116,6 +118,10 @@ class RunConfig:
             problems.append(f"need 1 ≤ r_min ≤ r_max, got r_min={self.r_min}, r_max={self.r_max}")
         if self.rank is not None and not 1 <= self.rank <= self.r_max:
             problems.append(f"rank {self.rank} must lie in [1, r_max={self.r_max}]")
+        if self.memory_budget_mb is not None and self.memory_budget_mb <= 0:
+            problems.append(f"memory_budget_mb must be positive, got {self.memory_budget_mb}")
+        if (self.memory_budget_mb is not None or self.memory_budgets) and self.dp_clip is not None:
+            problems.append("memory budgets and DP together are not supported (under DP the sampled ranks are seed-assigned)")
         if self.rank_dist not in ("uniform", "tiers", "list", "fixed"):
             problems.append(f"rank_dist must be uniform, tiers, list or fixed, got {self.rank_dist!r}")
         if self.rank_dist == "list" and not self.ranks:

@@ -22,7 +22,7 @@ import torch
 from .clients import Job, get_kind
 from .config import RunConfig
 from .core.adapter import ClientUpdate
-from .core.ranks import assign_ranks
+from .core.ranks import assign_ranks, ranks_from_budgets
 from .core.rank_health import live_rank, rank_energy, trainable_rank
 from .core.validation import InvalidUpdate, layer_shapes
 from .evaluate import perplexity
@@ -93,6 +93,9 @@ class Federation:
             self.ranks = {c: r for c in self.client_ids}
         else:
             self.ranks = assign_ranks(self.client_ids, cfg.rank_dist, cfg.r_min, r, cfg.seed, cfg.ranks)
+        self.left_out: dict[str, str] = {}  # client -> why it takes no part (its memory fits no rank)
+        if cfg.memory_budget_mb is not None or cfg.memory_budgets:
+            self.fit_ranks_to_memory()
         self.assigned = dict(self.ranks)
         tiers = sorted(set(cfg.tiers)) or tier_ranks_for_eval(self.ranks, cfg.r_min, r)
         self.tiers = [t for t in tiers if t <= r] if self.kind.rank_tiers and not method.uniform_rank else []
@@ -102,6 +105,33 @@ class Federation:
         self.base_version = 0  # the round that last changed the base delta
         self._before: tuple | None = None  # the state before the last applied aggregate (for roll_back)
         self.privacy = ServerPrivacy.fresh() if cfg.dp_clip is not None else None
+
+    def fit_ranks_to_memory(self, budgets: Mapping[str, float] | None = None) -> None:
+        """Ranks from memory budgets (docs/algorithm.md §7): each client gets the largest rank its budget is
+        predicted to fit (uniform-rank methods: the one rank, if it fits); one that fits none is left out.
+        Clients ``budgets`` does not name keep their ranks (Flower nodes that state no budget)."""
+        from .footprint import footprint_model, read_budgets, setting_key
+
+        cfg = self.cfg
+        if budgets is None:
+            given = read_budgets(cfg.memory_budgets) if cfg.memory_budgets else {}
+            budgets = {c: given.get(c, cfg.memory_budget_mb) for c in self.client_ids}
+            missing = [c for c, b in budgets.items() if b is None]
+            if missing:
+                raise ValueError(f"memory budgets {cfg.memory_budgets} name no budget for {len(missing)} client(s) "
+                                 f"(e.g. {missing[0]}) and no --memory-budget is given for the rest")
+        model = footprint_model(setting_key(cfg.model, self.host.precision, cfg.grad_checkpointing, cfg.batch_size, cfg.max_length))
+        low = cfg.global_rank if self.method.uniform_rank else cfg.r_min
+        fitted, left_out = ranks_from_budgets(budgets, model.largest_rank, low, cfg.global_rank)
+        self.ranks = {c: fitted.get(c, r) for c, r in self.ranks.items() if c not in left_out}  # clients without a budget keep theirs
+        self.left_out = left_out
+        self.client_ids = [c for c in self.client_ids if c not in left_out]
+        self.assigned = dict(self.ranks)
+        if not self.client_ids:
+            raise ValueError(f"no client's memory budget fits a rank ≥ {low} (predicted {model.predict(low):.0f} MB at rank {low})")
+        if cfg.clients_per_round > len(self.client_ids):
+            raise ValueError(f"{len(left_out)} client(s) left out for memory; {len(self.client_ids)} remain, "
+                             f"fewer than --clients-per-round {cfg.clients_per_round}")
 
     @property
     def data(self):

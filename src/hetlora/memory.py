@@ -67,7 +67,9 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 MMAP_THRESHOLD_BYTES = 64 * 1024
 
 
-@functools.cache
+_allocator: list[bool] = []  # the first call's result: the first setting made in a process stays
+
+
 def configure_allocator(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     """Serve every heap allocation above ``threshold`` bytes with its own mapping (glibc), once per process.
 
@@ -77,11 +79,14 @@ def configure_allocator(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     threshold turns that adjustment off, so a freed tensor's pages go back at once — without the
     malloc_trim calls (``--release-memory``) that cost 1.24–1.37× the step. False where there is no
     mallopt (not glibc)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, threshold))
+    if not _allocator:
+        try:
+            mallopt = ctypes.CDLL(None).mallopt
+        except (OSError, AttributeError):
+            _allocator.append(False)
+        else:
+            _allocator.append(bool(threshold) and bool(mallopt(M_MMAP_THRESHOLD, threshold)))  # 0: leave glibc's default
+    return _allocator[0]
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -266,6 +266,7 @@ def print_plan(fed: Federation) -> None:
         f"prune={cfg.prunes}, norm_bound={cfg.norm_bound}, dp={'off' if cfg.dp_clip is None else f'C={cfg.dp_clip}, σ={cfg.noise_multiplier}'}, "
         f"eval on {len(fed.data.eval_examples(cfg.eval_split, cfg.eval_size))} held-out {cfg.eval_split} examples"
         + (f" (finally {cfg.final_eval_size})" if cfg.final_eval_size else "") + f", seed {cfg.seed}\n  writing to {cfg.out}"
+        + "".join(f"\n  [yellow]left out[/yellow] {c}: {why}" for c, why in sorted(fed.left_out.items()))
     )
 
 
@@ -396,6 +397,7 @@ def finish(fed: Federation, out: Path, summary: dict[str, Any]) -> dict[str, Any
             "rounds_aggregated": sum(1 for r in rows if r.get("aggregated")),
             "rejected_rounds": rejected,
             "clients": len(fed.client_ids),
+            "left_out": fed.left_out,
             "final_eval_loss": rows[-1]["eval_loss"] if rows else None,
             "final_eval_ppl": ppls[-1] if ppls else None,
             "best_eval_ppl": min(ppls) if ppls else None,

@@ -112,3 +112,17 @@ def assign_ranks(
         _check_bounds(r_min, r_max)
         return {c: r_max for c in client_ids}
     raise ValueError(f"unknown rank distribution {dist!r}; use uniform, tiers, list or fixed")
+
+
+def ranks_from_budgets(budgets: Mapping[str, float], largest_rank, r_min: int, r_max: int) -> tuple[dict[str, int], dict[str, str]]:
+    """Each client's rank from its memory budget: ``largest_rank(budget, r_min, r_max)`` (the largest rank
+    predicted to fit, or None). A client that fits no rank ≥ r_min is left out, with the reason."""
+    _check_bounds(r_min, r_max)
+    ranks, left_out = {}, {}
+    for client, budget in budgets.items():
+        rank = largest_rank(budget, r_min, r_max)
+        if rank is None:
+            left_out[client] = f"its memory budget of {budget:.0f} MB fits no rank ≥ r_min = {r_min}"
+        else:
+            ranks[client] = rank
+    return ranks, left_out

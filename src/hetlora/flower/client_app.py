@@ -49,10 +49,14 @@ def _config(message: Message, context: Context) -> RunConfig:
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
-    """Tell the server which client this node holds and how much data it has."""
+    """Tell the server which client this node holds, how much data it has and (node config
+    ``memory-budget-mb``) how much memory it can give a round."""
     host = client_host(_config(message, context))
     cid = my_client_id(host, context)
-    reply = RecordDict({"identity": ConfigRecord({"client-id": cid, "num-examples": host.data.num_examples(cid)})})
+    identity = {"client-id": cid, "num-examples": host.data.num_examples(cid)}
+    if "memory-budget-mb" in context.node_config:  # the device states what it can afford; the server picks its rank
+        identity["memory-budget-mb"] = float(context.node_config["memory-budget-mb"])
+    reply = RecordDict({"identity": ConfigRecord(identity)})
     return Message(reply, reply_to=message)
 
 

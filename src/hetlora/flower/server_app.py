@@ -53,6 +53,7 @@ class HetLoRAStrategy(Strategy):
         nodes = list(grid.get_node_ids())
         messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type="query") for n in nodes]
         registered = set(self.fed.client_ids)
+        budgets: dict[str, float] = {}
         for reply in sorted(grid.send_and_receive(messages, timeout=self.timeout), key=lambda r: r.metadata.src_node_id):
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -67,6 +68,14 @@ class HetLoRAStrategy(Strategy):
                 continue
             self.node_of[cid] = node
             self.examples_of[cid] = int(identity["num-examples"])
+            if "memory-budget-mb" in identity:
+                budgets[cid] = float(identity["memory-budget-mb"])
+        if budgets:  # nodes stated their memory: their ranks come from it (others keep the run's budget, if any)
+            default = self.fed.cfg.memory_budget_mb
+            held = [c for c in self.fed.client_ids if c in budgets or default is not None]
+            self.fed.fit_ranks_to_memory({c: budgets.get(c, default) for c in held})
+            for cid, why in self.fed.left_out.items():
+                log.warning("client %s (node %s) left out: %s", cid, self.node_of.get(cid), why)
         missing = [c for c in self.fed.client_ids if c not in self.node_of]
         if missing:
             log.warning("%d of %d clients have no node and will not be sampled", len(missing), len(self.fed.client_ids))

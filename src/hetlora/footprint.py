@@ -1,0 +1,82 @@
+"""A client's peak memory per rank, and ranks chosen from devices' memory budgets (docs/algorithm.md §7).
+
+A LoRA client's footprint is a fixed part (runtime, frozen weights, activations, the loss) that
+does not depend on its rank, plus its LoRA state, which grows linearly with it: factors, their
+gradients and two AdamW moments, 16 bytes per element of (out + in)·r per adapted module. The
+fixed part is measured: ``benchmarks/footprint.py`` runs real device processes at several ranks
+and fits ``peak = fixed + per_rank · r`` per setting (model, precision, checkpointing, batch,
+length); the fits ship in ``footprint_calibration.json``. A setting without a fit is refused,
+never guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+CALIBRATION = Path(__file__).with_name("footprint_calibration.json")
+
+
+def setting_key(model: str, precision: str, checkpointing: bool, batch_size: int, max_length: int) -> str:
+    return f"{model}|{precision}|checkpointing={'on' if checkpointing else 'off'}|batch={batch_size}|length={max_length}"
+
+
+@dataclass(frozen=True)
+class FootprintModel:
+    """peak RSS (MB) = ``fixed_mb`` + ``per_rank_mb`` · rank."""
+
+    fixed_mb: float
+    per_rank_mb: float
+
+    def predict(self, rank: int) -> float:
+        return self.fixed_mb + self.per_rank_mb * rank
+
+    def largest_rank(self, budget_mb: float, r_min: int, r_max: int) -> int | None:
+        """The largest rank in [r_min, r_max] predicted to fit ``budget_mb`` (None: not even r_min)."""
+        if self.per_rank_mb <= 0:
+            return r_max if self.predict(r_max) <= budget_mb else None
+        best = min(r_max, int((budget_mb - self.fixed_mb) // self.per_rank_mb))
+        return best if best >= r_min else None
+
+
+def fit(points: Iterable[tuple[int, float]]) -> FootprintModel:
+    """Least-squares line through (rank, peak MB) points (one point: a flat line)."""
+    pts = list(points)
+    if len(pts) == 1:
+        return FootprintModel(pts[0][1], 0.0)
+    ranks, peaks = [r for r, _ in pts], [p for _, p in pts]
+    slope, intercept = statistics.linear_regression(ranks, peaks)
+    return FootprintModel(intercept, slope)
+
+
+def calibrate(rows: Iterable[Mapping], model: str = "smollm2") -> dict[str, dict]:
+    """The fits of a footprint benchmark's LoRA ClientApp rows, per setting."""
+    groups: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        if r["kind"] == "lora" and r["engine"] == "clientapp":
+            key = setting_key(model, r["precision"], r["checkpointing"], r["batch"], r["length"])
+            groups.setdefault(key, []).append((r["rank"], r["peak_rss_mb"]))
+    return {k: vars(fit(points)) | {"points": sorted(points)} for k, points in groups.items()}
+
+
+def footprint_model(key: str, calibration: Path | None = None) -> FootprintModel:
+    calibration = calibration or CALIBRATION
+    fits = json.loads(calibration.read_text())["fits"] if calibration.is_file() else {}
+    if key not in fits:
+        raise ValueError(f"no memory footprint calibration for {key} in {calibration} (calibrated: {', '.join(sorted(fits)) or 'none'}); "
+                         "run benchmarks/footprint.py with these settings, or leave memory budgets out")
+    return FootprintModel(fits[key]["fixed_mb"], fits[key]["per_rank_mb"])
+
+
+def read_budgets(path: Path) -> dict[str, float]:
+    """Per-client memory budgets (MB) from a JSON object ``{client id: MB}``."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"memory budgets {path}: {e}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in data.values()):
+        raise ValueError(f"memory budgets {path}: expected a JSON object of client id → positive MB")
+    return {str(k): float(v) for k, v in data.items()}
