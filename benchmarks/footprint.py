@@ -72,15 +72,17 @@ def saved_activation_bytes(host, checkpointing: bool) -> int:
     bank = host.bank()
     for p in bank.parameters():
         p.requires_grad_(True)
+    host.model.train()  # Hugging Face checkpoints a layer only in training mode
     try:
         with lean_memory(host.model, checkpointing=checkpointing), bank.use(1), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with autocast("cpu", host.local.bf16):
                 loss, _ = target_token_losses(host.model, batch)
             del loss
     finally:
+        host.model.eval()
         for p in bank.parameters():
             p.requires_grad_(False)
-    return sum(seen.values())
+    return sum(seen.values()), int(batch["input_ids"].numel())
 
 
 def floor_parts(host, kind: str, rank: int, checkpointing: bool, baseline_mb: float) -> dict:
@@ -91,8 +93,15 @@ def floor_parts(host, kind: str, rank: int, checkpointing: bool, baseline_mb: fl
     linear = {id(m.weight) for m in host.model.modules() if isinstance(m, torch.nn.Linear) and m is not host.model.get_output_embeddings()}
     compute_bytes = 2 if host.precision == "bf16" else 4
     weights = sum(p.numel() * (compute_bytes if id(p) in linear else 4) for p in host.model.parameters())
-    full = saved_activation_bytes(host, False)
-    activations = full if not checkpointing else saved_activation_bytes(host, True) + full / layers
+    full, tokens = saved_activation_bytes(host, False)
+    if checkpointing:
+        # what autograd saves outside the checkpointed layers (the hooks do not see inside a checkpoint), each
+        # layer's input kept for its recomputation, and one layer's own activations while it is recomputed
+        outside, _ = saved_activation_bytes(host, True)
+        hidden = tokens * host.model.config.hidden_size * 4
+        activations = outside + layers * hidden + (full - outside) / layers
+    else:
+        activations = full
     shapes = [(m.out_features, m.in_features) for p, m in host.model.named_modules() if isinstance(m, torch.nn.Linear)
               and p.rsplit(".", 1)[-1] in host.local.targets]
     if kind == "fft":
@@ -125,6 +134,10 @@ def child(spec: dict) -> None:
         from hetlora.memory import configure_allocator
 
         configure_allocator(spec["mmap_threshold"])
+    if "arena_max" in spec:  # glibc M_ARENA_MAX (-8): fewer per-thread heaps
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-8, int(spec["arena_max"]))
     baseline = rss_mb()
     cfg = run_config(spec["kind"], spec["rank"], spec["precision"], spec["checkpointing"], spec["steps"], spec.get("extra"))
     if spec["engine"] == "clientapp":
@@ -170,7 +183,10 @@ def main() -> None:
     p.add_argument("--engines", nargs="+", default=["clientapp", "in-process"])
     p.add_argument("--precisions", nargs="+", default=None, help="default: fp32, and bf16 where native")
     p.add_argument("--no-fft", action="store_true")
+    p.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
+    p.add_argument("--mmap-threshold", type=int, default=None, help="compare an allocator setting (bytes; 0: glibc's default)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--release-rows", action="store_true", help="also measure --release-memory (the fixed mmap threshold)")
     p.add_argument("--calibrate", action="store_true", help="write the fits to hetlora/footprint_calibration.json")
     p.add_argument("--child", default=None)
     args = p.parse_args()
@@ -186,15 +202,24 @@ def main() -> None:
     rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}; SmolLM2-135M, "
           f"batch {BATCH} x {LENGTH}, {args.steps} steps; peak RSS of a fresh process (MB)")
-    print(f"{'engine':>10} {'kind':>4} {'rank':>4} {'prec':>4} {'ckpt':>4} {'peak':>7} {'floor':>7} {'peak/floor':>10} {'s/step':>7}")
-    plan = [(e, "lora", r, pr, c) for pr in precisions for c in (False, True) for e in args.engines for r in args.ranks]
-    plan += [] if args.no_fft else [("in-process", "fft", 0, pr, c) for pr in precisions for c in (False, True)]
-    for engine, kind, rank, precision, ckpt in plan:
-        row = measure({"engine": engine, "kind": kind, "rank": rank, "precision": precision, "checkpointing": ckpt, "steps": args.steps})
-        row["default"] = engine == "clientapp" and kind == "lora" and ckpt == device_default_checkpointing() and precision == precisions[0]
+    print(f"{'engine':>10} {'kind':>4} {'rank':>4} {'prec':>4} {'ckpt':>4} {'rel.':>4} {'peak':>7} {'floor':>7} {'peak/floor':>10} {'s/step':>7}")
+    ckpts = [c == "on" for c in args.checkpointing]
+    median = sorted(args.ranks)[len(args.ranks) // 2]
+    plan = [(e, "lora", r, pr, c, False) for pr in precisions for c in ckpts for e in args.engines
+            for r in (args.ranks if e == "clientapp" else [median])]
+    plan += [] if args.no_fft else [("in-process", "fft", 0, pr, c, False) for pr in precisions for c in ckpts]
+    if args.release_rows:  # --release-memory (the fixed mmap threshold) on the device default, and FFT's
+        plan += [("clientapp", "lora", r, pr, True, True) for pr in precisions for r in (min(args.ranks), max(args.ranks))]
+        plan += [] if args.no_fft else [("in-process", "fft", 0, pr, True, True) for pr in precisions]
+    for engine, kind, rank, precision, ckpt, release in plan:
+        spec = {"engine": engine, "kind": kind, "rank": rank, "precision": precision, "checkpointing": ckpt, "steps": args.steps,
+                "release_memory": release} | ({"extra": {"release_memory": True}} if release else {})
+        row = measure(spec | ({"mmap_threshold": args.mmap_threshold} if args.mmap_threshold is not None else {}))
+        row["default"] = (engine == "clientapp" and kind == "lora" and ckpt == device_default_checkpointing() and not release
+                          and precision == precisions[0])
         rows.append(row)
-        print(f"{engine:>10} {kind:>4} {rank:>4} {row['precision']:>4} {'on' if ckpt else 'off':>4} {row['peak_rss_mb']:7.0f} "
-              f"{row['floor_mb']:7.0f} {row['peak_rss_mb'] / row['floor_mb']:10.2f} {row['seconds_per_step']:7.2f}", flush=True)
+        print(f"{engine:>10} {kind:>4} {rank:>4} {row['precision']:>4} {'on' if ckpt else 'off':>4} {'on' if release else 'off':>4} "
+              f"{row['peak_rss_mb']:7.0f} {row['floor_mb']:7.0f} {row['peak_rss_mb'] / row['floor_mb']:10.2f} {row['seconds_per_step']:7.2f}", flush=True)
     for r in rows:
         r["batch"], r["length"] = BATCH, LENGTH
     summary = goals(rows)
@@ -216,9 +241,11 @@ def main() -> None:
 
 def calibration_check(rows: list[dict], summary: dict) -> dict:
     """Fit the footprint model to the ClientApp LoRA rows and say how far its predictions fall from them."""
-    from hetlora.footprint import calibrate, fit
-
-    fits = calibrate(rows)
+    try:
+        from hetlora.footprint import calibrate, fit
+    except ImportError:  # a tree from before the footprint model (a before/after comparison)
+        return {}
+    fits = calibrate([r for r in rows if not r.get("release_memory")])  # the prediction assumes release off (conservative when on)
     errors = []
     for key, f in fits.items():
         points = f["points"]
@@ -237,7 +264,7 @@ def device_default_checkpointing() -> bool:
     """What a device client gets by default (RunConfig's default)."""
     from hetlora.config import RunConfig
 
-    return bool(RunConfig.grad_checkpointing)
+    return RunConfig().checkpointing(device_client=True)
 
 
 def goals(rows: list[dict]) -> dict:
@@ -246,11 +273,17 @@ def goals(rows: list[dict]) -> dict:
     out: dict = {}
     defaults = [r for r in rows if r["default"]]
     for r in defaults:
-        fft = next((f for f in rows if f["kind"] == "fft" and f["precision"] == r["precision"] and f["checkpointing"] == r["checkpointing"]), None)
+        fft = next((f for f in rows if f["kind"] == "fft" and f["precision"] == r["precision"] and f["checkpointing"] == r["checkpointing"]
+                    and f.get("release_memory") == r.get("release_memory")), None)
         key = f"rank {r['rank']}"
         out[key] = {"peak_over_floor": r["peak_rss_mb"] / r["floor_mb"], "peak_over_fft": r["peak_rss_mb"] / fft["peak_rss_mb"] if fft else None}
         lines.append(f"default client, rank {r['rank']}: peak/floor {out[key]['peak_over_floor']:.2f} (goal ≤ 1.5), "
                      f"peak/FFT {out[key]['peak_over_fft'] if out[key]['peak_over_fft'] is None else round(out[key]['peak_over_fft'], 2)} (goal ≤ 0.35)")
+    for r in rows:
+        if r.get("release_memory") and r["kind"] == "lora":
+            fft = next((f for f in rows if f["kind"] == "fft" and f.get("release_memory") and f["checkpointing"] == r["checkpointing"]), None)
+            lines.append(f"--release-memory client, rank {r['rank']}: peak/floor {r['peak_rss_mb'] / r['floor_mb']:.2f}"
+                         + (f", peak/FFT {r['peak_rss_mb'] / fft['peak_rss_mb']:.2f}" if fft else "") + f", {r['seconds_per_step']:.2f} s/step")
     if defaults:
         low, high = min(defaults, key=lambda r: r["rank"]), max(defaults, key=lambda r: r["rank"])
         out["r_min_below_r_max_mb"] = high["peak_rss_mb"] - low["peak_rss_mb"]

@@ -26,6 +26,10 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 DP_NOISE_DEFAULT = 1.0
 
 
+# Settings that change a client's memory and speed but not what it computes (bit-identical; tests/test_memory.py).
+NUMBER_NEUTRAL = ("grad_checkpointing", "release_memory")
+
+
 @dataclass
 class RunConfig:
     method: str = "hetlora"
@@ -62,8 +66,8 @@ class RunConfig:
     min_clients: int = 1  # fewer valid updates than this: keep the previous global adapter
     precision: str = "auto"  # auto (bf16 where the hardware has it natively) | fp32 | bf16
     parallel_clients: int | None = None  # clients trained together in one process (None: chosen from memory)
-    grad_checkpointing: bool = False  # clients recompute activations in backward: less memory, slower
-    release_memory: bool = False  # clients return freed heap pages to the OS every 3 layers: less RSS, slower
+    grad_checkpointing: bool | None = None  # recompute activations in backward (less memory, slower); None: on for device clients (a ClientApp), off in-process
+    release_memory: bool = False  # clients' freed tensors go back to the OS at once (fixed mmap threshold): less RSS, slower
     memory_budget_mb: float | None = None  # every client's memory budget: its rank = the largest predicted to fit
     memory_budgets: str | None = None  # JSON file {client id: MB}: per-client budgets (overrides memory_budget_mb)
     ordered_dropout: bool = False  # LoRA clients train a random prefix r' ∈ [r_min, r_k] of their components each step
@@ -73,6 +77,7 @@ class RunConfig:
     dp_noise: float | None = None  # noise multiplier σ (DP_NOISE_DEFAULT when dp_clip is set)
     dp_delta: float = 1e-5
     engine: str = "local"
+    node_clients: str | None = None  # Flower: the operator's binding of node ids to partition ids ("ID=PID,…" or a JSON file)
     partition: str | None = None  # user data without client_id: "iid:N" or "dirichlet:N"
     partition_by: str = "label"
     dirichlet_alpha: float = 0.5
@@ -118,6 +123,11 @@ class RunConfig:
             problems.append(f"need 1 ≤ r_min ≤ r_max, got r_min={self.r_min}, r_max={self.r_max}")
         if self.rank is not None and not 1 <= self.rank <= self.r_max:
             problems.append(f"rank {self.rank} must lie in [1, r_max={self.r_max}]")
+        if self.node_clients:
+            try:
+                node_partitions(self.node_clients)
+            except ValueError as e:
+                problems.append(str(e))
         if self.memory_budget_mb is not None and self.memory_budget_mb <= 0:
             problems.append(f"memory_budget_mb must be positive, got {self.memory_budget_mb}")
         if (self.memory_budget_mb is not None or self.memory_budgets) and self.dp_clip is not None:
@@ -217,6 +227,15 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def checkpointing(self, device_client: bool) -> bool:
+        """Whether clients checkpoint: as configured, else on for a device client (a Flower ClientApp) only."""
+        return device_client if self.grad_checkpointing is None else self.grad_checkpointing
+
+    def decisive_settings(self) -> dict[str, Any]:
+        """The settings that decide a run's numbers: all but ``out`` and :data:`NUMBER_NEUTRAL` (memory and
+        speed only; a finished run is reused, and a run resumed, whatever they are)."""
+        return {k: v for k, v in self.settings().items() if k not in NUMBER_NEUTRAL}
 
     def settings(self) -> dict[str, Any]:
         """What defines the experiment: everything but where it is written (``out``)."""
@@ -351,3 +370,19 @@ def load_toml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
         raise ValueError(f"config file {path} has both a [hetlora] table and top-level keys {others}: put every "
                          "setting in one place (top-level keys would be ignored)")
     return from_mapping(values, base)
+
+
+def node_partitions(spec: str | None) -> dict[int, int]:
+    """``node_clients``: "NODE=PID,…" or a JSON file {node id: partition id} → {node id: partition id}."""
+    import json
+    from pathlib import Path
+
+    if not spec:
+        return {}
+    try:
+        if "=" in spec:
+            pairs = [item.split("=", 1) for item in spec.split(",") if item.strip()]
+            return {int(n): int(p) for n, p in pairs}
+        return {int(n): int(p) for n, p in json.loads(Path(spec).read_text()).items()}
+    except (ValueError, OSError, AttributeError) as e:
+        raise ValueError(f"node_clients {spec!r}: expected NODE=PARTITION,… or a JSON file of node id → partition id ({e})") from None

@@ -78,7 +78,8 @@ def non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
 
 
 class Federation:
-    def __init__(self, cfg: RunConfig, host: ClientHost | None = None):
+    def __init__(self, cfg: RunConfig, host: ClientHost | None = None, device_clients: bool = False):
+        self.device_clients = device_clients  # clients are Flower ClientApps (their memory defaults differ)
         self.cfg = cfg.validate()
         self.host = host if host is not None else ClientHost(cfg)
         method = get_method(cfg.method)
@@ -120,7 +121,7 @@ class Federation:
             if missing:
                 raise ValueError(f"memory budgets {cfg.memory_budgets} name no budget for {len(missing)} client(s) "
                                  f"(e.g. {missing[0]}) and no --memory-budget is given for the rest")
-        model = footprint_model(setting_key(cfg.model, self.host.precision, cfg.grad_checkpointing, cfg.batch_size, cfg.max_length))
+        model = footprint_model(setting_key(cfg.model, self.host.precision, cfg.checkpointing(self.device_clients), cfg.batch_size, cfg.max_length))
         low = cfg.global_rank if self.method.uniform_rank else cfg.r_min
         fitted, left_out = ranks_from_budgets(budgets, model.largest_rank, low, cfg.global_rank)
         self.ranks = {c: fitted.get(c, r) for c, r in self.ranks.items() if c not in left_out}  # clients without a budget keep theirs

@@ -87,7 +87,7 @@ def auto_parallel_clients(host: ClientHost) -> int:
     layers = getattr(config, "num_hidden_layers", 12)
     cfg = host.cfg
     values = cfg.batch_size * cfg.max_length * layers * (10 * hidden + 5 * inter) * 1.5
-    per_client = values * (2 if host.local.bf16 else 4) * (0.2 if cfg.grad_checkpointing else 1.0)
+    per_client = values * (2 if host.local.bf16 else 4) * (0.2 if host.local.grad_checkpointing else 1.0)
     return max(1, int(0.6 * torch.cuda.mem_get_info()[0] // max(per_client, 1)))
 
 
@@ -107,11 +107,12 @@ def check_rank_fits(model, cfg: RunConfig) -> None:
 
 
 class ClientHost:
-    def __init__(self, cfg: RunConfig, model=None, tokenizer=None, data=None):
+    def __init__(self, cfg: RunConfig, model=None, tokenizer=None, data=None, device_client: bool = False):
         from .data import load_data
         from .models import load_base_model
 
-        configure_allocator()  # before the model's tensors are allocated
+        if cfg.release_memory:
+            configure_allocator()  # freed tensors go back to the OS at once (memory.py); before the model loads
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         if data is None and tokenizer is None:
@@ -130,7 +131,7 @@ class ClientHost:
         self.data = data
         self.client_ids: list[str] = registered_clients(self.data.client_ids, cfg)
         self.precision = resolve_precision(cfg.precision, self.device)
-        self.local = LocalConfig.from_run(cfg, bf16=self.precision == "bf16")
+        self.local = LocalConfig.from_run(cfg, bf16=self.precision == "bf16", device_client=device_client)
         self.seed = cfg.seed
         self._bank: LoRABank | None = None
         self._bf16_frozen = False

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from .checkpoint import load_latest, round_dirs, save_checkpoint, sha256, write_json_atomic
-from .config import RunConfig, build_config, from_mapping
+from .config import NUMBER_NEUTRAL, RunConfig, build_config, from_mapping
 from .core.adapter import ClientUpdate
 from .federation import Federation
 from .memory import rss_mb
@@ -138,6 +138,9 @@ def resume_config(out: Path, given: Mapping[str, Any] | None = None) -> RunConfi
     asked = dict(given or {})
     asked.pop("out", None)
     rounds = asked.pop("rounds", None)
+    for k in NUMBER_NEUTRAL:  # memory and speed only: a resumed run may change them
+        if k in asked:
+            setattr(saved, k, asked.pop(k))
     changed = [f"{k}: {getattr(saved, k)!r} → {v!r}" for k, v in asked.items() if getattr(saved, k) != v]
     if changed:
         raise ValueError("--resume keeps the run's settings; these differ from the saved run: " + "; ".join(changed)
@@ -169,7 +172,7 @@ def finished_as_asked(summary_dir: Path, cfg: RunConfig) -> bool:
     except json.JSONDecodeError:
         return False
     saved = summary.get("config") or {}
-    asked = cfg.settings()
+    asked = cfg.decisive_settings()
     changed = [f"{k}: {saved.get(k)!r} → {v!r}" for k, v in asked.items() if k != "rounds" and saved.get(k) != v]
     if changed:
         raise ValueError(f"{summary_dir} holds a finished run of other settings ({'; '.join(changed)}); "

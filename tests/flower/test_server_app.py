@@ -52,6 +52,25 @@ def test_a_second_claim_for_a_held_client_is_refused_and_named(tmp_path):
                                                                          "refused (the first claim keeps it)"}]
 
 
+def test_identity_comes_from_the_operators_binding_not_the_nodes_claim(tmp_path):
+    """node_clients binds node ids (tied to registered keys by the SuperLink) to partitions: node 101 claiming
+    partition 2 (another client) and node 102, bound to nothing, are refused; only the bound claim is kept."""
+    import dataclasses
+
+    grid = LoopbackGrid(partitions=3, fresh_process=False)
+    grid.contexts[101].node_config["partition-id"] = 2  # claims the client bound to no one… or to someone else
+    cfg = dataclasses.replace(tiny(tmp_path / "run"), node_clients="100=0,101=1")
+    strategy = HetLoRAStrategy(Federation(cfg))
+    strategy.discover(grid)
+    ids = strategy.fed.client_ids
+    assert strategy.node_of == {ids[0]: 100}
+    reasons = {r["node"]: r["reason"] for r in strategy.refused}
+    assert reasons[101] == f"claims client {ids[2]} but the operator bound it to {ids[1]}; refused"
+    assert reasons[102].startswith("is not bound to a client by the operator")
+    with pytest.raises(ValueError, match="node_clients 'nonsense': expected NODE=PARTITION"):
+        dataclasses.replace(cfg, node_clients="nonsense").validate()
+
+
 def test_a_node_whose_metrics_contradict_what_it_was_sent_is_dropped(tmp_path):
     """A reply claiming it trained from another rank (which would feed pruning_events) is dropped with the reason."""
 

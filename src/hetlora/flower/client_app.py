@@ -29,7 +29,7 @@ def client_host(cfg: RunConfig) -> ClientHost:
     key = encode_config(cfg)
     if key not in _HOSTS:
         _HOSTS.clear()
-        _HOSTS[key] = ClientHost(cfg)
+        _HOSTS[key] = ClientHost(cfg, device_client=True)  # a device: gradient checkpointing on unless configured
     return _HOSTS[key]
 
 

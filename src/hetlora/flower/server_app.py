@@ -18,14 +18,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from ..config import RunConfig
+from ..config import RunConfig, node_partitions
 from ..core.adapter import ClientUpdate
 from ..federation import Federation
 from ..runner import Progress, check_resumable, run
 from .common import config_from_run_config, encode_config, from_array_record, to_array_record
 
 log = logging.getLogger(__name__)
-app = ServerApp()
 
 
 class HetLoRAStrategy(Strategy):
@@ -80,8 +79,25 @@ class HetLoRAStrategy(Strategy):
         if missing:
             log.warning("%d of %d clients have no node and will not be sampled", len(missing), len(self.fed.client_ids))
 
+    def bound_client(self, node: int) -> str | None:
+        """The client the operator bound to ``node`` (``node_clients``: node id → partition id), if any."""
+        pid = node_partitions(self.fed.cfg.node_clients).get(int(node))
+        ids = self.fed.host.client_ids
+        return ids[pid] if pid is not None and 0 <= pid < len(ids) else None
+
     def claim_problem(self, cid: str, node: int, registered: set[str]) -> str | None:
-        """Why node ``node``'s claim to hold ``cid`` is refused (None: accepted)."""
+        """Why node ``node``'s claim to hold ``cid`` is refused (None: accepted).
+
+        With ``node_clients`` set, identity comes from the operator, not the node: a SuperLink with
+        SuperNode authentication ties each node id to the key registered for it, and the operator
+        binds node ids to clients; a node's own claim must agree, and an unbound node is refused.
+        """
+        if self.fed.cfg.node_clients:
+            bound = self.bound_client(node)
+            if bound is None:
+                return f"is not bound to a client by the operator (node_clients); its claim to {cid} is refused"
+            if bound != cid:
+                return f"claims client {cid} but the operator bound it to {bound}; refused"
         if cid not in registered:
             return f"claims client {cid}, which is not a client of this federation; refused"
         if cid in self.node_of and self.node_of[cid] != node:
@@ -187,7 +203,7 @@ def serve(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     settings is refused before any model loads or any node is asked)."""
     if resume:
         check_resumable(cfg)
-    fed = Federation(cfg)
+    fed = Federation(cfg, device_clients=True)
     strategy = HetLoRAStrategy(fed)
     strategy.discover(grid)
     return run(cfg, resume=resume, progress=False, federation=fed, round_fn=strategy.round_fn(grid))
