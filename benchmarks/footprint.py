@@ -198,6 +198,7 @@ def main() -> None:
     from hetlora.host import native_bf16
     from hetlora.provenance import environment
 
+    provenance = environment("cpu")  # before anything is written (--calibrate writes a tracked file)
     precisions = args.precisions or (["fp32", "bf16"] if native_bf16("cpu") else ["fp32"])
     rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}; SmolLM2-135M, "
@@ -229,12 +230,12 @@ def main() -> None:
     if args.calibrate:
         from hetlora.footprint import CALIBRATION
 
-        CALIBRATION.write_text(json.dumps({"source": str(args.json or "benchmarks/footprint.py"), "provenance": environment("cpu"),
+        CALIBRATION.write_text(json.dumps({"source": str(args.json or "benchmarks/footprint.py"), "provenance": provenance,
                                            "fits": fits}, indent=1) + "\n")
         print(f"wrote {CALIBRATION}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"provenance": environment("cpu"), "steps": args.steps, "batch": [BATCH, LENGTH],
+        args.json.write_text(json.dumps({"provenance": provenance, "steps": args.steps, "batch": [BATCH, LENGTH],
                                          "rows": rows, "goals": summary}, indent=1) + "\n")
         print(f"wrote {args.json}")
 

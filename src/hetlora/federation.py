@@ -95,6 +95,7 @@ class Federation:
         else:
             self.ranks = assign_ranks(self.client_ids, cfg.rank_dist, cfg.r_min, r, cfg.seed, cfg.ranks)
         self.left_out: dict[str, str] = {}  # client -> why it takes no part (its memory fits no rank)
+        self.refused_claims: list[dict[str, Any]] = []  # Flower: nodes whose claim to a client was refused (node, client, reason)
         if cfg.memory_budget_mb is not None or cfg.memory_budgets:
             self.fit_ranks_to_memory()
         self.assigned = dict(self.ranks)

@@ -401,6 +401,7 @@ def finish(fed: Federation, out: Path, summary: dict[str, Any]) -> dict[str, Any
             "rejected_rounds": rejected,
             "clients": len(fed.client_ids),
             "left_out": fed.left_out,
+            "refused_claims": fed.refused_claims,
             "final_eval_loss": rows[-1]["eval_loss"] if rows else None,
             "final_eval_ppl": ppls[-1] if ppls else None,
             "best_eval_ppl": min(ppls) if ppls else None,

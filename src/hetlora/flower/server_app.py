@@ -25,6 +25,7 @@ from ..runner import Progress, check_resumable, run
 from .common import config_from_run_config, encode_config, from_array_record, to_array_record
 
 log = logging.getLogger(__name__)
+app = ServerApp()
 
 
 class HetLoRAStrategy(Strategy):
@@ -63,6 +64,7 @@ class HetLoRAStrategy(Strategy):
             problem = self.claim_problem(cid, node, registered)
             if problem:
                 self.refused.append({"node": node, "client": cid, "reason": problem})
+                self.fed.refused_claims.append({"node": int(node), "client": cid, "reason": problem})
                 log.warning("node %s: %s", node, problem)
                 continue
             self.node_of[cid] = node
