@@ -95,3 +95,36 @@ def test_base_delta_is_applied_to_pristine_weights_and_undone(shared_tiny, chitc
     torch.testing.assert_close(w, w0 + 2.0 * (b @ a))
     host.apply_base_delta({}, version=2)  # an empty delta restores the pristine weights
     torch.testing.assert_close(w, w0)
+
+
+def test_a_device_client_applies_the_base_delta_in_place_without_pristine_copies(shared_tiny, chitchat_small):
+    """A ClientApp host keeps no W0 copies: the first application is bit-identical to the pristine path,
+    a second version takes the first off again (float rounding only), an empty delta restores W0."""
+    from dataclasses import replace
+
+    from hetlora.core.adapter import A_SUFFIX, B_SUFFIX
+
+    model, tok = shared_tiny
+    key = next(iter(target_shapes(model, ["q_proj"])))
+    w = dict(model.named_modules())[key.removeprefix("base_model.model.")].weight
+    w0 = w.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    d1 = {key + B_SUFFIX: torch.randn(w.shape[0], 2, generator=g), key + A_SUFFIX: torch.randn(2, w.shape[1], generator=g)}
+    d2 = {key + B_SUFFIX: torch.randn(w.shape[0], 3, generator=g), key + A_SUFFIX: torch.randn(3, w.shape[1], generator=g)}
+    reference = host_for(shared_tiny, chitchat_small, "fp32", r_max=6, method="flora")
+    reference.apply_base_delta(d1, version=1)
+    expected = w.detach().clone()
+    reference.apply_base_delta({}, version=0)
+    assert torch.equal(w, w0)
+    cfg = replace(reference.cfg)
+    device = ClientHost(cfg, model, tok, chitchat_small, device_client=True)
+    try:
+        device.apply_base_delta(d1, version=1)
+        assert torch.equal(w, expected) and device._pristine == {}
+        device.apply_base_delta(d2, version=2)
+        torch.testing.assert_close(w, w0 + 2.0 * (d2[key + B_SUFFIX] @ d2[key + A_SUFFIX]), rtol=1e-5, atol=1e-5)
+        device.apply_base_delta({}, version=3)
+        torch.testing.assert_close(w, w0, rtol=0, atol=1e-5)
+    finally:
+        with torch.no_grad():
+            w.copy_(w0)

@@ -137,6 +137,8 @@ class ClientHost:
         self._bf16_frozen = False
         self._pristine: dict[str, torch.Tensor] = {}
         self._base_version: object = None
+        self.device_client = device_client
+        self._applied: dict[str, torch.Tensor] = {}  # a device client: the base delta its weights hold now
 
     # ------------------------------------------------------------------ LoRA
     def bank(self, slots: int = 1, rank: int | None = None) -> LoRABank:
@@ -173,19 +175,43 @@ class ClientHost:
 
     # ------------------------------------------------------------------ base delta
     def apply_base_delta(self, delta: dict[str, torch.Tensor] | None, version: object) -> None:
-        """W = W0 + s·ΔW on every module ``delta`` touches (W0 kept pristine); no-op if current."""
+        """W = W0 + s·ΔW on every module ``delta`` touches; no-op if current.
+
+        In-process, W0 is kept pristine (exact at every version). A device client (a ClientApp, whose
+        weights are fp32 or kept fp32 for folding methods) keeps no copy of W0: it adds s·ΔW in place,
+        and should the version change within its process, takes the applied s·ΔW off again first —
+        405 MiB of pristine copies saved for SmolLM2 at the price of float rounding on that second
+        application (a deployed SuperNode starts a fresh process per message, so it never happens there).
+        """
         if version == self._base_version:
             return
+        if self.device_client and not self.local.bf16 and not self._pristine:
+            self._apply_in_place(delta or {})
+        else:
+            self._apply_from_pristine(delta or {})
+        self._base_version = version
+
+    def _apply_from_pristine(self, delta: dict[str, torch.Tensor]) -> None:
         modules = dict(self.model.named_modules())
         with torch.no_grad():
             for path, w0 in self._pristine.items():
                 modules[path].weight.copy_(w0)
-            for module in delta_modules(delta or {}):
+            for module in delta_modules(delta):
                 path = module.removeprefix(PEFT_PREFIX)
                 weight = modules[path].weight
                 w0 = self._pristine.setdefault(path, weight.detach().clone())
                 weight.copy_(w0.float() + self.local.scale * dense_delta(delta, module).to(weight.device))
-        self._base_version = version
+
+    def _apply_in_place(self, delta: dict[str, torch.Tensor]) -> None:
+        modules = dict(self.model.named_modules())
+        with torch.no_grad():
+            for module in delta_modules(self._applied):
+                weight = modules[module.removeprefix(PEFT_PREFIX)].weight
+                weight.sub_(self.local.scale * dense_delta(self._applied, module).to(weight.device))
+            for module in delta_modules(delta):
+                weight = modules[module.removeprefix(PEFT_PREFIX)].weight
+                weight.copy_(weight.float() + self.local.scale * dense_delta(delta, module).to(weight.device))
+        self._applied = dict(delta)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_loss(self, examples=None) -> float:
