@@ -48,8 +48,21 @@ def test_end_to_end_outputs_and_adapter_loads(tmp_path):
         assert r["bytes_up"] > 0 and r["bytes_down"] > 0
     assert "tier_eval_ppl" in metrics[-1]
     assert summary["final_eval_ppl"] == metrics[-1]["eval_ppl"]
-    for name in ("perplexity.png", "ranks.png", "bytes.png"):
+    for name in ("perplexity.png", "ranks.png", "bytes.png", "live_rank.png"):
         assert (out / "plots" / name).stat().st_size > 1000
+    # integer round ticks only (ranks.png had 1.5, 2.5): the locator the plots use on their round axis
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from hetlora.plots import _integer_rounds
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [3, 4])
+    _integer_rounds(ax)
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if 1 <= t <= 2]
+    plt.close(fig)
+    assert isinstance(ax.xaxis.get_major_locator(), MaxNLocator) and all(float(t).is_integer() for t in ticks) and ticks
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 6 and config["lora_alpha"] == 12
     from peft import PeftModel

@@ -98,26 +98,3 @@ def evaluate_loss(model, examples: list[Example], pad_id: int, batch_size: int =
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 700.0))
-
-
-def rouge_l(predictions: list[str], references: list[str]) -> float:
-    """Mean ROUGE-L F-measure (rouge-score, stemmed) of predictions against references."""
-    from rouge_score import rouge_scorer
-
-    if len(predictions) != len(references) or not predictions:
-        raise ValueError("rouge_l needs as many predictions as references, at least one")
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) / len(predictions)
-
-
-@torch.no_grad()
-def greedy_responses(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 32) -> list[str]:
-    """Greedy generations for chat prompts (one at a time: no padding effects)."""
-    device = next(model.parameters()).device
-    out = []
-    for messages in prompts:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        ids = {k: v.to(device) for k, v in ids.items()}
-        generated = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        out.append(tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
-    return out

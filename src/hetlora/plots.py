@@ -18,6 +18,13 @@ def _save(fig, path: Path, dpi: int = 100) -> Path:
     return path
 
 
+def _integer_rounds(ax) -> None:
+    """Rounds are whole numbers: no 1.5 or 2.5 ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_run(rows: Sequence[Mapping[str, Any]], directory: Path, initial_ppl: float | None = None) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     rounds = [r["round"] for r in rows]
@@ -31,6 +38,7 @@ def plot_run(rows: Sequence[Mapping[str, Any]], directory: Path, initial_ppl: fl
         pts = [(r["round"], r["tier_eval_ppl"][t]) for r in rows if t in r.get("tier_eval_ppl", {})]
         ax.plot(*zip(*pts), marker="x", linestyle="none", label=f"truncated to r={t}")
     ax.set(xlabel="round", ylabel="held-out perplexity", title="Perplexity vs round")
+    _integer_rounds(ax)
     ax.legend()
     paths.append(_save(fig, directory / "perplexity.png"))
 
@@ -40,12 +48,28 @@ def plot_run(rows: Sequence[Mapping[str, Any]], directory: Path, initial_ppl: fl
         pts = [(r["round"], r["ranks"][c]) for r in rows if c in r.get("ranks", {})]
         ax.plot(*zip(*pts), marker=".", alpha=0.6)
     ax.set(xlabel="round", ylabel="client rank after round", title=f"Client ranks ({min(len(clients), 40)} shown)")
+    _integer_rounds(ax)
     paths.append(_save(fig, directory / "ranks.png"))
+
+    live = [(r["round"], r["live_rank"]) for r in rows if r.get("live_rank") is not None]
+    trainable = [(r["round"], r["trainable_rank"]) for r in rows if r.get("trainable_rank") is not None]
+    if live or trainable:  # the diagnostic users most need: are rank components dying? (docs/algorithm.md §3)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        if live:
+            ax.plot(*zip(*live), marker="o", label="live rank (‖B_j‖·‖A_j‖ > 0)")
+        if trainable:
+            ax.plot(*zip(*trainable), marker="x", linestyle="--", label="trainable rank")
+        ax.set(xlabel="round", ylabel="rank of the global adapter", title="Live and trainable rank")
+        ax.set_ylim(bottom=0)
+        _integer_rounds(ax)
+        ax.legend()
+        paths.append(_save(fig, directory / "live_rank.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.bar([x - 0.2 for x in rounds], [r["bytes_down"] / 1e6 for r in rows], width=0.4, label="down")
     ax.bar([x + 0.2 for x in rounds], [r["bytes_up"] / 1e6 for r in rows], width=0.4, label="up")
     ax.set(xlabel="round", ylabel="MB", title="Communication per round")
+    _integer_rounds(ax)
     ax.legend()
     paths.append(_save(fig, directory / "bytes.png"))
     return paths
@@ -121,7 +145,7 @@ def plot_study(runs: Sequence[Mapping[str, Any]], directory: Path, r_min: int, o
             ax.plot(xs, m, linestyle="--", color=colours[i % 20], alpha=0.6)
     ax.set(xlabel="round", ylabel="rank of the global adapter",
            title="Live rank (solid: ‖B_j‖·‖A_j‖ > 0) and trainable rank (dashed), mean over seeds")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    _integer_rounds(ax)
     ax.legend(fontsize=7, ncol=3)
     paths.append(_save(fig, directory / "live_rank.png", dpi=110))
 
@@ -175,6 +199,6 @@ def plot_long(runs: Sequence[Mapping[str, Any]], path: Path) -> Path:
     left.set(xlabel="round", ylabel="test perplexity (per-round subset)", title="Long regime: held-out perplexity")
     right.set(xlabel="round", ylabel="mean client train loss", title="Long regime: train loss")
     for ax in (left, right):
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        _integer_rounds(ax)
         ax.legend(fontsize=7)
     return _save(fig, path, dpi=110)

@@ -20,11 +20,15 @@ def test_fslora_server_step_matches_the_authors_worked_example(monkeypatch):
     from hetlora.methods import fslora
 
     sketches = {"c1": [1], "c2": [0, 2]}
-    monkeypatch.setattr(fslora, "sketch_indices", lambda seed, t, cid, m, r: sketches[cid])
+    seen = []
+    monkeypatch.setattr(fslora, "sketch_indices", lambda seed, t, cid, m, r: seen.append((seed, t)) or sketches[cid])
     c1 = update([[0.3], [0.4]], [[0, 0.4, 1, -0.3]], 10, "c1")
     c2 = update([[0.85, 2.15], [-0.15, -1.15]], [[1, -0.15, 0, 0.85], [1.15, -1.3, 0.15, -0.3]], 99, "c2")
     previous = {M + B_SUFFIX: T(B0).float(), M + A_SUFFIX: T(A0).float()}
-    g = aggregate("fslora", [c1, c2], r_max=3, previous=previous)
+    with pytest.raises(ValueError, match="'fslora' re-derives what the server sent .* pass seed= and round_index="):
+        aggregate("fslora", [c1, c2], r_max=3, previous=previous)  # would silently have used round 0's sketches
+    g = aggregate("fslora", [c1, c2], r_max=3, previous=previous, seed=7, round_index=4)
+    assert set(seen) == {(7, 4)}  # the sketches of the round asked for
     torch.testing.assert_close(g[M + B_SUFFIX].double(), T([[0.925, 0.15, 2.075], [-0.075, 0.7, -1.075]]), atol=1e-6, rtol=0)
     torch.testing.assert_close(g[M + A_SUFFIX].double(), T([[1, -0.075, 0, 0.925], [0, 0.7, 1, -0.15], [1.075, -1.15, 0.075, -0.15]]), atol=1e-6, rtol=0)
 

@@ -94,6 +94,9 @@ def aggregate(
     norm_bound: float | None = None,
     previous: Mapping[str, torch.Tensor] | None = None,
     shapes: LayerShapes | None = None,
+    seed: int | None = None,
+    round_index: int | None = None,
+    ranks: Mapping[str, int] | None = None,
     **options: Any,
 ) -> Adapter:
     """Validate a round's updates, then aggregate them into the new global adapter.
@@ -101,8 +104,11 @@ def aggregate(
     Returns rank r_max (``flora``: the stacked rank Σ r_k). ``norm_bound=x`` clips
     each client's B, A and B·A to x × the round's median (per √rank) and caps the
     sparsity weights; ``None`` is paper-faithful. ``shapes`` (module -> (out, in))
-    defaults to the shapes most clients agree on. Raises ``InvalidUpdate`` naming
-    the client for a bad update, before any arithmetic.
+    defaults to the shapes most clients agree on. ``seed``, ``round_index``, ``ranks``: the
+    round's context (the run's seed, the 0-based round, the rank sent to each client), which a
+    method that re-derives what it sent needs (fslora's sketches): it refuses to run without
+    them rather than silently use round 0's. Raises ``InvalidUpdate`` naming the client for a
+    bad update, before any arithmetic.
     """
     m = get_method(method)
     unknown = sorted(set(options) - set(m.options))
@@ -110,7 +116,11 @@ def aggregate(
         raise TypeError(f"method {method!r} takes no option(s) {unknown}; it takes {list(m.options) or 'none'}")
     if not updates:
         raise ValueError("no updates to aggregate")
-    ctx = AggregationContext(r_max=r_max, previous=previous, norm_bound=norm_bound, shapes=shapes, options=options)
+    if m.needs_round and (seed is None or round_index is None):
+        raise ValueError(f"method {method!r} re-derives what the server sent each client from the run's seed and the round: "
+                         "pass seed= and round_index=")
+    ctx = AggregationContext(r_max=r_max, previous=previous, norm_bound=norm_bound, shapes=shapes, options=options,
+                             seed=seed or 0, round_index=round_index or 0, ranks=ranks)
     require_valid(m, updates, ctx)
     return aggregate_valid(m, updates, ctx)
 

@@ -67,6 +67,8 @@ class AggregationMethod:
     folds_into_base: bool = False
     #: keyword options :meth:`aggregate` understands (read from ``ctx.options``).
     options: tuple[str, ...] = ()
+    #: whether it needs the round's context (seed, round) to re-derive what it sent (FSLoRA's sketches).
+    needs_round: bool = False
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         raise NotImplementedError

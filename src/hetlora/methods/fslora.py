@@ -58,6 +58,7 @@ def gather(adapter: Adapter, indices: Sequence[int]) -> Adapter:
 
 class FSLoRA(AggregationMethod):
     name = "fslora"
+    needs_round = True
     client_kind = "fslora"
     options = ("server_lr",)
 
