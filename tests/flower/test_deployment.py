@@ -30,6 +30,30 @@ def wait_for(path: Path, text: str, timeout: float) -> None:
     raise AssertionError(f"{path.name} never said {text!r}:\n{path.read_text(errors='replace')[-2000:] if path.is_file() else ''}")
 
 
+def end_all(procs: list[subprocess.Popen]) -> None:
+    """End every process we started, by its pid: terminate, then kill what is still there after 20 s."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def two_rounds_of_two_clients(result: subprocess.CompletedProcess, out: Path, timeout: float) -> list[dict]:
+    """`flwr run` started the run, its ServerApp finished, and both rounds trained both clients; the rows."""
+    assert "Successfully started run" in result.stdout, result.stdout + result.stderr
+    deadline = time.time() + timeout
+    while not (out / "summary.json").is_file() or "final_eval_ppl" not in (out / "summary.json").read_text():
+        assert time.time() < deadline, "the ServerApp did not finish"
+        time.sleep(0.5)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and all(len(r["clients"]) == 2 and not r["dropped"] for r in rows)
+    return rows
+
+
 @pytest.mark.skipif(shutil.which("flower-superlink", path=str(BIN)) is None, reason="flwr not installed")
 def test_superlink_two_supernodes_two_rounds(tmp_path):
     home = tmp_path / "flwr-home"
@@ -64,20 +88,7 @@ def test_superlink_two_supernodes_two_rounds(tmp_path):
             [str(BIN / "flwr"), "run", str(REPO), "deployment", "--stream", "--run-config", f'out="{out}" rounds=2'],
             env=env, capture_output=True, text=True, timeout=420,
         )
-        assert "Successfully started run" in result.stdout, result.stdout + result.stderr
-        deadline = time.time() + 120
-        while not (out / "summary.json").is_file() or "final_eval_ppl" not in (out / "summary.json").read_text():
-            assert time.time() < deadline, "the ServerApp did not finish"
-            time.sleep(0.5)
-        rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-        assert [r["round"] for r in rows] == [1, 2]
-        assert all(len(r["clients"]) == 2 and not r["dropped"] for r in rows)
+        two_rounds_of_two_clients(result, out, 120)
         assert (out / "adapter" / "adapter_model.safetensors").is_file()
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        end_all(procs)

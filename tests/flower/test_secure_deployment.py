@@ -12,12 +12,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.flower.test_deployment import free_port, wait_for
+from tests.flower.test_deployment import end_all, free_port, two_rounds_of_two_clients, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -89,13 +88,7 @@ def test_tls_authenticated_supernodes_bound_to_clients_and_the_attacks_fail(tmp_
         binding = ",".join(f"{n}={p}" for n, p in zip(node_ids, (0, 1)))
         result = subprocess.run([str(BIN / "flwr"), "run", str(REPO), "deployment", "--stream", "--run-config",
                                  f'out="{out}" rounds=2 node-clients="{binding}"'], env=env, capture_output=True, text=True, timeout=420)
-        assert "Successfully started run" in result.stdout, result.stdout + result.stderr
-        deadline = time.time() + 180
-        while not (out / "summary.json").is_file() or "final_eval_ppl" not in (out / "summary.json").read_text():
-            assert time.time() < deadline, "the ServerApp did not finish"
-            time.sleep(0.5)
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        assert [r["round"] for r in rows] == [1, 2] and all(len(r["clients"]) == 2 and not r["dropped"] for r in rows)
+        rows = two_rounds_of_two_clients(result, out, 180)
         assert "Received" not in (tmp_path / "intruder.log").read_text()  # it never got a message
         # the same run in process: the same numbers (the deployment adds transport, not arithmetic)
         saved = json.loads((out / "config.json").read_text())
@@ -104,11 +97,4 @@ def test_tls_authenticated_supernodes_bound_to_clients_and_the_attacks_fail(tmp_
         local_rows = [json.loads(line) for line in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()]
         assert [r["eval_loss"] for r in rows] == pytest.approx([r["eval_loss"] for r in local_rows], abs=1e-4)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        end_all(procs)
