@@ -30,12 +30,19 @@ def test_identical_clients_give_the_same_update(method):
         assert_close(product(g, m), product(ad, m))
 
 
+def round_context(method: str) -> dict:
+    """The round's context for a method that needs it (fslora re-derives its sketches from seed and round)."""
+    from hetlora.methods import get_method
+
+    return {"seed": 0, "round_index": 1} if get_method(method).needs_round else {}
+
+
 @pytest.mark.parametrize("method", LORA_METHODS)
 def test_every_method_validates_before_arithmetic(method):
     updates = [make_update(3, seed=1), make_update(3, seed=2, cid="evil")]
     updates[1].adapter["layers.0.q_proj" + B_SUFFIX][0, 0] = math.nan
     with pytest.raises(InvalidUpdate, match="evil"):
-        aggregate(method, updates, r_max=6)
+        aggregate(method, updates, r_max=6, **round_context(method))
 
 
 def test_unknown_method_and_option():
@@ -70,7 +77,7 @@ def test_global_adapter_is_fp32_and_detached_whatever_the_clients_send(method):
         for t in u.adapter.values():
             t.requires_grad_(True)
     kw = {"previous": zero_pad_adapter({k: v.detach() for k, v in updates[0].adapter.items()}, 6)} if method in ("ffa", "fslora") else {}
-    g = aggregate(method, updates, r_max=6, **kw)
+    g = aggregate(method, updates, r_max=6, **kw, **round_context(method))
     assert all(v.dtype == torch.float32 and not v.requires_grad for v in g.values())
 
 
