@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..core.adapter import A_SUFFIX, ClientUpdate
+from ..core.adapter import ClientUpdate, adapter_rank
 from ..core.pruning import prune_rank, tail_penalty, tail_start
 from ..memory import peak_rss_mb
 from ..core.seeds import derive_seed
@@ -37,11 +37,6 @@ def prefix_ranks(seed: int, job: "Job", rank: int, r_min: int, steps: int) -> li
     return [int(x) for x in torch.randint(low, rank + 1, (steps,), generator=g)]
 
 
-def _rank_of(adapter: Mapping[str, Tensor]) -> int:
-    """The rank of a PEFT-format adapter (the rows of its A factors; the bank checks they agree)."""
-    return max(v.shape[0] for key, v in adapter.items() if key.endswith(A_SUFFIX))
-
-
 def train_lora(
     host: "ClientHost", jobs: Sequence["Job"], starts: Sequence[Mapping[str, Tensor]], *, prune: bool, freeze_a: bool = False,
     scales: Sequence[float] | None = None,
@@ -52,7 +47,7 @@ def train_lora(
     t0 = time.perf_counter()
     cfg, k = host.local, len(jobs)
     host.apply_base_delta(jobs[0].base, jobs[0].base_version)
-    bank = host.bank(k, max(_rank_of(start) for start in starts))
+    bank = host.bank(k, max(adapter_rank(start) for start in starts))
     ranks = [bank.load(slot, start) for slot, start in enumerate(starts)]
     for job, r in zip(jobs, ranks):
         if r != job.rank:
