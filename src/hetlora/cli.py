@@ -60,6 +60,8 @@ RUN_OPTIONS: dict[str, tuple[Any, str, str]] = {
     "release_memory": (bool, "--release-memory/--no-release-memory", "Clients' freed tensors go back to the OS at once (glibc: a fixed mmap threshold): ~0.65× the peak RSS, 1.4–2× the step time"),
     "dp_clip": (float, "--dp-clip", "User-level DP: clip norm C (turns DP on)"),
     "dp_noise": (float, "--dp-noise", "User-level DP: noise multiplier σ (needs --dp-clip; default: 1.0)"),
+    "secure_aggregation": (bool, "--secure-aggregation/--no-secure-aggregation", "Flower SecAgg+: the server sees only the sum of the clients' zero-padded, self-weighted factors (hetlora, hetlora-naive, fedavg; needs --norm-bound off)"),
+    "secure_clip": (float, "--secure-clip", "Under --secure-aggregation: each client's fixed bound C on ‖B‖/√r and ‖A‖/√r"),
     "engine": (str, "--engine", "local (in-process) | flower (Flower simulation)"),
     "partition": (str, "--partition", "Data file without client_id: iid:N or dirichlet:N"),
     "partition_by": (str, "--partition-by", "Label column for dirichlet partitioning"),

@@ -77,6 +77,8 @@ class RunConfig:
     dp_noise: float | None = None  # noise multiplier σ (DP_NOISE_DEFAULT when dp_clip is set)
     dp_delta: float = 1e-5
     engine: str = "local"
+    secure_aggregation: bool = False  # Flower: SecAgg+ — the server sees only the sum of the clients' padded, weighted factors
+    secure_clip: float | None = None  # under secure aggregation: each client's fixed bound on ‖B‖/√r and ‖A‖/√r (None: off)
     node_clients: str | None = None  # Flower: the operator's binding of node ids to partition ids ("ID=PID,…" or a JSON file)
     partition: str | None = None  # user data without client_id: "iid:N" or "dirichlet:N"
     partition_by: str = "label"
@@ -184,6 +186,7 @@ class RunConfig:
         if self.engine not in ("local", "flower"):
             problems.append(f"engine must be local or flower, got {self.engine!r}")
         problems += self._dp_problems()
+        problems += self._secure_problems()
         if self.data != "chitchat" and not Path(self.data).is_file():
             problems.append(f"data {self.data!r} is neither 'chitchat' nor an existing .jsonl/.csv file")
         if self.partition is not None:
@@ -213,6 +216,29 @@ class RunConfig:
         pool = self.client_pool or self.max_clients
         if pool is not None and self.clients_per_round > pool:
             problems.append(f"DP sampling: clients_per_round {self.clients_per_round} exceeds the {pool} registered clients")
+        return problems
+
+    def _secure_problems(self) -> list[str]:
+        """What secure aggregation (docs/algorithm.md §6.1) cannot do: it hands the server one sum, nothing per client."""
+        if not self.secure_aggregation:
+            return ["secure_clip needs secure_aggregation (it is the clients' own bound under SecAgg+)"] if self.secure_clip is not None else []
+        problems = []
+        method = METHODS.get(self.method)
+        if method is not None and method.secure_weight is None:
+            problems.append(f"secure aggregation needs a rule that is a weighted sum of zero-padded factors with one weight "
+                            f"per client (hetlora, hetlora-naive, fedavg); {self.method}'s is not, so its server would need "
+                            "the individual updates")
+        if self.per_layer:
+            problems.append("per_layer weights are one weight per client and module; secure aggregation carries one per client")
+        if self.norm_bound is not None:
+            problems.append("the norm bound compares each client with the round's median, which needs individual norms that "
+                            "secure aggregation hides: use --norm-bound off (and --secure-clip C for a fixed client-side bound)")
+        if self.dp_clip is not None:
+            problems.append("DP and secure aggregation together are not supported here")
+        if self.clients_per_round < 2:
+            problems.append("secure aggregation needs at least 2 clients per round (a sum of one is that client's update)")
+        if self.secure_clip is not None and not self.secure_clip > 0:
+            problems.append(f"secure_clip must be positive or off, got {self.secure_clip}")
         return problems
 
     def data_options(self) -> dict[str, Any]:

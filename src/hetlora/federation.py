@@ -189,6 +189,25 @@ class Federation:
                                                          exact_rank=not self.cfg.prunes)
         dropped = [{"client": c, "reason": r} for c, r in list(failed) + dropped_updates]
         new, base_update, kept = self._aggregate(kept, ctx, dropped)
+        return self._close_round(round_index, new, base_update, kept, updates, dropped, sent,
+                                 sum(self.kind.upload_bytes(u) for u in kept))
+
+    def complete_secure_round(self, round_index: int, aggregate: Mapping[str, torch.Tensor] | None, reports: Sequence[ClientUpdate],
+                              failed: Sequence[tuple[str, str]], bytes_up: int) -> dict[str, Any]:
+        """Close a round whose aggregate is a secure sum (docs/algorithm.md §6.1): no individual update exists
+        here to validate or bound, so the sum itself is checked (finite; shapes by the caller); ``reports``
+        carry each client's rank and metrics, ``aggregate`` is None when the round produced no sum."""
+        self._before = None
+        sent = dict(self.ranks)
+        dropped = [{"client": c, "reason": r} for c, r in failed]
+        if aggregate is not None and len(reports) < self.cfg.min_clients:
+            aggregate = None
+        return self._close_round(round_index, dict(aggregate) if aggregate is not None else None, None, list(reports),
+                                 reports, dropped, sent, bytes_up)
+
+    def _close_round(self, round_index: int, new, base_update, kept: list[ClientUpdate], updates: Sequence[ClientUpdate],
+                     dropped: list[dict[str, Any]], sent: Mapping[str, int], bytes_up: int) -> dict[str, Any]:
+        """Apply a finite aggregate (a non-finite one keeps the previous global model) and write the round's row."""
         for d in dropped:
             log.warning("round %d: dropped client %s: %s", round_index + 1, d["client"], d["reason"])
         rejected = None
@@ -208,7 +227,7 @@ class Federation:
             "dropped": dropped,
             "ranks": self.sampled_ranks(updates),
             "client_ranks_in": {u.client_id: sent.get(u.client_id) for u in kept},
-            "bytes_up": sum(self.kind.upload_bytes(u) for u in kept),
+            "bytes_up": bytes_up,
         } | client_metrics(kept)
         return self.privacy.released(row) if self.privacy else row
 

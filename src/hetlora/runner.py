@@ -339,6 +339,9 @@ def run(
     are the same for every engine.
     """
     cfg = cfg.validate()
+    if cfg.secure_aggregation and round_fn is local_round:
+        raise ValueError("secure aggregation runs on Flower's SecAgg+ (--engine flower, or a deployment): "
+                         "the in-process engine has one process and nothing to hide the updates from")
     out = Path(cfg.out)
     check_writable(out)
     with run_lock(out):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from flwr.app import Context, RecordDict
+import copy
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from hetlora.flower import client_app as client_module
@@ -42,5 +45,10 @@ class LoopbackGrid(Grid):
             if self.fresh_process:
                 client_module._HOSTS.clear()
             self.bytes_sent += sum(a.numpy().nbytes for rec in message.content.array_records.values() for a in rec.values())
-            replies.append(client_module.app(message, self.contexts[message.metadata.dst_node_id]))
+            delivered = copy.deepcopy(message)  # a transport hands each node its own copy (SecAgg+ messages share content)
+            try:
+                replies.append(client_module.app(delivered, self.contexts[message.metadata.dst_node_id]))
+            except Exception as err:  # as a SuperNode does: the ClientApp's exception becomes an error reply
+                replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}:'{err}'"),
+                                       reply_to=delivered))
         return replies

@@ -2,7 +2,8 @@
 
 One SuperLink with TLS (our CA) and ``--enable-supernode-auth``; two SuperNodes whose keys were registered
 with ``flwr supernode register``; the run binds the registered node ids to their partitions
-(``node-clients``). It completes 2 rounds with the numbers of the same run in process. And the attacks
+(``node-clients``) and aggregates under SecAgg+ (``secure-aggregation``: the server sees only sums). It completes
+2 rounds with the numbers of the same run in process, in the clear. And the attacks
 fail: an unregistered node is refused by the SuperLink and never receives a message, a node without the
 CA cannot connect, and ``flwr run`` without the CA cannot start a run. Every process is ended by its pid.
 """
@@ -87,14 +88,17 @@ def test_tls_authenticated_supernodes_bound_to_clients_and_the_attacks_fail(tmp_
         out = tmp_path / "out"
         binding = ",".join(f"{n}={p}" for n, p in zip(node_ids, (0, 1)))
         result = subprocess.run([str(BIN / "flwr"), "run", str(REPO), "deployment", "--stream", "--run-config",
-                                 f'out="{out}" rounds=2 node-clients="{binding}"'], env=env, capture_output=True, text=True, timeout=420)
+                                 f'out="{out}" rounds=2 node-clients="{binding}" norm-bound="off" secure-aggregation=true'],
+                                env=env, capture_output=True, text=True, timeout=420)
         rows = two_rounds_of_two_clients(result, out, 180)
         assert "Received" not in (tmp_path / "intruder.log").read_text()  # it never got a message
-        # the same run in process: the same numbers (the deployment adds transport, not arithmetic)
+        # the same run in process, in the clear: the same numbers (TLS and SecAgg+ add transport and masks, not arithmetic)
         saved = json.loads((out / "config.json").read_text())
-        local = RunConfig(**{k: v for k, v in saved.items() if not k.startswith("_") and k != "node_clients"} | {"out": str(tmp_path / "local")})
+        assert saved["secure_aggregation"] and all(r["secure_seconds"] > 0 for r in rows)  # the server saw only sums
+        plain = {"out": str(tmp_path / "local"), "secure_aggregation": False}
+        local = RunConfig(**{k: v for k, v in saved.items() if not k.startswith("_") and k != "node_clients"} | plain)
         run(local, progress=False)
         local_rows = [json.loads(line) for line in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()]
-        assert [r["eval_loss"] for r in rows] == pytest.approx([r["eval_loss"] for r in local_rows], abs=1e-4)
+        assert [r["eval_loss"] for r in rows] == pytest.approx([r["eval_loss"] for r in local_rows], rel=1e-4, abs=1e-4)
     finally:
         end_all(procs)

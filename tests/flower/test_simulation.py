@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 
 from hetlora.config import RunConfig
 from hetlora.runner import run
@@ -33,3 +35,22 @@ def test_flower_simulation_matches_in_process(tmp_path):
         assert x["bytes_up"] == y["bytes_up"] and x["bytes_down"] == y["bytes_down"]
     assert (flower / "adapter" / "adapter_model.safetensors").is_file()
     assert (flower / "checkpoint").is_dir() and summary["rounds"] == 2
+
+
+def test_secure_aggregation_on_the_simulation_engine_gives_the_plain_numbers(tmp_path):
+    """`hetlora run --engine flower --secure-aggregation`: SecAgg+ over Ray's transport, the plain run's loss."""
+    from typer.testing import CliRunner
+
+    from hetlora.cli import app
+
+    local, secure = tmp_path / "local", tmp_path / "secure"
+    small = dict(rounds=1, clients_per_round=2, max_clients=2, norm_bound=None)
+    run(tiny(local, **small), progress=False)
+    args = ["run", "--engine", "flower", "--secure-aggregation", "--norm-bound", "off", "--model", "tiny", "--rounds", "1",
+            "--clients-per-round", "2", "--local-steps", "2", "--batch-size", "4", "--max-length", "48", "--lr", "5e-3",
+            "--r-min", "2", "--r-max", "6", "--eval-size", "8", "--min-examples", "400", "--max-clients", "2", "--seed", "11",
+            "--out", str(secure), "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (a,), (b,) = rows(local), rows(secure)
+    assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4) and b["ranks"] == a["ranks"] and b["secure_seconds"] > 0

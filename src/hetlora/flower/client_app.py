@@ -14,8 +14,14 @@ import traceback
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+
 from ..clients import Job, get_kind
 from ..config import RunConfig
+from ..core.secure_sum import client_weight, clip_to_bound, contribution, range_problem
 from ..host import ClientHost
 from ..methods import get_method
 from .common import config_from_run_config, encode_config, from_array_record, to_array_record
@@ -60,9 +66,8 @@ def query(message: Message, context: Context) -> Message:
     return Message(reply, reply_to=message)
 
 
-@app.train()
-def train(message: Message, context: Context) -> Message:
-    """One local round: the received truncated adapter in, the trained (maybe pruned) one out."""
+def _received_job(message: Message, context: Context) -> tuple[RunConfig, ClientHost, Job]:
+    """The run config, this device's host and the job the server sent (refused if it names another client)."""
     cfg = _config(message, context)
     host = client_host(cfg)
     cid = my_client_id(host, context)
@@ -72,22 +77,65 @@ def train(message: Message, context: Context) -> Message:
     records = message.content.array_records
     job = Job(cid, int(task["rank"]), int(task["round"]), from_array_record(records["adapter"]),
               from_array_record(records["base"]) if "base" in records else {}, int(task.get("base-version", 0)))
+    return cfg, host, job
+
+
+def _train_one(cfg: RunConfig, host: ClientHost, job: Job):
+    (update,) = get_kind(get_method(cfg.method).client_kind).train(host, [job], prune=cfg.prunes)
+    return update
+
+
+def _numbers(metrics) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """One local round: the received truncated adapter in, the trained (maybe pruned) one out.
+
+    A SecAgg+ protocol message (``--secure-aggregation``) goes through Flower's ``secaggplus_mod``,
+    which trains through :func:`secure_fit` at its masked-vector stage."""
+    if RECORD_KEY_CONFIGS in message.content.config_records:
+        return secaggplus_mod(message, context, secure_fit)
+    cfg, host, job = _received_job(message, context)
     try:
-        (update,) = get_kind(get_method(cfg.method).client_kind).train(host, [job], prune=cfg.prunes)
+        update = _train_one(cfg, host, job)
     except Exception:
         error = traceback.format_exc(limit=3)
-        return Message(RecordDict({"result": ConfigRecord({"client-id": cid, "error": error})}), reply_to=message)
-    metrics = {k: float(v) for k, v in update.metrics.items() if isinstance(v, (int, float))}
+        return Message(RecordDict({"result": ConfigRecord({"client-id": job.client_id, "error": error})}), reply_to=message)
     reply = RecordDict(
         {
             "adapter": to_array_record(update.adapter),
-            "metrics": MetricRecord(metrics),
+            "metrics": MetricRecord(_numbers(update.metrics)),
             "result": ConfigRecord(
-                {"client-id": cid, "num-examples": update.num_examples, "rank": int(update.rank or 0), "round": int(task["round"])}
+                {"client-id": job.client_id, "num-examples": update.num_examples, "rank": int(update.rank or 0), "round": job.round}
             ),
         }
     )
     return Message(reply, reply_to=message)
+
+
+def secure_fit(message: Message, context: Context) -> Message:
+    """Train, then hand ``secaggplus_mod`` this client's contribution v_k (docs/algorithm.md §6.1) to mask.
+
+    The update is clipped here (``secure_clip``), weighted by the client's own w_k, zero-padded to
+    r_max; only the masked sum leaves the protocol. The reply's metrics say which client, its rank
+    after pruning and its round (the server needs the rank to truncate next round), never the update.
+    A contribution outside the quantiser's range is refused: the client drops out of the sum.
+    """
+    cfg, host, job = _received_job(message, context)
+    task = message.content.config_records["task"]
+    update = _train_one(cfg, host, job)
+    adapter = clip_to_bound(update.adapter, cfg.secure_clip) if cfg.secure_clip is not None else update.adapter
+    weight = client_weight(adapter, update.num_examples, get_method(cfg.method).secure_weight)
+    values = contribution(adapter, weight, cfg.global_rank, float(task["secure-scale"]))
+    problem = range_problem(values, float(task["secure-range"]))
+    if problem:
+        raise ValueError(f"client {job.client_id}: {problem}")
+    report = {"client-id": job.client_id, "num-examples": update.num_examples, "rank": int(update.rank or 0), "round": job.round}
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([v.numpy() for v in values.values()]), 1,
+                    report | {f"metric.{k}": v for k, v in _numbers(update.metrics).items()})
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=message)
 
 
 __all__ = ["app"]

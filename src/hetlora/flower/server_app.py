@@ -22,7 +22,10 @@ from ..config import RunConfig, node_partitions
 from ..core.adapter import ClientUpdate
 from ..federation import Federation
 from ..runner import Progress, check_resumable, run
+from ..core.secure_sum import read_sum
 from .common import config_from_run_config, encode_config, from_array_record, to_array_record
+
+from .secure_round import contribution_bytes, reports_as_updates, secure_round, sums_to_tensors
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -140,14 +143,8 @@ class HetLoRAStrategy(Strategy):
             if "error" in result:
                 failed.append((cid, f"client failed: {str(result['error']).strip().splitlines()[-1]}"))
                 continue
-            if self.node_of.get(cid) != reply.metadata.src_node_id:
-                failed.append((cid, f"reply from node {reply.metadata.src_node_id}, which does not hold this client"))
-                continue
-            if result["num-examples"] != self.examples_of.get(cid):
-                failed.append((cid, f"reports {result['num-examples']!r} examples, but {self.examples_of.get(cid)} when it joined"))
-                continue
             metrics = dict(reply.content.metric_records.get("metrics", {}))
-            problem = self.metrics_problem(cid, metrics, int(result["round"]), t)
+            problem = self.reply_problem(cid, reply.metadata.src_node_id, result, metrics, t)
             if problem:
                 failed.append((cid, problem))
                 continue
@@ -165,6 +162,46 @@ class HetLoRAStrategy(Strategy):
         self.last_row = self.fed.complete_round(t, updates, failed) | {"bytes_down": self.bytes_down}
         summary = MetricRecord({"clients": float(len(updates)), "dropped": float(len(self.last_row["dropped"]))})
         return to_array_record(self.fed.state["global"]), summary
+
+    def reply_problem(self, cid: str, node: int, result, metrics: dict[str, Any], t: int) -> str | None:
+        """Why a client's reply is not accepted: from a node that does not hold it, or an account that
+        contradicts what it reported when it joined or what it was sent (None: accepted)."""
+        if self.node_of.get(cid) != node:
+            return f"reply from node {node}, which does not hold this client"
+        if result["num-examples"] != self.examples_of.get(cid):
+            return f"reports {result['num-examples']!r} examples, but {self.examples_of.get(cid)} when it joined"
+        return self.metrics_problem(cid, metrics, int(result["round"]), t)
+
+    def complete_secure(self, t: int, collector, shapes, seconds: float) -> dict[str, Any]:
+        """Close a SecAgg+ round from the unmasked sum and the clients' reports (docs/algorithm.md §6.1).
+
+        A report that contradicts what was sent (another node's client, a wrong round, a rank above the
+        one sent) cannot be taken out of a sum: the whole round's aggregate is refused and named."""
+        reports = sorted(reports_as_updates(collector.reports), key=lambda u: u.client_id or "")
+        problems = []
+        for (node, raw), u in zip(sorted(collector.reports, key=lambda r: str(r[1]["client-id"])), reports):
+            problem = self.reply_problem(u.client_id, node, raw, u.metrics, t)
+            if problem is None and u.rank is not None and not 1 <= u.rank <= self.sent[u.client_id]:
+                problem = f"reports rank {u.rank} after pruning, but was sent rank {self.sent[u.client_id]}"
+            if problem:
+                problems.append((u.client_id, problem))
+        reported = {u.client_id for u in reports}
+        failed = [(c, "dropped out of the secure round (no masked vector in the sum)") for c in sorted(self.sent) if c not in reported]
+        for failure in collector.failures:
+            log.warning("secure round %d: %s", t + 1, failure)
+        aggregate = None
+        if problems:
+            failed += [(c, f"{p}; its contribution cannot be removed from the sum, so this round's aggregate is refused")
+                       for c, p in problems]
+        elif collector.sums is not None:
+            try:
+                aggregate = read_sum(sums_to_tensors(collector.sums, shapes))
+            except ValueError as err:
+                failed.append(("(sum)", str(err)))
+        upload = contribution_bytes(shapes) * len(reports)
+        row = self.fed.complete_secure_round(t, aggregate, reports if aggregate is not None else [], failed, upload)
+        self.last_row = row | {"bytes_down": self.bytes_down, "secure_seconds": seconds}
+        return self.last_row
 
     def metrics_problem(self, cid: str, metrics: dict[str, Any], reply_round: int, t: int) -> str | None:
         """A reply whose own account contradicts what the server sent it (never trusted for ranks or pruning)."""
@@ -193,6 +230,8 @@ class HetLoRAStrategy(Strategy):
         def flower_round(fed: Federation, t: int, progress: Progress, hook=None) -> dict[str, Any]:
             messages = list(self.configure_train(t + 1, ArrayRecord(), ConfigRecord(), grid))
             progress.round_started(t, len(messages))
+            if self.fed.cfg.secure_aggregation:
+                return secure_round(self, grid, t, messages)
             replies = grid.send_and_receive(messages, timeout=self.timeout)
             self.aggregate_train(t + 1, replies)
             return self.last_row

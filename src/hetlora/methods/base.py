@@ -69,6 +69,9 @@ class AggregationMethod:
     options: tuple[str, ...] = ()
     #: whether it needs the round's context (seed, round) to re-derive what it sent (FSLoRA's sketches).
     needs_round: bool = False
+    #: the weight rule under secure aggregation (hetlora.core.secure_sum): the rule is then Σ w_k pad(x_k) / Σ w_k
+    #: with one client-computed scalar w_k; None: the rule is not such a sum and cannot run under SecAgg+.
+    secure_weight: str | None = None
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         raise NotImplementedError

@@ -11,6 +11,7 @@ from .base import AggregationContext, AggregationMethod, data_weights, weighted_
 class FedAvg(AggregationMethod):
     name = "fedavg"
     uniform_rank = True
+    secure_weight = "examples"
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         ranks = sorted({adapter_rank(u.adapter) for u in updates})
