@@ -319,7 +319,7 @@ def test_a_huge_client_of_two_cannot_swamp_the_round(tmp_path):
 
 
 def test_a_non_finite_aggregate_is_never_applied_and_the_run_reports_failure(tmp_path):
-    from hetlora.runner import failure
+    from hetlora.engines import failure
 
     def overflow(t, updates):  # finite factors whose product's SVD factors overflow fp32
         for u in updates:
@@ -433,7 +433,7 @@ def all_huge(t, updates):
 def test_every_method_bounds_a_huge_client(tmp_path, method):
     """With the default bound, one client of 1e30s cannot poison any method's model: the round aggregates
     and the held-out loss stays finite (fslora, fedex-lora, ffa, flora and fft applied it before)."""
-    from hetlora.runner import failure
+    from hetlora.engines import failure
 
     summary = run(tiny_config(tmp_path / "run", rounds=1, method=method, local_steps=1, eval_size=4), progress=False, hook=all_huge)
     (row,) = rows(tmp_path / "run")
@@ -447,7 +447,7 @@ def test_without_the_bound_a_poisoned_model_is_rejected_and_the_run_fails(tmp_pa
     """Bound off: whatever the aggregate, a model whose held-out loss is not finite is never kept — the previous
     global model stays, the round says why, and the run reports failure (non-zero exit)."""
     from hetlora.checkpoint import load_latest
-    from hetlora.runner import failure
+    from hetlora.engines import failure
 
     out = tmp_path / "run"
     summary = run(tiny_config(out, rounds=1, method=method, local_steps=1, eval_size=4, norm_bound=None), progress=False, hook=all_huge)

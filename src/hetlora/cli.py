@@ -123,7 +123,7 @@ def run(**options: Any) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     def work():
-        from .runner import run_experiment
+        from .engines import run_experiment
 
         summary = run_experiment(config, options, out, resume=resume, progress=not quiet)
         return summary

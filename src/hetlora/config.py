@@ -92,6 +92,21 @@ class RunConfig:
         return (self.rank or self.r_max) if method is not None and method.uniform_rank else self.r_max
 
     @property
+    def client_kind(self) -> str:
+        """The client kind the method trains with (hetlora.clients): what a device needs to know of the method."""
+        return METHODS[self.method].client_kind
+
+    @property
+    def secure_weight(self) -> str | None:
+        """The weight rule a client computes for itself under secure aggregation (hetlora.core.secure_sum)."""
+        return METHODS[self.method].secure_weight
+
+    @property
+    def folds_into_base(self) -> bool:
+        """Whether the method folds updates into the frozen weights (clients then keep fp32 originals to fold into)."""
+        return METHODS[self.method].folds_into_base
+
+    @property
     def prunes(self) -> bool:
         """Whether clients self-prune: as the method says unless set; never under DP (the pruned rank
         is a data-dependent release the accountant does not cover)."""

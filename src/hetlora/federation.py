@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
-import random
-import statistics
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -22,59 +19,17 @@ import torch
 from .clients import Job, get_kind
 from .config import RunConfig
 from .core.adapter import ClientUpdate
-from .core.ranks import assign_ranks, ranks_from_budgets
-from .core.rank_health import live_rank, rank_energy, trainable_rank
-from .core.validation import InvalidUpdate, layer_shapes
-from .evaluate import perplexity
+from .core.ranks import assign_ranks, tier_ranks_for_eval
+from .core.sampling import sample_clients
+from .core.validation import layer_shapes, non_finite
+from . import round_report
+from .footprint import fit_ranks
 from .host import ClientHost, auto_parallel_clients
-from .methods import AggregationContext, aggregate_round, get_method
+from .methods import AggregationContext, aggregate_dropping, get_method
 from .methods.dp import DPFedAvg
 from .privacy import ServerPrivacy, check_sampling
 
 log = logging.getLogger(__name__)
-
-
-def sample_clients(client_ids: Sequence[str], k: int, seed: int, round_index: int, scheme: str = "uniform") -> list[str]:
-    """The clients of round ``round_index``, a pure function of (seed, round).
-
-    ``uniform``: K clients uniformly without replacement. ``cyclic``: a seeded permutation of
-    all clients per "epoch" of ceil(N/K) rounds, cut into rounds of K, so every client is
-    trained exactly once per epoch (the last round of an epoch may have fewer).
-    """
-    ids = sorted(client_ids)
-    if scheme == "cyclic":
-        per_epoch = -(-len(ids) // k)
-        epoch, slot = divmod(round_index, per_epoch)
-        order = random.Random(f"cycle:{seed}:{epoch}").sample(ids, len(ids))
-        return sorted(order[slot * k : (slot + 1) * k])
-    return sorted(random.Random(f"sample:{seed}:{round_index}").sample(ids, min(k, len(ids))))
-
-
-def tier_ranks_for_eval(ranks: Mapping[str, int], r_min: int, r_max: int) -> list[int]:
-    """The rank tiers to evaluate truncations at: the distinct ranks if few, else min/median/max."""
-    distinct = sorted(set(ranks.values()))
-    if len(distinct) <= 4:
-        return distinct
-    return sorted({r_min, int(statistics.median(distinct)), r_max})
-
-
-def client_metrics(kept: Sequence[ClientUpdate]) -> dict[str, Any]:
-    """What the round reports of its clients' own measurements (train loss, time, memory)."""
-    losses = [u.metrics.get("train_loss") for u in kept]
-    losses = [x for x in losses if isinstance(x, (int, float)) and math.isfinite(x)]
-    return {
-        "train_loss": sum(losses) / len(losses) if losses else None,
-        "client_seconds": sum(float(u.metrics.get("seconds", 0.0)) for u in kept),
-        "peak_rss_mb": max((float(u.metrics.get("peak_rss_mb", 0.0)) for u in kept), default=0.0),
-    }
-
-
-def non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
-    """The first tensor holding NaN or ±Inf, named (None if all are finite)."""
-    for key, t in tensors.items():
-        if not bool(torch.isfinite(t).all()):
-            return f"{key} holds NaN or Inf"
-    return None
 
 
 class Federation:
@@ -109,31 +64,15 @@ class Federation:
         self.privacy = ServerPrivacy.fresh() if cfg.dp_clip is not None else None
 
     def fit_ranks_to_memory(self, budgets: Mapping[str, float] | None = None) -> None:
-        """Ranks from memory budgets (docs/algorithm.md §7): each client gets the largest rank its budget is
-        predicted to fit (uniform-rank methods: the one rank, if it fits); one that fits none is left out.
-        Clients ``budgets`` does not name keep their ranks (Flower nodes that state no budget)."""
-        from .footprint import footprint_model, read_budgets, setting_key
-
-        cfg = self.cfg
-        if budgets is None:
-            given = read_budgets(cfg.memory_budgets) if cfg.memory_budgets else {}
-            budgets = {c: given.get(c, cfg.memory_budget_mb) for c in self.client_ids}
-            missing = [c for c, b in budgets.items() if b is None]
-            if missing:
-                raise ValueError(f"memory budgets {cfg.memory_budgets} name no budget for {len(missing)} client(s) "
-                                 f"(e.g. {missing[0]}) and no --memory-budget is given for the rest")
-        model = footprint_model(setting_key(cfg.model, self.host.precision, cfg.checkpointing(self.device_clients), cfg.batch_size, cfg.max_length))
-        low = cfg.global_rank if self.method.uniform_rank else cfg.r_min
-        fitted, left_out = ranks_from_budgets(budgets, model.largest_rank, low, cfg.global_rank)
-        self.ranks = {c: fitted.get(c, r) for c, r in self.ranks.items() if c not in left_out}  # clients without a budget keep theirs
-        self.left_out = left_out
-        self.client_ids = [c for c in self.client_ids if c not in left_out]
+        """Ranks from memory budgets (docs/algorithm.md §7; hetlora.footprint.fit_ranks): a client that fits
+        no rank ≥ r_min is left out. Clients ``budgets`` does not name keep their ranks."""
+        low = self.cfg.global_rank if self.method.uniform_rank else self.cfg.r_min
+        self.ranks, self.left_out = fit_ranks(self.cfg, self.ranks, self.host.precision, self.device_clients, low, budgets)
+        self.client_ids = [c for c in self.client_ids if c not in self.left_out]
         self.assigned = dict(self.ranks)
-        if not self.client_ids:
-            raise ValueError(f"no client's memory budget fits a rank ≥ {low} (predicted {model.predict(low):.0f} MB at rank {low})")
-        if cfg.clients_per_round > len(self.client_ids):
-            raise ValueError(f"{len(left_out)} client(s) left out for memory; {len(self.client_ids)} remain, "
-                             f"fewer than --clients-per-round {cfg.clients_per_round}")
+        if self.cfg.clients_per_round > len(self.client_ids):
+            raise ValueError(f"{len(self.left_out)} client(s) left out for memory; {len(self.client_ids)} remain, "
+                             f"fewer than --clients-per-round {self.cfg.clients_per_round}")
 
     @property
     def data(self):
@@ -183,31 +122,25 @@ class Federation:
     def complete_round(self, round_index: int, updates: Sequence[ClientUpdate], failed: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
         """Validate, aggregate, update ranks; returns the round's metrics (without eval)."""
         ctx = self.context(round_index)
-        self._before = None  # only this round's aggregate can be rolled back
-        sent = dict(self.ranks)  # what the server sent this round: the ranks it reports, never a client's own claim
         kept, dropped_updates = self.method.split_valid(updates, ctx, assigned_ranks=self.ranks, round_index=round_index,
                                                          exact_rank=not self.cfg.prunes)
         dropped = [{"client": c, "reason": r} for c, r in list(failed) + dropped_updates]
-        new, base_update, kept = self._aggregate(kept, ctx, dropped)
-        return self._close_round(round_index, new, base_update, kept, updates, dropped, sent,
-                                 sum(self.kind.upload_bytes(u) for u in kept))
+        new, base_update, kept = aggregate_dropping(self.method, kept, ctx, self.cfg.min_clients, dropped)
+        return self._close_round(round_index, new, base_update, kept, updates, dropped, sum(self.kind.upload_bytes(u) for u in kept))
 
     def complete_secure_round(self, round_index: int, aggregate: Mapping[str, torch.Tensor] | None, reports: Sequence[ClientUpdate],
                               failed: Sequence[tuple[str, str]], bytes_up: int) -> dict[str, Any]:
         """Close a round whose aggregate is a secure sum (docs/algorithm.md §6.1): no individual update exists
         here to validate or bound, so the sum itself is checked (finite; shapes by the caller); ``reports``
         carry each client's rank and metrics, ``aggregate`` is None when the round produced no sum."""
-        self._before = None
-        sent = dict(self.ranks)
-        dropped = [{"client": c, "reason": r} for c, r in failed]
-        if aggregate is not None and len(reports) < self.cfg.min_clients:
-            aggregate = None
-        return self._close_round(round_index, dict(aggregate) if aggregate is not None else None, None, list(reports),
-                                 reports, dropped, sent, bytes_up)
+        new = dict(aggregate) if aggregate is not None and len(reports) >= self.cfg.min_clients else None
+        return self._close_round(round_index, new, None, list(reports), reports, [{"client": c, "reason": r} for c, r in failed], bytes_up)
 
     def _close_round(self, round_index: int, new, base_update, kept: list[ClientUpdate], updates: Sequence[ClientUpdate],
-                     dropped: list[dict[str, Any]], sent: Mapping[str, int], bytes_up: int) -> dict[str, Any]:
+                     dropped: list[dict[str, Any]], bytes_up: int) -> dict[str, Any]:
         """Apply a finite aggregate (a non-finite one keeps the previous global model) and write the round's row."""
+        self._before = None  # only this round's aggregate can be rolled back
+        sent = dict(self.ranks)  # what the server sent this round: the ranks it reports, never a client's own claim
         for d in dropped:
             log.warning("round %d: dropped client %s: %s", round_index + 1, d["client"], d["reason"])
         rejected = None
@@ -218,29 +151,8 @@ class Federation:
             else:
                 self._apply(round_index, new, base_update, kept)
         self.round = round_index + 1
-        row = self.rank_metrics() | {
-            "rejected": rejected,
-            "round": round_index + 1,
-            "method": self.cfg.method,
-            "clients": [u.client_id for u in kept],
-            "aggregated": new is not None and not rejected,
-            "dropped": dropped,
-            "ranks": self.sampled_ranks(updates),
-            "client_ranks_in": {u.client_id: sent.get(u.client_id) for u in kept},
-            "bytes_up": bytes_up,
-        } | client_metrics(kept)
+        row = round_report.round_row(self, round_index, new is not None and not rejected, rejected, kept, updates, dropped, sent, bytes_up)
         return self.privacy.released(row) if self.privacy else row
-
-    def _aggregate(self, kept: list[ClientUpdate], ctx: AggregationContext, dropped: list[dict[str, Any]]):
-        """(aggregate, base update, the updates it came from); a client whose norm is not finite is dropped and the rest retried."""
-        while len(kept) >= self.cfg.min_clients:
-            try:
-                new, base_update = aggregate_round(self.method, kept, ctx)
-                return new, base_update, kept
-            except InvalidUpdate as err:  # found while aggregating (a norm that is not finite): drop, retry
-                kept = [u for u in kept if u.client_id != err.client]
-                dropped.append({"client": err.client, "reason": err.problem})
-        return None, None, kept
 
     def _apply(self, round_index: int, new, base_update, kept: Sequence[ClientUpdate]) -> None:
         """Make the aggregate the global state; the state before it is kept until :meth:`roll_back` or the next round."""
@@ -261,45 +173,10 @@ class Federation:
         self._before = None
         return True
 
-    def sampled_ranks(self, updates: Sequence[ClientUpdate]) -> dict[str, int]:
-        """client -> its rank after the round, for the clients that sent an update."""
-        return {c: self.ranks[c] for c in sorted({u.client_id for u in updates if u.client_id in self.ranks})}
-
-    def rank_metrics(self) -> dict[str, Any]:
-        """Live rank, trainable rank and rank energy of the global adapter (kinds with rank tiers only)."""
-        if not self.kind.rank_tiers:
-            return {}
-        global_adapter = self.state["global"]
-        r = self.cfg.global_rank
-        mid = max(self.cfg.r_min, min(r, int(statistics.median(self.assigned.values())) if self.assigned else r))
-        return {"live_rank": live_rank(global_adapter), "trainable_rank": trainable_rank(global_adapter),
-                "rank_energy": rank_energy(global_adapter, min(self.cfg.r_min, r), mid, r)}
-
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, ranks: Sequence[int] | None = None, examples=None) -> dict[int, float]:
         """Held-out target-token loss of the global model at each rank (global rank if None)."""
         return self.kind.evaluate(self.state, self.host, list(ranks or [self.cfg.global_rank]), self.base_version, examples)
-
-    def eval_metrics(self, with_tiers: bool, final: bool = False) -> dict[str, Any]:
-        """The round's evaluation; after the last round also the final set (``final_eval_size``), tiers on it."""
-        import time
-
-        t0 = time.perf_counter()
-        loss = next(iter(self.evaluate().values()))
-        row: dict[str, Any] = {"eval_loss": loss, "eval_ppl": perplexity(loss)}
-        examples = None
-        if final and self.cfg.final_eval_size:
-            examples = self.data.eval_examples(self.cfg.eval_split, self.cfg.final_eval_size)
-            final_loss = next(iter(self.evaluate(examples=examples).values()))
-            row.update({"full_eval_loss": final_loss, "full_eval_ppl": perplexity(final_loss), "full_eval_size": len(examples)})
-        if with_tiers and self.tiers:
-            top = self.cfg.global_rank  # the global model itself: reuse its loss on the same examples
-            tiers = self.evaluate([r for r in self.tiers if r != top], examples) if any(r != top for r in self.tiers) else {}
-            if top in self.tiers:
-                tiers[top] = final_loss if examples is not None else loss
-            row["tier_eval_ppl"] = {str(r): perplexity(tiers[r]) for r in sorted(tiers)}
-        row["eval_seconds"] = time.perf_counter() - t0
-        return row
 
     # ------------------------------------------------------------------ checkpoint state
     CHECKPOINT_GROUPS = ("global", "base_delta")

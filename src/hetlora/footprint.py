@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from .core.ranks import ranks_from_budgets
+
 CALIBRATION = Path(__file__).with_name("footprint_calibration.json")
 
 
@@ -80,3 +82,23 @@ def read_budgets(path: Path) -> dict[str, float]:
     if not isinstance(data, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in data.values()):
         raise ValueError(f"memory budgets {path}: expected a JSON object of client id → positive MB")
     return {str(k): float(v) for k, v in data.items()}
+
+
+def fit_ranks(cfg, ranks: Mapping[str, int], precision: str, device_clients: bool, low: int,
+              budgets: Mapping[str, float] | None = None) -> tuple[dict[str, int], dict[str, str]]:
+    """(ranks, left out) from memory budgets: each client the largest rank its budget is predicted to fit
+    in [``low``, global rank] (uniform-rank methods: low = the one rank); ``budgets`` None: the config's
+    (``memory_budgets`` file, else ``memory_budget_mb`` for all). Clients without a budget keep their rank."""
+    if budgets is None:
+        given = read_budgets(cfg.memory_budgets) if cfg.memory_budgets else {}
+        budgets = {c: given.get(c, cfg.memory_budget_mb) for c in ranks}
+        missing = [c for c, b in budgets.items() if b is None]
+        if missing:
+            raise ValueError(f"memory budgets {cfg.memory_budgets} name no budget for {len(missing)} client(s) "
+                             f"(e.g. {missing[0]}) and no --memory-budget is given for the rest")
+    model = footprint_model(setting_key(cfg.model, precision, cfg.checkpointing(device_clients), cfg.batch_size, cfg.max_length))
+    fitted, left_out = ranks_from_budgets(budgets, model.largest_rank, low, cfg.global_rank)
+    kept = {c: fitted.get(c, r) for c, r in ranks.items() if c not in left_out}
+    if not kept:
+        raise ValueError(f"no client's memory budget fits a rank ≥ {low} (predicted {model.predict(low):.0f} MB at rank {low})")
+    return kept, left_out

@@ -20,7 +20,6 @@ from .core.base_delta import dense_delta, delta_modules
 from .evaluate import evaluate_loss
 from .lora import PEFT_PREFIX, LoRABank
 from .memory import configure_allocator
-from .methods import METHODS
 from .training import LocalConfig
 
 
@@ -97,7 +96,7 @@ def check_rank_fits(model, cfg: RunConfig) -> None:
     (A global rank of 100000 on a hidden size of 64 was accepted and reached 20.7 GB.)"""
     from .lora import target_shapes
 
-    if METHODS[cfg.method].client_kind == "fft":
+    if cfg.client_kind == "fft":
         return
     shapes = target_shapes(model, cfg.target_modules)
     smallest = min(min(o, i) for o, i in shapes.values())
@@ -163,7 +162,7 @@ class ClientHost:
         """
         if not self.local.bf16 or self._bf16_frozen:
             return
-        keep_fp32 = METHODS[self.cfg.method].folds_into_base
+        keep_fp32 = self.cfg.folds_into_base
         head = self.model.get_output_embeddings()
         with torch.no_grad():
             for path, module in self.model.named_modules():

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from .checkpoint import load_latest, round_dirs, save_checkpoint, sha256, write_json_atomic
-from .config import NUMBER_NEUTRAL, RunConfig, build_config, from_mapping
+from .config import NUMBER_NEUTRAL, RunConfig, from_mapping
 from .core.adapter import ClientUpdate
+from . import round_report
 from .federation import Federation
 from .memory import rss_mb
 from .outputs import append_metrics, read_metrics, save_adapter, save_base_delta, truncate_metrics, write_summary
@@ -36,10 +37,6 @@ log = logging.getLogger(__name__)
 
 RoundHook = Callable[[int, list[ClientUpdate]], list[ClientUpdate]]
 LOCK = ".hetlora.lock"
-
-
-class RunFailed(RuntimeError):
-    """The run finished its rounds but its result must not be trusted (no aggregate, or a rejected one)."""
 
 
 # ---------------------------------------------------------------------------------- the run directory
@@ -310,11 +307,11 @@ def evaluate_round(fed: Federation, t: int, round_row: Mapping[str, Any]) -> dic
     """
     final = t + 1 == fed.cfg.rounds
     with_tiers = fed.cfg.tier_eval == "every" or (final and fed.cfg.tier_eval == "final")
-    row = fed.eval_metrics(with_tiers=with_tiers, final=final)
+    row = round_report.eval_metrics(fed, with_tiers=with_tiers, final=final)
     if not math.isfinite(row["eval_loss"]) and fed.roll_back():
         reason = f"the held-out loss after aggregating was {row['eval_loss']}; the previous global model is kept"
         log.error("round %d: %s", t + 1, reason)
-        row = fed.eval_metrics(with_tiers=with_tiers, final=final) | fed.rank_metrics()
+        row = round_report.eval_metrics(fed, with_tiers=with_tiers, final=final) | round_report.rank_metrics(fed)
         row |= {"rejected": reason, "aggregated": False, "ranks": {c: fed.ranks[c] for c in round_row.get("ranks", {})}}
     if fed.cfg.dp_clip is not None:
         eps = epsilon(fed.cfg.noise_multiplier, fed.cfg.clients_per_round, len(fed.client_ids), t + 1, fed.cfg.dp_delta)
@@ -352,35 +349,47 @@ def run(
         if cfg.dp_clip is not None:
             log.warning("DP mode: sparsity weighting is off; clipped updates are averaged with uniform weights")
         run_id = run_record(out).get("id")
-        restored = load_latest(out / "checkpoint", ("global",), Federation.CHECKPOINT_GROUPS, run_id=run_id) if resume else None
-        summary_path = out / "summary.json"
-        summary: dict[str, Any] = json.loads(summary_path.read_text()) if resume and summary_path.is_file() else {}
-        if restored is not None:
-            round_done, tensors, state = restored
-            fed.restore(tensors, state)
-            truncate_metrics(out, round_done)
-        else:
-            truncate_metrics(out, 0)
-        if "initial_eval_ppl" not in summary:
-            base = fed.eval_metrics(with_tiers=False)  # B = 0: every truncation is the base model
-            summary = {"initial_eval_loss": base["eval_loss"], "initial_eval_ppl": base["eval_ppl"]}
-            write_summary(out, summary)
-        bar = Progress(progress, cfg.rounds, fed.round)
-        try:
-            for t in range(fed.round, cfg.rounds):
-                started = time.perf_counter()
-                row = round_fn(fed, t, bar, hook)
-                row.update(evaluate_round(fed, t, row))
-                row["seconds"] = time.perf_counter() - started
-                row["server_rss_mb"] = rss_mb()
-                row["precision"] = fed.host.precision
-                append_metrics(out, row)
-                save_checkpoint(out / "checkpoint", fed.round, fed.state_tensors(), fed.state_json() | {"config": cfg.settings()},
-                                run_id=run_id)
-                bar.round_done(row)
-        finally:
-            bar.stop()
+        summary = restore_or_start(fed, out, resume, run_id)
+        run_rounds(fed, out, run_id, Progress(progress, cfg.rounds, fed.round), round_fn, hook)
         return finish(fed, out, summary)
+
+
+def restore_or_start(fed: Federation, out: Path, resume: bool, run_id: str | None) -> dict[str, Any]:
+    """Load the last checkpoint of a resumed run (metrics cut back to it), else start clean; the summary so
+    far, with the base model's held-out loss measured once (B = 0: every truncation is the base model)."""
+    restored = load_latest(out / "checkpoint", ("global",), Federation.CHECKPOINT_GROUPS, run_id=run_id) if resume else None
+    summary_path = out / "summary.json"
+    summary: dict[str, Any] = json.loads(summary_path.read_text()) if resume and summary_path.is_file() else {}
+    if restored is not None:
+        round_done, tensors, state = restored
+        fed.restore(tensors, state)
+        truncate_metrics(out, round_done)
+    else:
+        truncate_metrics(out, 0)
+    if "initial_eval_ppl" not in summary:
+        base = round_report.eval_metrics(fed, with_tiers=False)
+        summary = {"initial_eval_loss": base["eval_loss"], "initial_eval_ppl": base["eval_ppl"]}
+        write_summary(out, summary)
+    return summary
+
+
+def run_rounds(fed: Federation, out: Path, run_id: str | None, bar: "Progress", round_fn: RoundFn, hook: RoundHook | None) -> None:
+    """The remaining rounds: each gathered by ``round_fn``, evaluated, written to metrics.jsonl and checkpointed."""
+    cfg = fed.cfg
+    try:
+        for t in range(fed.round, cfg.rounds):
+            started = time.perf_counter()
+            row = round_fn(fed, t, bar, hook)
+            row.update(evaluate_round(fed, t, row))
+            row["seconds"] = time.perf_counter() - started
+            row["server_rss_mb"] = rss_mb()
+            row["precision"] = fed.host.precision
+            append_metrics(out, row)
+            save_checkpoint(out / "checkpoint", fed.round, fed.state_tensors(), fed.state_json() | {"config": cfg.settings()},
+                            run_id=run_id)
+            bar.round_done(row)
+    finally:
+        bar.stop()
 
 
 def finish(fed: Federation, out: Path, summary: dict[str, Any]) -> dict[str, Any]:
@@ -440,36 +449,3 @@ def visits(rows: list[dict[str, Any]]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def failure(summary: Mapping[str, Any]) -> str | None:
-    """Why a finished run's result must not be trusted (None: it can be)."""
-    if summary.get("rejected_rounds"):
-        return (f"the aggregate of round(s) {summary['rejected_rounds']} was rejected (not finite, or the held-out loss "
-                "after it was not; the previous global model was kept); see 'rejected' in metrics.jsonl")
-    if summary.get("rounds") and not summary.get("rounds_aggregated"):
-        return "no round aggregated a single valid update; see 'dropped' in metrics.jsonl"
-    return None
-
-
-def run_experiment(config: Path | None, flags: Mapping[str, Any], out: str | None, *, resume: bool, progress: bool) -> dict[str, Any]:
-    """``hetlora run``: build (or, with ``resume``, reload) the config, run it on its engine,
-    and raise :class:`RunFailed` when the result must not be trusted."""
-    if resume:
-        if out is not None and not str(out).strip():
-            raise ValueError("--out must name a directory, got an empty string")
-        out_dir = Path(out if out is not None else RunConfig().out)
-        asked = build_config(config, dict(flags)).settings() if config else {}
-        given = {k: v for k, v in build_config(None, dict(flags)).settings().items() if flags.get(k) is not None}
-        cfg = resume_config(out_dir, given=asked | given)
-    else:
-        cfg = build_config(config, dict(flags) | {"out": out}).validate()
-    if cfg.engine == "flower":
-        from .flower.simulation import run_simulation
-
-        summary = run_simulation(cfg, resume=resume, quiet=not progress)
-    else:
-        summary = run(cfg, resume=resume, progress=progress)
-    summary = dict(summary) | {"out": cfg.out}
-    problem = failure(summary)
-    if problem:
-        raise RunFailed(f"run finished but {problem}")
-    return summary

@@ -8,7 +8,6 @@ final and r_min-tier perplexity, and the long regime's curves. Pairs never cross
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from pathlib import Path
 from typing import Any, Callable

@@ -148,7 +148,7 @@ def test_a_failing_fft_client_restores_requires_grad(tiny, chitchat_small, make_
 
 
 def test_ordered_dropout_prefixes_are_seeded_and_in_range():
-    from hetlora.clients.base import Job
+    from hetlora.clients.job import Job
     from hetlora.clients.lora import prefix_ranks
 
     job = Job("c1", 8, 3, {})

@@ -34,7 +34,7 @@ def test_fslora_server_step_matches_the_authors_worked_example(monkeypatch):
 
 
 def test_fslora_sketches_are_seeded_uniform_and_sized_by_the_budget():
-    from hetlora.methods.fslora import sketch_indices
+    from hetlora.core.sketch import sketch_indices
 
     s = sketch_indices(0, 3, "client", 4, 10)
     assert s == sketch_indices(0, 3, "client", 4, 10) and len(set(s)) == 4 and all(0 <= i < 10 for i in s)
@@ -47,7 +47,7 @@ def test_fslora_sketches_are_seeded_uniform_and_sized_by_the_budget():
 
 def fslora_round(ranks_sent, sizes, seed=3):
     """Clients that trained their sketch (a small change on what they were sent); ``sizes``: ranks they return."""
-    from hetlora.methods.fslora import gather, sketch_indices
+    from hetlora.core.sketch import gather, sketch_indices
 
     g = torch.Generator().manual_seed(seed)
     previous = {M + B_SUFFIX: torch.randn(4, 6, generator=g), M + A_SUFFIX: torch.randn(6, 5, generator=g)}

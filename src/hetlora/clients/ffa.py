@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from ..core.adapter import B_SUFFIX, ClientUpdate
 from ..core.validation import LayerShapes
-from .base import ClientKind, State
+from .job import State
+from .lora import LoRAClient
 
 
-class FFAClient(ClientKind):
+class FFAClient(LoRAClient):
     name = "ffa"
     freeze_a = True
 

@@ -12,7 +12,8 @@ from ..core.adapter import ClientUpdate, num_parameters
 from ..core.validation import LayerShapes
 from ..memory import peak_rss_mb
 from ..training import client_seed, optimise
-from .base import ClientKind, Job, State
+from .base import ClientKind
+from .job import Job, State
 
 if TYPE_CHECKING:
     from ..host import ClientHost

@@ -15,13 +15,14 @@ from torch import Tensor
 from ..core.adapter import ClientUpdate
 from ..lora import lora_init, target_shapes
 from ..training import client_seed
-from .base import ClientKind, Job, State
+from .job import Job, State
+from .lora import LoRAClient, train_lora
 
 if TYPE_CHECKING:
     from ..host import ClientHost
 
 
-class FLoRAClient(ClientKind):
+class FLoRAClient(LoRAClient):
     name = "flora"
     rank_tiers = False
     has_adapter = False
@@ -34,8 +35,6 @@ class FLoRAClient(ClientKind):
         return {0: host.evaluate_loss(examples=examples)}
 
     def train(self, host: "ClientHost", jobs: Sequence[Job], *, prune: bool) -> list[ClientUpdate]:
-        from .lora import train_lora
-
         shapes = target_shapes(host.model, host.local.targets)
         fresh = [lora_init(shapes, job.rank, client_seed(host.seed, job.round, job.client_id)) for job in jobs]
         return train_lora(host, jobs, fresh, prune=False)

@@ -8,23 +8,21 @@ from typing import TYPE_CHECKING, Sequence
 from torch import Tensor
 
 from ..core.adapter import ClientUpdate, adapter_rank
-from .base import ClientKind, Job, State
+from ..core.sketch import gather, sketch_indices
+from .job import Job, State
+from .lora import LoRAClient, train_lora
 
 if TYPE_CHECKING:
     from ..host import ClientHost
 
 
-class FSLoRAClient(ClientKind):
+class FSLoRAClient(LoRAClient):
     name = "fslora"
 
     def payload(self, state: State, client_id: str, rank: int, round_index: int, seed: int) -> dict[str, Tensor]:
-        from ..methods.fslora import gather, sketch_indices
-
         r = adapter_rank(state["global"])
         return gather(state["global"], sketch_indices(seed, round_index, client_id, rank, r))
 
     def train(self, host: "ClientHost", jobs: Sequence[Job], *, prune: bool) -> list[ClientUpdate]:
-        from .lora import train_lora
-
         r = host.cfg.global_rank
         return train_lora(host, jobs, [job.payload for job in jobs], prune=False, scales=[r / job.rank for job in jobs])

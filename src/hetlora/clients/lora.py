@@ -17,15 +17,19 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..core.adapter import ClientUpdate, adapter_rank
+from ..core.adapter import ClientUpdate, adapter_rank, truncate_adapter
+from ..core.validation import LayerShapes
 from ..core.pruning import prune_rank, tail_penalty, tail_start
 from ..memory import peak_rss_mb
 from ..core.seeds import derive_seed
+from ..lora import lora_init, target_shapes
 from ..training import client_seed, optimise
+
+from .base import ClientKind
+from .job import Job, State
 
 if TYPE_CHECKING:
     from ..host import ClientHost
-    from .base import Job
 
 
 def prefix_ranks(seed: int, job: "Job", rank: int, r_min: int, steps: int) -> list[int]:
@@ -96,3 +100,38 @@ def train_lora(
         updates.append(ClientUpdate(bank.read(slot, new_rank), host.data.num_examples(job.client_id), client_id=job.client_id,
                                     rank=new_rank, round=job.round, metrics=metrics))
     return updates
+
+
+class LoRAClient(ClientKind):
+    """The LoRA client (A and B trained, optional rank self-pruning); ffa, flora and fslora extend it."""
+
+    name = "lora"
+
+    # ------------------------------------------------------------------ server side
+    def initial_state(self, host: "ClientHost", rank: int, seed: int) -> State:
+        """Global A from PEFT's default init at the global rank (seeded), B = 0."""
+        return {"global": lora_init(target_shapes(host.model, host.local.targets), rank, seed)}
+
+    def payload(self, state: State, client_id: str, rank: int, round_index: int, seed: int) -> dict[str, Tensor]:
+        """What client ``client_id`` receives: the leading ``rank`` components of the global adapter."""
+        return truncate_adapter(state["global"], rank)
+
+    def trainable_params(self, shapes: LayerShapes, rank: int, state: State) -> int:
+        """(out + in)·r per adapted module."""
+        return sum((o + i) * rank for o, i in shapes.values())
+
+    def evaluate(self, state: State, host: "ClientHost", ranks: Sequence[int], base_version: int, examples=None) -> dict[int, float]:
+        """Held-out loss of the global model truncated to each rank."""
+        host.apply_base_delta(state.get("base_delta"), base_version)
+        bank = host.bank(1, max(ranks))
+        out = {}
+        for r in ranks:
+            bank.load(0, truncate_adapter(state["global"], r))
+            with bank.use(1, r):
+                out[r] = host.evaluate_loss(examples=examples)
+        return out
+
+    # ------------------------------------------------------------------ client side
+    def train(self, host: "ClientHost", jobs: Sequence[Job], *, prune: bool) -> list[ClientUpdate]:
+        """Train ``jobs`` together (one slot each) from their payloads."""
+        return train_lora(host, jobs, [job.payload for job in jobs], prune=prune, freeze_a=self.freeze_a)

@@ -8,6 +8,7 @@ them — Flower nodes arrive one at a time.
 from __future__ import annotations
 
 import hashlib
+import statistics
 from typing import Mapping, Sequence
 
 # Rank budget per device tier: what a device of that class can afford to train.
@@ -126,3 +127,11 @@ def ranks_from_budgets(budgets: Mapping[str, float], largest_rank, r_min: int, r
         else:
             ranks[client] = rank
     return ranks, left_out
+
+
+def tier_ranks_for_eval(ranks: Mapping[str, int], r_min: int, r_max: int) -> list[int]:
+    """The rank tiers to evaluate truncations at: the distinct ranks if few, else min/median/max."""
+    distinct = sorted(set(ranks.values()))
+    if len(distinct) <= 4:
+        return distinct
+    return sorted({r_min, int(statistics.median(distinct)), r_max})

@@ -10,12 +10,12 @@ from __future__ import annotations
 import numbers
 from collections import Counter
 from dataclasses import replace
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from .adapter import A_SUFFIX, B_SUFFIX, ClientUpdate
+from .adapter import A_SUFFIX, B_SUFFIX, ClientUpdate, adapter_rank
 
 # module -> (out_features, in_features)
 LayerShapes = dict[str, tuple[int, int]]
@@ -165,19 +165,13 @@ def validate_updates(
     r_max: int,
     shapes: LayerShapes | None = None,
 ) -> list[int]:
-    """Validate a whole round; raise on the first bad update. Returns the ranks."""
+    """Validate a whole round; raise on the first bad update (:func:`split_valid`'s checks). Returns the ranks."""
     if not updates:
         raise ValueError("no updates to aggregate")
-    shapes = shapes if shapes is not None else reference_shapes(updates)
-    seen: set[str] = set()
-    ranks = []
-    for u in updates:
-        if u.client_id is not None:
-            if u.client_id in seen:
-                raise InvalidUpdate(u.client_id, "sent more than one update in this round")
-            seen.add(u.client_id)
-        ranks.append(validate_update(u, shapes, r_max))
-    return ranks
+    kept, dropped = split_valid(updates, r_max, shapes if shapes is not None else reference_shapes(updates))
+    if dropped:
+        raise InvalidUpdate(*dropped[0])
+    return [adapter_rank(u.adapter) for u in kept]
 
 
 def split_valid(
@@ -189,11 +183,21 @@ def split_valid(
     round_index: int | None = None,
     exact_rank: bool = False,
 ) -> tuple[list[ClientUpdate], list[tuple[str | None, str]]]:
-    """Keep the valid updates and list ``(client, reason)`` for every dropped one.
+    """Keep the valid LoRA updates and list ``(client, reason)`` for every dropped one (:func:`split_by`
+    with :func:`validate_update`'s checks: keys, shapes, ranks, dtypes, finite values, data size)."""
+    def check(u: ClientUpdate) -> None:
+        max_rank = assigned_ranks.get(u.client_id) if assigned_ranks and u.client_id is not None else None
+        validate_update(u, shapes, r_max, max_rank=max_rank, exact_rank=exact_rank)
 
-    Besides :func:`validate_update`'s checks: a second update from the same client
-    in one round and an update stamped with another round are dropped.
-    """
+    return split_by(updates, check, round_index)
+
+
+def split_by(
+    updates: Sequence[ClientUpdate], check: Callable[[ClientUpdate], None], round_index: int | None = None
+) -> tuple[list[ClientUpdate], list[tuple[str | None, str]]]:
+    """The one validation loop every method uses: ``check`` (raising :class:`InvalidUpdate`) on each update,
+    and besides it a second update from the same client in one round and an update stamped with another
+    round are dropped. Kept updates carry their example count as an int."""
     kept: list[ClientUpdate] = []
     dropped: list[tuple[str | None, str]] = []
     seen: set[str] = set()
@@ -203,8 +207,7 @@ def split_valid(
                 raise InvalidUpdate(u.client_id, "sent more than one update in this round")
             if round_index is not None and u.round is not None and u.round != round_index:
                 raise InvalidUpdate(u.client_id, f"update is for round {u.round}, not the current round {round_index}")
-            max_rank = assigned_ranks.get(u.client_id) if assigned_ranks and u.client_id is not None else None
-            validate_update(u, shapes, r_max, max_rank=max_rank, exact_rank=exact_rank)
+            check(u)
         except InvalidUpdate as err:
             dropped.append((u.client_id, err.problem))
             continue
@@ -212,3 +215,11 @@ def split_valid(
             seen.add(u.client_id)
         kept.append(replace(u, num_examples=example_count(u.num_examples)))
     return kept, dropped
+
+
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The first tensor holding NaN or ±Inf, named (None if all are finite)."""
+    for key, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            return f"{key} holds NaN or Inf"
+    return None

@@ -23,7 +23,6 @@ from ..clients import Job, get_kind
 from ..config import RunConfig
 from ..core.secure_sum import client_weight, clip_to_bound, contribution, range_problem
 from ..host import ClientHost
-from ..methods import get_method
 from .common import config_from_run_config, encode_config, from_array_record, to_array_record
 
 app = ClientApp()
@@ -81,7 +80,7 @@ def _received_job(message: Message, context: Context) -> tuple[RunConfig, Client
 
 
 def _train_one(cfg: RunConfig, host: ClientHost, job: Job):
-    (update,) = get_kind(get_method(cfg.method).client_kind).train(host, [job], prune=cfg.prunes)
+    (update,) = get_kind(cfg.client_kind).train(host, [job], prune=cfg.prunes)
     return update
 
 
@@ -127,7 +126,7 @@ def secure_fit(message: Message, context: Context) -> Message:
     task = message.content.config_records["task"]
     update = _train_one(cfg, host, job)
     adapter = clip_to_bound(update.adapter, cfg.secure_clip) if cfg.secure_clip is not None else update.adapter
-    weight = client_weight(adapter, update.num_examples, get_method(cfg.method).secure_weight)
+    weight = client_weight(adapter, update.num_examples, cfg.secure_weight)
     values = contribution(adapter, weight, cfg.global_rank, float(task["secure-scale"]))
     problem = range_problem(values, float(task["secure-range"]))
     if problem:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,9 +33,6 @@ from flwr.serverapp import Grid
 
 from ..core.adapter import ClientUpdate
 from ..core.secure_sum import layout, read_sum, round_scale
-
-if TYPE_CHECKING:
-    from .server_app import HetLoRAStrategy
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +92,9 @@ def contribution_bytes(shapes: list[tuple[str, tuple[int, ...]]]) -> int:
     return sum(len(ndarray_to_bytes(np.zeros(shape, dtype=np.int64))) for _, shape in [("factor", (1,))] + shapes)
 
 
-def secure_round(strategy: "HetLoRAStrategy", grid: Grid, t: int, messages: list[Message]) -> dict[str, Any]:
-    """Run round ``t`` of ``strategy``'s federation as one SecAgg+ protocol; returns the round's row."""
+def secure_round(strategy, grid: Grid, t: int, messages: list[Message]) -> dict[str, Any]:
+    """Run round ``t`` of ``strategy``'s federation (a :class:`hetlora.flower.server_app.HetLoRAStrategy`) as one
+    SecAgg+ protocol; the strategy closes the round from the sum (``complete_secure``). Returns the round's row."""
     fed = strategy.fed
     rule = fed.method.secure_weight
     examples = [strategy.examples_of[m.content.config_records["task"]["client-id"]] for m in messages]

@@ -206,7 +206,7 @@ class HetLoRAStrategy(Strategy):
     def metrics_problem(self, cid: str, metrics: dict[str, Any], reply_round: int, t: int) -> str | None:
         """A reply whose own account contradicts what the server sent it (never trusted for ranks or pruning)."""
         if cid not in self.sent:
-            return f"replied without being sent a task this round"
+            return "replied without being sent a task this round"
         if reply_round != t:
             return f"reply is for round {reply_round}, not round {t}"
         rank_in = metrics.get("rank_in")

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..core.adapter import Adapter, ClientUpdate
-from ..core.validation import LayerShapes
+from ..core.validation import InvalidUpdate, LayerShapes
 from .base import AggregationContext, AggregationMethod, require_valid
 from .fedavg import FedAvg
 from .fedex_lora import FedExLoRA
@@ -73,6 +73,20 @@ def aggregate_round(method: AggregationMethod, updates: Sequence[ClientUpdate], 
         updates = method.bound(updates, ctx)
     aggregated = {k: v.detach().to(torch.float32).contiguous() for k, v in method.aggregate(updates, ctx).items()}
     return aggregated, method.base_update(updates, aggregated, ctx)
+
+
+def aggregate_dropping(method: AggregationMethod, kept: list[ClientUpdate], ctx: AggregationContext, min_clients: int,
+                       dropped: list[dict[str, Any]]) -> tuple[Adapter | None, Adapter | None, list[ClientUpdate]]:
+    """(aggregate, base update, the updates it came from): a client whose norm turns out not finite while
+    aggregating is dropped (appended to ``dropped``) and the rest retried; None below ``min_clients``."""
+    while len(kept) >= min_clients:
+        try:
+            new, base_update = aggregate_round(method, kept, ctx)
+            return new, base_update, kept
+        except InvalidUpdate as err:
+            kept = [u for u in kept if u.client_id != err.client]
+            dropped.append({"client": err.client, "reason": err.problem})
+    return None, None, kept
 
 
 def aggregate_valid(method: AggregationMethod, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:

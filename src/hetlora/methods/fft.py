@@ -13,7 +13,7 @@ import torch
 
 from ..core.adapter import Adapter, ClientUpdate
 from ..core.robust import bound_changes, cap_examples, median
-from ..core.validation import FLOAT_DTYPES, InvalidUpdate, example_count
+from ..core.validation import FLOAT_DTYPES, InvalidUpdate, example_count, split_by
 from .base import AggregationContext, AggregationMethod, data_weights
 
 
@@ -57,17 +57,18 @@ class FullFineTuning(AggregationMethod):
         round_index: int | None = None,
         exact_rank: bool = False,
     ) -> tuple[list[ClientUpdate], list[tuple[str | None, str]]]:
-        """Full weights: every client must send the first valid client's keys and shapes, finite."""
-        kept: list[ClientUpdate] = []
-        dropped: list[tuple[str | None, str]] = []
-        for u in updates:
-            reference = {k: v.shape for k, v in kept[0].adapter.items()} if kept else None
-            problem = _weights_problem(u, reference)
-            if problem is None:
-                kept.append(replace(u, num_examples=example_count(u.num_examples)))
-            else:
-                dropped.append((u.client_id, problem))
-        return kept, dropped
+        """Full weights: every client must send the first valid client's keys and shapes, finite (through the
+        one validation loop, :func:`hetlora.core.validation.split_by`)."""
+        reference: dict[str, torch.Size] = {}
+
+        def check(u: ClientUpdate) -> None:
+            problem = _weights_problem(u, reference or None)
+            if problem is not None:
+                raise InvalidUpdate(u.client_id, problem)
+            if not reference:
+                reference.update({k: v.shape for k, v in u.adapter.items()})
+
+        return split_by(updates, check, round_index)
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         q = data_weights(updates)

@@ -33,27 +33,11 @@ import torch
 
 from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter, ClientUpdate, adapter_rank, lora_pairs
 from ..core.robust import bound_changes
-from ..core.seeds import derive_seed
 from ..core.validation import InvalidUpdate
+from ..core.sketch import gather, sketch_indices
 from .base import AggregationContext, AggregationMethod
 
 
-def sketch_indices(seed: int, round_index: int, client_id: str, m: int, r: int) -> list[int]:
-    """I_k: m of the r components, uniform without replacement, a pure function of (seed, round, client)."""
-    if not 1 <= m <= r:
-        raise ValueError(f"a sketch of {m} components does not fit rank {r}")
-    g = torch.Generator().manual_seed(derive_seed("fslora", seed, round_index, client_id))
-    return sorted(torch.randperm(r, generator=g)[:m].tolist())
-
-
-def gather(adapter: Adapter, indices: Sequence[int]) -> Adapter:
-    """B[:, I], A[I, :] for every module."""
-    idx = torch.tensor(list(indices))
-    out: Adapter = {}
-    for module, b, a in lora_pairs(adapter):
-        out[module + B_SUFFIX] = b[:, idx].clone()
-        out[module + A_SUFFIX] = a[idx].clone()
-    return out
 
 
 class FSLoRA(AggregationMethod):
