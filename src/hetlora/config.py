@@ -129,6 +129,7 @@ class RunConfig:
         return self
 
     def _range_problems(self) -> list[str]:
+        """Every value in its range, group by group (the order of the message follows the groups)."""
         problems = []
         if self.method not in METHODS:
             problems.append(f"unknown method {self.method!r} (known: {', '.join(METHODS)})")
@@ -136,6 +137,25 @@ class RunConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 problems.append(f"{f.name} must be a finite number, got {value}")
+        problems += self._rank_problems() + self._size_problems() + self._training_problems() + self._run_problems()
+        return problems + self._dp_problems() + self._secure_problems() + self._data_problems()
+
+    def _data_problems(self) -> list[str]:
+        """The data file and how a file without client ids is partitioned."""
+        problems = []
+        if self.data != "chitchat" and not Path(self.data).is_file():
+            problems.append(f"data {self.data!r} is neither 'chitchat' nor an existing .jsonl/.csv file")
+        if self.partition is not None:
+            scheme, _, n = self.partition.partition(":")
+            if scheme not in ("iid", "dirichlet") or not n.isdigit() or int(n) < 1:
+                problems.append(f"partition must be iid:N or dirichlet:N, got {self.partition!r}")
+        if not self.dirichlet_alpha > 0:
+            problems.append(f"dirichlet_alpha must be positive, got {self.dirichlet_alpha}")
+        return problems
+
+    def _rank_problems(self) -> list[str]:
+        """Ranks, tiers, budgets and the operator's node binding."""
+        problems = []
         if not 1 <= self.r_min <= self.r_max:
             problems.append(f"need 1 ≤ r_min ≤ r_max, got r_min={self.r_min}, r_max={self.r_max}")
         if self.rank is not None and not 1 <= self.rank <= self.r_max:
@@ -157,6 +177,11 @@ class RunConfig:
             problems.append(f"tiers {self.tiers} must lie in [1, r_max]")
         if any(not self.r_min <= r <= self.r_max for r in self.ranks):
             problems.append(f"ranks {self.ranks} must lie in [r_min, r_max]")
+        return problems
+
+    def _size_problems(self) -> list[str]:
+        """Counts, pools and sizes."""
+        problems = []
         for name in ("rounds", "clients_per_round", "local_steps", "batch_size", "max_length", "eval_size",
                      "eval_batch_size", "min_clients", "min_examples"):
             if getattr(self, name) < 1:
@@ -170,6 +195,11 @@ class RunConfig:
             problems.append(f"batch_size {self.batch_size} is larger than any device batch here (≤ 4096)")
         if self.max_length > 8192:
             problems.append(f"max_length {self.max_length} exceeds 8192 tokens")
+        return problems
+
+    def _training_problems(self) -> list[str]:
+        """Local training and the server's bound."""
+        problems = []
         if not self.lr > 0:
             problems.append(f"lr must be positive, got {self.lr}")
         if not 0 < self.gamma <= 1:
@@ -180,6 +210,11 @@ class RunConfig:
             problems.append(f"norm_bound must be positive or off, got {self.norm_bound}")
         if not self.lora_scale > 0:
             problems.append(f"lora_scale must be positive, got {self.lora_scale}")
+        return problems
+
+    def _run_problems(self) -> list[str]:
+        """Evaluation, sampling, precision, device, output, engine."""
+        problems = []
         if self.eval_split not in ("test", "validation"):
             problems.append(f"eval_split must be test or validation, got {self.eval_split!r}")
         if self.final_eval_size is not None and self.final_eval_size < 1:
@@ -200,16 +235,6 @@ class RunConfig:
             problems.append("out must name a directory, got an empty string")
         if self.engine not in ("local", "flower"):
             problems.append(f"engine must be local or flower, got {self.engine!r}")
-        problems += self._dp_problems()
-        problems += self._secure_problems()
-        if self.data != "chitchat" and not Path(self.data).is_file():
-            problems.append(f"data {self.data!r} is neither 'chitchat' nor an existing .jsonl/.csv file")
-        if self.partition is not None:
-            scheme, _, n = self.partition.partition(":")
-            if scheme not in ("iid", "dirichlet") or not n.isdigit() or int(n) < 1:
-                problems.append(f"partition must be iid:N or dirichlet:N, got {self.partition!r}")
-        if not self.dirichlet_alpha > 0:
-            problems.append(f"dirichlet_alpha must be positive, got {self.dirichlet_alpha}")
         return problems
 
     def _dp_problems(self) -> list[str]:

@@ -109,32 +109,43 @@ def optimise(
     optimiser.zero_grad(set_to_none=True)  # a stale gradient from anywhere else must not leak into step 1
     model.train()
     streams = [batches(examples, cfg.batch_size, cfg.local_steps, g) for examples, g in groups]
-    k = len(groups)
-    losses: list[list[float]] = [[] for _ in range(k)]
+    losses: list[list[float]] = [[] for _ in groups]
     try:
         with lean_memory(model, checkpointing=cfg.grad_checkpointing):
             for step in range(cfg.local_steps):
                 if before_step is not None:
                     before_step(step)
-                rows = [e for stream in streams for e in next(stream)]
-                batch = {key: v.to(device) for key, v in collate(rows, pad_id).items()}
-                with autocast(device.type, cfg.bf16):
-                    loss_rows, count_rows = target_token_losses(model, batch)
-                per_client = loss_rows.view(k, -1).sum(1) / count_rows.view(k, -1).sum(1).clamp(min=1)
-                total = per_client.sum()
-                if penalty is not None:
-                    total = total + cfg.lam * penalty()
-                total.backward()
-                if cfg.max_grad_norm:
-                    if slotted:
-                        clip_per_slot(params, cfg.max_grad_norm)
-                    else:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                batch = {key: v.to(device) for key, v in collate([e for stream in streams for e in next(stream)], pad_id).items()}
+                per_client = backward_step(model, batch, len(groups), cfg, penalty, device.type)
+                clip_gradients(params, cfg.max_grad_norm, slotted)
                 optimiser.step()
                 optimiser.zero_grad(set_to_none=True)
-                for i, value in enumerate(per_client.detach().tolist()):
+                for i, value in enumerate(per_client.tolist()):
                     losses[i].append(value)
     finally:
         optimiser.zero_grad(set_to_none=True)
         model.eval()
     return losses
+
+
+def backward_step(model, batch, k: int, cfg: LocalConfig, penalty: Callable[[], torch.Tensor] | None, device_type: str) -> torch.Tensor:
+    """Forward and backward of one step: Σ_k (client k's mean target-token loss) + λ·penalty; each client's loss."""
+    with autocast(device_type, cfg.bf16):
+        loss_rows, count_rows = target_token_losses(model, batch)
+    per_client = loss_rows.view(k, -1).sum(1) / count_rows.view(k, -1).sum(1).clamp(min=1)
+    total = per_client.sum()
+    if penalty is not None:
+        total = total + cfg.lam * penalty()
+    total.backward()
+    return per_client.detach()
+
+
+def clip_gradients(params: Sequence[torch.Tensor], max_norm: float | None, slotted: bool) -> None:
+    """Clip to ``max_norm``: per client (a LoRA bank's slot) or over all ``params`` (one client); off if unset."""
+    if not max_norm:
+        return
+    if slotted:
+        clip_per_slot(params, max_norm)
+    else:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+

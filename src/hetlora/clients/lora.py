@@ -49,13 +49,8 @@ def train_lora(
 
     ``scales``: an extra factor per client on the LoRA scaling s (FSLoRA's r/m)."""
     t0 = time.perf_counter()
-    cfg, k = host.local, len(jobs)
-    host.apply_base_delta(jobs[0].base, jobs[0].base_version)
-    bank = host.bank(k, max(adapter_rank(start) for start in starts))
-    ranks = [bank.load(slot, start) for slot, start in enumerate(starts)]
-    for job, r in zip(jobs, ranks):
-        if r != job.rank:
-            raise ValueError(f"client {job.client_id}: received an adapter of rank {r}, expected its rank {job.rank}")
+    cfg = host.local
+    bank, ranks = load_jobs(host, jobs, starts)
     cuts = [tail_start(r, cfg.gamma) for r in ranks]
 
     def penalties() -> list[Tensor]:
@@ -63,6 +58,31 @@ def train_lora(
 
     with torch.no_grad():
         p_before = [float(p) for p in penalties()]
+    losses = local_steps(host, bank, jobs, ranks, penalties if prune else None, freeze_a, scales)
+    with torch.no_grad():
+        p_after = [float(p) for p in penalties()]
+    seconds = (time.perf_counter() - t0) / len(jobs)
+    return [read_update(host, bank, slot, job, ranks[slot], p_before[slot], p_after[slot], losses[slot], prune, seconds, len(jobs))
+            for slot, job in enumerate(jobs)]
+
+
+def load_jobs(host: "ClientHost", jobs: Sequence["Job"], starts: Sequence[Mapping[str, Tensor]]):
+    """The bank with one slot per job, each loaded from its start adapter; (bank, ranks). A start that is
+    not at the job's rank is refused (the server sent something else than it says)."""
+    host.apply_base_delta(jobs[0].base, jobs[0].base_version)
+    bank = host.bank(len(jobs), max(adapter_rank(start) for start in starts))
+    ranks = [bank.load(slot, start) for slot, start in enumerate(starts)]
+    for job, r in zip(jobs, ranks):
+        if r != job.rank:
+            raise ValueError(f"client {job.client_id}: received an adapter of rank {r}, expected its rank {job.rank}")
+    return bank, ranks
+
+
+def local_steps(host: "ClientHost", bank, jobs: Sequence["Job"], ranks: list[int], penalties, freeze_a: bool,
+                scales: Sequence[float] | None) -> list[list[float]]:
+    """τ optimiser steps on every slot together (task loss, + λ·P_k when ``penalties`` is given); each
+    client's batches from its own seeded generator. Returns each slot's losses."""
+    cfg, k = host.local, len(jobs)
     groups = [
         (host.data.train_examples(job.client_id), torch.Generator().manual_seed(client_seed(host.seed, job.round, job.client_id)))
         for job in jobs
@@ -73,33 +93,32 @@ def train_lora(
     prefixes = [prefix_ranks(host.seed, job, r, cfg.r_min, cfg.local_steps) for job, r in zip(jobs, ranks)] if cfg.ordered_dropout else None
     try:
         with bank.use(k, max(ranks), scales):
-            penalty = (lambda: torch.stack(penalties()).sum()) if prune else None
+            penalty = (lambda: torch.stack(penalties()).sum()) if penalties is not None else None
             before_step = (lambda step: bank.use_prefixes([p[step] for p in prefixes])) if prefixes else None
-            losses = optimise(host.model, params, groups, host.tokenizer.pad_token_id, cfg, penalty, slotted=True,
-                              before_step=before_step)
+            return optimise(host.model, params, groups, host.tokenizer.pad_token_id, cfg, penalty, slotted=True,
+                            before_step=before_step)
     finally:
         for p in bank.parameters():
             p.requires_grad_(False)
-    with torch.no_grad():
-        p_after = [float(p) for p in penalties()]
-    seconds = (time.perf_counter() - t0) / k
-    updates = []
-    for slot, job in enumerate(jobs):
-        rank = ranks[slot]
-        new_rank = prune_rank(p_before[slot], p_after[slot], rank, cfg.gamma, cfg.r_min) if prune else rank
-        metrics = {
-            "train_loss": sum(losses[slot]) / len(losses[slot]),
-            "p_before": p_before[slot],
-            "p_after": p_after[slot],
-            "rank_in": rank,
-            "rank_out": new_rank,
-            "seconds": seconds,
-            "peak_rss_mb": peak_rss_mb(),
-            "parallel": k,
-        }
-        updates.append(ClientUpdate(bank.read(slot, new_rank), host.data.num_examples(job.client_id), client_id=job.client_id,
-                                    rank=new_rank, round=job.round, metrics=metrics))
-    return updates
+
+
+def read_update(host: "ClientHost", bank, slot: int, job: "Job", rank: int, p_before: float, p_after: float,
+                losses: list[float], prune: bool, seconds: float, parallel: int) -> ClientUpdate:
+    """Slot ``slot``'s update: its rank after the prune rule (docs/algorithm.md §2.2), its adapter read at it."""
+    cfg = host.local
+    new_rank = prune_rank(p_before, p_after, rank, cfg.gamma, cfg.r_min) if prune else rank
+    metrics = {
+        "train_loss": sum(losses) / len(losses),
+        "p_before": p_before,
+        "p_after": p_after,
+        "rank_in": rank,
+        "rank_out": new_rank,
+        "seconds": seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        "parallel": parallel,
+    }
+    return ClientUpdate(bank.read(slot, new_rank), host.data.num_examples(job.client_id), client_id=job.client_id,
+                        rank=new_rank, round=job.round, metrics=metrics)
 
 
 class LoRAClient(ClientKind):
