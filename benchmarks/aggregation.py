@@ -138,7 +138,7 @@ def main() -> None:
     for m in [name for name in METHODS if name not in ("fft", "fedavg")]:
         if args.skip_svd and m in svd_methods:
             continue
-        results[m] = timed(lambda m=m: aggregate(m, updates, r_max, previous=full), 1 if m in svd_methods else args.repeats)
+        results[m] = timed(lambda m=m: aggregate(m, updates, r_max, previous=full, seed=0, round_index=0), 1 if m in svd_methods else args.repeats)
     results["fedavg (homogeneous r=25)"] = timed(lambda: aggregate("fedavg", homog, r_max), args.repeats)
     results["hetlora + norm_bound 1.5"] = timed(lambda: aggregate("hetlora", updates, r_max, norm_bound=1.5), args.repeats)
 
