@@ -14,6 +14,7 @@ Quantisation: SecAgg+ maps each entry to an integer grid of ``QUANTIZATION_RANGE
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -32,7 +33,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from ..core.adapter import ClientUpdate
-from ..core.secure_sum import layout, read_sum, round_scale
+from ..core.secure_sum import layout, round_scale
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,13 @@ class _HetLoRASecAgg(SecAggPlusWorkflow):
 
 def contribution_bytes(shapes: list[tuple[str, tuple[int, ...]]]) -> int:
     """Bytes of one client's masked vector on the wire (int64 entries in NumPy's format, one array per key)."""
-    return sum(len(ndarray_to_bytes(np.zeros(shape, dtype=np.int64))) for _, shape in [("factor", (1,))] + shapes)
+    return _wire_bytes(tuple(shape for _, shape in shapes))
+
+
+@functools.lru_cache(maxsize=4)
+def _wire_bytes(shapes: tuple[tuple[int, ...], ...]) -> int:
+    """Serialised once per layout (a run's layout never changes), not every round."""
+    return sum(len(ndarray_to_bytes(np.zeros(shape, dtype=np.int64))) for shape in ((1,),) + shapes)
 
 
 def secure_round(strategy, grid: Grid, t: int, messages: list[Message]) -> dict[str, Any]:
@@ -141,4 +148,4 @@ def reports_as_updates(reports: list[tuple[int, dict[str, Any]]]) -> list[Client
     ]
 
 
-__all__ = ["secure_round", "read_sum"]
+__all__ = ["secure_round"]

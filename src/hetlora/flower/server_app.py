@@ -177,9 +177,10 @@ class HetLoRAStrategy(Strategy):
 
         A report that contradicts what was sent (another node's client, a wrong round, a rank above the
         one sent) cannot be taken out of a sum: the whole round's aggregate is refused and named."""
-        reports = sorted(reports_as_updates(collector.reports), key=lambda u: u.client_id or "")
+        received = sorted(collector.reports, key=lambda r: str(r[1]["client-id"]))  # order independent of arrival
+        reports = reports_as_updates(received)
         problems = []
-        for (node, raw), u in zip(sorted(collector.reports, key=lambda r: str(r[1]["client-id"])), reports):
+        for (node, raw), u in zip(received, reports):
             problem = self.reply_problem(u.client_id, node, raw, u.metrics, t)
             if problem is None and u.rank is not None and not 1 <= u.rank <= self.sent[u.client_id]:
                 problem = f"reports rank {u.rank} after pruning, but was sent rank {self.sent[u.client_id]}"
