@@ -117,7 +117,10 @@ def test_a_study_resumes_and_rebuilds_its_report(tmp_path, monkeypatch):
     long_summary = json.loads((results / "long" / "runs" / "hetlora-s0" / "summary.json").read_text())
     assert long_summary["config"]["local_steps"] == 2 * PRESETS["smoke"].base["local_steps"]
     block = json.loads((results / "runs" / "hetlora-s0" / "block.json").read_text())
-    assert block["precision"] == "fp32" and block["device_class"].startswith("cpu ") and len(block["behaviour"]) == 16
+    from hetlora.host import resolve_precision
+
+    # "auto" is bf16 on a CPU with native bf16 and fp32 elsewhere: the block records what this machine resolved
+    assert block["precision"] == resolve_precision("auto", "cpu") in ("fp32", "bf16") and block["device_class"].startswith("cpu ") and len(block["behaviour"]) == 16
     path = write_report(s)
     report = json.loads((path.parent / "study.json").read_text())
     assert {c["id"] for c in report["claims"]} == {f"C{i}" for i in range(1, 8)} and report["c8"]["id"] == "C8"
@@ -177,7 +180,8 @@ def test_a_seed_of_another_block_is_not_run_and_a_mixed_seed_is_refused(tmp_path
     s = Study("unit", tmp_path / "results", tmp_path / "work", log=lambda m: None)
     s.run_all()
     results = tmp_path / "results" / "unit" / "runs"
-    other = json.loads((results / "hetlora-s1" / "block.json").read_text()) | {"precision": "bf16"}
+    mine = json.loads((results / "hetlora-s1" / "block.json").read_text())
+    other = mine | {"precision": {"fp32": "bf16", "bf16": "fp32"}[mine["precision"]]}  # the other precision, on any machine
     (results / "hetlora-s1" / "block.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="seed 1 under .* mixes seed blocks"):
         write_report(s)
