@@ -156,3 +156,13 @@ def test_study_report_only_on_an_empty_directory_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["study", "--preset", "smoke", "--report-only", "--results", str(tmp_path / "r"),
                                       "--work", str(tmp_path / "w")])
     assert result.exit_code == 2 and "nothing to report: no finished runs" in result.output, result.output
+
+
+def test_study_set_aside_without_a_reason_is_one_line_and_moves_nothing(tmp_path):
+    runs = tmp_path / "r" / "smoke" / "runs" / "hetlora-s0"
+    runs.mkdir(parents=True)
+    (runs / "summary.json").write_text("{}")
+    result = CliRunner().invoke(app, ["study", "--preset", "smoke", "--set-aside-seed", "0", "--results", str(tmp_path / "r"),
+                                      "--work", str(tmp_path / "w")])
+    assert result.exit_code == 2 and "needs a reason (--why)" in result.output, result.output
+    assert (runs / "summary.json").is_file() and not (tmp_path / "r" / "smoke" / "set-aside").exists()

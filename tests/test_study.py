@@ -213,3 +213,46 @@ def test_the_fingerprint_changes_when_the_training_computes_other_numbers(tmp_pa
     assert study.behaviour_fingerprint("fp32", tmp_path) == a  # deterministic
     monkeypatch.setitem(study.PRESETS, "smoke", Preset(seeds=(0,), base=PRESETS["smoke"].base | {"local_steps": 2}))
     assert study.behaviour_fingerprint("fp32", tmp_path) != a
+
+
+def test_an_unfinished_seed_is_set_aside_and_run_again_whole_in_this_block(tmp_path, monkeypatch):
+    """No machine of a seed's block to finish it: the seed's runs go aside (a record) and this block runs it whole.
+
+    The attack: setting aside a *complete* seed would let results choose which seeds count — it must fail.
+    """
+    import shutil
+
+    monkeypatch.setitem(study.PRESETS, "unit", unit_preset())
+    monkeypatch.setattr(study, "TUNE_LORA_LABELS", ["hetlora"])
+    s = Study("unit", tmp_path / "results", tmp_path / "work", log=lambda m: None)
+    s.run_all()
+    results = tmp_path / "results" / "unit"
+    with pytest.raises(ValueError, match="seed 0 under .* is complete in its block; a complete seed is never set aside"):
+        s.set_aside(0, "results look bad")
+    assert sorted(p.name for p in (results / "runs").iterdir()) == ["fedavg-rmin-s0", "fedavg-rmin-s1", "hetlora-s0", "hetlora-s1"]
+    mine = json.loads((results / "runs" / "hetlora-s1" / "block.json").read_text())
+    other = mine | {"precision": {"fp32": "bf16", "bf16": "fp32"}[mine["precision"]]}  # as if run on another machine
+    (results / "runs" / "hetlora-s1" / "block.json").write_text(json.dumps(other))
+    shutil.rmtree(results / "runs" / "fedavg-rmin-s1")  # seed 1 unfinished in that other block
+    other_ppl = json.loads((results / "runs" / "hetlora-s1" / "summary.json").read_text())["full_eval_ppl"]
+    with pytest.raises(ValueError, match="needs a reason"):
+        s.set_aside(1, "  ")
+    with pytest.raises(ValueError, match="seed 7 has no finished runs"):
+        s.set_aside(7, "no such seed")
+    target = s.set_aside(1, "no machine of that block was lent")
+    assert not list((results / "runs").glob("*-s1")) and sorted(p.name for p in target.iterdir()) == ["hetlora-s1", "set-aside.json"]
+    record = json.loads((target / "set-aside.json").read_text())
+    assert record["missing_when_set_aside"] == ["fedavg-rmin"] and record["block"] == other and record["runs"] == ["hetlora-s1"]
+    with pytest.raises(ValueError, match="seed 1 has no finished runs"):
+        s.set_aside(1, "again")
+    Study("unit", tmp_path / "results", tmp_path / "work", log=lambda m: None).run_all()  # this block runs seed 1 whole
+    for label in ("hetlora", "fedavg-rmin"):
+        assert json.loads((results / "runs" / f"{label}-s1" / "block.json").read_text()) == mine
+    report = json.loads((write_report(s).parent / "study.json").read_text())
+    [group] = report["set_aside"]
+    assert group["seed"] == 1 and group["finished"][0]["label"] == "hetlora" and group["finished"][0]["final_eval_ppl"] == other_ppl
+    assert report["provenance"]["wall_seconds_set_aside"] == pytest.approx(group["finished"][0]["seconds"])
+    assert group["finished"][0]["seconds"] > 0
+    assert report["seed_blocks"]["runs"]["1"]["runs"] == 2 and report["seed_blocks"]["runs"]["1"]["block"]["precision"] == mine["precision"]
+    text = (results / "study.md").read_text()
+    assert "## Runs set aside" in text and "no machine of that block was lent" in text

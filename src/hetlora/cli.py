@@ -240,6 +240,8 @@ def study(
     work: Path = typer.Option(Path("runs/study"), "--work", help="Run directories (checkpoints, adapters)"),
     budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Start no new run after this long"),
     report_only: bool = typer.Option(False, "--report-only", help="Rebuild the report from the finished runs"),
+    set_aside_seed: Optional[int] = typer.Option(None, "--set-aside-seed", help="Move an unfinished seed's runs to set-aside/ so this machine's block can run the whole seed again (needs --why), then exit"),
+    why: str = typer.Option("", "--why", help="The reason recorded with --set-aside-seed"),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks"),
 ) -> None:
     """The reproduction study of HetLoRA's claims (C1–C8): a pre-registered plan, paired 95 % intervals, verdicts."""
@@ -250,6 +252,10 @@ def study(
     if preset not in PRESETS:
         _fail(ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}"), debug)
     s = Study(preset, results, work, budget_seconds=budget_minutes * 60 if budget_minutes else None, log=typer.echo)
+
+    if set_aside_seed is not None:
+        typer.echo(f"set aside in: {_guard(debug, lambda: s.set_aside(set_aside_seed, why))}")
+        return
 
     def work_():
         if not report_only:

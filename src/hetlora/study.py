@@ -292,6 +292,48 @@ class Study:
                              "remove the runs of the other block")
         return keys.pop() if keys else None
 
+    def planned_labels(self, where: str, seed: int) -> list[str]:
+        """The labels a seed owes in one pairing group: the core set and, on reference seeds, the references."""
+        p = self.preset
+        if where == "long/runs":
+            return list(p.long_labels) if seed in p.long_seeds else []
+        return (list(p.labels) if seed in p.seeds else []) + (list(p.reference_labels) if seed in p.reference_seeds else [])
+
+    def set_aside(self, seed: int, reason: str, where: str = "runs") -> Path:
+        """Move an unfinished seed's runs out of the pairing, so a machine of another block can run the whole seed again.
+
+        A seed belongs to the block of its first run (docs/algorithm.md §10); when no machine of that block can be had,
+        the seed starts again in another block. Only an *unfinished* seed (one still owing a planned run) may be set
+        aside, so the results can never choose which seeds count; its runs and the reason are kept under ``set-aside/``
+        and the report lists them (not paired, counted in the compute spent).
+        """
+        from datetime import datetime, timezone
+
+        if not reason.strip():
+            raise ValueError("setting a seed aside needs a reason (--why)")
+        source = self.results / where
+        runs = sorted(d for d in source.glob(f"*-s{seed}") if (d / "summary.json").is_file())
+        if not runs:
+            raise ValueError(f"seed {seed} has no finished runs under {source}: nothing to set aside")
+        missing = [label for label in self.planned_labels(where, seed) if not (source / f"{label}-s{seed}" / "summary.json").is_file()]
+        if not missing:
+            raise ValueError(f"seed {seed} under {source} is complete in its block; a complete seed is never set aside "
+                             "(that would let results choose the seeds)")
+        held = self.seed_block(where, seed)
+        block = json.loads((runs[0] / "block.json").read_text()) if (runs[0] / "block.json").is_file() else None
+        target = self.results / "set-aside" / f"{where.replace('/', '-')}-seed-{seed}-{(block or {}).get('behaviour', 'no-block')}"
+        if target.exists():
+            raise ValueError(f"{target} exists already: a seed of one block is set aside once")
+        target.mkdir(parents=True)
+        for run in runs:
+            shutil.move(str(run), str(target / run.name))
+        write_json_atomic(target / "set-aside.json", {
+            "seed": seed, "where": where, "block": block, "block_key": list(held) if held else None, "reason": reason.strip(),
+            "set_aside_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "runs": [run.name for run in runs], "missing_when_set_aside": missing})
+        self.log(f"seed {seed} ({where}): {len(runs)} runs of block {held} set aside in {target}; {len(missing)} were still missing")
+        return target
+
     def run_all(self) -> None:
         if self.preset.superseded:
             raise ValueError(f"preset {self.preset_name!r} is a record, not run again: {self.preset.superseded} (--report-only rebuilds its report)")

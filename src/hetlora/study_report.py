@@ -32,6 +32,17 @@ def provenance_of(runs: list[dict], results: Path, wall_seconds: float | None) -
     return prov
 
 
+def set_aside_groups(results: Path) -> list[dict[str, Any]]:
+    """Runs set aside when their unfinished seed started again in another block (``Study.set_aside``): a record, never paired."""
+    groups = []
+    for record in sorted((results / "set-aside").glob("*/set-aside.json")):
+        runs = load_runs(record.parent, ".")
+        groups.append(json.loads(record.read_text()) | {
+            "directory": str(record.parent.relative_to(results)), "seconds": sum(r["seconds"] for r in runs),
+            "finished": [{"label": r["label"], "seed": r["seed"], "final_eval_ppl": r["final_eval_ppl"], "seconds": r["seconds"]} for r in runs]})
+    return groups
+
+
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -47,8 +58,9 @@ def write_report(study, wall_seconds: float | None = None) -> Path:
     long_runs = load_runs(results, "long/runs") if (results / "long" / "runs").is_dir() else []
     grouped = by_label(runs)
     order = list(preset.labels) + list(preset.reference_labels)
+    set_aside = set_aside_groups(results)
     report = {
-        "provenance": provenance_of(runs + long_runs, results, wall_seconds),
+        "provenance": provenance_of(runs + long_runs, results, wall_seconds) | {"wall_seconds_set_aside": sum(g["seconds"] for g in set_aside)},
         "plan": read_json(results / "plan.json"),
         "config": preset.base | {"preset": study.preset_name, "seeds": list(preset.seeds), "labels": list(preset.labels),
                                  "reference_labels": list(preset.reference_labels), "reference_seeds": list(preset.reference_seeds),
@@ -59,6 +71,7 @@ def write_report(study, wall_seconds: float | None = None) -> Path:
         "variants": variant_rows(grouped, study.design()["variant_labels"], preset.base["r_min"]),
         "long": long_regime(long_runs),
         "seed_blocks": {"runs": seed_blocks(runs), "long": seed_blocks(long_runs)},
+        "set_aside": set_aside,
         "table": summarise(grouped, order),
         "runs": runs,
         "long_runs": long_runs,
@@ -82,7 +95,7 @@ def render_markdown(report: dict, plots: list[Path], results: Path) -> str:
     notes = results / "notes.md"
     if notes.is_file():
         lines += [notes.read_text().strip(), ""]
-    lines += plan_section(report) + methods_section(report) + setup_section(report) + blocks_section(report)
+    lines += plan_section(report) + methods_section(report) + setup_section(report) + blocks_section(report) + set_aside_section(report)
     lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     return "\n".join(lines) + "\n"
 
@@ -235,3 +248,18 @@ def blocks_section(report: dict) -> list[str]:
         lines.append(f"| {seed} | {e['runs']} | {b.get('device_class', 'not recorded')} | {b.get('precision', '—')} | "
                      f"{b.get('behaviour', '—')} | {', '.join(e['commits'])} |")
     return lines + [""]
+
+
+def set_aside_section(report: dict) -> list[str]:
+    groups = report.get("set_aside") or []
+    if not groups:
+        return []
+    lines = ["## Runs set aside (their seed started again in another block; a record, never paired)", "",
+             "| seed | group | block | runs kept aside | compute | set aside | reason |", "|---:|---|---|---|---:|---|---|"]
+    for g in groups:
+        b = g.get("block") or {}
+        block = f"{b.get('device_class', 'not recorded')} / {b.get('precision', '—')} / {b.get('behaviour', '—')}"
+        runs = ", ".join(f"{r['label']} ({_fmt(r['final_eval_ppl'])})" for r in g["finished"])
+        lines.append(f"| {g['seed']} | {g['where']} | {block} | {runs} | {g['seconds'] / 60:.1f} min | {g['set_aside_at']} | {g['reason']} |")
+    return lines + ["", "Only a seed still owing a planned run can be set aside (`hetlora study --set-aside-seed N --why ...`), "
+                        "so results never choose which seeds count; the runs stay in the directory named in study.json.", ""]
