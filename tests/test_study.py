@@ -256,3 +256,19 @@ def test_an_unfinished_seed_is_set_aside_and_run_again_whole_in_this_block(tmp_p
     assert report["seed_blocks"]["runs"]["1"]["runs"] == 2 and report["seed_blocks"]["runs"]["1"]["block"]["precision"] == mine["precision"]
     text = (results / "study.md").read_text()
     assert "## Runs set aside" in text and "no machine of that block was lent" in text
+
+
+def test_compute_per_block_adds_each_blocks_seeds_runs_and_seconds():
+    from hetlora.study_claims import seed_blocks
+    from hetlora.study_report import compute_per_block
+
+    avx2 = {"device": "cpu: A", "device_class": "cpu AVX2, 2 threads", "precision": "fp32", "behaviour": "aaaa"}
+    bf16 = {"device": "cpu: B", "device_class": "cpu AVX512, 2 threads", "precision": "bf16", "behaviour": "bbbb"}
+    runs = [fake("hetlora", 0, 50, block=avx2, seconds=60.0), fake("fft", 0, 48, block=avx2, seconds=120.0),
+            fake("hetlora", 1, 49, block=bf16, seconds=30.0)]
+    long_runs = [fake("hetlora", 0, 47, block=bf16, seconds=90.0)]
+    report = {"seed_blocks": {"runs": seed_blocks(runs), "long": seed_blocks(long_runs)}}
+    assert report["seed_blocks"]["runs"]["0"]["seconds"] == 180.0 and report["seed_blocks"]["runs"]["0"]["runs"] == 2
+    rows = {r["device"]: r for r in compute_per_block(report)}
+    assert rows["cpu: A"] == {"device": "cpu: A", "block": "cpu AVX2, 2 threads / fp32 / aaaa", "seeds": "0", "runs": 2, "seconds": 180.0}
+    assert rows["cpu: B"]["seeds"] == "1, 0 (long)" and rows["cpu: B"]["runs"] == 2 and rows["cpu: B"]["seconds"] == 120.0

@@ -254,11 +254,12 @@ def long_regime(runs: list[dict]) -> dict:
 
 
 def seed_blocks(runs: list[dict]) -> dict[str, dict]:
-    """Per seed: the block its runs were made in and the commits (one block per seed, by :func:`check_blocks`)."""
+    """Per seed: the block its runs were made in, the commits and the compute (one block per seed, by :func:`check_blocks`)."""
     out: dict[str, dict] = {}
     for r in runs:
-        entry = out.setdefault(str(r["seed"]), {"block": r["block"], "commits": set(), "runs": 0})
+        entry = out.setdefault(str(r["seed"]), {"block": r["block"], "commits": set(), "runs": 0, "seconds": 0.0})
         entry["runs"] += 1
+        entry["seconds"] += r["seconds"]
         if r.get("provenance"):
             entry["commits"].add(r["provenance"]["commit"])
     return {seed: e | {"commits": sorted(e["commits"])} for seed, e in sorted(out.items(), key=lambda kv: int(kv[0]))}

@@ -242,12 +242,30 @@ def blocks_section(report: dict) -> list[str]:
     if not blocks:
         return []
     lines = ["## Seed blocks (every run of a seed: one device class, precision and training behaviour)", "",
-             "| seed | runs | device class | precision | behaviour | commits |", "|---:|---:|---|---|---|---|"]
+             "| seed | runs | device class | precision | behaviour | compute | commits |", "|---:|---:|---|---|---|---:|---|"]
     for seed, e in blocks.items():
         b = e["block"] or {}
         lines.append(f"| {seed} | {e['runs']} | {b.get('device_class', 'not recorded')} | {b.get('precision', '—')} | "
-                     f"{b.get('behaviour', '—')} | {', '.join(e['commits'])} |")
+                     f"{b.get('behaviour', '—')} | {e.get('seconds', 0.0) / 60:.1f} min | {', '.join(e['commits'])} |")
+    lines += ["", "Compute per block (sum of the runs' wall times; the long regime included, tuning and set-aside runs not):", "",
+              "| device | device class / precision / behaviour | seeds | runs | compute |", "|---|---|---|---:|---:|"]
+    for row in compute_per_block(report):
+        lines.append(f"| {row['device']} | {row['block']} | {row['seeds']} | {row['runs']} | {row['seconds'] / 60:.1f} min |")
     return lines + [""]
+
+
+def compute_per_block(report: dict) -> list[dict[str, Any]]:
+    """The compute each seed block (so each machine class) spent, over the core, reference and long-regime runs."""
+    totals: dict[str, dict[str, Any]] = {}
+    for where, blocks in (report.get("seed_blocks") or {}).items():
+        for seed, e in blocks.items():
+            b = e["block"] or {}
+            key = f"{b.get('device_class', 'not recorded')} / {b.get('precision', '—')} / {b.get('behaviour', '—')}"
+            row = totals.setdefault(key, {"device": b.get("device", "not recorded"), "block": key, "seeds": [], "runs": 0, "seconds": 0.0})
+            row["seeds"].append(f"{seed}{' (long)' if where == 'long' else ''}")
+            row["runs"] += e["runs"]
+            row["seconds"] += e.get("seconds", 0.0)
+    return [row | {"seeds": ", ".join(row["seeds"])} for row in totals.values()]
 
 
 def set_aside_section(report: dict) -> list[str]:
