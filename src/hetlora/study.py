@@ -293,11 +293,8 @@ class Study:
         return keys.pop() if keys else None
 
     def planned_labels(self, where: str, seed: int) -> list[str]:
-        """The labels a seed owes in one pairing group: the core set and, on reference seeds, the references."""
-        p = self.preset
-        if where == "long/runs":
-            return list(p.long_labels) if seed in p.long_seeds else []
-        return (list(p.labels) if seed in p.seeds else []) + (list(p.reference_labels) if seed in p.reference_seeds else [])
+        """The labels a seed owes in one pairing group, read off :meth:`sections` (the one account of what runs)."""
+        return [label for w, seeds, labels, _ in self.sections() if w == where and seed in seeds for label in labels]
 
     def set_aside(self, seed: int, reason: str, where: str = "runs") -> Path:
         """Move an unfinished seed's runs out of the pairing, so a machine of another block can run the whole seed again.
@@ -328,7 +325,7 @@ class Study:
         for run in runs:
             shutil.move(str(run), str(target / run.name))
         write_json_atomic(target / "set-aside.json", {
-            "seed": seed, "where": where, "block": block, "block_key": list(held) if held else None, "reason": reason.strip(),
+            "seed": seed, "where": where, "block": block, "reason": reason.strip(),
             "set_aside_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "runs": [run.name for run in runs], "missing_when_set_aside": missing})
         self.log(f"seed {seed} ({where}): {len(runs)} runs of block {held} set aside in {target}; {len(missing)} were still missing")
