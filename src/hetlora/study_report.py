@@ -254,13 +254,17 @@ def blocks_section(report: dict) -> list[str]:
     return lines + [""]
 
 
+def block_label(block: dict) -> str:
+    return f"{block.get('device_class', 'not recorded')} / {block.get('precision', '—')} / {block.get('behaviour', '—')}"
+
+
 def compute_per_block(report: dict) -> list[dict[str, Any]]:
     """The compute each seed block (so each machine class) spent, over the core, reference and long-regime runs."""
     totals: dict[str, dict[str, Any]] = {}
     for where, blocks in (report.get("seed_blocks") or {}).items():
         for seed, e in blocks.items():
             b = e["block"] or {}
-            key = f"{b.get('device_class', 'not recorded')} / {b.get('precision', '—')} / {b.get('behaviour', '—')}"
+            key = block_label(b)
             row = totals.setdefault(key, {"device": b.get("device", "not recorded"), "block": key, "seeds": [], "runs": 0, "seconds": 0.0})
             row["seeds"].append(f"{seed}{' (long)' if where == 'long' else ''}")
             row["runs"] += e["runs"]
@@ -275,8 +279,7 @@ def set_aside_section(report: dict) -> list[str]:
     lines = ["## Runs set aside (their seed started again in another block; a record, never paired)", "",
              "| seed | group | block | runs kept aside | compute | set aside | reason |", "|---:|---|---|---|---:|---|---|"]
     for g in groups:
-        b = g.get("block") or {}
-        block = f"{b.get('device_class', 'not recorded')} / {b.get('precision', '—')} / {b.get('behaviour', '—')}"
+        block = block_label(g.get("block") or {})
         runs = ", ".join(f"{r['label']} ({_fmt(r['final_eval_ppl'])})" for r in g["finished"])
         lines.append(f"| {g['seed']} | {g['where']} | {block} | {runs} | {g['seconds'] / 60:.1f} min | {g['set_aside_at']} | {g['reason']} |")
     return lines + ["", "Only a seed still owing a planned run can be set aside (`hetlora study --set-aside-seed N --why ...`), "
