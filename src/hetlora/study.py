@@ -22,6 +22,7 @@ import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -157,6 +158,11 @@ def machine_block(precision: str, device: str, work: Path) -> dict[str, Any]:
             "device": device_name(device)}
 
 
+def utc_timestamp() -> str:
+    """When a plan was registered or a seed set aside: UTC, to the second (the records a reader compares with commit times)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 @dataclass
 class Study:
     preset_name: str
@@ -206,8 +212,6 @@ class Study:
 
     def plan(self) -> dict[str, Any]:
         """The registered plan (``plan.json``), written before the first run; refuses a design changed since."""
-        from datetime import datetime, timezone
-
         from .study_plan import preregister
 
         path = self.results / "plan.json"
@@ -229,7 +233,7 @@ class Study:
                 c8[label] = diffs
         plan = preregister(design, claims(sources[0], self.preset) if sources else [], c8,
                            ", ".join(f"{self.results_root / d}" for d in self.preset.sized_from) or "nothing")
-        plan["registered"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        plan["registered"] = utc_timestamp()
         self.results.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, plan)
         return plan
@@ -304,8 +308,6 @@ class Study:
         aside, so the results can never choose which seeds count; its runs and the reason are kept under ``set-aside/``
         and the report lists them (not paired, counted in the compute spent).
         """
-        from datetime import datetime, timezone
-
         if not reason.strip():
             raise ValueError("setting a seed aside needs a reason (--why)")
         source = self.results / where
@@ -326,7 +328,7 @@ class Study:
             shutil.move(str(run), str(target / run.name))
         write_json_atomic(target / "set-aside.json", {
             "seed": seed, "where": where, "block": block, "reason": reason.strip(),
-            "set_aside_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "set_aside_at": utc_timestamp(),
             "runs": [run.name for run in runs], "missing_when_set_aside": missing})
         self.log(f"seed {seed} ({where}): {len(runs)} runs of block {held} set aside in {target}; {len(missing)} were still missing")
         return target
