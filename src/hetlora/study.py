@@ -34,7 +34,7 @@ from .runner import finished_as_asked
 from .data.chitchat import SPLIT_VERSION
 from .stats import ALPHA
 from .study_claims import EQUIVALENCE_MARGIN_PCT, block_key, by_label, claims, load_runs, paired
-from .study_report import write_report  # noqa: F401  (the CLI's entry point)
+from .study_report import read_json, write_report  # noqa: F401  (write_report: the CLI's entry point)
 
 # Methods in the order they run for each seed: the claims' methods first, then the chosen variants and the challengers.
 CLAIM_LABELS = ["hetlora", "fedavg-rmin", "fedavg-rmax", "recon-svd", "hetlora-noprune", "hetlora-naive", "fft"]
@@ -319,7 +319,7 @@ class Study:
             raise ValueError(f"seed {seed} under {source} is complete in its block; a complete seed is never set aside "
                              "(that would let results choose the seeds)")
         held = self.seed_block(where, seed)
-        block = json.loads((runs[0] / "block.json").read_text()) if (runs[0] / "block.json").is_file() else None
+        block = read_json(runs[0] / "block.json")
         target = self.results / "set-aside" / f"{where.replace('/', '-')}-seed-{seed}-{(block or {}).get('behaviour', 'no-block')}"
         if target.exists():
             raise ValueError(f"{target} exists already: a seed of one block is set aside once")
