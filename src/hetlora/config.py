@@ -78,7 +78,8 @@ class RunConfig:
     dp_delta: float = 1e-5
     engine: str = "local"
     secure_aggregation: bool = False  # Flower: SecAgg+ — the server sees only the sum of the clients' padded, weighted factors
-    secure_clip: float | None = None  # under secure aggregation: each client's fixed bound on ‖B‖/√r and ‖A‖/√r (None: off)
+    secure_clip: float | None = None  # under secure aggregation: each client's fixed bound on ‖B‖/√r and ‖A‖/√r (None: auto, 2‖A₀‖/√r)
+    secure_min_clients: int | None = None  # under secure aggregation: every summed component held by ≥ m clients (None: SecAgg+'s threshold)
     node_clients: str | None = None  # Flower: the operator's binding of node ids to partition ids ("ID=PID,…" or a JSON file)
     partition: str | None = None  # user data without client_id: "iid:N" or "dirichlet:N"
     partition_by: str = "label"
@@ -261,7 +262,8 @@ class RunConfig:
     def _secure_problems(self) -> list[str]:
         """What secure aggregation (docs/algorithm.md §6.1) cannot do: it hands the server one sum, nothing per client."""
         if not self.secure_aggregation:
-            return ["secure_clip needs secure_aggregation (it is the clients' own bound under SecAgg+)"] if self.secure_clip is not None else []
+            return [f"{name} needs secure_aggregation" for name in ("secure_clip", "secure_min_clients")
+                    if getattr(self, name) is not None]
         problems = []
         method = METHODS.get(self.method)
         if method is not None and method.secure_weight is None:
@@ -277,8 +279,12 @@ class RunConfig:
             problems.append("DP and secure aggregation together are not supported here")
         if self.clients_per_round < 2:
             problems.append("secure aggregation needs at least 2 clients per round (a sum of one is that client's update)")
-        if self.secure_clip is not None and not self.secure_clip > 0:
-            problems.append(f"secure_clip must be positive or off, got {self.secure_clip}")
+        if self.secure_clip is not None and not (self.secure_clip > 0 and math.isfinite(self.secure_clip)):
+            problems.append(f"secure_clip must be a positive number or off (auto), got {self.secure_clip}")
+        m = self.secure_min_clients
+        if m is not None and not 2 <= m <= self.clients_per_round:
+            problems.append(f"secure_min_clients must be between 2 and clients_per_round ({self.clients_per_round}), got {m}: "
+                            "every component the server unmasks is a sum over at least that many clients")
         return problems
 
     def data_options(self) -> dict[str, Any]:

@@ -131,9 +131,12 @@ class Federation:
     def complete_secure_round(self, round_index: int, aggregate: Mapping[str, torch.Tensor] | None, reports: Sequence[ClientUpdate],
                               failed: Sequence[tuple[str, str]], bytes_up: int) -> dict[str, Any]:
         """Close a round whose aggregate is a secure sum (docs/algorithm.md §6.1): no individual update exists
-        here to validate or bound, so the sum itself is checked (finite; shapes by the caller); ``reports``
-        carry each client's rank and metrics, ``aggregate`` is None when the round produced no sum."""
-        new = dict(aggregate) if aggregate is not None and len(reports) >= self.cfg.min_clients else None
+        here to validate or bound, so the sum itself is checked (finite here; shapes and the clip's bound by
+        the caller), then the method finishes it as it would a plain aggregate (hetlora-svd's re-factoring);
+        ``reports`` carry each client's rank and metrics, ``aggregate`` is None when the round produced no sum."""
+        new = None
+        if aggregate is not None and len(reports) >= self.cfg.min_clients:  # one not finite is refused in _close_round
+            new = dict(aggregate) if non_finite(aggregate) else self.method.finish(dict(aggregate), self.context(round_index))
         return self._close_round(round_index, new, None, list(reports), reports, [{"client": c, "reason": r} for c, r in failed], bytes_up)
 
     def _close_round(self, round_index: int, new, base_update, kept: list[ClientUpdate], updates: Sequence[ClientUpdate],

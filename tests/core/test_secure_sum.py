@@ -79,3 +79,51 @@ def test_the_public_scale():
     assert round_scale("update_norm", zero_b, [10]) == 1.0  # the first round: B = 0, no scale to take
     adapter = make_adapter(3)
     assert round_scale("update_norm", adapter, [10]) == pytest.approx(update_norm(adapter))
+
+
+def test_the_covered_rank_is_the_m_th_largest_and_a_dropout_that_uncovers_it_is_named():
+    from hetlora.core.secure_sum import cover_problem, covered_rank, secagg_threshold
+
+    assert covered_rank([2, 4], 2) == 2 and covered_rank([29, 21, 44], 2) == 29 and covered_rank([6, 6, 2], 2) == 6
+    assert covered_rank([5, 9, 7, 3], 3) == 5
+    with pytest.raises(ValueError, match="at least 2 clients"):
+        covered_rank([4, 4], 1)
+    assert cover_problem([6, 2], 6, 2).startswith("only 1 of the 2 clients left in the sum hold all 6")
+    assert cover_problem([6, 6], 6, 2) is None
+    # Flower's own threshold for (num_shares = all, reconstruction_threshold = 0.5)
+    assert [secagg_threshold(k) for k in (2, 3, 4, 5, 6, 10)] == [2, 2, 2, 2, 3, 5]
+
+
+def test_the_merge_takes_the_covered_components_from_the_sum_and_the_rest_from_before():
+    from hetlora.core.secure_sum import merge_covered
+
+    before = make_adapter(4, seed=1)
+    summed_part = {k: v[:, :2] * 0 + 7 if k.endswith(B_SUFFIX) else v[:2] * 0 + 7 for k, v in make_adapter(4, seed=2).items()}
+    merged = merge_covered(summed_part, before)
+    for k, v in merged.items():
+        head, tail = (v[:, :2], v[:, 2:]) if k.endswith(B_SUFFIX) else (v[:2], v[2:])
+        old_tail = before[k][:, 2:] if k.endswith(B_SUFFIX) else before[k][2:]
+        assert bool((head == 7).all()) and torch.equal(tail, old_tail)
+
+
+def test_a_sum_beyond_what_clipped_clients_can_send_is_named():
+    from hetlora.core.secure_sum import client_share, sum_problem, weight_sum
+
+    clip, cover, scale = 0.3, 2, 0.5
+    updates = [make_update(4, seed=s, n=10 * s) for s in (1, 2, 3)]
+    shares = [client_share(u.adapter, cover, clip) for u in updates]
+    parts = [contribution(a, client_weight(a, 1, "update_norm"), cover, scale) for a in shares]
+    honest = {k: sum(p[k] for p in parts) for k in parts[0]}
+    args = dict(clients=3, clip=clip, cover=cover, scale=scale, rule="update_norm", examples=60.0, entries=100)
+    assert sum_problem(read_sum(honest), weight_sum(honest), **args) is None
+    cheat = dict(honest)
+    key = next(k for k in honest if k.endswith(B_SUFFIX))
+    cheat[key] = honest[key] + 8.0  # one client's entries at the quantiser's ±8
+    assert "a client skipped its clip" in sum_problem(read_sum(cheat), weight_sum(cheat), **args)
+    heavy = dict(honest, **{WEIGHT_KEY: honest[WEIGHT_KEY] + 3 * clip * clip * cover / scale})
+    assert "inflated its weight" in sum_problem(read_sum(heavy), weight_sum(heavy), **args)
+    data = [contribution(a, float(u.num_examples), cover, 20.0) for a, u in zip(shares, updates)]
+    by_examples = {k: sum(p[k] for p in data) for k in data[0]}
+    args |= dict(rule="examples", scale=20.0)
+    assert sum_problem(read_sum(by_examples), weight_sum(by_examples), **args) is None
+    assert "changed its weight" in sum_problem(read_sum(by_examples), weight_sum(by_examples) * 2, **args)

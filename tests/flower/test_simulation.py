@@ -44,12 +44,13 @@ def test_secure_aggregation_on_the_simulation_engine_gives_the_plain_numbers(tmp
     from hetlora.cli import app
 
     local, secure = tmp_path / "local", tmp_path / "secure"
-    small = dict(rounds=1, clients_per_round=2, max_clients=2, norm_bound=None)
+    # fedavg: every client at r_max, no pruning, so the covered rank is r_max and the secure sum is the plain rule's
+    small = dict(rounds=1, clients_per_round=2, max_clients=2, norm_bound=None, method="fedavg")
     run(tiny(local, **small), progress=False)
     args = ["run", "--engine", "flower", "--secure-aggregation", "--norm-bound", "off", "--model", "tiny", "--rounds", "1",
             "--clients-per-round", "2", "--local-steps", "2", "--batch-size", "4", "--max-length", "48", "--lr", "5e-3",
             "--r-min", "2", "--r-max", "6", "--eval-size", "8", "--min-examples", "400", "--max-clients", "2", "--seed", "11",
-            "--out", str(secure), "--quiet"]
+            "--out", str(secure), "--quiet", "--method", "fedavg", "--secure-clip", "100"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     (a,), (b,) = rows(local), rows(secure)

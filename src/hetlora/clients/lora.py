@@ -43,11 +43,13 @@ def prefix_ranks(seed: int, job: "Job", rank: int, r_min: int, steps: int) -> li
 
 def train_lora(
     host: "ClientHost", jobs: Sequence["Job"], starts: Sequence[Mapping[str, Tensor]], *, prune: bool, freeze_a: bool = False,
-    scales: Sequence[float] | None = None,
+    scales: Sequence[float] | None = None, keep_tail: bool = False,
 ) -> list[ClientUpdate]:
     """Train one LoRA per job from ``starts`` (each exactly at its job's rank), together.
 
-    ``scales``: an extra factor per client on the LoRA scaling s (FSLoRA's r/m)."""
+    ``scales``: an extra factor per client on the LoRA scaling s (FSLoRA's r/m). ``keep_tail``: read
+    each adapter at the rank it trained, the prune decision only in ``metrics["rank_out"]`` (a secure
+    sum carries a pruned tail, docs/algorithm.md §6.1)."""
     t0 = time.perf_counter()
     cfg = host.local
     bank, ranks = load_jobs(host, jobs, starts)
@@ -62,8 +64,8 @@ def train_lora(
     with torch.no_grad():
         p_after = [float(p) for p in penalties()]
     seconds = (time.perf_counter() - t0) / len(jobs)
-    return [read_update(host, bank, slot, job, ranks[slot], p_before[slot], p_after[slot], losses[slot], prune, seconds, len(jobs))
-            for slot, job in enumerate(jobs)]
+    return [read_update(host, bank, slot, job, ranks[slot], p_before[slot], p_after[slot], losses[slot], prune, seconds, len(jobs),
+                        keep_tail) for slot, job in enumerate(jobs)]
 
 
 def load_jobs(host: "ClientHost", jobs: Sequence["Job"], starts: Sequence[Mapping[str, Tensor]]):
@@ -103,8 +105,9 @@ def local_steps(host: "ClientHost", bank, jobs: Sequence["Job"], ranks: list[int
 
 
 def read_update(host: "ClientHost", bank, slot: int, job: "Job", rank: int, p_before: float, p_after: float,
-                losses: list[float], prune: bool, seconds: float, parallel: int) -> ClientUpdate:
-    """Slot ``slot``'s update: its rank after the prune rule (docs/algorithm.md §2.2), its adapter read at it."""
+                losses: list[float], prune: bool, seconds: float, parallel: int, keep_tail: bool = False) -> ClientUpdate:
+    """Slot ``slot``'s update: its rank after the prune rule (docs/algorithm.md §2.2), its adapter read at it
+    (``keep_tail``: at the rank it trained)."""
     cfg = host.local
     new_rank = prune_rank(p_before, p_after, rank, cfg.gamma, cfg.r_min) if prune else rank
     metrics = {
@@ -117,8 +120,9 @@ def read_update(host: "ClientHost", bank, slot: int, job: "Job", rank: int, p_be
         "peak_rss_mb": peak_rss_mb(),
         "parallel": parallel,
     }
-    return ClientUpdate(bank.read(slot, new_rank), host.data.num_examples(job.client_id), client_id=job.client_id,
-                        rank=new_rank, round=job.round, metrics=metrics)
+    read_rank = rank if keep_tail else new_rank
+    return ClientUpdate(bank.read(slot, read_rank), host.data.num_examples(job.client_id), client_id=job.client_id,
+                        rank=read_rank, round=job.round, metrics=metrics)
 
 
 class LoRAClient(ClientKind):
@@ -151,6 +155,6 @@ class LoRAClient(ClientKind):
         return out
 
     # ------------------------------------------------------------------ client side
-    def train(self, host: "ClientHost", jobs: Sequence[Job], *, prune: bool) -> list[ClientUpdate]:
-        """Train ``jobs`` together (one slot each) from their payloads."""
-        return train_lora(host, jobs, [job.payload for job in jobs], prune=prune, freeze_a=self.freeze_a)
+    def train(self, host: "ClientHost", jobs: Sequence[Job], *, prune: bool, keep_tail: bool = False) -> list[ClientUpdate]:
+        """Train ``jobs`` together (one slot each) from their payloads (``keep_tail``: see :func:`train_lora`)."""
+        return train_lora(host, jobs, [job.payload for job in jobs], prune=prune, freeze_a=self.freeze_a, keep_tail=keep_tail)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import traceback
 
+import numpy as np
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -21,7 +23,8 @@ from flwr.compat.common import recorddict_compat as compat
 
 from ..clients import Job, get_kind
 from ..config import RunConfig
-from ..core.secure_sum import client_weight, clip_to_bound, contribution, range_problem
+from ..core.secure_sum import client_share, client_weight, contribution, range_problem
+from ..core.seeds import derive_seed
 from ..host import ClientHost
 from .common import config_from_run_config, encode_config, from_array_record, to_array_record
 
@@ -79,8 +82,8 @@ def _received_job(message: Message, context: Context) -> tuple[RunConfig, Client
     return cfg, host, job
 
 
-def _train_one(cfg: RunConfig, host: ClientHost, job: Job):
-    (update,) = get_kind(cfg.client_kind).train(host, [job], prune=cfg.prunes)
+def _train_one(cfg: RunConfig, host: ClientHost, job: Job, **options):
+    (update,) = get_kind(cfg.client_kind).train(host, [job], prune=cfg.prunes, **options)
     return update
 
 
@@ -114,26 +117,41 @@ def train(message: Message, context: Context) -> Message:
     return Message(reply, reply_to=message)
 
 
+#: what a secure reply says of the client's training, in the clear (docs/algorithm.md §6.1): its loss and the
+#: ranks in and out of pruning; never its tail norms, seconds or memory.
+SECURE_REPORT_METRICS = ("train_loss", "rank_in", "rank_out")
+
+
 def secure_fit(message: Message, context: Context) -> Message:
     """Train, then hand ``secaggplus_mod`` this client's contribution v_k (docs/algorithm.md §6.1) to mask.
 
-    The update is clipped here (``secure_clip``), weighted by the client's own w_k, zero-padded to
-    r_max; only the masked sum leaves the protocol. The reply's metrics say which client, its rank
-    after pruning and its round (the server needs the rank to truncate next round), never the update.
+    The contribution is the client's leading min(r_k, r_c) trained components (r_c: the round's covered
+    rank, so every component in the sum is held by at least m clients; a tail the client prunes is
+    still sent up to r_c), bounded by the round's fixed clip (mandatory), weighted by the client's own
+    w_k and padded to r_c; only the masked sum leaves the protocol. The reply says which client, its
+    rank after pruning (the server truncates to it next round), its round and loss, never the update.
     A contribution outside the quantiser's range is refused: the client drops out of the sum.
     """
     cfg, host, job = _received_job(message, context)
     task = message.content.config_records["task"]
-    update = _train_one(cfg, host, job)
-    adapter = clip_to_bound(update.adapter, cfg.secure_clip) if cfg.secure_clip is not None else update.adapter
+    missing = [key for key in ("secure-rank", "secure-clip", "secure-scale", "secure-range") if key not in task]
+    if missing:
+        raise ValueError(f"client {job.client_id}: a secure task without {', '.join(missing)} is refused")
+    update = _train_one(cfg, host, job, keep_tail=True)
+    adapter = client_share(update.adapter, int(task["secure-rank"]), float(task["secure-clip"]))
     weight = client_weight(adapter, update.num_examples, cfg.secure_weight)
-    values = contribution(adapter, weight, cfg.global_rank, float(task["secure-scale"]))
+    values = contribution(adapter, weight, int(task["secure-rank"]), float(task["secure-scale"]))
     problem = range_problem(values, float(task["secure-range"]))
     if problem:
         raise ValueError(f"client {job.client_id}: {problem}")
-    report = {"client-id": job.client_id, "num-examples": update.num_examples, "rank": int(update.rank or 0), "round": job.round}
+    rank_out = int(update.metrics.get("rank_out", update.rank or 0))
+    report = {"client-id": job.client_id, "num-examples": update.num_examples, "rank": rank_out, "round": job.round}
+    metrics = {k: v for k, v in _numbers(update.metrics).items() if k in SECURE_REPORT_METRICS}
+    # Flower's quantiser rounds stochastically with NumPy's global generator: seeded per (run, round, client),
+    # a secure run repeats its numbers (the rounding hides nothing: it is below the grid step)
+    np.random.seed(derive_seed("secure-rounding", cfg.seed, job.round, job.client_id) % 2**32)
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([v.numpy() for v in values.values()]), 1,
-                    report | {f"metric.{k}": v for k, v in _numbers(update.metrics).items()})
+                    report | {f"metric.{k}": v for k, v in metrics.items()})
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=message)
 
 

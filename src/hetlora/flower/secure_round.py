@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,8 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from ..core.adapter import ClientUpdate
-from ..core.secure_sum import layout, round_scale
+from ..core.secure_sum import (cover_problem, covered_rank, layout, merge_covered, read_sum, round_scale, secagg_threshold,
+                               sum_problem, weight_sum)
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +77,29 @@ class _SumCollector(LegacyStrategy):
 
 
 class _HetLoRASecAgg(SecAggPlusWorkflow):
-    """SecAgg+ whose masked-vector stage carries each node's own train message (its truncated adapter)."""
+    """SecAgg+ whose masked-vector stage carries each node's own train message (its truncated adapter), and
+    that unmasks nothing when the masked vectors that arrived no longer cover every component m times."""
 
-    def __init__(self, contents: dict[int, RecordDict], timeout: float):
+    def __init__(self, contents: dict[int, RecordDict], timeout: float, rank_of: dict[int, int], cover: int, min_clients: int):
         super().__init__(num_shares=1.0, reconstruction_threshold=0.5, max_weight=1.0, clipping_range=VALUE_RANGE,
                          quantization_range=QUANTIZATION_RANGE, modulus_range=MODULUS_RANGE, timeout=timeout)
         self.contents = contents
+        self.rank_of, self.cover, self.min_clients = rank_of, cover, min_clients
+        self.halted: str | None = None  # why the sum was not unmasked
 
     def setup_stage(self, grid, context, state) -> bool:
         ok = super().setup_stage(grid, context, state)
         state.nid_to_fitins = {nid: self.contents[nid] for nid in state.nid_to_fitins}
         return ok
+
+    def collect_masked_vectors_stage(self, grid, context, state) -> bool:
+        ok = super().collect_masked_vectors_stage(grid, context, state)
+        self.halted = cover_problem([self.rank_of[n] for n in state.active_node_ids], self.cover, self.min_clients)
+        if ok and self.halted is None:
+            return True
+        self.halted = self.halted or "too few clients left for SecAgg+ to unmask the sum"
+        context.strategy.reports = [(proxy.node_id, dict(fitres.metrics)) for proxy, fitres in state.legacy_results]
+        return False  # the round ends here, masked: the reports of those that sent a vector stay, the sum is never read
 
 
 def contribution_bytes(shapes: list[tuple[str, tuple[int, ...]]]) -> int:
@@ -104,11 +118,16 @@ def secure_round(strategy, grid: Grid, t: int, messages: list[Message]) -> dict[
     SecAgg+ protocol; the strategy closes the round from the sum (``complete_secure``). Returns the round's row."""
     fed = strategy.fed
     rule = fed.method.secure_weight
-    examples = [strategy.examples_of[m.content.config_records["task"]["client-id"]] for m in messages]
+    clients = [str(m.content.config_records["task"]["client-id"]) for m in messages]
+    examples = [strategy.examples_of[c] for c in clients]
     scale = round_scale(rule, fed.state["global"], examples)
-    for m in messages:  # every client of the round: the same public scale and range
+    rank_of = {m.metadata.dst_node_id: strategy.sent[c] for m, c in zip(messages, clients)}
+    min_clients = fed.cfg.secure_min_clients or secagg_threshold(len(messages))
+    cover = covered_rank(list(rank_of.values()), min_clients)
+    for m in messages:  # every client of the round: the same public scale, range, covered rank and clip
         task = m.content.config_records["task"]
         task["secure-scale"], task["secure-range"] = scale, VALUE_RANGE
+        task["secure-rank"], task["secure-clip"] = cover, strategy.secure_clip
     contents = {m.metadata.dst_node_id: m.content for m in messages}
     collector = _SumCollector({node: GridClientProxy(node, grid, 0) for node in contents})
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
@@ -116,9 +135,40 @@ def secure_round(strategy, grid: Grid, t: int, messages: list[Message]) -> dict[
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: t + 1})
     context.state.array_records[MAIN_PARAMS_RECORD] = compat_empty_params()
     started = time.perf_counter()
-    _HetLoRASecAgg(contents, strategy.timeout)(grid, context)
+    workflow = _HetLoRASecAgg(contents, strategy.timeout, rank_of, cover, min_clients)
+    workflow(grid, context)
     seconds = time.perf_counter() - started
-    return strategy.complete_secure(t, collector, layout(fed.state["global"]), seconds)
+    plan = SecurePlan(cover=cover, min_clients=min_clients, scale=scale, clip=strategy.secure_clip, rule=rule,
+                      halted=workflow.halted)
+    return strategy.complete_secure(t, collector, plan, seconds)
+
+
+@dataclass(frozen=True)
+class SecurePlan:
+    """What the server fixed for a secure round before any client trained (all public), and why it
+    stopped early, if it did (docs/algorithm.md §6.1)."""
+
+    cover: int  # r_c: components below it are in the sum, each held by ≥ min_clients clients
+    min_clients: int
+    scale: float
+    clip: float
+    rule: str
+    halted: str | None = None
+
+    def shapes(self, global_adapter) -> list[tuple[str, tuple[int, ...]]]:
+        return layout(global_adapter, self.cover)
+
+    def aggregate(self, sums: dict[str, torch.Tensor], previous, clients: int,
+                  examples: float) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+        """(the new global adapter, None), or (None, why the sum is refused): checked against what clipped
+        clients can sum to, the covered components from the sum, the rest kept from ``previous``. ``sums``:
+        what SecAgg+ unmasks, the *mean* of the ``clients`` contributions that arrived (Flower divides by them)."""
+        sums = {key: value * clients for key, value in sums.items()}
+        aggregate = read_sum(sums)
+        entries = sum(v.numel() for v in sums.values())
+        problem = sum_problem(aggregate, weight_sum(sums), clients=clients, clip=self.clip, cover=self.cover,
+                              scale=self.scale, rule=self.rule, examples=examples, entries=entries)
+        return (None, problem) if problem else (merge_covered(aggregate, previous), None)
 
 
 def compat_empty_params():

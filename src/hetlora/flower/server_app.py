@@ -22,7 +22,7 @@ from ..config import RunConfig, node_partitions
 from ..core.adapter import ClientUpdate
 from ..federation import Federation
 from ..runner import Progress, check_resumable, run
-from ..core.secure_sum import read_sum
+from ..core.secure_sum import auto_clip, secagg_threshold
 from .common import config_from_run_config, encode_config, from_array_record, to_array_record
 
 from .secure_round import contribution_bytes, reports_as_updates, secure_round, sums_to_tensors
@@ -43,6 +43,15 @@ class HetLoRAStrategy(Strategy):
         self.sent: dict[str, int] = {}  # client id -> the rank sent to it this round
         self.last_row: dict[str, Any] = {}
         self.bytes_down = 0
+        # the fixed bound every secure client applies (mandatory; public): the config's, else from the initial global
+        self.secure_clip = (federation.cfg.secure_clip or auto_clip(federation.state["global"])
+                            if federation.cfg.secure_aggregation else None)
+        if federation.cfg.secure_aggregation:
+            k = federation.cfg.clients_per_round
+            m = federation.cfg.secure_min_clients or secagg_threshold(k)
+            if k < m + 1:
+                log.warning("secure aggregation with %d clients per round and every component held by %d: one client that "
+                            "drops out (or is out of range) loses the whole round; %d clients per round survive one", k, m, m + 1)
 
     # -- identity: which node holds which client (stable across rounds) -------------------
     def discover(self, grid: Grid) -> None:
@@ -172,37 +181,46 @@ class HetLoRAStrategy(Strategy):
             return f"reports {result['num-examples']!r} examples, but {self.examples_of.get(cid)} when it joined"
         return self.metrics_problem(cid, metrics, int(result["round"]), t)
 
-    def complete_secure(self, t: int, collector, shapes, seconds: float) -> dict[str, Any]:
+    def complete_secure(self, t: int, collector, plan, seconds: float) -> dict[str, Any]:
         """Close a SecAgg+ round from the unmasked sum and the clients' reports (docs/algorithm.md §6.1).
 
         A report that contradicts what was sent (another node's client, a wrong round, a rank above the
-        one sent) cannot be taken out of a sum: the whole round's aggregate is refused and named."""
+        one sent) cannot be taken out of a sum: the whole round's aggregate is refused and named, as is a
+        sum beyond what the clipped clients can sum to, or one that dropouts left uncovered (not unmasked)."""
         received = sorted(collector.reports, key=lambda r: str(r[1]["client-id"]))  # order independent of arrival
         reports = reports_as_updates(received)
-        problems = []
-        for (node, raw), u in zip(received, reports):
-            problem = self.reply_problem(u.client_id, node, raw, u.metrics, t)
-            if problem is None and u.rank is not None and not 1 <= u.rank <= self.sent[u.client_id]:
-                problem = f"reports rank {u.rank} after pruning, but was sent rank {self.sent[u.client_id]}"
-            if problem:
-                problems.append((u.client_id, problem))
+        problems = [(u.client_id, p) for (node, raw), u in zip(received, reports) if (p := self.report_problem(node, raw, u, t))]
         reported = {u.client_id for u in reports}
         failed = [(c, "dropped out of the secure round (no masked vector in the sum)") for c in sorted(self.sent) if c not in reported]
         for failure in collector.failures:
             log.warning("secure round %d: %s", t + 1, failure)
         aggregate = None
-        if problems:
+        if plan.halted:
+            failed.append(("(sum)", plan.halted))
+        elif problems:
             failed += [(c, f"{p}; its contribution cannot be removed from the sum, so this round's aggregate is refused")
                        for c, p in problems]
         elif collector.sums is not None:
             try:
-                aggregate = read_sum(sums_to_tensors(collector.sums, shapes))
+                examples = sum(self.examples_of[u.client_id] for u in reports)
+                sums = sums_to_tensors(collector.sums, plan.shapes(self.fed.state["global"]))
+                aggregate, refused = plan.aggregate(sums, self.fed.state["global"], len(reports), examples)
+                if refused:
+                    failed.append(("(sum)", refused))
             except ValueError as err:
                 failed.append(("(sum)", str(err)))
-        upload = contribution_bytes(shapes) * len(reports)
+        upload = contribution_bytes(plan.shapes(self.fed.state["global"])) * len(reports)
         row = self.fed.complete_secure_round(t, aggregate, reports if aggregate is not None else [], failed, upload)
-        self.last_row = row | {"bytes_down": self.bytes_down, "secure_seconds": seconds}
+        self.last_row = row | {"bytes_down": self.bytes_down, "secure_seconds": seconds, "secure_rank": plan.cover,
+                               "secure_min_clients": plan.min_clients, "secure_clip": plan.clip}
         return self.last_row
+
+    def report_problem(self, node: int, raw, update: ClientUpdate, t: int) -> str | None:
+        """Why a secure report is not accepted (None: it is): :meth:`reply_problem`, or a rank above the one sent."""
+        problem = self.reply_problem(update.client_id, node, raw, update.metrics, t)
+        if problem is None and update.rank is not None and not 1 <= update.rank <= self.sent[update.client_id]:
+            problem = f"reports rank {update.rank} after pruning, but was sent rank {self.sent[update.client_id]}"
+        return problem
 
     def metrics_problem(self, cid: str, metrics: dict[str, Any], reply_round: int, t: int) -> str | None:
         """A reply whose own account contradicts what the server sent it (never trusted for ranks or pruning)."""

@@ -71,7 +71,8 @@ def aggregate_round(method: AggregationMethod, updates: Sequence[ClientUpdate], 
     updates = [as_fp32(u) for u in updates]
     if ctx.norm_bound is not None and method.bounded:
         updates = method.bound(updates, ctx)
-    aggregated = {k: v.detach().to(torch.float32).contiguous() for k, v in method.aggregate(updates, ctx).items()}
+    aggregated = method.finish(method.aggregate(updates, ctx), ctx)
+    aggregated = {k: v.detach().to(torch.float32).contiguous() for k, v in aggregated.items()}
     return aggregated, method.base_update(updates, aggregated, ctx)
 
 

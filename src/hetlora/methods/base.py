@@ -76,6 +76,11 @@ class AggregationMethod:
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         raise NotImplementedError
 
+    def finish(self, aggregated: Adapter, ctx: AggregationContext) -> Adapter:
+        """What the method does to the aggregate itself, needing nothing of any client (hetlora-svd's
+        re-factoring): applied to the plain aggregate and to a secure sum alike (docs/algorithm.md §6.1)."""
+        return aggregated
+
     def bound(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> list[ClientUpdate]:
         """The norm-inflation bound (docs/algorithm.md §5) on LoRA factors: B, A and B·A per √rank.
 

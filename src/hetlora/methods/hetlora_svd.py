@@ -16,11 +16,9 @@ largest rank of a round for good. Two repairs, each exact on the global model:
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
-from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter, ClientUpdate, module_names
+from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter, module_names
 from ..core.rank_health import refactor_by_svd, revive
 from ..core.seeds import derive_seed
 from .base import AggregationContext
@@ -32,8 +30,9 @@ class HetLoRASVD(HetLoRA):
     svd = True
     revive = False
 
-    def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
-        out = dict(super().aggregate(updates, ctx))
+    def finish(self, aggregated: Adapter, ctx: AggregationContext) -> Adapter:
+        """The rank-health repair on HetLoRA's aggregate (it needs only the aggregate: a secure sum gets it too)."""
+        out = dict(aggregated)
         for module in module_names(out):
             b, a = out[module + B_SUFFIX], out[module + A_SUFFIX]
             if self.svd:
