@@ -8,14 +8,17 @@ the network is skipped): one plain, one ``--secure-aggregation``; both with ``--
 median bound needs individual norms). Per round it reports: the bytes every client's replies carry
 (serialised Flower messages, all protocol stages; the masked vector alone as well), the round's
 seconds, and how far the secure aggregate is from the plain one (relative Frobenius norm) and the
-eval loss (relative). Heterogeneous ranks' upload saving is given up: every client pads to r_max and
-sends 8-byte masked integers instead of its r_k-rank fp32 factors.
+eval loss (relative) and perplexity. Under SecAgg+ every client pads to the round's covered rank r_c
+(the m-th largest rank sent; components fewer than m clients hold are not sent, docs/algorithm.md
+§6.1) and sends 8-byte masked integers instead of its r_k-rank fp32 factors: the aggregate and
+perplexity differences are what the covered rank and the mandatory clip cost.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -96,6 +99,8 @@ def main() -> None:
             "aggregate_relative_error": (num / den) ** 0.5,
             "eval_loss_plain": p["eval_loss"], "eval_loss_secure": s["eval_loss"],
             "eval_loss_relative_error": abs(p["eval_loss"] - s["eval_loss"]) / p["eval_loss"],
+            "ppl_plain": math.exp(p["eval_loss"]), "ppl_secure": math.exp(s["eval_loss"]),
+            "secure_rank": s.get("secure_rank"), "secure_min_clients": s.get("secure_min_clients"), "secure_clip": s.get("secure_clip"),
         })
     report = {"provenance": provenance, "config": base, "per_round": per_round,
               "reply_bytes_all_stages": {k: v["reply_bytes_all"] for k, v in results.items()}}
@@ -103,7 +108,9 @@ def main() -> None:
         print(f"round {row['round']}: bytes up plain {row['bytes_up_plain']:,} vs secure {row['bytes_up_secure_masked_vectors']:,} "
               f"(x{row['bytes_up_secure_masked_vectors'] / row['bytes_up_plain']:.2f}); seconds {row['seconds_plain']:.1f} vs "
               f"{row['seconds_secure']:.1f} (protocol {row['secagg_protocol_seconds']:.1f}); aggregate rel. error "
-              f"{row['aggregate_relative_error']:.2e}, eval loss rel. error {row['eval_loss_relative_error']:.2e}")
+              f"{row['aggregate_relative_error']:.2e}, eval loss rel. error {row['eval_loss_relative_error']:.2e}; "
+              f"ppl {row['ppl_plain']:.3f} vs {row['ppl_secure']:.3f}; covered rank {row['secure_rank']} of ranks "
+              f"{row['ranks_sent']} (m = {row['secure_min_clients']}, clip {row['secure_clip']:.3g})")
     print("all replies, all stages (serialised):", report["reply_bytes_all_stages"])
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")

@@ -154,8 +154,19 @@ class Federation:
             else:
                 self._apply(round_index, new, base_update, kept)
         self.round = round_index + 1
-        row = round_report.round_row(self, round_index, new is not None and not rejected, rejected, kept, updates, dropped, sent, bytes_up)
-        return self.privacy.released(row) if self.privacy else row
+        return round_report.round_row(self, round_index, new is not None and not rejected, rejected, kept, updates, dropped, sent, bytes_up)
+
+    def released(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The round's row as it is published: under DP nothing per client and nothing that depends on the
+        secret sample (hetlora.privacy); otherwise the row itself."""
+        return self.privacy.released(row, self.expected_bytes()) if self.privacy else row
+
+    def expected_bytes(self) -> tuple[float, float]:
+        """(up, down) bytes of a round averaged over every sample of K clients: K/N · Σ_i bytes(rank_i), a
+        function of the public ranks only (DP: no pruning, so a client uploads its sent rank)."""
+        per_client = [self.kind.download_bytes(self.job(c, self.round)) for c in self.client_ids]
+        mean = self.cfg.clients_per_round * sum(per_client) / len(per_client)
+        return mean, mean
 
     def _apply(self, round_index: int, new, base_update, kept: Sequence[ClientUpdate]) -> None:
         """Make the aggregate the global state; the state before it is kept until :meth:`roll_back` or the next round."""

@@ -28,6 +28,11 @@ from .core.seeds import derive_seed
 # Per-client values a round row may not release under DP: each depends on who was sampled or on
 # one client's data (its loss, its time, its memory, its rank, why it was dropped).
 PER_CLIENT_KEYS = ("clients", "dropped", "ranks", "client_ranks_in", "train_loss", "client_seconds", "peak_rss_mb")
+# Values that depend on *which* clients were sampled even without naming one: ranks are public, so a round's
+# bytes are Σ of the sampled ranks' bytes and identify the sample; its time and memory follow the sampled
+# clients' data and ranks. Under DP they are withheld (time, memory) or released as their expectation over
+# the secret sample, the same every round (bytes).
+SAMPLE_DEPENDENT_KEYS = ("seconds", "server_rss_mb", "secure_seconds")
 
 
 @dataclass(frozen=True)
@@ -54,11 +59,15 @@ class ServerPrivacy:
     def sampling_seed(self) -> int:
         return derive_seed("dp-sample", self.secret)
 
-    def released(self, row: Mapping[str, Any]) -> dict[str, Any]:
-        """A round's row as it may be published: counts instead of the per-client values."""
-        out = {k: v for k, v in row.items() if k not in PER_CLIENT_KEYS}
+    def released(self, row: Mapping[str, Any], expected_bytes: tuple[float, float]) -> dict[str, Any]:
+        """A round's row as it may be published: counts instead of the per-client values, nothing that
+        depends on which clients were sampled (docs/algorithm.md §6). ``expected_bytes``: (up, down) per
+        round averaged over every possible sample, which replace the round's own byte counts."""
+        out = {k: v for k, v in row.items() if k not in PER_CLIENT_KEYS + SAMPLE_DEPENDENT_KEYS}
         return out | {"clients": [], "dropped": [], "ranks": {}, "clients_count": len(row.get("clients", [])),
-                      "dropped_count": len(row.get("dropped", [])), "train_loss": None}
+                      "dropped_count": len(row.get("dropped", [])), "train_loss": None,
+                      "bytes_up": expected_bytes[0], "bytes_down": expected_bytes[1], "bytes_are": "expected over the secret sample",
+                      **{k: None for k in SAMPLE_DEPENDENT_KEYS if k in row}}
 
     def state(self) -> dict[str, str]:
         return {"dp_secret": str(self.secret)}

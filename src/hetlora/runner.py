@@ -384,6 +384,7 @@ def run_rounds(fed: Federation, out: Path, run_id: str | None, bar: "Progress", 
             row["seconds"] = time.perf_counter() - started
             row["server_rss_mb"] = rss_mb()
             row["precision"] = fed.host.precision
+            row = fed.released(row)
             append_metrics(out, row)
             save_checkpoint(out / "checkpoint", fed.round, fed.state_tensors(), fed.state_json() | {"config": cfg.settings()},
                             run_id=run_id)
@@ -425,7 +426,7 @@ def finish(fed: Federation, out: Path, summary: dict[str, Any]) -> dict[str, Any
             "bytes_up_total": sum(r["bytes_up"] for r in rows),
             "bytes_down_total": sum(r["bytes_down"] for r in rows),
             "trainable_params": fed.trainable_params(),
-            "seconds_total": sum(r["seconds"] for r in rows),
+            "seconds_total": None if fed.privacy else sum(r["seconds"] for r in rows),  # DP: the time follows the sample
             "final_ranks": dict(sorted(fed.ranks.items())) if len(fed.ranks) <= 2000 else None,
             "dropped_total": sum(len(r["dropped"]) for r in rows),
             "precision": fed.host.precision,
