@@ -105,3 +105,20 @@ def test_a_checkpoint_of_another_run_is_skipped_and_never_pruned(tmp_path, caplo
     save_checkpoint(tmp_path, 3, tensors(3), {"round": 3}, run_id="mine", keep=2)
     assert sorted(p.name for p in tmp_path.glob("round-*")) == ["round-00002", "round-00003", "round-00009"]
     assert load_latest(tmp_path, run_id="mine")[0] == 3
+
+
+def test_a_foreign_directory_named_like_a_future_round_is_moved_aside_never_deleted(tmp_path):
+    """Issue 40: a planted or foreign ``round-00003`` was deleted when the run wrote its round 3. Now it is moved
+    aside (``round-00003.foreign-1``) with its files intact; this run's own rewrite of a round still replaces it."""
+    root = tmp_path / "checkpoint"
+    planted = root / "round-00003"
+    planted.mkdir(parents=True)
+    (planted / "notes.txt").write_text("not the run's")
+    tensors = {"global": {"w": torch.ones(2)}}
+    save_checkpoint(root, 3, tensors, {"round": 3}, run_id="mine")
+    assert (root / "round-00003.foreign-1" / "notes.txt").read_text() == "not the run's"
+    verify(root / "round-00003")  # the run's own, whole
+    save_checkpoint(root, 3, {"global": {"w": torch.zeros(2)}}, {"round": 3}, run_id="mine")  # the run's own: replaced
+    assert not (root / "round-00003.foreign-2").exists()
+    round_index, loaded, state = load_latest(root)
+    assert round_index == 3 and torch.equal(loaded["global"]["w"], torch.zeros(2))

@@ -41,6 +41,9 @@ def test_bad_values_are_refused(changes, message):
         ('target_modules = "q_proj"', r"target_modules = 'q_proj' must be a list of str"),
         ("max_clients = 2.0", r"max_clients = 2.0 must be int or off"),
         ("nonsense = 1", "unknown config key 'nonsense'"),
+        ("rounds = 99999999999999999999", "rounds = 99999999999999999999 is beyond a 64-bit integer"),
+        ("seed = -9223372036854775809", "seed = -9223372036854775809 is beyond a 64-bit integer"),
+        ("r-min = 2\nr_min = 3", "'r-min' and 'r_min' both set r_min: give it once"),
     ],
 )
 def test_toml_types_are_checked_when_read(tmp_path, toml, message):
@@ -95,3 +98,9 @@ def test_cuda_on_a_machine_without_it_is_one_line(monkeypatch):
     with pytest.raises(ValueError, match="no CUDA device") as err:
         RunConfig(device="cuda").validate()
     assert "\n" not in str(err.value)
+
+
+def test_ordered_dropout_is_refused_for_a_method_without_rank_components(tmp_path):
+    with pytest.raises(ValueError, match="ordered_dropout trains a prefix of LoRA rank components; fft's clients train none"):
+        RunConfig(method="fft", ordered_dropout=True, out=str(tmp_path)).validate()
+    RunConfig(method="hetlora", ordered_dropout=True, out=str(tmp_path)).validate()

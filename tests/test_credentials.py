@@ -43,4 +43,47 @@ def test_credentials_are_never_overwritten_without_force(tmp_path):
     result = CliRunner().invoke(app, ["credentials", str(tmp_path), "--nodes", "1"])
     assert result.exit_code == 2 and "not empty" in result.output and (tmp_path / "ca.crt").read_text() == "mine"
     bad = CliRunner().invoke(app, ["credentials", str(tmp_path / "x"), "--nodes", "1", "--host", "a b"])
-    assert bad.exit_code == 2 and "is not a host name" in bad.output and not (tmp_path / "x").exists()
+    assert bad.exit_code == 2 and "is not a DNS name" in bad.output and not (tmp_path / "x").exists()
+
+
+def test_force_leaves_no_loose_key_no_stale_key_and_never_follows_a_link(tmp_path):
+    """The attacks of issue 40: an existing ca.key / node-K with mode 0644 stayed 0644 under --force; a link at
+    ca.key wrote the CA key outside DIR; an older, larger set's node-3 stayed beside a new set of 2."""
+    from hetlora.credentials import write_credentials
+
+    out = tmp_path / "creds"
+    write_credentials(out, nodes=3)
+    for name in ("ca.key", "node-1"):
+        (out / name).chmod(0o644)
+    write_credentials(out, nodes=2, force=True)
+    for name in ("ca.key", "server.key", "node-1", "node-2"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o600, name
+    assert not (out / "node-3").exists() and not (out / "node-3.pub").exists()
+    outside = tmp_path / "outside.key"
+    (out / "ca.key").unlink()
+    (out / "ca.key").symlink_to(outside)
+    with pytest.raises(ValueError, match="is a link or not a file"):
+        write_credentials(out, nodes=2, force=True)
+    assert not outside.exists()
+
+
+@pytest.mark.parametrize("host", ["localhost:8000", "http://x", "*", "a..b", "-a.b", "x" * 64 + ".org", ""])
+def test_a_host_that_is_not_a_dns_name_or_an_address_is_refused(tmp_path, host):
+    from hetlora.credentials import write_credentials
+
+    with pytest.raises(ValueError, match="is not a DNS name or an IP address"):
+        write_credentials(tmp_path / "c", nodes=1, hosts=[host])
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_long_valid_name_keeps_its_san_and_the_node_count_is_capped(tmp_path):
+    from hetlora.credentials import MAX_NODES, write_credentials
+
+    fqdn = ".".join(["superlink-node-of-the-federation", "eu-west-rack-17-zone-b", "example-org", "com"])  # 71 characters
+    assert len(fqdn) > 64
+    write_credentials(tmp_path / "c", nodes=0, hosts=[fqdn])
+    server = x509.load_pem_x509_certificate((tmp_path / "c" / "server.pem").read_bytes())
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert fqdn in sans.get_values_for_type(x509.DNSName)
+    with pytest.raises(ValueError, match=f"between 0 and {MAX_NODES}"):
+        write_credentials(tmp_path / "d", nodes=MAX_NODES + 1)

@@ -32,7 +32,7 @@ def test_the_fit_recovers_a_line_and_the_calibration_groups_settings():
 def test_budgets_give_ranks_and_leave_out_who_fits_none():
     m = FootprintModel(100.0, 1.0)
     ranks, left = ranks_from_budgets({"a": 1000.0, "b": 103.5, "c": 101.0}, m.largest_rank, 2, 6)
-    assert ranks == {"a": 6, "b": 3} and list(left) == ["c"] and "fits no rank ≥ r_min = 2" in left["c"]
+    assert ranks == {"a": 6, "b": 3} and list(left) == ["c"] and "fits no rank ≥ 2, the smallest this method gives" in left["c"]
 
 
 def test_an_uncalibrated_setting_is_refused_naming_the_benchmark(tmp_path):
@@ -64,3 +64,51 @@ def test_a_tiny_run_assigns_ranks_from_memory_and_leaves_a_poor_client_out(tmp_p
     # one budget for everyone that fits no rank: refused with the reason, before any round
     with pytest.raises(ValueError, match="no client's memory budget fits a rank ≥ 2"):
         Federation(RunConfig(**base, memory_budget_mb=50.0, out=str(tmp_path / "none")))
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"a": Infinity}', "a: inf MB is not a positive finite budget"),
+    ('{"a": 1e400}', "a: inf MB is not a positive finite budget"),
+    ('{"a": NaN}', "a: nan MB is not a positive finite budget"),
+    ('{"a": true}', "a: True is not a number of MB"),
+    ('{"a": "512"}', "a: '512' is not a number of MB"),
+    ('{"a": -3}', "a: -3 MB is not a positive finite budget"),
+    ('[1, 2]', "expected a JSON object"),
+    ('{"a": ', "memory budgets"),
+])
+def test_a_bad_budgets_file_is_refused_by_the_config_before_any_model_loads(tmp_path, text, problem):
+    from hetlora.config import RunConfig
+
+    budgets = tmp_path / "budgets.json"
+    budgets.write_text(text)
+    with pytest.raises(ValueError, match="invalid configuration: memory budgets") as err:
+        RunConfig(model="tiny", memory_budgets=str(budgets), out=str(tmp_path / "run")).validate()
+    assert problem in str(err.value)
+    for bad in (float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="memory_budget_mb"):
+            RunConfig(model="tiny", memory_budget_mb=bad, out=str(tmp_path / "run")).validate()
+
+
+def test_budgets_for_unknown_clients_are_refused_and_an_edited_file_is_refused_on_resume(tmp_path, monkeypatch):
+    from hetlora.config import RunConfig
+    from hetlora.federation import Federation
+    from hetlora.runner import run
+
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps({"fits": {setting_key("tiny", "fp32", False, 2, 32): {"fixed_mb": 100.0, "per_rank_mb": 1.0}}}))
+    monkeypatch.setattr(footprint, "CALIBRATION", calibration)
+    base = dict(model="tiny", data="chitchat", client_pool=3, clients_per_round=2, rounds=1, local_steps=1, batch_size=2,
+                max_length=32, eval_size=4, r_min=2, r_max=6, min_examples=200, precision="fp32", seed=0, tier_eval="off")
+    ids = Federation(RunConfig(**base, out=str(tmp_path / "probe"))).client_ids
+    budgets = tmp_path / "budgets.json"
+    budgets.write_text(json.dumps({ids[0]: 1000.0, ids[1]: 104.0, ids[2]: 103.0, "no-such-client": 500.0}))
+    with pytest.raises(ValueError, match="name 1 client.s. this federation does not have .e.g. no-such-client."):
+        Federation(RunConfig(**base, memory_budgets=str(budgets), out=str(tmp_path / "unknown")))
+    budgets.write_text(json.dumps({ids[0]: 1000.0, ids[1]: 104.0, ids[2]: 103.0}))
+    cfg = RunConfig(**base, memory_budgets=str(budgets), out=str(tmp_path / "run"))
+    run(cfg, progress=False)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert len(saved["_run"]["memory_budgets_sha256"]) == 64
+    budgets.write_text(json.dumps({ids[0]: 104.0, ids[1]: 1000.0, ids[2]: 103.0}))  # edited between the run and its resume
+    with pytest.raises(ValueError, match="the memory budgets file .* is not the one this run started with"):
+        run(RunConfig(**(base | {"rounds": 2}), memory_budgets=str(budgets), out=str(tmp_path / "run")), resume=True, progress=False)

@@ -272,3 +272,38 @@ def test_compute_per_block_adds_each_blocks_seeds_runs_and_seconds():
     rows = {r["device"]: r for r in compute_per_block(report)}
     assert rows["cpu: A"] == {"device": "cpu: A", "block": "cpu AVX2, 2 threads / fp32 / aaaa", "seeds": "0", "runs": 2, "seconds": 180.0}
     assert rows["cpu: B"]["seeds"] == "1, 0 (long)" and rows["cpu: B"]["runs"] == 2 and rows["cpu: B"]["seconds"] == 120.0
+
+
+def _finished_run(directory, seed, ppl, label_method="hetlora"):
+    directory.mkdir(parents=True)
+    summary = {"method": label_method, "full_eval_ppl": ppl, "full_eval_size": 10, "final_eval_ppl": ppl, "initial_eval_ppl": 99.0,
+               "final_tier_eval_ppl": {}, "bytes_up_total": 1, "bytes_down_total": 1, "trainable_params": 1, "seconds_total": 1.0,
+               "final_ranks": {"a": 2}, "config": {"lr": 0.01, "seed": seed}}
+    (directory / "summary.json").write_text(json.dumps(summary))
+    (directory / "metrics.jsonl").write_text(json.dumps({"round": 1, "eval_ppl": ppl, "train_loss": 1.0}) + "\n")
+
+
+def test_the_report_counts_only_the_registered_runs_whose_own_config_matches_their_directory(tmp_path):
+    """The attacks of issue 40: a planted runs/hetlora-s20 made n = 21 without a word, and runs/hetlora-s1_9 was read
+    as seed 19 (int('1_9') == 19), silently replacing that seed's run. Now each is left out and named."""
+    from hetlora.study_claims import load_runs
+
+    runs = tmp_path / "runs"
+    for seed in range(3):
+        _finished_run(runs / f"hetlora-s{seed}", seed, 10.0 + seed)
+    _finished_run(runs / "hetlora-s20", 20, 1.0)  # a seed the plan does not register
+    _finished_run(runs / "hetlora-s1_9", 19, 1.0)  # not a seed number
+    _finished_run(runs / "hetlora-s01", 1, 1.0)  # not the canonical name of seed 1
+    _finished_run(runs / "fft-s2", 0, 1.0)  # seed 0's run copied under seed 2's name
+    _finished_run(runs / "mystery-s1", 1, 1.0)  # a label the plan does not have
+    ignored = []
+    kept = load_runs(tmp_path, seeds={0, 1, 2}, labels={"hetlora", "fft"}, ignored=ignored)
+    assert sorted((r["label"], r["seed"], r["final_eval_ppl"]) for r in kept) == [("hetlora", 0, 10.0), ("hetlora", 1, 11.0), ("hetlora", 2, 12.0)]
+    reasons = {i["run"]: i["reason"] for i in ignored}
+    assert reasons == {
+        "hetlora-s20": "seed 20 is not a registered seed of the plan",
+        "hetlora-s1_9": "its directory name is not <label>-s<seed>",
+        "hetlora-s01": "its directory name is not <label>-s<seed>",
+        "fft-s2": "its own config records seed 0, not the directory's 2",
+        "mystery-s1": "label mystery is not a registered label of the plan",
+    }

@@ -103,6 +103,21 @@ def manifest_run_id(path: Path) -> str | None:
     return value.get("run_id") if isinstance(value, dict) else None
 
 
+def set_aside_foreign(path: Path, run_id: str | None) -> None:
+    """Clear ``path`` for this run's checkpoint of that round: this run's own (a resumed round written again)
+    is replaced; anything else — a planted or foreign directory named like it — is moved aside to
+    ``<name>.foreign-N``, never deleted (it is not the run's to delete)."""
+    if run_id is not None and path.is_dir() and manifest_run_id(path) == run_id:
+        shutil.rmtree(path)
+        return
+    n = 1
+    while path.with_name(f"{path.name}.foreign-{n}").exists():
+        n += 1
+    aside = path.with_name(f"{path.name}.foreign-{n}")
+    os.rename(path, aside)
+    log.warning("%s was not this run's checkpoint; moved aside to %s", path, aside.name)
+
+
 def save_checkpoint(
     root: Path, round_index: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any], keep: int = 2,
     run_id: str | None = None,
@@ -128,7 +143,7 @@ def save_checkpoint(
     _fsync_file(manifest)
     _fsync_dir(tmp)
     if final.exists():
-        shutil.rmtree(final)
+        set_aside_foreign(final, run_id)
     os.rename(tmp, final)
     _fsync_dir(root)
     own = [path for _, path in round_dirs(root) if run_id is None or manifest_run_id(path) == run_id]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .footprint import budget_problem, read_budgets
 from .methods import METHODS
 
 # LoRA defaults (docs/algorithm.md, "Scaling"): lora_alpha = DEFAULT_SCALE · r, on all 7 linear layers
@@ -166,10 +167,17 @@ class RunConfig:
                 node_partitions(self.node_clients)
             except ValueError as e:
                 problems.append(str(e))
-        if self.memory_budget_mb is not None and self.memory_budget_mb <= 0:
-            problems.append(f"memory_budget_mb must be positive, got {self.memory_budget_mb}")
+        if self.memory_budget_mb is not None and (p := budget_problem(self.memory_budget_mb)):
+            problems.append(f"memory_budget_mb: {p}")
+        if self.memory_budgets:
+            try:  # the file's own problems before any model or data loads
+                read_budgets(Path(self.memory_budgets))
+            except ValueError as e:
+                problems.append(str(e))
         if (self.memory_budget_mb is not None or self.memory_budgets) and self.dp_clip is not None:
             problems.append("memory budgets and DP together are not supported (under DP the sampled ranks are seed-assigned)")
+        if self.ordered_dropout and self.method in METHODS and not METHODS[self.method].trains_rank_components:
+            problems.append(f"ordered_dropout trains a prefix of LoRA rank components; {self.method}'s clients train none")
         if self.rank_dist not in ("uniform", "tiers", "list", "fixed"):
             problems.append(f"rank_dist must be uniform, tiers, list or fixed, got {self.rank_dist!r}")
         if self.rank_dist == "list" and not self.ranks:
@@ -344,8 +352,8 @@ def _is_instance(value: Any, hint: Any) -> bool:
         return any(_is_instance(value, a) for a in typing.get_args(hint) if a is not type(None))
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is int:  # a 64-bit integer (what torch, numpy and JSON readers elsewhere can hold)
+        return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
     return isinstance(value, hint)
 
 
@@ -353,6 +361,8 @@ def _type_problem(name: str, value: Any) -> str | None:
     hint = _HINTS[name]
     if _is_instance(value, hint):
         return None
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        return f"{name} = {value} is beyond a 64-bit integer"
     return f"{name} = {value!r} must be {_type_name(hint)} (got {type(value).__name__})"
 
 
@@ -376,11 +386,16 @@ def from_mapping(values: Mapping[str, Any], base: RunConfig | None = None, *, no
     """
     cfg = dataclasses.replace(base) if base is not None else RunConfig()
     problems = []
+    seen: dict[str, str] = {}
     for key, value in values.items():
         name = ALIASES.get(key, key.replace("-", "_"))
         if name not in FIELDS:
             problems.append(f"unknown config key {key!r}")
             continue
+        if name in seen:
+            problems.append(f"{seen[name]!r} and {key!r} both set {name}: give it once")
+            continue
+        seen[name] = key
         if value is None and not none_is_value:
             continue
         value = _coerce(name, value)
@@ -414,6 +429,8 @@ def build_config(config: str | Path | None, flags: Mapping[str, Any]) -> RunConf
         given["target_modules"] = [m.strip() for m in str(given["target_modules"]).split(",") if m.strip()]
     if given.get("data") not in (None, "chitchat") and Path(str(given["data"])).is_file():
         given["data"] = str(Path(str(given["data"])).resolve())  # a run finds its data from any directory
+    if given.get("memory_budgets") and Path(str(given["memory_budgets"])).is_file():
+        given["memory_budgets"] = str(Path(str(given["memory_budgets"])).resolve())  # and its budgets
     if "norm_bound" in given and str(given["norm_bound"]).lower() != "off":
         try:
             given["norm_bound"] = float(given["norm_bound"])

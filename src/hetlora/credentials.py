@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -29,9 +30,28 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 ALWAYS_NAMES = ("localhost", "127.0.0.1", "::1")
 VALID_DAYS = 365
+MAX_NODES = 10_000  # one key pair per SuperNode; beyond this a typo, not a federation
+CN_LIMIT = 64  # X.509's ub-common-name: a longer host stays in the SAN, the CN is shortened
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` cannot be a name in the SuperLink's certificate (None: it can): an IP address, or a DNS
+    name of dot-separated labels (letters, digits, inner hyphens; ≤ 63 each, ≤ 253 in all). No ports,
+    schemes, wildcards or empty labels."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if not name or len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
+        return f"--host {host!r} is not a DNS name or an IP address (no port, scheme, wildcard or empty label)"
+    return None
 
 
 def _name(common: str) -> x509.Name:
+    common = common[:CN_LIMIT]  # the SAN keeps the whole name
     return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "hetlora"), x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
 
@@ -43,7 +63,14 @@ def _alt_name(host: str) -> x509.GeneralName:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    """Write ``path`` anew, never through a link (O_NOFOLLOW on a fresh file), with mode 0600 for a private key
+    whatever the file had before."""
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise ValueError(f"{path} is a link or not a file: credentials are never written through it")
+    path.unlink(missing_ok=True)
+    mode = 0o600 if private else 0o644
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    os.fchmod(fd, mode)  # the umask cannot loosen it
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 
@@ -91,17 +118,31 @@ def node_key_pair() -> tuple[bytes, bytes]:
     return private, public + b"\n"
 
 
+def stale_node_keys(directory: Path, nodes: int) -> list[Path]:
+    """``node-K`` / ``node-K.pub`` files in ``directory`` with K > ``nodes`` (left by an earlier, larger set)."""
+    out = []
+    for path in directory.iterdir():
+        match = re.fullmatch(r"node-(\d+)(\.pub)?", path.name)
+        if match and int(match.group(1)) > nodes:
+            out.append(path)
+    return sorted(out)
+
+
 def write_credentials(directory: Path, nodes: int, hosts: Sequence[str] = (), force: bool = False) -> list[Path]:
     """Write the CA, the server certificate and ``nodes`` node key pairs into ``directory``; returns the files."""
-    if nodes < 0:
-        raise ValueError(f"--nodes must be ≥ 0, got {nodes}")
-    for h in hosts:
-        if not h or any(c.isspace() for c in h):
-            raise ValueError(f"--host {h!r} is not a host name or address")
+    if not 0 <= nodes <= MAX_NODES:
+        raise ValueError(f"--nodes must be between 0 and {MAX_NODES}, got {nodes}")
+    problems = [p for h in hosts if (p := host_problem(h))]
+    if problems:
+        raise ValueError("; ".join(problems))
     directory = Path(directory)
+    if directory.is_symlink():
+        raise ValueError(f"{directory} is a link: credentials are written only into a real directory")
     if directory.exists() and any(directory.iterdir()) and not force:
         raise ValueError(f"{directory} is not empty: credentials are never overwritten without --force")
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in stale_node_keys(directory, nodes):  # an older, larger set: its keys would still be accepted
+        stale.unlink()
     ca_key, ca_cert = certificate_authority()
     server_key, server_cert = server_certificate(ca_key, ca_cert, hosts)
     files = {"ca.crt": (ca_cert.public_bytes(serialization.Encoding.PEM), False), "ca.key": (_pem_key(ca_key), True),

@@ -12,6 +12,7 @@ never guessed.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,14 +74,31 @@ def footprint_model(key: str, calibration: Path | None = None) -> FootprintModel
     return FootprintModel(fits[key]["fixed_mb"], fits[key]["per_rank_mb"])
 
 
+#: the largest budget anyone can mean (1 PB in MB): beyond it a number is a typo or an attack, not a device.
+MAX_BUDGET_MB = 1e9
+
+
+def budget_problem(value: object) -> str | None:
+    """Why ``value`` is not a memory budget in MB (None: it is): a positive finite number of at most
+    :data:`MAX_BUDGET_MB`, never a boolean (JSON ``true`` is not 1 MB) nor NaN/Infinity."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{value!r} is not a number of MB"
+    if not (math.isfinite(value) and 0 < value <= MAX_BUDGET_MB):
+        return f"{value!r} MB is not a positive finite budget of at most {MAX_BUDGET_MB:g} MB"
+    return None
+
+
 def read_budgets(path: Path) -> dict[str, float]:
-    """Per-client memory budgets (MB) from a JSON object ``{client id: MB}``."""
+    """Per-client memory budgets (MB) from a JSON object ``{client id: MB}``, every value checked."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"memory budgets {path}: {e}") from None
-    if not isinstance(data, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in data.values()):
+    if not isinstance(data, dict):
         raise ValueError(f"memory budgets {path}: expected a JSON object of client id → positive MB")
+    problems = [f"{k}: {p}" for k, v in data.items() if (p := budget_problem(v))]
+    if problems:
+        raise ValueError(f"memory budgets {path}: " + "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
     return {str(k): float(v) for k, v in data.items()}
 
 
@@ -91,6 +109,10 @@ def fit_ranks(cfg, ranks: Mapping[str, int], precision: str, device_clients: boo
     (``memory_budgets`` file, else ``memory_budget_mb`` for all). Clients without a budget keep their rank."""
     if budgets is None:
         given = read_budgets(cfg.memory_budgets) if cfg.memory_budgets else {}
+        unknown = sorted(set(given) - set(ranks))
+        if unknown:
+            raise ValueError(f"memory budgets {cfg.memory_budgets} name {len(unknown)} client(s) this federation does not have "
+                             f"(e.g. {unknown[0]}): a typo would leave a device on the default budget")
         budgets = {c: given.get(c, cfg.memory_budget_mb) for c in ranks}
         missing = [c for c, b in budgets.items() if b is None]
         if missing:

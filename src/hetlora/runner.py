@@ -111,6 +111,16 @@ def data_sha256(cfg: RunConfig) -> str | None:
     return sha256(Path(cfg.data)) if cfg.data != "chitchat" and Path(cfg.data).is_file() else None
 
 
+def budgets_sha256(cfg: RunConfig) -> str | None:
+    """The SHA-256 of the memory budgets file (None without one): a resumed run must fit the same ranks."""
+    return sha256(Path(cfg.memory_budgets)) if cfg.memory_budgets and Path(cfg.memory_budgets).is_file() else None
+
+
+def input_files(cfg: RunConfig) -> dict[str, str | None]:
+    """The run record's hashes of the files a run reads besides its settings (data, memory budgets)."""
+    return {"data_sha256": data_sha256(cfg), "memory_budgets_sha256": budgets_sha256(cfg)}
+
+
 def write_config(out: Path, cfg: RunConfig, record: Mapping[str, Any]) -> None:
     write_json_atomic(out / "config.json", cfg.settings() | {RECORD: dict(record)})
 
@@ -148,10 +158,13 @@ def resume_config(out: Path, given: Mapping[str, Any] | None = None) -> RunConfi
             raise ValueError(f"--resume: --rounds {rounds} is below the {max(done, saved.rounds)} round(s) of the saved run "
                              f"({done} finished); rounds can only be raised")
         saved.rounds = rounds
-    recorded, current = run_record(out).get("data_sha256"), data_sha256(saved)
-    if recorded and current != recorded:
-        raise ValueError(f"--resume: the data file {saved.data} is not the one this run started with "
-                         f"(SHA-256 {current or 'missing'}, recorded {recorded})")
+    record = run_record(out)
+    for key, current in input_files(saved).items():
+        recorded = record.get(key)
+        if recorded and current != recorded:
+            name = {"data_sha256": f"data file {saved.data}", "memory_budgets_sha256": f"memory budgets file {saved.memory_budgets}"}[key]
+            raise ValueError(f"--resume: the {name} is not the one this run started with "
+                             f"(SHA-256 {current or 'missing'}, recorded {recorded})")
     return saved
 
 
@@ -211,7 +224,7 @@ def prepare_out(cfg: RunConfig, resume: bool) -> Path:
         for name in ("config.json", "summary.json", "metrics.jsonl"):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    write_config(out, cfg, {"id": uuid.uuid4().hex, "data_sha256": data_sha256(cfg), "rounds_history": [cfg.rounds]})
+    write_config(out, cfg, {"id": uuid.uuid4().hex, **input_files(cfg), "rounds_history": [cfg.rounds]})
     return out
 
 

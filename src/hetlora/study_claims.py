@@ -8,12 +8,16 @@ final and r_min-tier perplexity, and the long regime's curves. Pairs never cross
 from __future__ import annotations
 
 import json
+import logging
+import re
 import statistics
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from .outputs import read_metrics
 from .stats import ALPHA, holm, t_interval, t_test, verdict
+
+log = logging.getLogger(__name__)
 
 # Pre-registered before the v3 runs: a "no worse" claim holds when the one-sided non-inferiority test
 # rejects "worse by at least this much" (per-seed relative perplexity difference, in %).
@@ -24,14 +28,43 @@ def block_key(block: dict[str, Any] | None) -> tuple | None:
     return None if block is None else (block.get("device_class"), block.get("precision"), block.get("behaviour"))
 
 
-def load_runs(results: Path, where: str = "runs") -> list[dict[str, Any]]:
-    """Every finished run under ``results/where``; a seed whose runs come from two seed blocks is refused."""
+RUN_DIR = re.compile(r"(?P<label>[a-z0-9][a-z0-9-]*)-s(?P<seed>0|[1-9][0-9]*)")
+
+
+def run_problem(path: Path, summary: dict[str, Any], seeds: Collection[int] | None, labels: Collection[str] | None) -> str | None:
+    """Why the finished run in ``path`` is not one of the study's (None: it is): a directory name that is not
+    ``<label>-s<seed>`` exactly (``hetlora-s1_9`` is not seed 19), a seed or label the plan does not register,
+    or a recorded config whose seed is not the directory's (a run copied or planted under another name)."""
+    match = RUN_DIR.fullmatch(path.name)
+    if match is None:
+        return "its directory name is not <label>-s<seed>"
+    label, seed = match["label"], int(match["seed"])
+    if seeds is not None and seed not in seeds:
+        return f"seed {seed} is not a registered seed of the plan"
+    if labels is not None and label not in labels:
+        return f"label {label} is not a registered label of the plan"
+    recorded = (summary.get("config") or {}).get("seed")
+    if recorded != seed:
+        return f"its own config records seed {recorded!r}, not the directory's {seed}"
+    return None
+
+
+def load_runs(results: Path, where: str = "runs", *, seeds: Collection[int] | None = None, labels: Collection[str] | None = None,
+              ignored: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
+    """Every finished run under ``results/where`` that is one of the study's (:func:`run_problem`; any other is
+    left out with a warning and listed in ``ignored``); a seed whose runs come from two seed blocks is refused."""
     runs = []
     for path in sorted((results / where).glob("*-s*")):
         if not (path / "summary.json").is_file():
             continue
-        label, _, seed = path.name.rpartition("-s")
         summary = json.loads((path / "summary.json").read_text())
+        problem = run_problem(path, summary, seeds, labels)
+        if problem:
+            log.warning("study: %s left out: %s", path, problem)
+            if ignored is not None:
+                ignored.append({"run": path.name, "reason": problem})
+            continue
+        label, _, seed = path.name.rpartition("-s")
         rows = read_metrics(path)
         block = json.loads((path / "block.json").read_text()) if (path / "block.json").is_file() else None
         runs.append({

@@ -52,10 +52,13 @@ def write_report(study, wall_seconds: float | None = None) -> Path:
     from .plots import plot_study
 
     results, preset = study.results, study.preset
-    runs = load_runs(results) if (results / "runs").is_dir() else []
+    ignored: list[dict[str, str]] = []
+    registered = dict(seeds=set(preset.seeds) | set(preset.reference_seeds), labels=set(preset.labels) | set(preset.reference_labels))
+    runs = load_runs(results, ignored=ignored, **registered) if (results / "runs").is_dir() else []
     if not runs:
         raise ValueError(f"nothing to report: no finished runs under {results / 'runs'} (run the study first)")
-    long_runs = load_runs(results, "long/runs") if (results / "long" / "runs").is_dir() else []
+    long_runs = (load_runs(results, "long/runs", seeds=set(preset.long_seeds), labels=set(preset.long_labels), ignored=ignored)
+                 if (results / "long" / "runs").is_dir() else [])
     grouped = by_label(runs)
     order = list(preset.labels) + list(preset.reference_labels)
     set_aside = set_aside_groups(results)
@@ -72,6 +75,7 @@ def write_report(study, wall_seconds: float | None = None) -> Path:
         "long": long_regime(long_runs),
         "seed_blocks": {"runs": seed_blocks(runs), "long": seed_blocks(long_runs)},
         "set_aside": set_aside,
+        "ignored_runs": ignored,  # directories under runs/ that are not the plan's runs (left out, with the reason)
         "table": summarise(grouped, order),
         "runs": runs,
         "long_runs": long_runs,

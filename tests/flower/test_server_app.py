@@ -152,3 +152,17 @@ def test_ray_processes_left_by_a_killed_run_are_ended_when_it_starts_again(tmp_p
         for p in (named, holding, bystander):
             p.kill()
             p.wait()
+
+
+@pytest.mark.parametrize("budget", [float("nan"), float("inf"), 1e400, True, "lots"])
+def test_a_node_with_a_nonsense_memory_budget_is_left_out_and_named_not_fatal(tmp_path, budget):
+    """One SuperNode with ``memory-budget-mb=nan`` used to stop the ServerApp before round 1 (int(nan) while
+    fitting ranks): now that node is left out, named, and the federation runs with the others."""
+    grid = LoopbackGrid(partitions=3, fresh_process=False)
+    grid.contexts[101].node_config["memory-budget-mb"] = budget
+    strategy = HetLoRAStrategy(Federation(tiny(tmp_path / "run")))
+    strategy.discover(grid)
+    ids = strategy.fed.client_ids
+    assert strategy.node_of == {ids[0]: 100, ids[2]: 102}
+    (refused,) = strategy.refused
+    assert refused["node"] == 101 and "states memory-budget-mb" in refused["reason"] and "left out" in refused["reason"]

@@ -37,7 +37,7 @@ def test_flower_simulation_matches_in_process(tmp_path):
     assert (flower / "checkpoint").is_dir() and summary["rounds"] == 2
 
 
-def test_secure_aggregation_on_the_simulation_engine_gives_the_plain_numbers(tmp_path):
+def test_secure_aggregation_on_the_simulation_engine_gives_the_plain_numbers(tmp_path, capfd):
     """`hetlora run --engine flower --secure-aggregation`: SecAgg+ over Ray's transport, the plain run's loss."""
     from typer.testing import CliRunner
 
@@ -55,3 +55,5 @@ def test_secure_aggregation_on_the_simulation_engine_gives_the_plain_numbers(tmp
     assert result.exit_code == 0, result.output
     (a,), (b,) = rows(local), rows(secure)
     assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4) and b["ranks"] == a["ranks"] and b["secure_seconds"] > 0
+    printed = "".join(capfd.readouterr())  # --quiet: Flower's INFO and DEBUG lines (the server's and the actors') stay out
+    assert "Secure aggregation commencing" not in printed and "[Stage" not in printed and "stage 2" not in printed

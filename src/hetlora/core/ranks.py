@@ -123,7 +123,7 @@ def ranks_from_budgets(budgets: Mapping[str, float], largest_rank, r_min: int, r
     for client, budget in budgets.items():
         rank = largest_rank(budget, r_min, r_max)
         if rank is None:
-            left_out[client] = f"its memory budget of {budget:.0f} MB fits no rank ≥ r_min = {r_min}"
+            left_out[client] = f"its memory budget of {budget:.0f} MB fits no rank ≥ {r_min}, the smallest this method gives"
         else:
             ranks[client] = rank
     return ranks, left_out

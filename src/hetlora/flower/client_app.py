@@ -63,7 +63,8 @@ def query(message: Message, context: Context) -> Message:
     cid = my_client_id(host, context)
     identity = {"client-id": cid, "num-examples": host.data.num_examples(cid)}
     if "memory-budget-mb" in context.node_config:  # the device states what it can afford; the server picks its rank
-        identity["memory-budget-mb"] = float(context.node_config["memory-budget-mb"])
+        value = context.node_config["memory-budget-mb"]  # sent as given: the server checks it (a bad one leaves the node out)
+        identity["memory-budget-mb"] = value if isinstance(value, (bool, int, float)) else str(value)
     reply = RecordDict({"identity": ConfigRecord(identity)})
     return Message(reply, reply_to=message)
 

@@ -23,6 +23,7 @@ from ..core.adapter import ClientUpdate
 from ..federation import Federation
 from ..runner import Progress, check_resumable, run
 from ..core.secure_sum import auto_clip, secagg_threshold
+from ..footprint import budget_problem
 from .common import config_from_run_config, encode_config, from_array_record, to_array_record
 
 from .secure_round import contribution_bytes, reports_as_updates, secure_round, sums_to_tensors
@@ -73,7 +74,7 @@ class HetLoRAStrategy(Strategy):
                 continue
             identity = reply.content.config_records["identity"]
             cid = str(identity["client-id"])
-            problem = self.claim_problem(cid, node, registered)
+            problem = self.claim_problem(cid, node, registered) or self.budget_problem(identity)
             if problem:
                 self.refused.append({"node": node, "client": cid, "reason": problem})
                 self.fed.refused_claims.append({"node": int(node), "client": cid, "reason": problem})
@@ -92,6 +93,15 @@ class HetLoRAStrategy(Strategy):
         missing = [c for c in self.fed.client_ids if c not in self.node_of]
         if missing:
             log.warning("%d of %d clients have no node and will not be sampled", len(missing), len(self.fed.client_ids))
+
+    @staticmethod
+    def budget_problem(identity) -> str | None:
+        """Why a node's stated memory budget leaves it out (None: no budget, or a valid one): one node's
+        ``memory-budget-mb=nan`` must not stop the federation, so it is named and left out instead."""
+        if "memory-budget-mb" not in identity:
+            return None
+        problem = budget_problem(identity["memory-budget-mb"])
+        return f"states memory-budget-mb {problem}; the node is left out" if problem else None
 
     def bound_client(self, node: int) -> str | None:
         """The client the operator bound to ``node`` (``node_clients``: node id → partition id), if any."""

@@ -61,7 +61,11 @@ def end_stale_ray(ray_dir: Path) -> list[int]:
 
 def run_simulation(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Run ``cfg`` with one virtual SuperNode per client; returns the summary (``quiet``: Flower logs warnings only)."""
-    if quiet:
+    if quiet:  # this process's Flower logger, and (by the variable Flower reads at import) every Ray actor's
+        os.environ["FLWR_LOG_LEVEL"] = "WARNING"
+        from flwr.supercore.logger import update_console_handler
+
+        update_console_handler(level=logging.WARNING)
         logging.getLogger("flwr").setLevel(logging.WARNING)
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp

@@ -61,6 +61,8 @@ class AggregationMethod:
     prunes: bool = False
     #: whether all clients must share one rank.
     uniform_rank: bool = False
+    #: whether its clients train LoRA rank components (ordered dropout trains a prefix of them).
+    trains_rank_components: bool = True
     #: whether the norm-inflation bound (hetlora.core.robust) applies to its updates.
     bounded: bool = True
     #: whether :meth:`base_update` moves part of each aggregate into the frozen weights.

@@ -34,6 +34,7 @@ def _weights_problem(update: ClientUpdate, reference: dict[str, torch.Size] | No
 
 
 class FullFineTuning(AggregationMethod):
+    trains_rank_components = False  # a dense client: no rank components to drop
     name = "fft"
     client_kind = "fft"
 
