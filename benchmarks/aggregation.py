@@ -38,10 +38,10 @@ MODULES = {
 }
 
 
-def make_adapter(rank: int, seed: int) -> dict[str, torch.Tensor]:
+def make_adapter(rank: int, seed: int, layers: int = 30) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for layer in range(30):
+    for layer in range(layers):
         for name, (o, i) in MODULES.items():
             key = f"base_model.model.model.layers.{layer}.{name}"
             out[key + A_SUFFIX] = torch.randn(rank, i, generator=g) * 0.02
@@ -122,18 +122,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-svd", action="store_true", help="skip the SVD methods (recon-svd, flexlora, rb-lora)")
     parser.add_argument("--json", default=None, help="also write the figures (and commit, device, library versions) here")
+    parser.add_argument("--smoke", action="store_true", help="1 layer, 4 clients, 1 repeat: seconds, for the test suite")
     args = parser.parse_args()
     r_max = 50
-    ranks = [round(5 + i * 45 / 19) for i in range(20)]
-    full = make_adapter(r_max, 0)
+    clients, layers = (4, 1) if args.smoke else (20, 30)
+    if args.smoke:
+        args.repeats = 1
+    ranks = [round(5 + i * 45 / (clients - 1)) for i in range(clients)]
+    full = make_adapter(r_max, 0, layers)
     updates = [ClientUpdate({k: v + 0.001 * k_i for k, v in truncate_adapter(full, r).items()}, 10 + k_i, f"c{k_i}") for k_i, r in enumerate(ranks)]
     homog = [ClientUpdate(truncate_adapter(u.adapter, 25) if r >= 25 else truncate_adapter(full, 25), u.num_examples, u.client_id) for u, r in zip(updates, ranks)]
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, 20 clients, ranks {ranks}, r_max {r_max}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {clients} clients, ranks {ranks}, r_max {r_max}")
 
     plain = timed(lambda: plain_hetlora(updates, r_max), args.repeats)
     plain64 = timed(lambda: plain_hetlora(updates, r_max, torch.float64), args.repeats)
     results = {"plain loop (hetlora arithmetic, no validation)": plain,
-               "plain loop, float64 Grams (hetlora's precision)": plain64}
+               "plain loop, float64 Grams (hetlora before #41)": plain64}
     svd_methods = ("recon-svd", "flexlora", "rb-lora")
     for m in [name for name in METHODS if name not in ("fft", "fedavg")]:
         if args.skip_svd and m in svd_methods:

@@ -61,18 +61,25 @@ def compare(before: Path, after: Path) -> dict:
     for run_dir in sorted(p for p in before.iterdir() if p.is_dir()):
         a_rows, a_t = numbers(run_dir)
         b_rows, b_t = numbers(after / run_dir.name)
-        worst, other = 0.0, []
+        worst, other, relative, worst_field = 0.0, [], 0.0, None
         for (ka, va), (kb, vb) in zip(flat(a_rows), flat(b_rows)):
             if ka != kb or type(va) is not type(vb):
                 other.append(ka)
             elif isinstance(va, float):
                 worst = max(worst, abs(va - vb))
+                rel = abs(va - vb) / max(abs(va), abs(vb)) if va != vb else 0.0
+                if rel > relative:
+                    relative, worst_field = rel, ka
             elif va != vb:
                 other.append(ka)
-        tensor_worst = max((float((a_t[k] - b_t[k]).abs().max()) for k in a_t if k in b_t and a_t[k].shape == b_t[k].shape), default=0.0)
+        shared = [k for k in a_t if k in b_t and a_t[k].shape == b_t[k].shape]
+        tensor_worst = max((float((a_t[k] - b_t[k]).abs().max()) for k in shared), default=0.0)
+        tensor_relative = max((float((a_t[k] - b_t[k]).norm() / max(float(a_t[k].norm()), 1e-30)) for k in shared), default=0.0)
         same_keys = set(a_t) == set(b_t) and all(a_t[k].shape == b_t[k].shape for k in a_t)
         identical = not other and same_keys and worst == 0.0 and all(a_t[k].equal(b_t[k]) for k in a_t)
         out[run_dir.name] = {"identical": identical, "metric_max_abs_diff": worst, "adapter_max_abs_diff": tensor_worst,
+                             "metric_max_rel_diff": relative, "metric_max_rel_field": worst_field,
+                             "adapter_max_rel_diff": tensor_relative,  # per tensor: ‖a − b‖ / ‖a‖, the largest
                              "differing_fields": other[:5], "adapter_keys_match": same_keys}
     return out
 
@@ -94,7 +101,9 @@ def main() -> None:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         result = compare(Path(tmp) / "before", Path(tmp) / "after")
     for method, r in result.items():
-        verdict = "identical" if r["identical"] else f"metrics ±{r['metric_max_abs_diff']:.2e}, adapter ±{r['adapter_max_abs_diff']:.2e}"
+        verdict = "identical" if r["identical"] else (
+            f"metrics ±{r['metric_max_abs_diff']:.2e} (relative {r['metric_max_rel_diff']:.1e}, {r['metric_max_rel_field']}), "
+            f"adapter ±{r['adapter_max_abs_diff']:.2e} (relative {r['adapter_max_rel_diff']:.1e})")
         print(f"{method:>20}: {verdict}" + (f"; fields differ: {r['differing_fields']}" if r["differing_fields"] else ""))
     if args.json:
         args.json.write_text(json.dumps({"before": str(args.before), "after": str(args.after), "methods": result}, indent=1) + "\n")

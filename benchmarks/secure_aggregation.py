@@ -35,7 +35,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 1 round, 1 step: seconds, for the test suite")
     args = parser.parse_args()
+    if args.smoke:
+        args.model, args.rounds, args.local_steps = "tiny", 1, 1
 
     import torch
     from flwr.common.serde import message_to_proto

@@ -125,14 +125,15 @@ def round_share(args, precision: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cfg = RunConfig(model=args.model, max_length=args.max_length, batch_size=args.batch_size, local_steps=args.steps,
                         precision=precision, client_pool=args.clients, clients_per_round=args.clients, rounds=2,
-                        eval_size=args.eval_size, out=out, seed=0, tier_eval="off")
+                        eval_size=args.eval_size, out=out, seed=0, tier_eval="off",
+                        **({"r_min": 2, "r_max": args.rank} if args.smoke else {}))
         fed = Federation(cfg)
         bar = Progress(False, 2, 0)
         local_round(fed, 0, bar)  # warm-up round
         t = time.perf_counter()
         row = local_round(fed, 1, bar)
         train_seconds = row["client_seconds"]
-        row.update(evaluate_round(fed, 1))
+        row.update(evaluate_round(fed, 1, row))
         save_checkpoint(Path(out) / "checkpoint", fed.round, fed.state_tensors(), fed.state_json())
         total = time.perf_counter() - t
     return {"round_seconds": total, "train_seconds": train_seconds, "eval_seconds": row["eval_seconds"],
@@ -151,7 +152,11 @@ def main() -> None:
     p.add_argument("--precisions", default="fp32,auto")
     p.add_argument("--skip-round", action="store_true")
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--smoke", action="store_true", help="tiny model, 2 clients, 1 step: seconds, for the test suite")
     args = p.parse_args()
+    if args.smoke:
+        args.model, args.clients, args.steps, args.batch_size, args.max_length, args.rank = "tiny", 2, 1, 2, 32, 4
+        args.eval_size, args.precisions = 4, "fp32"
 
     from hetlora.host import pick_device, resolve_precision
     from hetlora.provenance import environment
@@ -159,7 +164,8 @@ def main() -> None:
     device = pick_device("auto")
     report: dict = {**environment(device), "threads": torch.get_num_threads(), "args": vars(args), "peak_gflops": {}, "runs": {}}
     for dtype in (torch.float32, torch.bfloat16):
-        report["peak_gflops"][f"cpu mm 2048 {dtype}"] = matmul_peak("cpu", dtype)
+        report["peak_gflops"][f"cpu mm 2048 {dtype}"] = (matmul_peak("cpu", dtype, n=256, repeats=1) if args.smoke
+                                                         else matmul_peak("cpu", dtype))
         if device == "cuda":
             report["peak_gflops"][f"cuda mm 2048 {dtype}"] = matmul_peak("cuda", dtype)
             report["peak_gflops"][f"cuda mm 8192 {dtype}"] = matmul_peak("cuda", dtype, 8192)

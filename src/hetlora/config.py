@@ -260,7 +260,7 @@ class RunConfig:
         if not 0 < self.dp_delta < 1:
             problems.append(f"dp_delta must be in (0, 1), got {self.dp_delta}")
         method = METHODS.get(self.method)
-        if method is not None and method.client_kind != "lora":
+        if method is not None and not method.dp_capable:
             problems.append(f"DP mode supports the LoRA methods with a persistent global adapter, not {self.method}")
         pool = self.client_pool or self.max_clients
         if pool is not None and self.clients_per_round > pool:

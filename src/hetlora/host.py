@@ -20,6 +20,7 @@ from .core.base_delta import dense_delta, delta_modules
 from .evaluate import evaluate_loss
 from .lora import PEFT_PREFIX, LoRABank
 from .memory import configure_allocator
+from .methods import METHODS
 from .training import LocalConfig
 
 
@@ -96,7 +97,7 @@ def check_rank_fits(model, cfg: RunConfig) -> None:
     (A global rank of 100000 on a hidden size of 64 was accepted and reached 20.7 GB.)"""
     from .lora import target_shapes
 
-    if cfg.client_kind == "fft":
+    if not METHODS[cfg.method].trains_rank_components:  # a dense client: no rank to check
         return
     shapes = target_shapes(model, cfg.target_modules)
     smallest = min(min(o, i) for o, i in shapes.values())

@@ -416,42 +416,44 @@ def finish(fed: Federation, out: Path, summary: dict[str, Any]) -> dict[str, Any
         save_adapter(adapter_dir, fed.state["global"], cfg.global_rank, cfg.lora_scale, cfg.target_modules, cfg.model)
     save_base_delta(out, fed.state.get("base_delta") or {})
     plot_run(rows, out / "plots", summary.get("initial_eval_ppl"))
-    ppls = [r["eval_ppl"] for r in rows]
-    rejected = [r["round"] for r in rows if r.get("rejected")]
-    summary.update(
-        {
-            "config": cfg.settings(),
-            "method": cfg.method,
-            "rounds": len(rows),
-            "rounds_aggregated": sum(1 for r in rows if r.get("aggregated")),
-            "rejected_rounds": rejected,
-            "clients": len(fed.client_ids),
-            "left_out": fed.left_out,
-            "refused_claims": fed.refused_claims,
-            "final_eval_loss": rows[-1]["eval_loss"] if rows else None,
-            "final_eval_ppl": ppls[-1] if ppls else None,
-            "best_eval_ppl": min(ppls) if ppls else None,
-            "final_tier_eval_ppl": rows[-1].get("tier_eval_ppl", {}) if rows else {},
-            "full_eval_ppl": rows[-1].get("full_eval_ppl") if rows else None,
-            "full_eval_size": rows[-1].get("full_eval_size") if rows else None,
-            "final_live_rank": rows[-1].get("live_rank") if rows else None,
-            "final_trainable_rank": rows[-1].get("trainable_rank") if rows else None,
-            "bytes_up_total": sum(r["bytes_up"] for r in rows),
-            "bytes_down_total": sum(r["bytes_down"] for r in rows),
-            "trainable_params": fed.trainable_params(),
-            "seconds_total": None if fed.privacy else sum(r["seconds"] for r in rows),  # DP: the time follows the sample
-            "final_ranks": dict(sorted(fed.ranks.items())) if len(fed.ranks) <= 2000 else None,
-            "dropped_total": sum(len(r["dropped"]) for r in rows),
-            "precision": fed.host.precision,
-            "parallel_clients": fed.parallel_clients,
-            "visits": visits(rows),
-            "pruning_events": sum(1 for r in rows for c, r_in in r.get("client_ranks_in", {}).items()
-                                  if r_in is not None and r["ranks"].get(c, r_in) < r_in),
-            "provenance": provenance(fed.host),
-        }
-    )
+    summary.update(run_summary(fed, rows) | {"provenance": provenance(fed.host)})
     write_summary(out, summary)
     return summary
+
+
+def run_summary(fed: Federation, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What summary.json says of a finished run: its settings, evaluation, rank health, cost and participation."""
+    return {"config": fed.cfg.settings(), "method": fed.cfg.method, "rounds": len(rows),
+            "rounds_aggregated": sum(1 for r in rows if r.get("aggregated")),
+            "rejected_rounds": [r["round"] for r in rows if r.get("rejected")],
+            "clients": len(fed.client_ids), "left_out": fed.left_out, "refused_claims": fed.refused_claims} | \
+        evaluation_summary(rows) | cost_summary(fed, rows) | participation_summary(fed, rows)
+
+
+def evaluation_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The final and best held-out perplexity, the tiers', and the global adapter's rank health at the end."""
+    last = rows[-1] if rows else {}
+    ppls = [r["eval_ppl"] for r in rows]
+    return {"final_eval_loss": last.get("eval_loss"), "final_eval_ppl": ppls[-1] if ppls else None,
+            "best_eval_ppl": min(ppls) if ppls else None, "final_tier_eval_ppl": last.get("tier_eval_ppl", {}),
+            "full_eval_ppl": last.get("full_eval_ppl"), "full_eval_size": last.get("full_eval_size"),
+            "final_live_rank": last.get("live_rank"), "final_trainable_rank": last.get("trainable_rank")}
+
+
+def cost_summary(fed: Federation, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Bytes, trainable parameters and time (under DP the time follows the secret sample and is withheld)."""
+    return {"bytes_up_total": sum(r["bytes_up"] for r in rows), "bytes_down_total": sum(r["bytes_down"] for r in rows),
+            "trainable_params": fed.trainable_params(),
+            "seconds_total": None if fed.privacy else sum(r["seconds"] for r in rows),
+            "precision": fed.host.precision, "parallel_clients": fed.parallel_clients}
+
+
+def participation_summary(fed: Federation, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Final ranks, drops, visits and pruning events (the server's own account, never a client's)."""
+    return {"final_ranks": dict(sorted(fed.ranks.items())) if len(fed.ranks) <= 2000 else None,
+            "dropped_total": sum(len(r["dropped"]) for r in rows), "visits": visits(rows),
+            "pruning_events": sum(1 for r in rows for c, r_in in r.get("client_ranks_in", {}).items()
+                                  if r_in is not None and r["ranks"].get(c, r_in) < r_in)}
 
 
 def visits(rows: list[dict[str, Any]]) -> dict[str, int]:

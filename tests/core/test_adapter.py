@@ -95,3 +95,20 @@ def test_mixed_precision_factors_give_the_fp32_norm():
     b, a = torch.randn(9, 4, generator=g), (100 * torch.randn(4, 6, generator=g)).half()
     expected = float((b.double() @ a.double()).square().sum())
     assert float(product_norm_sq(b, a)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_product_norm_is_the_dense_norm_to_fp32_gram_precision_and_exact_for_huge_factors():
+    """fp32 Gram matrices with a float64 reduction: within 1e-6 of the dense ‖BA‖²; factors so large that fp32 Grams
+    overflow (|B| ~ 1e20) are formed again in float64, so the norm stays finite and right."""
+    import math
+
+    from hetlora.core.adapter import product_norm_sq, update_norm
+
+    g = torch.Generator().manual_seed(3)
+    b, a = torch.randn(40, 5, generator=g), torch.randn(5, 30, generator=g)
+    dense = float((b.double() @ a.double()).square().sum())
+    assert float(product_norm_sq(b, a)) == pytest.approx(dense, rel=1e-6)
+    huge = b * 1e20
+    assert float(product_norm_sq(huge, a)) == pytest.approx(dense * 1e40, rel=1e-6)
+    adapter = {"m.lora_B.weight": huge, "m.lora_A.weight": a, "n.lora_B.weight": b, "n.lora_A.weight": a}
+    assert update_norm(adapter) == pytest.approx(math.sqrt(dense * 1e40 + dense), rel=1e-6)

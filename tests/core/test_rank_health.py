@@ -29,7 +29,7 @@ def test_slice_energy_is_the_dense_norm_of_the_slice():
     a = adapter(6, seed=1)
     dense = sum(float((a[f"m{i}.lora_B.weight"][:, 1:4].double() @ a[f"m{i}.lora_A.weight"][1:4].double()).square().sum())
                 for i in range(2))
-    assert slice_energy(a, 1, 4) == pytest.approx(dense, rel=1e-12)
+    assert slice_energy(a, 1, 4) == pytest.approx(dense, rel=1e-6)  # fp32 Gram matrices, a float64 reduction
 
 
 def test_rank_energy_shares_add_up_and_sit_where_the_energy_is():

@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .accumulate import PaddedSum
 from .adapter import Adapter, ClientUpdate, adapter_rank, truncate_adapter, zero_pad_adapter
 
 
@@ -49,10 +50,10 @@ def dp_aggregate(
     """global + (Σ_k clip(δ_k, C) + N(0, (σC)²)) / K, with K the expected clients per round."""
     if clip_norm <= 0 or noise_multiplier < 0 or expected_clients < 1:
         raise ValueError("dp needs clip_norm > 0, noise_multiplier ≥ 0 and expected_clients ≥ 1")
-    total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in global_adapter.items()}
+    acc = PaddedSum(r_max)
     for u in updates:
-        for k, v in clip_to_norm(client_delta(u, global_adapter, r_max), clip_norm).items():
-            total[k] += v.float()
+        acc.add(clip_to_norm(client_delta(u, global_adapter, r_max), clip_norm))
+    total = acc.total()
     std = noise_multiplier * clip_norm
     out: Adapter = {}
     for k in sorted(total):

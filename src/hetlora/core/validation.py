@@ -7,6 +7,8 @@ can drop one bad client and keep the round.
 
 from __future__ import annotations
 
+import math
+
 import numbers
 from collections import Counter
 from dataclasses import replace
@@ -78,7 +80,7 @@ def _all_finite(t: Tensor) -> bool:
     # One reduction, no boolean temporary: a sum is finite only if every term is
     # (NaN and ±Inf propagate). Only on failure do the exact element-wise check, so a
     # huge-but-finite tensor whose sum overflows is still reported precisely.
-    if torch.isfinite(t.sum()):
+    if math.isfinite(float(t.sum())):
         return True
     return bool(torch.isfinite(t).all())
 
@@ -102,53 +104,75 @@ def validate_update(
     and NaN/Inf values.
     """
     cid = update.client_id
-    adapter = update.adapter
     if example_count(update.num_examples) is None:
         raise InvalidUpdate(cid, f"num_examples must be a positive integer, got {update.num_examples!r}")
+    problem = (_key_problem(update.adapter, shapes) or _shape_problem(update.adapter, shapes))
+    if problem:
+        raise InvalidUpdate(cid, problem)
+    rank = update.adapter[next(iter(shapes)) + A_SUFFIX].shape[0]
+    problem = _rank_problem(rank, r_max, max_rank, exact_rank, update.rank) or _value_problem(update.adapter)
+    if problem:
+        raise InvalidUpdate(cid, problem)
+    return rank
+
+
+def _key_problem(adapter, shapes: LayerShapes) -> str | None:
+    """A mapping of exactly the expected LoRA keys, each a tensor that can be a factor (None: it is)."""
     if not isinstance(adapter, Mapping) or not adapter:
-        raise InvalidUpdate(cid, "adapter is empty or not a mapping of tensors")
+        return "adapter is empty or not a mapping of tensors"
     stray = sorted(str(k) for k in adapter if not (isinstance(k, str) and (k.endswith(A_SUFFIX) or k.endswith(B_SUFFIX))))
     if stray:
-        raise InvalidUpdate(cid, f"keys that are not LoRA factors: {stray[:3]}")
+        return f"keys that are not LoRA factors: {stray[:3]}"
     for key, t in adapter.items():
         problem = tensor_problem(t)
         if problem:
-            raise InvalidUpdate(cid, f"{key} {problem}")
+            return f"{key} {problem}"
     expected = {m + s for m in shapes for s in (A_SUFFIX, B_SUFFIX)}
     missing = sorted(expected - adapter.keys())
     extra = sorted(adapter.keys() - expected)
     if missing:
-        raise InvalidUpdate(cid, f"missing {len(missing)} key(s), e.g. {missing[0]}")
+        return f"missing {len(missing)} key(s), e.g. {missing[0]}"
     if extra:
-        raise InvalidUpdate(cid, f"{len(extra)} unexpected key(s), e.g. {extra[0]}")
+        return f"{len(extra)} unexpected key(s), e.g. {extra[0]}"
+    return None
+
+
+def _shape_problem(adapter, shapes: LayerShapes) -> str | None:
+    """Every module fits its layer, with one rank for A and B and across modules (None: it does)."""
     rank = None
     for module, (out_f, in_f) in shapes.items():
         a, b = adapter[module + A_SUFFIX], adapter[module + B_SUFFIX]
         if a.shape[1] != in_f or b.shape[0] != out_f:
-            raise InvalidUpdate(
-                cid, f"{module}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit a {out_f}x{in_f} layer"
-            )
+            return f"{module}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit a {out_f}x{in_f} layer"
         if a.shape[0] != b.shape[1]:
-            raise InvalidUpdate(cid, f"{module}: A has rank {a.shape[0]} but B has rank {b.shape[1]}")
+            return f"{module}: A has rank {a.shape[0]} but B has rank {b.shape[1]}"
         if rank is None:
             rank = a.shape[0]
         elif a.shape[0] != rank:
-            raise InvalidUpdate(cid, f"{module}: rank {a.shape[0]} differs from rank {rank} of its other modules")
-    assert rank is not None
+            return f"{module}: rank {a.shape[0]} differs from rank {rank} of its other modules"
+    return None
+
+
+def _rank_problem(rank: int, r_max: int, max_rank: int | None, exact_rank: bool, declared: int | None) -> str | None:
+    """The rank within [1, r_max] and the client's assigned rank, as declared (None: it is)."""
     if rank < 1:
-        raise InvalidUpdate(cid, "rank 0 adapter")
+        return "rank 0 adapter"
     if rank > r_max:
-        raise InvalidUpdate(cid, f"rank {rank} exceeds r_max {r_max}")
+        return f"rank {rank} exceeds r_max {r_max}"
     if max_rank is not None and rank > max_rank:
-        raise InvalidUpdate(cid, f"rank {rank} exceeds the client's assigned rank {max_rank}")
+        return f"rank {rank} exceeds the client's assigned rank {max_rank}"
     if exact_rank and max_rank is not None and rank != max_rank:
-        raise InvalidUpdate(cid, f"rank {rank} is not the rank {max_rank} it was sent (this run does not prune)")
-    if update.rank is not None and update.rank != rank:
-        raise InvalidUpdate(cid, f"declares rank {update.rank} but its tensors have rank {rank}")
+        return f"rank {rank} is not the rank {max_rank} it was sent (this run does not prune)"
+    if declared is not None and declared != rank:
+        return f"declares rank {declared} but its tensors have rank {rank}"
+    return None
+
+
+def _value_problem(adapter) -> str | None:
     for key, t in adapter.items():
         if not _all_finite(t):
-            raise InvalidUpdate(cid, f"{key} contains NaN or Inf")
-    return rank
+            return f"{key} contains NaN or Inf"
+    return None
 
 
 def reference_shapes(updates: Sequence[ClientUpdate]) -> LayerShapes:

@@ -15,7 +15,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter, ClientUpdate, lora_pairs, module_names
+from ..core.accumulate import PaddedSum
+from ..core.adapter import Adapter, ClientUpdate, lora_pairs
 from ..core.robust import bound_updates
 from ..core.validation import InvalidUpdate, LayerShapes, split_valid
 
@@ -44,12 +45,6 @@ class AggregationContext:
     round_index: int = 0
     ranks: Mapping[str, int] | None = None
 
-    def previous_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(B, A) of ``module`` in the global adapter before this round, None on a first call."""
-        if self.previous is None:
-            return None
-        return self.previous[module + B_SUFFIX], self.previous[module + A_SUFFIX]
-
 
 class AggregationMethod:
     """Base class; subclasses set the class attributes and implement :meth:`aggregate`."""
@@ -61,8 +56,15 @@ class AggregationMethod:
     prunes: bool = False
     #: whether all clients must share one rank.
     uniform_rank: bool = False
-    #: whether its clients train LoRA rank components (ordered dropout trains a prefix of them).
+    #: whether its clients train LoRA rank components (ordered dropout trains a prefix of them; a rank is checked
+    #: against the layers' size).
     trains_rank_components: bool = True
+
+    @property
+    def dp_capable(self) -> bool:
+        """Whether DP-FedAvg can wrap it: its clients are plain LoRA clients that train their slice of one
+        persistent global adapter (the "lora" client kind; ffa, flora, fslora and fft clients are not)."""
+        return self.client_kind == "lora"
     #: whether the norm-inflation bound (hetlora.core.robust) applies to its updates.
     bounded: bool = True
     #: whether :meth:`base_update` moves part of each aggregate into the frozen weights.
@@ -140,33 +142,30 @@ def normalise(weights: Sequence[float]) -> list[float]:
     return [w / total for w in weights]
 
 
-def weighted_padded_sum(
-    updates: Sequence[ClientUpdate],
-    r_max: int,
-    weights: Sequence[float] | Mapping[str, Sequence[float]],
-) -> Adapter:
-    """B^g = Σ_k p_k pad(B_k), A^g = Σ_k p_k pad(A_k) (docs/algorithm.md, aggregation).
+def padded_sum(updates: Sequence[ClientUpdate], r_max: int, weights: Sequence[float] | Mapping[str, Sequence[float]]) -> PaddedSum:
+    """Every update folded into one :class:`~hetlora.core.accumulate.PaddedSum` with its weight
+    (``weights``: one p_k per client, or module -> p_k per client for per-layer weights)."""
+    acc = PaddedSum(r_max)
+    per_client = ([{m: ws[k] for m, ws in weights.items()} for k in range(len(updates))] if isinstance(weights, Mapping)
+                  else list(weights))
+    acc.add_all([u.adapter for u in updates], per_client)
+    return acc
 
-    ``weights`` is one p_k per client, or a mapping module -> p_k per client for
-    per-layer weights. Accumulates each client's slice in place instead of building
-    padded copies: the padding is zeros, so it adds nothing.
-    """
-    out: Adapter = {}
-    for module in module_names(updates[0].adapter):
-        b0 = updates[0].adapter[module + B_SUFFIX]
-        a0 = updates[0].adapter[module + A_SUFFIX]
-        dtype = torch.promote_types(b0.dtype, torch.float32)
-        acc_b = torch.zeros(b0.shape[0], r_max, dtype=dtype)
-        acc_a = torch.zeros(r_max, a0.shape[1], dtype=dtype)
-        ws = weights[module] if isinstance(weights, Mapping) else weights
-        for u, w in zip(updates, ws):
-            b, a = u.adapter[module + B_SUFFIX], u.adapter[module + A_SUFFIX]
-            r = a.shape[0]
-            acc_b[:, :r].add_(b, alpha=w)
-            acc_a[:r].add_(a, alpha=w)
-        out[module + A_SUFFIX] = acc_a
-        out[module + B_SUFFIX] = acc_b
-    return out
+
+def weighted_padded_sum(updates: Sequence[ClientUpdate], r_max: int,
+                        weights: Sequence[float] | Mapping[str, Sequence[float]]) -> Adapter:
+    """B^g = Σ_k p_k pad(B_k), A^g = Σ_k p_k pad(A_k) (docs/algorithm.md, aggregation): float64 accumulation,
+    fp32 result, no padded copies (hetlora.core.accumulate)."""
+    return padded_sum(updates, r_max, weights).total()
+
+
+def slice_average(updates: Sequence[ClientUpdate], r_max: int, weights: Sequence[float] | Mapping[str, Sequence[float]],
+                  previous: Mapping[str, torch.Tensor] | None) -> Adapter:
+    """Component j = Σ_{k: r_k > j} w_k x_{k,j} / Σ_{k: r_k > j} w_k; a component no client has keeps ``previous``.
+
+    Each rank slice averaged over the clients that have it (rbla with data weights, hetlora-keep with
+    sparsity weights); the same accumulator as the weighted sum."""
+    return padded_sum(updates, r_max, weights).slice_average(previous)
 
 
 def per_module_factors(updates: Sequence[ClientUpdate]) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -176,28 +175,3 @@ def per_module_factors(updates: Sequence[ClientUpdate]) -> dict[str, list[tuple[
         for module, b, a in lora_pairs(u.adapter):
             out.setdefault(module, []).append((b, a))
     return out
-
-
-def slice_average(factors: list[tuple[torch.Tensor, torch.Tensor]], weights: Sequence[float], r_max: int,
-                  previous: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, A) with component j = Σ_{k: r_k > j} w_k (B_k, A_k)_j / Σ_{k: r_k > j} w_k; uncovered j keep ``previous``.
-
-    Each rank slice averaged over the clients that have it (rbla with data weights,
-    hetlora-keep with sparsity weights); accumulated in float64, returned as float32.
-    """
-    b0, a0 = factors[0]
-    acc_b = torch.zeros(b0.shape[0], r_max, dtype=torch.float64)
-    acc_a = torch.zeros(r_max, a0.shape[1], dtype=torch.float64)
-    mass = torch.zeros(r_max, dtype=torch.float64)
-    for w, (b, a) in zip(weights, factors):
-        r = a.shape[0]
-        acc_b[:, :r] += w * b.double()
-        acc_a[:r] += w * a.double()
-        mass[:r] += w
-    covered = mass > 0
-    acc_b[:, covered] /= mass[covered]
-    acc_a[covered] /= mass[covered][:, None]
-    if previous is not None:
-        acc_b[:, ~covered] = previous[0][:, ~covered].double()
-        acc_a[~covered] = previous[1][~covered].double()
-    return acc_b.float(), acc_a.float()

@@ -20,7 +20,7 @@ class DPFedAvg(AggregationMethod):
     bounded = False  # clipping replaces the norm bound
 
     def __init__(self, inner: AggregationMethod, clip_norm: float, noise_multiplier: float, expected_clients: int):
-        if inner.client_kind != "lora":
+        if not inner.dp_capable:
             raise ValueError(f"DP mode supports the LoRA methods with a persistent global adapter, not {inner.name}")
         self.inner = inner
         self.name, self.client_kind, self.uniform_rank = inner.name, inner.client_kind, inner.uniform_rank

@@ -31,7 +31,8 @@ from typing import Sequence
 
 import torch
 
-from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter, ClientUpdate, adapter_rank, lora_pairs
+from ..core.adapter import Adapter, ClientUpdate, adapter_rank
+from ..core.accumulate import PaddedSum
 from ..core.robust import bound_changes
 from ..core.validation import InvalidUpdate
 from ..core.sketch import gather, sketch_indices
@@ -76,10 +77,9 @@ class FSLoRA(AggregationMethod):
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         lr = float(ctx.options.get("server_lr", 1.0))
-        step = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in ctx.previous.items()} if ctx.previous is not None else {}
-        for indices, _, change in self.changes(updates, ctx):
-            for module, db, da in lora_pairs(change):
-                step[module + B_SUFFIX][:, indices] += db
-                step[module + A_SUFFIX][indices] += da
+        acc = PaddedSum(ctx.r_max)
+        for indices, _, change in self.changes(updates, ctx):  # each change lands on the components of its sketch
+            acc.add(change, 1.0, indices=indices)
+        step = acc.total(torch.float64)
         k = len(updates)
         return {key: (ctx.previous[key].double() + lr * step[key] / k).float() for key in ctx.previous}

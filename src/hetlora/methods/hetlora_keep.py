@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter, ClientUpdate
-from .base import AggregationContext, AggregationMethod, per_module_factors, slice_average
+from ..core.adapter import Adapter, ClientUpdate
+from .base import AggregationContext, AggregationMethod, slice_average
 from .hetlora import per_layer_sparsity_weights, sparsity_weights
 
 
@@ -24,14 +24,5 @@ class HetLoRAKeep(AggregationMethod):
     options = ("per_layer",)
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
-        modules = per_module_factors(updates)
-        if ctx.options.get("per_layer", False):
-            weights = per_layer_sparsity_weights(updates, ctx.norm_bound)
-        else:
-            shared = sparsity_weights(updates, ctx.norm_bound)
-            weights = {m: shared for m in modules}
-        out: Adapter = {}
-        for module, factors in modules.items():
-            out[module + B_SUFFIX], out[module + A_SUFFIX] = slice_average(factors, weights[module], ctx.r_max,
-                                                                           ctx.previous_factors(module))
-        return out
+        weigh = per_layer_sparsity_weights if ctx.options.get("per_layer", False) else sparsity_weights
+        return slice_average(updates, ctx.r_max, weigh(updates, ctx.norm_bound), ctx.previous)

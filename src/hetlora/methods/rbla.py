@@ -10,16 +10,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter, ClientUpdate
-from .base import AggregationContext, AggregationMethod, data_weights, per_module_factors, slice_average
+from ..core.adapter import Adapter, ClientUpdate
+from .base import AggregationContext, AggregationMethod, data_weights, slice_average
 
 
 class RBLA(AggregationMethod):
     name = "rbla"
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
-        q = data_weights(updates)
-        out: Adapter = {}
-        for module, factors in per_module_factors(updates).items():
-            out[module + B_SUFFIX], out[module + A_SUFFIX] = slice_average(factors, q, ctx.r_max, ctx.previous_factors(module))
-        return out
+        return slice_average(updates, ctx.r_max, data_weights(updates), ctx.previous)

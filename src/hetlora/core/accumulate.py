@@ -1,0 +1,127 @@
+"""One padded accumulation for every rule that sums adapters of mixed rank (docs/algorithm.md §2.3, §8).
+
+HetLoRA's weighted sum Σ_k w_k pad(x_k), the slice average of rbla and hetlora-keep, DP's sum of
+clipped changes and FSLoRA's sum of sketched changes are one operation: add each client's factors,
+component by component, into an accumulator of rank r_max. :class:`PaddedSum` does it once, for all:
+
+* **one update at a time** (:meth:`PaddedSum.add`): nothing holds a round's updates together, so a
+  server can fold each reply in as it arrives;
+* **float64 accumulation, fp32 result**: a sum over many clients loses no bits to the order they came
+  in; what leaves is fp32, like every aggregate;
+* **no padded copies**: a client of rank r_k adds into the first r_k components (or the components
+  ``indices`` names: FSLoRA's sketch), since the padding is zeros and adds nothing;
+* the **mass** of each component (Σ of the weights that reached it), for the slice average.
+
+Pure tensor code: no I/O, no models.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .adapter import A_SUFFIX, B_SUFFIX, Adapter
+
+
+def rank_axis(key: str) -> int:
+    """The axis of a factor that indexes rank components: columns of B, rows of A."""
+    if key.endswith(B_SUFFIX):
+        return 1
+    if key.endswith(A_SUFFIX):
+        return 0
+    raise ValueError(f"{key} is not a LoRA factor (…{A_SUFFIX} or …{B_SUFFIX})")
+
+
+def module_of(key: str) -> str:
+    return key[: -len(B_SUFFIX)] if key.endswith(B_SUFFIX) else key[: -len(A_SUFFIX)]
+
+
+class PaddedSum:
+    """Σ_k w_k pad(x_k) over LoRA adapters at rank ``r_max``, in float64, one update at a time."""
+
+    def __init__(self, r_max: int):
+        if r_max < 1:
+            raise ValueError(f"r_max must be ≥ 1, got {r_max}")
+        self.r_max = r_max
+        self.sums: dict[str, Tensor] = {}
+        self.layout: dict[str, tuple[int, str]] = {}  # key -> (rank axis, module)
+        self.reached: dict[str, list[tuple[Tensor | int, float]]] = {}  # module -> (components, weight) per update
+        self.count = 0
+
+    def add(self, adapter: Mapping[str, Tensor], weight: float | Mapping[str, float] = 1.0,
+            indices: Tensor | Sequence[int] | None = None) -> None:
+        """Fold one update in: each factor × its weight (one per client, or one per module) into its components
+        (the leading ones, or ``indices``: which of the r_max components the update's components are)."""
+        where = None if indices is None else torch.as_tensor(indices)
+        for key, value in adapter.items():
+            self._fold(key, value, weight, where)
+        self.count += 1
+
+    def add_all(self, adapters: Sequence[Mapping[str, Tensor]], weights: Sequence[float | Mapping[str, float]]) -> None:
+        """:meth:`add` for a whole round at once, the same numbers, factor by factor across the clients (each
+        float64 accumulator is touched by every client while it is warm)."""
+        if len(adapters) != len(weights):
+            raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
+        for key in adapters[0] if adapters else ():
+            for adapter, weight in zip(adapters, weights):
+                self._fold(key, adapter[key], weight, None)
+        self.count += len(adapters)
+
+    def _fold(self, key: str, value: Tensor, weight: float | Mapping[str, float], where: Tensor | None) -> None:
+        """One factor × its weight into its accumulator (widened to float64 first: a mixed-dtype in-place add
+        is slower than the widening and a float64 add together)."""
+        axis, module = self._place(key, value)
+        w = float(weight[module]) if isinstance(weight, Mapping) else float(weight)
+        if where is None:
+            self.sums[key].narrow(axis, 0, value.shape[axis]).add_(value.detach(), alpha=w)
+        else:
+            self.sums[key].index_add_(axis, where, value.detach().to(torch.float64), alpha=w)
+        if axis == 0:  # once per module (its A): which components this update reached, with what weight
+            self.reached.setdefault(module, []).append((value.shape[0] if where is None else where, w))
+
+    def _place(self, key: str, value: Tensor) -> tuple[int, str]:
+        """(rank axis, module) of ``key``; its float64 accumulator made on first sight."""
+        if key not in self.layout:
+            axis = rank_axis(key)
+            self.layout[key] = (axis, module_of(key))
+            shape = list(value.shape)
+            shape[axis] = self.r_max
+            self.sums[key] = torch.zeros(shape, dtype=torch.float64)
+        return self.layout[key]
+
+    def mass(self, module: str) -> Tensor:
+        """Σ of the weights that reached each of ``module``'s r_max components."""
+        out = torch.zeros(self.r_max, dtype=torch.float64)
+        for reached, w in self.reached.get(module, []):
+            if isinstance(reached, int):
+                out[:reached] += w
+            else:
+                out.index_add_(0, reached, torch.full((len(reached),), w, dtype=torch.float64))
+        return out
+
+    def total(self, dtype: torch.dtype = torch.float32) -> Adapter:
+        """Σ_k w_k pad(x_k), keys sorted (fp32 unless asked otherwise)."""
+        if not self.count:
+            raise ValueError("nothing was added to the sum")
+        return {key: self.sums[key].to(dtype) for key in sorted(self.sums)}
+
+    def slice_average(self, previous: Mapping[str, Tensor] | None = None) -> Adapter:
+        """Component j = Σ_{k reaching j} w_k x_{k,j} / Σ_{k reaching j} w_k; a component no update reached keeps
+        ``previous`` (zero without one). fp32."""
+        if not self.count:
+            raise ValueError("nothing was added to the sum")
+        masses = {module: self.mass(module) for module in self.reached}
+        out: Adapter = {}
+        for key in sorted(self.sums):
+            axis, module = self.layout[key]
+            mass = masses[module]
+            covered = mass > 0
+            shape = [1, 1]
+            shape[axis] = self.r_max
+            acc = torch.where(covered.view(shape), self.sums[key] / torch.where(covered, mass, 1.0).view(shape), self.sums[key])
+            if previous is not None and key in previous:
+                acc = torch.where(covered.view(shape), acc, previous[key].double())
+            out[key] = acc.float()
+        return out
