@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ["aggregation.py", "throughput.py", "secure_aggregation.py"]
+SMOKE = ["aggregation.py", "throughput.py", "secure_aggregation.py", "load.py"]
 
 
 @pytest.mark.parametrize("script", SMOKE)
