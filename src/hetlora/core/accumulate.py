@@ -22,20 +22,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .adapter import A_SUFFIX, B_SUFFIX, Adapter
-
-
-def rank_axis(key: str) -> int:
-    """The axis of a factor that indexes rank components: columns of B, rows of A."""
-    if key.endswith(B_SUFFIX):
-        return 1
-    if key.endswith(A_SUFFIX):
-        return 0
-    raise ValueError(f"{key} is not a LoRA factor (…{A_SUFFIX} or …{B_SUFFIX})")
-
-
-def module_of(key: str) -> str:
-    return key[: -len(B_SUFFIX)] if key.endswith(B_SUFFIX) else key[: -len(A_SUFFIX)]
+from .adapter import Adapter, module_of, rank_axis
 
 
 class PaddedSum:

@@ -39,15 +39,23 @@ class ClientUpdate:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def rank_axis(key: str) -> int:
+    """The axis of a factor that indexes rank components: columns of B, rows of A."""
+    if key.endswith(B_SUFFIX):
+        return 1
+    if key.endswith(A_SUFFIX):
+        return 0
+    raise ValueError(f"{key} is not a LoRA factor (…{A_SUFFIX} or …{B_SUFFIX})")
+
+
+def module_of(key: str) -> str:
+    """The module a factor belongs to: its key without the A/B suffix."""
+    return key[: -len(B_SUFFIX)] if key.endswith(B_SUFFIX) else key[: -len(A_SUFFIX)]
+
+
 def module_names(adapter: Mapping[str, Tensor]) -> list[str]:
     """Sorted module prefixes that own a LoRA pair (keys without the A/B suffix)."""
-    names = set()
-    for key in adapter:
-        if key.endswith(A_SUFFIX):
-            names.add(key[: -len(A_SUFFIX)])
-        elif key.endswith(B_SUFFIX):
-            names.add(key[: -len(B_SUFFIX)])
-    return sorted(names)
+    return sorted({module_of(key) for key in adapter if key.endswith(A_SUFFIX) or key.endswith(B_SUFFIX)})
 
 
 def lora_pairs(adapter: Mapping[str, Tensor]) -> list[tuple[str, Tensor, Tensor]]:

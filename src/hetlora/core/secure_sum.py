@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .adapter import (B_SUFFIX, Adapter, adapter_rank, factor_norms, scale_adapter, truncate_adapter, update_norm,
+from .adapter import (Adapter, adapter_rank, factor_norms, rank_axis, scale_adapter, truncate_adapter, update_norm,
                       zero_pad_adapter)
 
 #: the key of the weight's share w_k/s in a contribution (after every factor key).
@@ -99,12 +99,8 @@ def merge_covered(aggregate: Mapping[str, Tensor], previous: Mapping[str, Tensor
     """The new global adapter: the covered components from the sum, the rest (not sent) from ``previous``."""
     out: Adapter = {}
     for key, old in previous.items():
-        new = old.detach().clone()
-        part = aggregate[key]
-        if key.endswith(B_SUFFIX):
-            new[:, : part.shape[1]] = part
-        else:
-            new[: part.shape[0], :] = part
+        new, axis = old.detach().clone(), rank_axis(key)
+        new.narrow(axis, 0, aggregate[key].shape[axis]).copy_(aggregate[key])
         out[key] = new
     return out
 
