@@ -70,6 +70,12 @@ def secagg_threshold(clients: int) -> int:
     return max(round(0.5 * clients), 2)
 
 
+def min_holders(configured: int | None, clients: int) -> int:
+    """m, how many clients must hold every component the server unmasks: ``--secure-min-clients`` if set,
+    else SecAgg+'s own threshold for a round of ``clients``."""
+    return configured or secagg_threshold(clients)
+
+
 def covered_rank(ranks: Sequence[int], min_clients: int) -> int:
     """r_c: the ``min_clients``-th largest of the round's ranks, so every component below it is held
     by at least ``min_clients`` clients (docs/algorithm.md §6.1)."""

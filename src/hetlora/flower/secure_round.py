@@ -34,7 +34,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from ..core.adapter import ClientUpdate
-from ..core.secure_sum import (cover_problem, covered_rank, layout, merge_covered, read_sum, round_scale, secagg_threshold,
+from ..core.secure_sum import (cover_problem, covered_rank, layout, merge_covered, min_holders, read_sum, round_scale,
                                sum_problem, weight_sum)
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def secure_round(strategy, grid: Grid, t: int, messages: list[Message]) -> dict[
     examples = [strategy.examples_of[c] for c in clients]
     scale = round_scale(rule, fed.state["global"], examples)
     rank_of = {m.metadata.dst_node_id: strategy.sent[c] for m, c in zip(messages, clients)}
-    min_clients = fed.cfg.secure_min_clients or secagg_threshold(len(messages))
+    min_clients = min_holders(fed.cfg.secure_min_clients, len(messages))
     cover = covered_rank(list(rank_of.values()), min_clients)
     for m in messages:  # every client of the round: the same public scale, range, covered rank and clip
         task = m.content.config_records["task"]

@@ -22,7 +22,7 @@ from ..config import RunConfig, node_partitions
 from ..core.adapter import ClientUpdate
 from ..federation import Federation
 from ..runner import Progress, check_resumable, run
-from ..core.secure_sum import auto_clip, secagg_threshold
+from ..core.secure_sum import auto_clip, min_holders
 from ..footprint import budget_problem
 from .common import config_from_run_config, encode_config, from_array_record, to_array_record
 
@@ -49,7 +49,7 @@ class HetLoRAStrategy(Strategy):
                             if federation.cfg.secure_aggregation else None)
         if federation.cfg.secure_aggregation:
             k = federation.cfg.clients_per_round
-            m = federation.cfg.secure_min_clients or secagg_threshold(k)
+            m = min_holders(federation.cfg.secure_min_clients, k)
             if k < m + 1:
                 log.warning("secure aggregation with %d clients per round and every component held by %d: one client that "
                             "drops out (or is out of range) loses the whole round; %d clients per round survive one", k, m, m + 1)
