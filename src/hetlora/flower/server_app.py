@@ -204,7 +204,7 @@ class HetLoRAStrategy(Strategy):
         failed = [(c, "dropped out of the secure round (no masked vector in the sum)") for c in sorted(self.sent) if c not in reported]
         for failure in collector.failures:
             log.warning("secure round %d: %s", t + 1, failure)
-        aggregate = None
+        aggregate, shapes = None, plan.shapes(self.fed.state["global"])
         if plan.halted:
             failed.append(("(sum)", plan.halted))
         elif problems:
@@ -213,13 +213,13 @@ class HetLoRAStrategy(Strategy):
         elif collector.sums is not None:
             try:
                 examples = sum(self.examples_of[u.client_id] for u in reports)
-                sums = sums_to_tensors(collector.sums, plan.shapes(self.fed.state["global"]))
+                sums = sums_to_tensors(collector.sums, shapes)
                 aggregate, refused = plan.aggregate(sums, self.fed.state["global"], len(reports), examples)
                 if refused:
                     failed.append(("(sum)", refused))
             except ValueError as err:
                 failed.append(("(sum)", str(err)))
-        upload = contribution_bytes(plan.shapes(self.fed.state["global"])) * len(reports)
+        upload = contribution_bytes(shapes) * len(reports)
         row = self.fed.complete_secure_round(t, aggregate, reports if aggregate is not None else [], failed, upload)
         self.last_row = row | {"bytes_down": self.bytes_down, "secure_seconds": seconds, "secure_rank": plan.cover,
                                "secure_min_clients": plan.min_clients, "secure_clip": plan.clip}
