@@ -159,12 +159,14 @@ class Federation:
     def released(self, row: dict[str, Any]) -> dict[str, Any]:
         """The round's row as it is published: under DP nothing per client and nothing that depends on the
         secret sample (hetlora.privacy); otherwise the row itself."""
-        return self.privacy.released(row, self.expected_bytes()) if self.privacy else row
+        return self.privacy.released(row, self.expected_bytes) if self.privacy else row
 
+    @functools.cached_property
     def expected_bytes(self) -> tuple[float, float]:
         """(up, down) bytes of a round averaged over every sample of K clients: K/N · Σ_i bytes(rank_i), a
-        function of the public ranks only (DP: no pruning, so a client uploads its sent rank)."""
-        per_client = [self.kind.download_bytes(self.job(c, self.round)) for c in self.client_ids]
+        function of the public ranks only. Made once: under DP nothing prunes and no budget refits a rank,
+        so ranks and shapes are the run's (a client uploads the rank it was sent)."""
+        per_client = [self.kind.download_bytes(self.job(c, 0)) for c in self.client_ids]
         mean = self.cfg.clients_per_round * sum(per_client) / len(per_client)
         return mean, mean
 
