@@ -40,17 +40,26 @@ def test_an_uncalibrated_setting_is_refused_naming_the_benchmark(tmp_path):
         footprint.footprint_model(setting_key("tiny", "fp32", False, 2, 32), tmp_path / "none.json")
 
 
+def calibrated_tiny(tmp_path, monkeypatch, **changes):
+    """A tiny-model config whose footprint is 100 MB + 1 MB per rank (a calibration of the test's own), and its
+    client ids: budgets then give ranks by hand."""
+    from hetlora.config import RunConfig
+    from hetlora.federation import Federation
+
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps({"fits": {setting_key("tiny", "fp32", False, 2, 32): {"fixed_mb": 100.0, "per_rank_mb": 1.0}}}))
+    monkeypatch.setattr(footprint, "CALIBRATION", calibration)
+    base = dict(model="tiny", data="chitchat", clients_per_round=2, local_steps=1, batch_size=2, max_length=32, eval_size=4,
+                r_min=2, r_max=6, min_examples=200, precision="fp32", seed=0, tier_eval="off") | changes
+    return base, Federation(RunConfig(**base, out=str(tmp_path / "probe"))).client_ids
+
+
 def test_a_tiny_run_assigns_ranks_from_memory_and_leaves_a_poor_client_out(tmp_path, monkeypatch):
     from hetlora.config import RunConfig
     from hetlora.federation import Federation
     from hetlora.runner import run
 
-    calibration = tmp_path / "calibration.json"
-    calibration.write_text(json.dumps({"fits": {setting_key("tiny", "fp32", False, 2, 32): {"fixed_mb": 100.0, "per_rank_mb": 1.0}}}))
-    monkeypatch.setattr(footprint, "CALIBRATION", calibration)
-    base = dict(model="tiny", data="chitchat", client_pool=4, clients_per_round=2, rounds=2, local_steps=1, batch_size=2,
-                max_length=32, eval_size=4, r_min=2, r_max=6, min_examples=200, precision="fp32", seed=0, tier_eval="off")
-    ids = Federation(RunConfig(**base, out=str(tmp_path / "probe"))).client_ids
+    base, ids = calibrated_tiny(tmp_path, monkeypatch, client_pool=4, rounds=2)
     budgets = tmp_path / "budgets.json"
     budgets.write_text(json.dumps({ids[0]: 1000.0, ids[1]: 103.5, ids[2]: 101.0, ids[3]: 104.0}))
     cfg = RunConfig(**base, memory_budgets=str(budgets), out=str(tmp_path / "run"))
@@ -94,12 +103,7 @@ def test_budgets_for_unknown_clients_are_refused_and_an_edited_file_is_refused_o
     from hetlora.federation import Federation
     from hetlora.runner import run
 
-    calibration = tmp_path / "calibration.json"
-    calibration.write_text(json.dumps({"fits": {setting_key("tiny", "fp32", False, 2, 32): {"fixed_mb": 100.0, "per_rank_mb": 1.0}}}))
-    monkeypatch.setattr(footprint, "CALIBRATION", calibration)
-    base = dict(model="tiny", data="chitchat", client_pool=3, clients_per_round=2, rounds=1, local_steps=1, batch_size=2,
-                max_length=32, eval_size=4, r_min=2, r_max=6, min_examples=200, precision="fp32", seed=0, tier_eval="off")
-    ids = Federation(RunConfig(**base, out=str(tmp_path / "probe"))).client_ids
+    base, ids = calibrated_tiny(tmp_path, monkeypatch, client_pool=3, rounds=1)
     budgets = tmp_path / "budgets.json"
     budgets.write_text(json.dumps({ids[0]: 1000.0, ids[1]: 104.0, ids[2]: 103.0, "no-such-client": 500.0}))
     with pytest.raises(ValueError, match="name 1 client.s. this federation does not have .e.g. no-such-client."):
