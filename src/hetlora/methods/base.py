@@ -59,12 +59,6 @@ class AggregationMethod:
     #: whether its clients train LoRA rank components (ordered dropout trains a prefix of them; a rank is checked
     #: against the layers' size).
     trains_rank_components: bool = True
-
-    @property
-    def dp_capable(self) -> bool:
-        """Whether DP-FedAvg can wrap it: its clients are plain LoRA clients that train their slice of one
-        persistent global adapter (the "lora" client kind; ffa, flora, fslora and fft clients are not)."""
-        return self.client_kind == "lora"
     #: whether the norm-inflation bound (hetlora.core.robust) applies to its updates.
     bounded: bool = True
     #: whether :meth:`base_update` moves part of each aggregate into the frozen weights.
@@ -76,6 +70,12 @@ class AggregationMethod:
     #: the weight rule under secure aggregation (hetlora.core.secure_sum): the rule is then Σ w_k pad(x_k) / Σ w_k
     #: with one client-computed scalar w_k; None: the rule is not such a sum and cannot run under SecAgg+.
     secure_weight: str | None = None
+
+    @property
+    def dp_capable(self) -> bool:
+        """Whether DP-FedAvg can wrap it: its clients are plain LoRA clients that train their slice of one
+        persistent global adapter (the "lora" client kind; ffa, flora, fslora and fft clients are not)."""
+        return self.client_kind == "lora"
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         raise NotImplementedError

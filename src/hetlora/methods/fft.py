@@ -34,9 +34,9 @@ def _weights_problem(update: ClientUpdate, reference: dict[str, torch.Size] | No
 
 
 class FullFineTuning(AggregationMethod):
-    trains_rank_components = False  # a dense client: no rank components to drop
     name = "fft"
     client_kind = "fft"
+    trains_rank_components = False  # a dense client: no rank components to drop
 
     def bound(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> list[ClientUpdate]:
         """The norm bound on each tensor's change from the global weights the client was sent
