@@ -115,8 +115,13 @@ def product_norm_sq(b: Tensor, a: Tensor) -> Tensor:
     matmuls. fp32 Grams overflow for |B| ~ 1e19: a result that is not finite is formed again in
     float64, so a huge but finite update still has its finite norm (docs/algorithm.md §5).
     """
-    value = _product_norm_sq(b, a, exact=b.dtype == torch.float64 or a.dtype == torch.float64)
+    value = _product_norm_sq(b, a, exact=_is_float64(b, a))
     return value if bool(torch.isfinite(value)) else _product_norm_sq(b, a, exact=True)
+
+
+def _is_float64(*factors: Tensor) -> bool:
+    """Float64 factors keep float64 Grams (nothing to gain, precision to lose)."""
+    return any(t.dtype == torch.float64 for t in factors)
 
 
 def _product_norm_sq(b: Tensor, a: Tensor, exact: bool) -> Tensor:
@@ -130,7 +135,7 @@ def update_norm(adapter: Mapping[str, Tensor]) -> float:
 
     fp32 Grams for every module, one finiteness check for the whole sum (then float64 if it failed)."""
     pairs = [(b, a) for _, b, a in lora_pairs(adapter)]
-    exact = any(b.dtype == torch.float64 or a.dtype == torch.float64 for b, a in pairs)
+    exact = any(_is_float64(b, a) for b, a in pairs)
     total = math.fsum(float(_product_norm_sq(b, a, exact)) for b, a in pairs)
     if not math.isfinite(total) and not exact:
         total = math.fsum(float(_product_norm_sq(b, a, True)) for b, a in pairs)
