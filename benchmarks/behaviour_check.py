@@ -106,7 +106,10 @@ def main() -> None:
             f"adapter ±{r['adapter_max_abs_diff']:.2e} (relative {r['adapter_max_rel_diff']:.1e})")
         print(f"{method:>20}: {verdict}" + (f"; fields differ: {r['differing_fields']}" if r["differing_fields"] else ""))
     if args.json:
-        args.json.write_text(json.dumps({"before": str(args.before), "after": str(args.after), "methods": result}, indent=1) + "\n")
+        from hetlora.provenance import environment
+
+        report = {"provenance": environment("cpu"), "before": str(args.before), "after": str(args.after), "methods": result}
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":
