@@ -34,54 +34,70 @@ class PaddedSum:
         self.r_max = r_max
         self.sums: dict[str, Tensor] = {}
         self.layout: dict[str, tuple[int, str]] = {}  # key -> (rank axis, module)
-        self.reached: dict[str, list[tuple[Tensor | int, float]]] = {}  # module -> (components, weight) per update
+        self.reached: list[tuple[Tensor | int, float | Mapping[str, float]]] = []  # (components, weight) per update
         self.count = 0
 
     def add(self, adapter: Mapping[str, Tensor], weight: float | Mapping[str, float] = 1.0,
             indices: Tensor | Sequence[int] | None = None) -> None:
         """Fold one update in: each factor × its weight (one per client, or one per module) into its components
         (the leading ones, or ``indices``: which of the r_max components the update's components are)."""
+        keys = list(adapter)
+        for key in keys:
+            self._place(key, adapter[key])
         where = None if indices is None else torch.as_tensor(indices)
-        for key, value in adapter.items():
-            self._fold(key, value, weight, where)
+        with torch.no_grad():
+            if where is not None:
+                self._scatter(adapter, keys, weight, where)
+            elif isinstance(weight, Mapping):
+                for key in keys:
+                    self._components(key, adapter[key]).add_(adapter[key], alpha=float(weight[self.layout[key][1]]))
+            else:  # one weight: every factor in one call (most rounds; the call overhead is per tensor otherwise)
+                torch._foreach_add_([self._components(key, adapter[key]) for key in keys], [adapter[key] for key in keys],
+                                    alpha=float(weight))
+        components = self._rank(adapter, keys) if where is None else where
+        self.reached.append((components, weight if isinstance(weight, Mapping) else float(weight)))
         self.count += 1
 
     def add_all(self, adapters: Sequence[Mapping[str, Tensor]], weights: Sequence[float | Mapping[str, float]]) -> None:
-        """:meth:`add` for a whole round at once, the same numbers, factor by factor across the clients (each
-        float64 accumulator is touched by every client while it is warm)."""
+        """:meth:`add` for a whole round, in order (the same numbers as adding them one by one)."""
         if len(adapters) != len(weights):
             raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
-        for key in adapters[0] if adapters else ():
-            for adapter, weight in zip(adapters, weights):
-                self._fold(key, adapter[key], weight, None)
-        self.count += len(adapters)
+        for adapter, weight in zip(adapters, weights):
+            self.add(adapter, weight)
 
-    def _fold(self, key: str, value: Tensor, weight: float | Mapping[str, float], where: Tensor | None) -> None:
-        """One factor × its weight into its accumulator (widened to float64 first: a mixed-dtype in-place add
-        is slower than the widening and a float64 add together)."""
-        axis, module = self._place(key, value)
-        w = float(weight[module]) if isinstance(weight, Mapping) else float(weight)
-        if where is None:
-            self.sums[key].narrow(axis, 0, value.shape[axis]).add_(value.detach(), alpha=w)
-        else:
-            self.sums[key].index_add_(axis, where, value.detach().to(torch.float64), alpha=w)
-        if axis == 0:  # once per module (its A): which components this update reached, with what weight
-            self.reached.setdefault(module, []).append((value.shape[0] if where is None else where, w))
+    def _rank(self, adapter: Mapping[str, Tensor], keys: list[str]) -> int:
+        """How many leading components the update reaches: one rank for all its factors (docs/algorithm.md §1)."""
+        ranks = {adapter[key].shape[self.layout[key][0]] for key in keys}
+        if len(ranks) != 1:
+            raise ValueError(f"an update's factors must share one rank, got ranks {sorted(ranks)}")
+        return ranks.pop()
 
-    def _place(self, key: str, value: Tensor) -> tuple[int, str]:
-        """(rank axis, module) of ``key``; its float64 accumulator made on first sight."""
+    def _components(self, key: str, value: Tensor) -> Tensor:
+        """The leading components of ``key``'s accumulator that ``value`` covers (a view)."""
+        axis = self.layout[key][0]
+        return self.sums[key].narrow(axis, 0, value.shape[axis])
+
+    def _scatter(self, adapter: Mapping[str, Tensor], keys: list[str], weight, where: Tensor) -> None:
+        """Factors whose components are the r_max components ``where`` names (FSLoRA's sketch)."""
+        for key in keys:
+            axis, module = self.layout[key]
+            w = float(weight[module]) if isinstance(weight, Mapping) else float(weight)
+            self.sums[key].index_add_(axis, where, adapter[key].to(torch.float64), alpha=w)
+
+    def _place(self, key: str, value: Tensor) -> None:
+        """Record ``key``'s (rank axis, module) and make its float64 accumulator on first sight."""
         if key not in self.layout:
             axis = rank_axis(key)
             self.layout[key] = (axis, module_of(key))
             shape = list(value.shape)
             shape[axis] = self.r_max
             self.sums[key] = torch.zeros(shape, dtype=torch.float64)
-        return self.layout[key]
 
     def mass(self, module: str) -> Tensor:
         """Σ of the weights that reached each of ``module``'s r_max components."""
         out = torch.zeros(self.r_max, dtype=torch.float64)
-        for reached, w in self.reached.get(module, []):
+        for reached, weight in self.reached:
+            w = float(weight[module]) if isinstance(weight, Mapping) else weight
             if isinstance(reached, int):
                 out[:reached] += w
             else:
@@ -99,7 +115,7 @@ class PaddedSum:
         ``previous`` (zero without one). fp32."""
         if not self.count:
             raise ValueError("nothing was added to the sum")
-        masses = {module: self.mass(module) for module in self.reached}
+        masses = {module: self.mass(module) for module in {m for _, m in self.layout.values()}}
         out: Adapter = {}
         for key in sorted(self.sums):
             axis, module = self.layout[key]

@@ -126,8 +126,10 @@ def _is_float64(*factors: Tensor) -> bool:
 
 def _product_norm_sq(b: Tensor, a: Tensor, exact: bool) -> Tensor:
     dtype = torch.float64 if exact else torch.float32
-    b, a = b.detach().to(dtype), a.detach().to(dtype)
-    return torch.mul(b.T @ b, a @ a.T).sum(dtype=torch.float64)
+    if b.dtype != dtype or a.dtype != dtype:  # (a conversion that changes nothing still costs a call per factor)
+        b, a = b.to(dtype), a.to(dtype)
+    with torch.no_grad():
+        return torch.mul(b.T @ b, a @ a.T).sum(dtype=torch.float64)
 
 
 def update_norm(adapter: Mapping[str, Tensor]) -> float:
@@ -136,10 +138,16 @@ def update_norm(adapter: Mapping[str, Tensor]) -> float:
     fp32 Grams for every module, one finiteness check for the whole sum (then float64 if it failed)."""
     pairs = [(b, a) for _, b, a in lora_pairs(adapter)]
     exact = any(_is_float64(b, a) for b, a in pairs)
-    total = math.fsum(float(_product_norm_sq(b, a, exact)) for b, a in pairs)
+    total = _sum_of_product_norms(pairs, exact)
     if not math.isfinite(total) and not exact:
-        total = math.fsum(float(_product_norm_sq(b, a, True)) for b, a in pairs)
+        total = _sum_of_product_norms(pairs, True)
     return math.sqrt(total)
+
+
+def _sum_of_product_norms(pairs: list[tuple[Tensor, Tensor]], exact: bool) -> float:
+    """Σ_ℓ ‖B_ℓ A_ℓ‖_F², each module's term in float64, their sum exactly rounded (math.fsum)."""
+    with torch.no_grad():
+        return math.fsum(float(_product_norm_sq(b, a, exact)) for b, a in pairs)
 
 
 def factor_norms(adapter: Mapping[str, Tensor]) -> tuple[float, float]:

@@ -97,8 +97,13 @@ def aggregate_valid(method: AggregationMethod, updates: Sequence[ClientUpdate], 
 
 def as_fp32(update: ClientUpdate) -> ClientUpdate:
     """Detached factors in at least fp32 (half precision is widened before any sum; float64 stays)."""
-    adapter = {k: v.detach() if v.dtype in (torch.float32, torch.float64) else v.detach().float() for k, v in update.adapter.items()}
-    return replace(update, adapter=adapter)
+    return replace(update, adapter={k: _fp32_factor(v) for k, v in update.adapter.items()})
+
+
+def _fp32_factor(value: torch.Tensor) -> torch.Tensor:
+    """``value`` itself when it is already a plain fp32/fp64 tensor (no copy, no new tensor object)."""
+    value = value.detach() if value.requires_grad else value
+    return value if value.dtype in (torch.float32, torch.float64) else value.float()
 
 
 def aggregate(
