@@ -1,6 +1,7 @@
 """Did a change alter what runs compute? Tiny runs of every method from two source trees, compared.
 
     python benchmarks/behaviour_check.py --before /path/to/old/src [--after src] [--json out.json]
+    python benchmarks/behaviour_check.py --smoke    # this tree against itself, hetlora: must be identical (tests)
 
 Each tree runs, in a process of its own, a 2-round tiny-model run of every registered method (seed 0,
 pruning on, 2 clients a round); the metrics (timings and memory left out) and the final adapter are
@@ -22,13 +23,13 @@ from pathlib import Path
 TIMING = {"seconds", "client_seconds", "eval_seconds", "peak_rss_mb", "server_rss_mb", "seconds_total"}
 
 
-def run_all(out: Path) -> None:
-    """In this process (the tree on PYTHONPATH): one tiny run per method under ``out``."""
+def run_all(out: Path, methods: list[str] | None = None) -> None:
+    """In this process (the tree on PYTHONPATH): one tiny run per method (every registered one by default) under ``out``."""
     from hetlora.config import RunConfig
     from hetlora.methods import METHODS
-    from hetlora.runner import run
+    from hetlora.server.runner import run
 
-    for method in METHODS:
+    for method in methods or METHODS:
         cfg = RunConfig(model="tiny", data="chitchat", method=method, client_pool=4, clients_per_round=2, rounds=2, local_steps=2,
                         batch_size=2, max_length=32, eval_size=4, final_eval_size=8, r_min=2, r_max=6, min_examples=200,
                         tiers=[2, 6], seed=0, lr=1e-2, out=str(out / method))
@@ -90,14 +91,21 @@ def main() -> None:
     p.add_argument("--after", type=Path, default=Path("src"))
     p.add_argument("--json", type=Path)
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--methods", nargs="+", default=None, help="these methods only (default: every registered one)")
+    p.add_argument("--smoke", action="store_true", help="this tree against itself, hetlora: identical bytes or a failure")
     args = p.parse_args()
     if args.child:
-        run_all(args.child)
+        run_all(args.child, args.methods)
         return
+    if args.smoke:
+        args.before, args.methods = args.after, ["hetlora"]
+    if args.before is None:
+        p.error("--before (the source tree to compare with) is required")
     with tempfile.TemporaryDirectory() as tmp:
         for name, tree in (("before", args.before), ("after", args.after)):
             env = dict(os.environ, PYTHONPATH=str(tree.resolve()))
-            subprocess.run([sys.executable, __file__, "--child", str(Path(tmp) / name)], env=env, check=True,
+            subprocess.run([sys.executable, __file__, "--child", str(Path(tmp) / name)] + (["--methods", *args.methods] if args.methods else []),
+                           env=env, check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         result = compare(Path(tmp) / "before", Path(tmp) / "after")
     for method, r in result.items():
@@ -110,6 +118,8 @@ def main() -> None:
 
         report = {"provenance": environment("cpu"), "before": str(args.before), "after": str(args.after), "methods": result}
         args.json.write_text(json.dumps(report, indent=1) + "\n")
+    if args.smoke and not all(r["identical"] for r in result.values()):
+        raise SystemExit("the same tree gave different numbers twice: a run is not reproducible")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ LoRA state at the client's rank (factors, gradients and two AdamW moments in fp3
 cannot load the model cannot train it.
 
     python benchmarks/footprint.py [--steps 2] [--ranks 5 27 50] [--json benchmarks/results/footprint.json]
+    python benchmarks/footprint.py --smoke --json F    # the tiny model, 1 step, ranks 2 and 5, fp32, no checkpointing (tests)
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ import time
 from pathlib import Path
 
 R_MIN, R_MAX, BATCH, LENGTH = 5, 50, 8, 128
+RANK_BOUNDS = {"smollm2": (R_MIN, R_MAX), "tiny": (2, 6)}  # the tiny model's layers are 32 to 96 wide
 
 
-def run_config(kind: str, rank: int, precision: str, checkpointing: bool, steps: int, extra: dict | None = None):
+def run_config(kind: str, rank: int, precision: str, checkpointing: bool, steps: int, extra: dict | None = None,
+               model: str = "smollm2"):
     from hetlora.config import RunConfig
 
-    return RunConfig(model="smollm2", method="fft" if kind == "fft" else "hetlora", max_length=LENGTH, batch_size=BATCH,
-                     local_steps=steps, r_min=R_MIN, r_max=R_MAX, lr=1e-3, precision=precision, seed=0, client_pool=8,
+    return RunConfig(model=model, method="fft" if kind == "fft" else "hetlora", max_length=LENGTH, batch_size=BATCH,
+                     local_steps=steps, r_min=RANK_BOUNDS.get(model, (R_MIN, R_MAX))[0], r_max=RANK_BOUNDS.get(model, (R_MIN, R_MAX))[1], lr=1e-3, precision=precision, seed=0, client_pool=8,
                      min_examples=20, grad_checkpointing=checkpointing, **(extra or {})).validate()
 
 
@@ -44,7 +47,7 @@ def start_payload(host, kind: str, rank: int) -> dict:
     from hetlora.core.adapter import B_SUFFIX
 
     k = get_kind("fft" if kind == "fft" else "lora")
-    payload = k.payload(k.initial_state(host, R_MAX, 0), host.client_ids[0], rank, 0, 0)
+    payload = k.payload(k.initial_state(host, host.cfg.r_max, 0), host.client_ids[0], rank, 0, 0)
     return payload if kind == "fft" else {n: (v + 0.01) if n.endswith(B_SUFFIX) else v for n, v in payload.items()}
 
 
@@ -53,9 +56,9 @@ def saved_activation_bytes(host, checkpointing: bool) -> int:
     import torch
 
     from hetlora.data.federated import collate
-    from hetlora.evaluate import autocast, target_token_losses
-    from hetlora.memory import lean_memory
-    from hetlora.training import batches
+    from hetlora.device.evaluate import autocast, target_token_losses
+    from hetlora.device.memory import lean_memory
+    from hetlora.device.training import batches
 
     params = {p.untyped_storage().data_ptr() for p in host.model.parameters()} | {b.untyped_storage().data_ptr() for b in host.model.buffers()}
     seen: dict[int, int] = {}
@@ -120,7 +123,7 @@ def child(spec: dict) -> None:
     t0 = time.perf_counter()
     import torch  # noqa: F401
 
-    from hetlora.memory import peak_rss_mb, rss_mb
+    from hetlora.device.memory import peak_rss_mb, rss_mb
 
     if spec["engine"] == "clientapp":
         from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: F401
@@ -128,10 +131,10 @@ def child(spec: dict) -> None:
         from hetlora.flower import client_app
         from hetlora.flower.common import encode_config, to_array_record
     from hetlora.clients import Job, get_kind
-    from hetlora.host import ClientHost
+    from hetlora.device.host import ClientHost
 
     if "mmap_threshold" in spec:  # an allocator setting to compare (0: glibc's default); the first setting stays
-        from hetlora.memory import configure_allocator
+        from hetlora.device.memory import configure_allocator
 
         configure_allocator(spec["mmap_threshold"])
     if "arena_max" in spec:  # glibc M_ARENA_MAX (-8): fewer per-thread heaps
@@ -139,7 +142,8 @@ def child(spec: dict) -> None:
 
         ctypes.CDLL(None).mallopt(-8, int(spec["arena_max"]))
     baseline = rss_mb()
-    cfg = run_config(spec["kind"], spec["rank"], spec["precision"], spec["checkpointing"], spec["steps"], spec.get("extra"))
+    cfg = run_config(spec["kind"], spec["rank"], spec["precision"], spec["checkpointing"], spec["steps"], spec.get("extra"),
+                     spec.get("model", "smollm2"))
     if spec["engine"] == "clientapp":
         host = client_app.client_host(cfg)  # what the ClientApp builds on its first message
     else:
@@ -189,19 +193,25 @@ def main() -> None:
     p.add_argument("--release-rows", action="store_true", help="also measure --release-memory (the fixed mmap threshold)")
     p.add_argument("--calibrate", action="store_true", help="write the fits to hetlora/footprint_calibration.json")
     p.add_argument("--child", default=None)
+    p.add_argument("--model", default="smollm2", help="smollm2 (the figures and the calibration) or tiny (the smoke mode)")
+    p.add_argument("--smoke", action="store_true", help="the tiny model, 1 step, ranks 2 and 5, fp32, no checkpointing: for the test suite")
     args = p.parse_args()
+    if args.smoke:
+        if args.calibrate:
+            p.error("--smoke measures the tiny model: it cannot calibrate the footprint model")
+        args.model, args.steps, args.ranks, args.engines, args.precisions, args.checkpointing = "tiny", 1, [2, 5], ["clientapp"], ["fp32"], ["off"]
     if args.child:
         child(json.loads(args.child))
         return
     import torch
 
-    from hetlora.host import native_bf16
+    from hetlora.device.host import native_bf16
     from hetlora.provenance import environment
 
     provenance = environment("cpu")  # before anything is written (--calibrate writes a tracked file)
     precisions = args.precisions or (["fp32", "bf16"] if native_bf16("cpu") else ["fp32"])
     rows = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}; SmolLM2-135M, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}; {args.model}, "
           f"batch {BATCH} x {LENGTH}, {args.steps} steps; peak RSS of a fresh process (MB)")
     print(f"{'engine':>10} {'kind':>4} {'rank':>4} {'prec':>4} {'ckpt':>4} {'rel.':>4} {'peak':>7} {'floor':>7} {'peak/floor':>10} {'s/step':>7}")
     ckpts = [c == "on" for c in args.checkpointing]
@@ -214,7 +224,7 @@ def main() -> None:
         plan += [] if args.no_fft else [("in-process", "fft", 0, pr, True, True) for pr in precisions]
     for engine, kind, rank, precision, ckpt, release in plan:
         spec = {"engine": engine, "kind": kind, "rank": rank, "precision": precision, "checkpointing": ckpt, "steps": args.steps,
-                "release_memory": release} | ({"extra": {"release_memory": True}} if release else {})
+                "release_memory": release, "model": args.model} | ({"extra": {"release_memory": True}} if release else {})
         row = measure(spec | ({"mmap_threshold": args.mmap_threshold} if args.mmap_threshold is not None else {}))
         row["default"] = (engine == "clientapp" and kind == "lora" and ckpt == device_default_checkpointing() and not release
                           and precision == precisions[0])
@@ -224,11 +234,11 @@ def main() -> None:
     for r in rows:
         r["batch"], r["length"] = BATCH, LENGTH
     summary = goals(rows)
-    fits = calibration_check(rows, summary)
+    fits = calibration_check(rows, summary, args.model)
     for line in summary["lines"]:
         print(line)
     if args.calibrate:
-        from hetlora.footprint import CALIBRATION
+        from hetlora.device.footprint import CALIBRATION
 
         CALIBRATION.write_text(json.dumps({"source": str(args.json or "benchmarks/footprint.py"), "provenance": provenance,
                                            "fits": fits}, indent=1) + "\n")
@@ -240,13 +250,13 @@ def main() -> None:
         print(f"wrote {args.json}")
 
 
-def calibration_check(rows: list[dict], summary: dict) -> dict:
+def calibration_check(rows: list[dict], summary: dict, model: str = "smollm2") -> dict:
     """Fit the footprint model to the ClientApp LoRA rows and say how far its predictions fall from them."""
     try:
-        from hetlora.footprint import calibrate, fit
+        from hetlora.device.footprint import calibrate, fit
     except ImportError:  # a tree from before the footprint model (a before/after comparison)
         return {}
-    fits = calibrate([r for r in rows if not r.get("release_memory")])  # the prediction assumes release off (conservative when on)
+    fits = calibrate([r for r in rows if not r.get("release_memory")], model)  # the prediction assumes release off (conservative when on)
     errors = []
     for key, f in fits.items():
         points = f["points"]

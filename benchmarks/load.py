@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from hetlora.config import RunConfig
-from hetlora.runner import run
+from hetlora.server.runner import run
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 into the next study's core. Never the test split: the study judges the chosen ones there.
 
     python benchmarks/rank_health_pilot.py --seeds 0 1 [--budget-minutes 50]
+    python benchmarks/rank_health_pilot.py --smoke --json F   # the tiny smoke preset, 2 labels, 1 round, a temporary directory
 
 The CPU study preset's design (SmolLM2 + chitchat, a pool of 12 returning clients, 4 a round, 9 rounds × 2
 local steps), scored on 256 validation examples after the last round, plus the r_min tier (the global adapter
@@ -19,51 +20,55 @@ import statistics
 import time
 from pathlib import Path
 
-from hetlora.compare import variant
+from hetlora.study.compare import variant
 from hetlora.config import RunConfig
 from hetlora.provenance import environment
-from hetlora.runner import finished_as_asked, run
-from hetlora.stats import t_interval
-from hetlora.study import PRESETS
+from hetlora.server.runner import finished_as_asked, run
+from hetlora.study.stats import t_interval
+from hetlora.study.runs import PRESETS
 
 LABELS = ["hetlora", "hetlora-svd", "hetlora-revive", "hetlora-svd-revive", "hetlora-ordered", "hetlora-svd-ordered"]
 RESULTS = Path("benchmarks/results/pilot-rank-health")
 LR = 1e-3  # the CPU study's tuned LoRA rate (benchmarks/results/cpu-v2/tuning.json); not re-tuned for the pilot
 
 
-def config(label: str, seed: int, work: Path) -> RunConfig:
-    base = RunConfig(**(PRESETS["cpu"].base | {"eval_split": "validation", "lr": LR, "seed": seed, "out": str(work)}))
+def config(label: str, seed: int, work: Path, preset: str = "cpu", rounds: int | None = None) -> RunConfig:
+    extra = {"rounds": rounds} if rounds else {}
+    base = RunConfig(**(PRESETS[preset].base | {"eval_split": "validation", "lr": LR, "seed": seed, "out": str(work)} | extra))
     return dataclasses.replace(variant(label, base), out=str(work / f"{label}-s{seed}"))
 
 
-def collect(seeds: list[int]) -> dict:
+def collect(seeds: list[int], results: Path = RESULTS, labels: list[str] = LABELS, preset: str = "cpu") -> dict:
+    tier = str(PRESETS[preset].base["r_min"])
     rows = {}
-    for label in LABELS:
+    for label in labels:
         per_seed = {}
         for seed in seeds:
-            path = RESULTS / "runs" / f"{label}-s{seed}" / "summary.json"
+            path = results / "runs" / f"{label}-s{seed}" / "summary.json"
             if path.is_file():
                 s = json.loads(path.read_text())
-                per_seed[seed] = {"validation_ppl": s["full_eval_ppl"], "r_min_tier_ppl": s["final_tier_eval_ppl"].get("5"),
+                per_seed[seed] = {"validation_ppl": s["full_eval_ppl"], "r_min_tier_ppl": s["final_tier_eval_ppl"].get(tier),
                                   "live_rank": s.get("final_live_rank"), "trainable_rank": s.get("final_trainable_rank"),
                                   "bytes_up_total": s["bytes_up_total"], "seconds": s["seconds_total"],
                                   "commit": s["provenance"]["commit"], "device": s["provenance"]["device"],
                                   "precision": s["provenance"]["precision"]}
         rows[label] = per_seed
     paired = {}
-    for label in LABELS[1:]:
+    for label in labels[1:]:
         seeds_both = sorted(set(rows[label]) & set(rows["hetlora"]))
         for key in ("validation_ppl", "r_min_tier_ppl"):
             diffs = [rows[label][s][key] - rows["hetlora"][s][key] for s in seeds_both]
             mean, ci = t_interval(diffs) if diffs else (None, None)
             paired.setdefault(label, {})[key] = {"seeds": seeds_both, "diffs": diffs, "mean": mean, "ci95": list(ci) if ci else None}
-    return {"design": {"split": "validation", "labels": LABELS, "seeds": seeds, "lr": LR, "preset": "cpu", "final_eval_size": 256},
+    return {"design": {"split": "validation", "r_min": int(tier), "labels": labels, "seeds": seeds, "lr": LR, "preset": preset,
+                       "final_eval_size": PRESETS[preset].base.get("final_eval_size")},
             "runs": rows, "vs_hetlora": paired, "provenance": environment("cpu")}
 
 
 def render(report: dict) -> str:
+    r_min = report["design"]["r_min"]
     lines = ["# Rank-health pilot (validation split; lower is better)", "",
-             "| label | n | validation ppl (mean) | r = 5 tier ppl (mean) | Δ vs hetlora, validation (mean, 95 % CI) | Δ vs hetlora, r = 5 tier | live / trainable rank |",
+             f"| label | n | validation ppl (mean) | r = {r_min} tier ppl (mean) | Δ vs hetlora, validation (mean, 95 % CI) | Δ vs hetlora, r = {r_min} tier | live / trainable rank |",
              "|---|---:|---:|---:|---|---|---|"]
     for label, per_seed in report["runs"].items():
         if not per_seed:
@@ -87,12 +92,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--budget-minutes", type=float, default=None)
     parser.add_argument("--work", type=Path, default=Path("runs/pilot-rank-health"))
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--smoke", action="store_true", help="the tiny smoke preset, 2 labels, 1 round, seed 0, in a temporary directory")
+    parser.add_argument("--json", type=Path, default=None, help="also copy pilot.json here")
     args = parser.parse_args()
+    preset, labels, rounds = "cpu", LABELS, None
+    if args.smoke:
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="hl-pilot-"))
+        preset, labels, rounds, args.seeds, args.work, args.results = "smoke", LABELS[:2], 1, [0], tmp / "work", tmp / "results"
     started = time.perf_counter()
     for seed in args.seeds:  # seed-major: a partial pilot still pairs every label on the seeds it has
-        for label in LABELS:
-            cfg = config(label, seed, args.work)
-            kept = RESULTS / "runs" / f"{label}-s{seed}"
+        for label in labels:
+            cfg = config(label, seed, args.work, preset, rounds)
+            kept = args.results / "runs" / f"{label}-s{seed}"
             if finished_as_asked(kept, cfg):
                 continue
             if args.budget_minutes is not None and time.perf_counter() - started > 60 * args.budget_minutes:
@@ -105,14 +119,19 @@ def main() -> None:
             for name in ("metrics.jsonl", "summary.json"):
                 (kept / name).write_bytes((work / name).read_bytes())
             print(f"{label:>20} seed {seed}: validation ppl {summary['full_eval_ppl']:.2f} ({time.perf_counter() - t:.0f}s)", flush=True)
-            report = collect(args.seeds)
-            (RESULTS / "pilot.json").write_text(json.dumps(report, indent=1))
-            (RESULTS / "pilot.md").write_text(render(report))
-    report = collect(args.seeds)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "pilot.json").write_text(json.dumps(report, indent=1))
-    (RESULTS / "pilot.md").write_text(render(report))
+            write(collect(args.seeds, args.results, labels, preset), args.results)
+    report = collect(args.seeds, args.results, labels, preset)
+    write(report, args.results)
     print(render(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+def write(report: dict, results: Path) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "pilot.json").write_text(json.dumps(report, indent=1))
+    (results / "pilot.md").write_text(render(report))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def main() -> None:
     from flwr.supercore.task_identity import TaskIdentity
 
     from hetlora.config import RunConfig
-    from hetlora.federation import Federation
+    from hetlora.server.federation import Federation
     from hetlora.flower.server_app import serve
     from hetlora.provenance import environment
     from tests.flower.loopback import LoopbackGrid

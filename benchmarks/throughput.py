@@ -74,7 +74,7 @@ def step_flops(model, tokens: int, targets: int, rank: int) -> float:
 
 def make_host(args, precision: str):
     from hetlora.config import RunConfig
-    from hetlora.host import ClientHost
+    from hetlora.device.host import ClientHost
 
     cfg = RunConfig(model=args.model, max_length=args.max_length, batch_size=args.batch_size, local_steps=args.steps,
                     r_min=args.rank, r_max=args.rank, precision=precision, lr=1e-3, seed=0, client_pool=args.clients,
@@ -85,7 +85,7 @@ def make_host(args, precision: str):
 def jobs_for(host, rank: int):
     from hetlora.clients import Job
     from hetlora.core.adapter import B_SUFFIX
-    from hetlora.lora import lora_init, target_shapes
+    from hetlora.device.lora import lora_init, target_shapes
 
     start = lora_init(target_shapes(host.model, host.local.targets), rank, 0)
     start = {k: (v + 0.01) if k.endswith(B_SUFFIX) else v for k, v in start.items()}  # a non-zero B, as after round 1
@@ -117,10 +117,10 @@ def time_training(host, jobs, together: bool, rank: int) -> dict:
 
 def round_share(args, precision: str) -> dict:
     """One full round (sample → payloads → train → validate → aggregate → evaluate → checkpoint)."""
-    from hetlora.checkpoint import save_checkpoint
+    from hetlora.server.checkpoint import save_checkpoint
     from hetlora.config import RunConfig
-    from hetlora.federation import Federation
-    from hetlora.runner import Progress, evaluate_round, local_round
+    from hetlora.server.federation import Federation
+    from hetlora.server.runner import Progress, evaluate_round, local_round
 
     with tempfile.TemporaryDirectory() as out:
         cfg = RunConfig(model=args.model, max_length=args.max_length, batch_size=args.batch_size, local_steps=args.steps,
@@ -158,7 +158,7 @@ def main() -> None:
         args.model, args.clients, args.steps, args.batch_size, args.max_length, args.rank = "tiny", 2, 1, 2, 32, 4
         args.eval_size, args.precisions = 4, "fp32"
 
-    from hetlora.host import pick_device, resolve_precision
+    from hetlora.device.host import pick_device, resolve_precision
     from hetlora.provenance import environment
 
     device = pick_device("auto")

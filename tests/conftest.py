@@ -4,7 +4,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny():
     """The tiny random Llama and the SmolLM2 tokenizer (deterministic, ~0.4 s)."""
-    from hetlora.models import load_base_model
+    from hetlora.models.loading import load_base_model
 
     return load_base_model("tiny")
 
@@ -24,7 +24,7 @@ def make_host(tiny, chitchat_small):
     from dataclasses import replace
 
     from hetlora.config import RunConfig
-    from hetlora.host import ClientHost
+    from hetlora.device.host import ClientHost
 
     def make(seed: int = 0, precision: str = "fp32", **local):
         model, tok = tiny

@@ -81,3 +81,52 @@ def test_the_core_is_pure():
 def test_a_cycle_is_found_when_there_is_one():
     assert cycle_from("a.x", {"a.x": {"a.y"}, "a.y": {"a.z"}, "a.z": {"a.x"}}) == ["a.x", "a.y", "a.z", "a.x"]
     assert cycle_from("a.x", {"a.x": {"a.y"}, "a.y": set()}) is None
+
+
+#: the packages from the bottom up (docs/algorithm.md §8): a module imports its own package or one below it,
+#: never one above and never a sibling on its own level.
+LAYERS = [
+    ("core",),  # pure tensor algorithm
+    ("methods",),  # one aggregation rule per module
+    ("files", "provenance"),  # crash-safe files; commit, device and library versions
+    ("config",),  # the run's settings, checked
+    ("data",),  # datasets and their federated partitions
+    ("models",),  # base models and the GGUF cache
+    ("device",),  # what runs on a device: host, LoRA bank, training, evaluation, memory, footprint
+    ("clients",),  # one class per client kind
+    ("server",),  # federation, runner, round report, checkpoints, outputs, privacy
+    ("export", "study"),  # what a run hands to devices; the pre-registered study
+    ("flower",),  # the Flower apps, their credentials and secure rounds
+    ("engines",),  # which engine runs a run
+    ("cli",),  # the command line
+]
+LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
+
+
+def package_of(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else "__init__"
+
+
+def test_every_package_has_its_place():
+    """A new package (or top-level module) is placed in LAYERS on purpose, not by accident."""
+    placed = {package_of(m) for m in MODULES} - {"__init__"}
+    assert placed <= LEVEL.keys(), f"place these in LAYERS: {sorted(placed - LEVEL.keys())}"
+
+
+def test_imports_flow_down_the_packages():
+    upward = []
+    for name in MODULES:
+        package = package_of(name)
+        if package == "__init__":
+            continue  # the public face (hetlora/__init__.py) may import anything it re-exports
+        for target in imports(name):
+            other = package_of(target)
+            if other != package and (other == "__init__" or LEVEL[other] >= LEVEL[package]):
+                upward.append(f"{name} → {target}")
+    assert not upward, "imports against the package order: " + "; ".join(sorted(upward))
+
+
+def test_the_top_level_holds_packages_and_a_few_modules():
+    """26 modules side by side was a flat house; what stays at the top is the public face and a few small rooms."""
+    top = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    assert top == ["cli", "config", "engines", "files", "provenance"], top

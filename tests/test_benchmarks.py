@@ -9,14 +9,30 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ["aggregation.py", "throughput.py", "secure_aggregation.py", "load.py"]
+SMOKE = ["aggregation.py", "throughput.py", "secure_aggregation.py", "load.py", "client_step.py", "flower_overhead.py",
+         "footprint.py", "rank_health_pilot.py", "reproduce.py", "behaviour_check.py"]
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+
+def test_every_benchmark_has_a_smoke_mode_here():
+    """A new benchmark joins SMOKE (and gets a --smoke), or nothing notices when it rots."""
+    assert sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")) == sorted(SMOKE)
 
 
 @pytest.mark.parametrize("script", SMOKE)
 def test_a_benchmark_runs_in_its_smoke_mode_and_writes_its_json(tmp_path, script):
     out = tmp_path / "figures.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--json", str(out)], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=600)
+                            env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert out.is_file() and out.stat().st_size > 0
+
+
+def test_the_gpu_sitting_script_runs_in_its_smoke_mode(tmp_path):
+    """benchmarks/gpu_study.sh names test files and result directories: its smoke mode collects those tests (a moved file
+    fails), runs the throughput and study steps in their smoke forms and packs what it would bring back."""
+    env = ENV | {"SMOKE": "1", "OUT": str(tmp_path), "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_study.sh")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "passed (collected)" in (tmp_path / "gpu_tests.log").read_text()
+    assert (tmp_path / "gpu_throughput.json").stat().st_size > 0 and (tmp_path / "gpu_results.tgz").is_file()

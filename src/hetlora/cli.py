@@ -153,7 +153,7 @@ def compare(**options: Any) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
 
     def work():
-        from .compare import compare as run_compare
+        from .study.compare import compare as run_compare
 
         base = build_config(config, options | {"out": out})
         return base, run_compare([m.strip() for m in methods.split(",") if m.strip()], base, progress=not quiet, target=target_ppl)
@@ -184,7 +184,7 @@ def report(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks"),
 ) -> None:
     """Re-render comparison.md and comparison.png from existing outputs."""
-    from .compare import render
+    from .study.compare import render
 
     md, png = _guard(debug, lambda: render(directory, target_ppl))
     typer.echo(f"wrote {md} and {png}")
@@ -205,12 +205,12 @@ def export(
     if merged is not None and gguf is not None and merged.resolve() == gguf.resolve():
         _fail(ValueError(f"--merged and --gguf name the same directory {merged}: give each its own"), debug)
     if merged is not None:
-        from .export import export_merged
+        from .export.merged import export_merged
 
         _guard(debug, lambda: export_merged(directory, merged, force=force))
         typer.echo(f"wrote merged model to {merged}")
     if gguf is not None:
-        from .gguf_export import export_gguf
+        from .export.gguf import export_gguf
 
         def work():
             return export_gguf(directory, gguf, parse_int_list(ranks or "", "--ranks") or None, force=force)
@@ -228,7 +228,7 @@ def credentials(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks"),
 ) -> None:
     """TLS and SuperNode-authentication credentials for a secure Flower deployment, made offline."""
-    from .credentials import write_credentials
+    from .flower.credentials import write_credentials
 
     files = _guard(debug, lambda: write_credentials(directory, nodes, host or [], force=force))
     typer.echo(f"wrote {len(files)} files to {directory}: " + ", ".join(f.name for f in files))
@@ -248,7 +248,8 @@ def study(
     """The reproduction study of HetLoRA's claims (C1–C8): a pre-registered plan, paired 95 % intervals, verdicts."""
     import time
 
-    from .study import PRESETS, Study, write_report
+    from .study.report import write_report
+    from .study.runs import PRESETS, Study
 
     if preset not in PRESETS:
         _fail(ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}"), debug)

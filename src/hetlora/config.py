@@ -10,6 +10,7 @@ what was expected.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 import typing
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .footprint import budget_problem, read_budgets
+from .core.ranks import budget_problem
 from .methods import METHODS
 
 # LoRA defaults (docs/algorithm.md, "Scaling"): lora_alpha = DEFAULT_SCALE · r, on all 7 linear layers
@@ -475,3 +476,17 @@ def node_partitions(spec: str | None) -> dict[int, int]:
         return {int(n): int(p) for n, p in json.loads(Path(spec).read_text()).items()}
     except (ValueError, OSError, AttributeError) as e:
         raise ValueError(f"node_clients {spec!r}: expected NODE=PARTITION,… or a JSON file of node id → partition id ({e})") from None
+
+
+def read_budgets(path: Path) -> dict[str, float]:
+    """Per-client memory budgets (MB) from a JSON object ``{client id: MB}``, every value checked."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"memory budgets {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"memory budgets {path}: expected a JSON object of client id → positive MB")
+    problems = [f"{k}: {p}" for k, v in data.items() if (p := budget_problem(v))]
+    if problems:
+        raise ValueError(f"memory budgets {path}: " + "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
+    return {str(k): float(v) for k, v in data.items()}

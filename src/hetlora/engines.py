@@ -1,7 +1,7 @@
 """The engine dispatcher: ``hetlora run`` builds its config and runs it in process or on Flower.
 
-It sits above both engines (hetlora.runner in process, hetlora.flower over Flower), so neither
-imports the other's shell: the Flower ServerApp drives :func:`hetlora.runner.run` with its own
+It sits above both engines (hetlora.server.runner in process, hetlora.flower over Flower), so neither
+imports the other's shell: the Flower ServerApp drives :func:`hetlora.server.runner.run` with its own
 round function, and nothing in the runner knows Flower exists.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import RunConfig, build_config
-from .runner import resume_config, run
+from .server.runner import resume_config, run
 
 
 class RunFailed(RuntimeError):

@@ -13,8 +13,6 @@ from typing import Any
 
 import torch
 
-from .models import library_versions
-
 
 def git_commit() -> str:
     """The commit of the source tree hetlora was imported from (with ``-dirty`` for local changes)."""
@@ -47,7 +45,7 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def provenance(host) -> dict[str, Any]:
-    """The record for results made with ``host`` (a :class:`hetlora.host.ClientHost`)."""
+    """The record for results made with ``host`` (a :class:`hetlora.device.host.ClientHost`)."""
     tok = host.tokenizer
     end = host.data.end_id
     return {
@@ -57,3 +55,16 @@ def provenance(host) -> dict[str, Any]:
         "eos_token": {"token": tok.eos_token, "id": tok.eos_token_id},
         "end_of_turn_token": {"token": tok.convert_ids_to_tokens(end) if end is not None else None, "id": end},
     }
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a converted model or a result (for provenance)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "gguf"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out

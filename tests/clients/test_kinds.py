@@ -3,10 +3,10 @@ import torch
 
 from hetlora import truncate_adapter
 from hetlora.core.adapter import A_SUFFIX, B_SUFFIX, adapter_rank
-from hetlora.evaluate import evaluate_loss
+from hetlora.device.evaluate import evaluate_loss
 from hetlora.config import DEFAULT_TARGETS
-from hetlora.lora import lora_init, target_shapes
-from hetlora.training import batches
+from hetlora.device.lora import lora_init, target_shapes
+from hetlora.device.training import batches
 from tests.helpers import train
 
 

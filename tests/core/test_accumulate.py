@@ -60,3 +60,18 @@ def test_a_sketch_lands_on_its_own_components():
     assert acc.mass("m").tolist() == [0.0, 1.0, 0.0, 2.0, 0.0]
     with pytest.raises(ValueError, match="nothing was added"):
         PaddedSum(3).total()
+
+
+def test_an_update_without_one_rank_that_fits_is_refused_and_leaves_the_sum_as_it_was():
+    acc = PaddedSum(3)
+    acc.add(factors(2, 1.0), 1.0)
+    before = acc.total()
+    mixed = {"m" + B_SUFFIX: torch.ones(3, 2), "m" + A_SUFFIX: torch.ones(3, 2), "n" + B_SUFFIX: torch.ones(3, 2),
+             "n" + A_SUFFIX: torch.ones(2, 2)}
+    with pytest.raises(ValueError, match="share one rank"):
+        acc.add(mixed, 1.0)
+    with pytest.raises(ValueError, match="does not fit"):
+        acc.add(factors(4, 1.0), 1.0)
+    after = acc.total()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert acc.count == 1 and acc.mass("m").tolist() == [1.0, 1.0, 0.0]

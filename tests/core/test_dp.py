@@ -53,7 +53,7 @@ def test_epsilon_accounts_for_fixed_size_sampling_without_replacement():
     from dp_accounting.privacy_accountant import NeighboringRelation
     from dp_accounting.rdp import rdp_privacy_accountant
 
-    from hetlora.privacy import epsilon
+    from hetlora.server.privacy import epsilon
 
     def reference(event, steps):
         acc = rdp_privacy_accountant.RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)

@@ -45,7 +45,7 @@ def test_rank_energy_shares_add_up_and_sit_where_the_energy_is():
 def test_trainable_rank_counts_components_with_either_factor_alive():
     """LoRA's own init (B = 0) is trainable at full rank and live at 0; a component is lost only when its B
     column and A row are zero in every layer (zero padding does that)."""
-    from hetlora.lora import lora_init
+    from hetlora.device.lora import lora_init
 
     fresh = lora_init({"m0": (7, 5), "m1": (3, 5)}, 6, seed=0)
     assert trainable_rank(fresh) == 6 and live_rank(fresh) == 0

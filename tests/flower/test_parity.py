@@ -15,7 +15,7 @@ import pytest
 from hetlora.config import RunConfig
 from hetlora.flower.server_app import serve
 from hetlora.methods import METHODS
-from hetlora.runner import run
+from hetlora.server.runner import run
 
 from .loopback import LoopbackGrid
 
@@ -65,7 +65,7 @@ def test_a_node_that_inflates_its_example_count_is_dropped(tmp_path):
 
     out = tmp_path / "flower"
     cfg = tiny(out, rounds=1, clients_per_round=4)
-    from hetlora.host import ClientHost
+    from hetlora.device.host import ClientHost
 
     result_ids = ClientHost(cfg).client_ids
     serve(Lying(partitions=4, fresh_process=False), cfg)

@@ -20,10 +20,10 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from hetlora import aggregate
 from hetlora.config import RunConfig
 from hetlora.core.adapter import ClientUpdate, truncate_adapter
-from hetlora.federation import Federation
+from hetlora.server.federation import Federation
 from hetlora.flower import client_app, secure_round
 from hetlora.flower.server_app import HetLoRAStrategy, serve
-from hetlora.runner import run
+from hetlora.server.runner import run
 
 from .loopback import LoopbackGrid
 

@@ -33,8 +33,8 @@ def connection(home: Path, address: str, ca: Path | None) -> None:
 
 def test_tls_authenticated_supernodes_bound_to_clients_and_the_attacks_fail(tmp_path):
     from hetlora.config import RunConfig
-    from hetlora.credentials import write_credentials
-    from hetlora.runner import run
+    from hetlora.flower.credentials import write_credentials
+    from hetlora.server.runner import run
 
     creds = tmp_path / "creds"
     write_credentials(creds, nodes=3)

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from hetlora.config import RunConfig
-from hetlora.federation import Federation
+from hetlora.server.federation import Federation
 from hetlora.flower.server_app import HetLoRAStrategy, serve
-from hetlora.runner import run
+from hetlora.server.runner import run
 
 from .loopback import LoopbackGrid
 

@@ -6,7 +6,7 @@ import pytest
 
 
 from hetlora.config import RunConfig
-from hetlora.runner import run
+from hetlora.server.runner import run
 
 
 def tiny(out, **kw):

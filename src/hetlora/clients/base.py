@@ -5,7 +5,7 @@ what a kind needs (``"base_delta"``: updates folded into the frozen weights). It
 each sampled client a :class:`~hetlora.clients.job.Job`. A kind owns, in one class: the
 payload a client receives, local training, evaluation of the global model, byte accounting,
 the trainable-parameter count, and what the server's state becomes after an aggregate.
-``Federation`` (hetlora.federation) orchestrates and never asks which kind it runs.
+``Federation`` (hetlora.server.federation) orchestrates and never asks which kind it runs.
 
 :class:`ClientKind` is the interface (and the accounting every kind shares); the LoRA kinds
 extend :class:`hetlora.clients.lora.LoRAClient`, full fine-tuning extends this directly.
@@ -25,7 +25,7 @@ from ..core.validation import LayerShapes
 from .job import Job, State
 
 if TYPE_CHECKING:
-    from ..host import ClientHost
+    from ..device.host import ClientHost
 
 
 class ClientKind:

@@ -10,13 +10,13 @@ from torch import Tensor
 
 from ..core.adapter import ClientUpdate, num_parameters
 from ..core.validation import LayerShapes
-from ..memory import peak_rss_mb
-from ..training import client_seed, optimise
+from ..device.memory import peak_rss_mb
+from ..device.training import client_seed, optimise
 from .base import ClientKind
 from .job import Job, State
 
 if TYPE_CHECKING:
-    from ..host import ClientHost
+    from ..device.host import ClientHost
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

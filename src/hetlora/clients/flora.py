@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Sequence
 from torch import Tensor
 
 from ..core.adapter import ClientUpdate
-from ..lora import lora_init, target_shapes
-from ..training import client_seed
+from ..device.lora import lora_init, target_shapes
+from ..device.training import client_seed
 from .job import Job, State
 from .lora import LoRAClient, train_lora
 
 if TYPE_CHECKING:
-    from ..host import ClientHost
+    from ..device.host import ClientHost
 
 
 class FLoRAClient(LoRAClient):

@@ -13,7 +13,7 @@ from .job import Job, State
 from .lora import LoRAClient, train_lora
 
 if TYPE_CHECKING:
-    from ..host import ClientHost
+    from ..device.host import ClientHost
 
 
 class FSLoRAClient(LoRAClient):

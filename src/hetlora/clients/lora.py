@@ -1,7 +1,7 @@
 """The LoRA client's local round (docs/algorithm.md, "Local training"): ``train_lora``.
 
-(The LoRA bank it trains in is ``hetlora/lora.py``; one optimiser step is
-``hetlora.training.optimise``.)
+(The LoRA bank it trains in is ``hetlora/device/lora.py``; one optimiser step is
+``hetlora.device.training.optimise``.)
 
 Each job's start adapter goes into its own slot of the host's LoRA bank; the clients
 train together for τ steps on task loss + λ·P_k (when the method prunes); then each
@@ -20,16 +20,16 @@ from torch import Tensor
 from ..core.adapter import ClientUpdate, adapter_rank, truncate_adapter
 from ..core.validation import LayerShapes
 from ..core.pruning import prune_rank, tail_penalty, tail_start
-from ..memory import peak_rss_mb
+from ..device.memory import peak_rss_mb
 from ..core.seeds import derive_seed
-from ..lora import lora_init, target_shapes
-from ..training import client_seed, optimise
+from ..device.lora import lora_init, target_shapes
+from ..device.training import client_seed, optimise
 
 from .base import ClientKind
 from .job import Job, State
 
 if TYPE_CHECKING:
-    from ..host import ClientHost
+    from ..device.host import ClientHost
 
 
 def prefix_ranks(seed: int, job: "Job", rank: int, r_min: int, steps: int) -> list[int]:

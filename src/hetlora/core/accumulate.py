@@ -42,9 +42,10 @@ class PaddedSum:
         """Fold one update in: each factor × its weight (one per client, or one per module) into its components
         (the leading ones, or ``indices``: which of the r_max components the update's components are)."""
         keys = list(adapter)
+        where = None if indices is None else torch.as_tensor(indices)
+        components = self._rank(adapter, keys) if where is None else where  # checked before anything is added
         for key in keys:
             self._place(key, adapter[key])
-        where = None if indices is None else torch.as_tensor(indices)
         with torch.no_grad():
             if where is not None:
                 self._scatter(adapter, keys, weight, where)
@@ -54,7 +55,6 @@ class PaddedSum:
             else:  # one weight: every factor in one call (most rounds; the call overhead is per tensor otherwise)
                 torch._foreach_add_([self._components(key, adapter[key]) for key in keys], [adapter[key] for key in keys],
                                     alpha=float(weight))
-        components = self._rank(adapter, keys) if where is None else where
         self.reached.append((components, weight if isinstance(weight, Mapping) else float(weight)))
         self.count += 1
 
@@ -66,11 +66,15 @@ class PaddedSum:
             self.add(adapter, weight)
 
     def _rank(self, adapter: Mapping[str, Tensor], keys: list[str]) -> int:
-        """How many leading components the update reaches: one rank for all its factors (docs/algorithm.md §1)."""
-        ranks = {adapter[key].shape[self.layout[key][0]] for key in keys}
+        """How many leading components the update reaches: one rank, at most r_max, for all its factors
+        (docs/algorithm.md §1); an update that has none is refused before it touches the sum."""
+        ranks = {adapter[key].shape[rank_axis(key)] for key in keys}
         if len(ranks) != 1:
             raise ValueError(f"an update's factors must share one rank, got ranks {sorted(ranks)}")
-        return ranks.pop()
+        rank = ranks.pop()
+        if rank > self.r_max:
+            raise ValueError(f"an update of rank {rank} does not fit a sum of rank {self.r_max}")
+        return rank
 
     def _components(self, key: str, value: Tensor) -> Tensor:
         """The leading components of ``key``'s accumulator that ``value`` covers (a view)."""

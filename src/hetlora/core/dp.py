@@ -4,7 +4,7 @@ Each client's update is its change on the slice of the global adapter it receive
 δ_k = pad(client_k − truncate(global, r_k)); it is clipped to L2 norm C, the clipped
 updates are summed, Gaussian noise N(0, σ²C²) is added, and the sum is divided by the
 expected number of clients. Weights are data-independent (uniform), so sparsity
-weighting is off under DP. Accounting lives outside the core (hetlora.privacy).
+weighting is off under DP. Accounting lives outside the core (hetlora.server.privacy).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ them — Flower nodes arrive one at a time.
 from __future__ import annotations
 
 import hashlib
+import math
 import statistics
 from typing import Mapping, Sequence
 
@@ -135,3 +136,17 @@ def tier_ranks_for_eval(ranks: Mapping[str, int], r_min: int, r_max: int) -> lis
     if len(distinct) <= 4:
         return distinct
     return sorted({r_min, int(statistics.median(distinct)), r_max})
+
+
+#: the largest budget anyone can mean (1 PB in MB): beyond it a number is a typo or an attack, not a device.
+MAX_BUDGET_MB = 1e9
+
+
+def budget_problem(value: object) -> str | None:
+    """Why ``value`` is not a memory budget in MB (None: it is): a positive finite number of at most
+    :data:`MAX_BUDGET_MB`, never a boolean (JSON ``true`` is not 1 MB) nor NaN/Infinity."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{value!r} is not a number of MB"
+    if not (math.isfinite(value) and 0 < value <= MAX_BUDGET_MB):
+        return f"{value!r} MB is not a positive finite budget of at most {MAX_BUDGET_MB:g} MB"
+    return None

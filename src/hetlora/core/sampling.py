@@ -1,6 +1,6 @@
 """Which clients train in a round: a pure function of (seed, round), the same in every engine.
 
-The DP accountant (hetlora.privacy) assumes the ``uniform`` scheme (K of N without replacement).
+The DP accountant (hetlora.server.privacy) assumes the ``uniform`` scheme (K of N without replacement).
 """
 
 from __future__ import annotations

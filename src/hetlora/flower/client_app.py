@@ -25,7 +25,7 @@ from ..clients import Job, get_kind
 from ..config import RunConfig
 from ..core.secure_sum import client_share, client_weight, contribution, range_problem
 from ..core.seeds import derive_seed
-from ..host import ClientHost
+from ..device.host import ClientHost
 from .common import config_from_run_config, encode_config, from_array_record, to_array_record
 
 app = ClientApp()

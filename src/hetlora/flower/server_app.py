@@ -5,7 +5,7 @@ sampled node its *own* truncated ``ArrayRecord`` (one ``Message`` per node), and
 ``aggregate_train`` turns the replies into :class:`ClientUpdate` s and completes the
 round through :class:`Federation` (validation, dropping bad clients, ``hetlora.aggregate``).
 Server-side evaluation, metrics.jsonl, checkpoints and the final adapter come from
-:func:`hetlora.runner.run`, exactly as for the in-process engine.
+:func:`hetlora.server.runner.run`, exactly as for the in-process engine.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from flwr.serverapp.strategy import Strategy
 
 from ..config import RunConfig, node_partitions
 from ..core.adapter import ClientUpdate
-from ..federation import Federation
-from ..runner import Progress, check_resumable, run
+from ..server.federation import Federation
+from ..server.runner import Progress, check_resumable, run
 from ..core.secure_sum import auto_clip, min_holders
-from ..footprint import budget_problem
+from ..core.ranks import budget_problem
 from .common import config_from_run_config, encode_config, from_array_record, to_array_record
 
 from .secure_round import contribution_bytes, reports_as_updates, secure_round, sums_to_tensors

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
-from ..runner import run_lock
+from ..server.runner import run_lock
 
 # Ray's Unix sockets must fit in 107 bytes; a deep --out gets a short sibling under /tmp.
 MAX_RAY_DIR = 60
@@ -61,35 +61,17 @@ def end_stale_ray(ray_dir: Path) -> list[int]:
 
 def run_simulation(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Run ``cfg`` with one virtual SuperNode per client; returns the summary (``quiet``: Flower logs warnings only)."""
-    if quiet:  # this process's Flower logger, and (by the variable Flower reads at import) every Ray actor's
-        os.environ["FLWR_LOG_LEVEL"] = "WARNING"
-        from flwr.supercore.logger import update_console_handler
-
-        update_console_handler(level=logging.WARNING)
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+    if quiet:
+        _quiet_flower()
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation as flwr_run_simulation
 
-    from ..data import load_data
-    from ..host import registered_clients
-    from ..models import load_tokenizer
     from .client_app import app as client_app
     from .server_app import serve
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # Never let Flower sync dependencies at run time (uv would pull a CUDA torch), and
-    # keep Flower's home and Ray's temp files with the run.
-    os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    os.environ.setdefault("FLWR_HOME", str((out / ".flwr").resolve()))
-    ray_dir = _ray_temp_dir(out)
-    with run_lock(out):  # a live run of this directory refuses here, before its Ray processes could be touched
-        end_stale_ray(ray_dir)
-    ray_dir.mkdir(parents=True, exist_ok=True)
-
-    data = load_data(cfg.data, load_tokenizer(cfg.model), **cfg.data_options())
-    n_clients = len(registered_clients(data.client_ids, cfg))  # one node per registered client (client_pool honoured)
+    ray_dir = _prepare_run_directory(out)
     result: dict[str, Any] = {}
     server_app = ServerApp()
 
@@ -101,11 +83,47 @@ def run_simulation(cfg: RunConfig, *, resume: bool = False, quiet: bool = False)
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"_temp_dir": str(ray_dir), "include_dashboard": False, "log_to_driver": False},
     }
-    flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_clients, backend_config=backend)
-    if not result:
-        summary = out / "summary.json"
-        if summary.is_file():
-            result.update(json.loads(summary.read_text()))
-        else:
-            raise RuntimeError("the Flower simulation ended without finishing the run; see the log above")
-    return result
+    flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=_node_count(cfg), backend_config=backend)
+    return result or _finished_summary(out)
+
+
+def _quiet_flower() -> None:
+    """Flower logs warnings only: this process's logger, and (by the variable Flower reads at import) every Ray actor's."""
+    os.environ["FLWR_LOG_LEVEL"] = "WARNING"
+    from flwr.supercore.logger import update_console_handler
+
+    update_console_handler(level=logging.WARNING)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
+def _prepare_run_directory(out: Path) -> Path:
+    """The run directory, Flower's home and Ray's temp files inside it (stale Ray processes of an earlier run of it
+    ended, under the run lock); returns Ray's temp directory."""
+    out.mkdir(parents=True, exist_ok=True)
+    # Never let Flower sync dependencies at run time (uv would pull a CUDA torch), and
+    # keep Flower's home and Ray's temp files with the run.
+    os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    os.environ.setdefault("FLWR_HOME", str((out / ".flwr").resolve()))
+    ray_dir = _ray_temp_dir(out)
+    with run_lock(out):  # a live run of this directory refuses here, before its Ray processes could be touched
+        end_stale_ray(ray_dir)
+    ray_dir.mkdir(parents=True, exist_ok=True)
+    return ray_dir
+
+
+def _node_count(cfg: RunConfig) -> int:
+    """One virtual SuperNode per registered client (client_pool honoured)."""
+    from ..data import load_data
+    from ..device.host import registered_clients
+    from ..models.loading import load_tokenizer
+
+    data = load_data(cfg.data, load_tokenizer(cfg.model), **cfg.data_options())
+    return len(registered_clients(data.client_ids, cfg))
+
+
+def _finished_summary(out: Path) -> dict[str, Any]:
+    """The summary a finished run wrote (what the ServerApp returns when its process is not this one)."""
+    summary = out / "summary.json"
+    if not summary.is_file():
+        raise RuntimeError("the Flower simulation ended without finishing the run; see the log above")
+    return json.loads(summary.read_text())

@@ -1,0 +1,98 @@
+"""A client's peak memory per rank, and ranks chosen from devices' memory budgets (docs/algorithm.md §7).
+
+A LoRA client's footprint is a fixed part (runtime, frozen weights, activations, the loss) that
+does not depend on its rank, plus its LoRA state, which grows linearly with it: factors, their
+gradients and two AdamW moments, 16 bytes per element of (out + in)·r per adapted module. The
+fixed part is measured: ``benchmarks/footprint.py`` runs real device processes at several ranks
+and fits ``peak = fixed + per_rank · r`` per setting (model, precision, checkpointing, batch,
+length); the fits ship in ``footprint_calibration.json``. A setting without a fit is refused,
+never guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from ..config import read_budgets
+from ..core.ranks import ranks_from_budgets
+
+CALIBRATION = Path(__file__).with_name("footprint_calibration.json")
+
+
+def setting_key(model: str, precision: str, checkpointing: bool, batch_size: int, max_length: int) -> str:
+    return f"{model}|{precision}|checkpointing={'on' if checkpointing else 'off'}|batch={batch_size}|length={max_length}"
+
+
+@dataclass(frozen=True)
+class FootprintModel:
+    """peak RSS (MB) = ``fixed_mb`` + ``per_rank_mb`` · rank."""
+
+    fixed_mb: float
+    per_rank_mb: float
+
+    def predict(self, rank: int) -> float:
+        return self.fixed_mb + self.per_rank_mb * rank
+
+    def largest_rank(self, budget_mb: float, r_min: int, r_max: int) -> int | None:
+        """The largest rank in [r_min, r_max] predicted to fit ``budget_mb`` (None: not even r_min)."""
+        if self.per_rank_mb <= 0:
+            return r_max if self.predict(r_max) <= budget_mb else None
+        best = min(r_max, int((budget_mb - self.fixed_mb) // self.per_rank_mb))
+        return best if best >= r_min else None
+
+
+def fit(points: Iterable[tuple[int, float]]) -> FootprintModel:
+    """Least-squares line through (rank, peak MB) points (one point: a flat line)."""
+    pts = list(points)
+    if len(pts) == 1:
+        return FootprintModel(pts[0][1], 0.0)
+    ranks, peaks = [r for r, _ in pts], [p for _, p in pts]
+    slope, intercept = statistics.linear_regression(ranks, peaks)
+    return FootprintModel(intercept, slope)
+
+
+def calibrate(rows: Iterable[Mapping], model: str = "smollm2") -> dict[str, dict]:
+    """The fits of a footprint benchmark's LoRA ClientApp rows, per setting."""
+    groups: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        if r["kind"] == "lora" and r["engine"] == "clientapp":
+            key = setting_key(model, r["precision"], r["checkpointing"], r["batch"], r["length"])
+            groups.setdefault(key, []).append((r["rank"], r["peak_rss_mb"]))
+    return {k: vars(fit(points)) | {"points": sorted(points)} for k, points in groups.items()}
+
+
+def footprint_model(key: str, calibration: Path | None = None) -> FootprintModel:
+    calibration = calibration or CALIBRATION
+    fits = json.loads(calibration.read_text())["fits"] if calibration.is_file() else {}
+    if key not in fits:
+        raise ValueError(f"no memory footprint calibration for {key} in {calibration} (calibrated: {', '.join(sorted(fits)) or 'none'}); "
+                         "run benchmarks/footprint.py with these settings, or leave memory budgets out")
+    return FootprintModel(fits[key]["fixed_mb"], fits[key]["per_rank_mb"])
+
+
+def fit_ranks(cfg, ranks: Mapping[str, int], precision: str, device_clients: bool, low: int,
+              budgets: Mapping[str, float] | None = None) -> tuple[dict[str, int], dict[str, str]]:
+    """(ranks, left out) from memory budgets: each client the largest rank its budget is predicted to fit
+    in [``low``, global rank] (uniform-rank methods: low = the one rank); ``budgets`` None: the config's
+    (``memory_budgets`` file, else ``memory_budget_mb`` for all). Clients without a budget keep their rank."""
+    if budgets is None:
+        given = read_budgets(cfg.memory_budgets) if cfg.memory_budgets else {}
+        unknown = sorted(set(given) - set(ranks))
+        if unknown:
+            raise ValueError(f"memory budgets {cfg.memory_budgets} name {len(unknown)} client(s) this federation does not have "
+                             f"(e.g. {unknown[0]}): a typo would leave a device on the default budget")
+        budgets = {c: given.get(c, cfg.memory_budget_mb) for c in ranks}
+        missing = [c for c, b in budgets.items() if b is None]
+        if missing:
+            raise ValueError(f"memory budgets {cfg.memory_budgets} name no budget for {len(missing)} client(s) "
+                             f"(e.g. {missing[0]}) and no --memory-budget is given for the rest")
+    model = footprint_model(setting_key(cfg.model, precision, cfg.checkpointing(device_clients), cfg.batch_size, cfg.max_length))
+    fitted, left_out = ranks_from_budgets(budgets, model.largest_rank, low, cfg.global_rank)
+    kept = {c: fitted.get(c, r) for c, r in ranks.items() if c not in left_out}
+    if not kept:
+        raise ValueError(f"no client's memory budget fits a rank ≥ {low} (predicted {model.predict(low):.0f} MB at rank {low})")
+    return kept, left_out

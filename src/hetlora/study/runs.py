@@ -1,0 +1,370 @@
+"""The reproduction study: HetLoRA's claims as a checklist, with seeds, intervals and provenance.
+
+``hetlora study --preset cpu|gpu`` (or ``python benchmarks/reproduce.py``) runs every method
+on the same seeds, clients, ranks and budget, then answers the paper's claims one by one
+(:data:`CLAIMS`): each gets the per-seed **paired** difference to ``hetlora``, its mean and 95 %
+t-interval, and a verdict — *reproduced* when the interval lies on the paper's side of zero,
+*not reproduced* when it lies on the other side, *inconclusive* otherwise.
+
+A study continues across sittings and machines: every finished run's ``metrics.jsonl`` and
+``summary.json`` land under ``<results>/<preset>/runs/<label>-s<seed>/``, finished runs are
+skipped, and the report (``study.json``, ``study.md``, plots) is rebuilt from whatever is
+there. Learning rates are tuned first on the validation half of the held-out pool (never the
+test half): one shared rate for the LoRA methods, a grid of its own for full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from .compare import variant
+from ..files import write_json_atomic
+from ..config import RunConfig
+from ..server.outputs import read_metrics
+from ..server.runner import finished_as_asked
+from ..data.chitchat import SPLIT_VERSION
+from .stats import ALPHA
+from .claims import EQUIVALENCE_MARGIN_PCT, block_key, by_label, claims, load_runs, paired
+from .report import read_json
+
+# Methods in the order they run for each seed: the claims' methods first, then the chosen variants and the challengers.
+CLAIM_LABELS = ["hetlora", "fedavg-rmin", "fedavg-rmax", "recon-svd", "hetlora-noprune", "hetlora-naive", "fft"]
+# HetLoRA's rank-health variants picked on the validation split (benchmarks/results/pilot-rank-health, #23).
+VARIANT_LABELS = ["hetlora-svd-revive", "hetlora-ordered"]
+CORE_LABELS = CLAIM_LABELS + VARIANT_LABELS + ["fedex-lora", "fslora"]
+REFERENCE_LABELS = ["hetlora-keep", "rbla", "rb-lora", "flexlora", "flora", "ffa", "hetlora-svd", "hetlora-revive"]
+LONG_LABELS = ["hetlora", "fedavg-rmin", "fedavg-rmax"]
+LABELS = CORE_LABELS + REFERENCE_LABELS
+TUNE_LORA_LABELS = ["hetlora", "fedavg-rmin", "fedavg-rmax"]
+TUNE_SEED = 100  # tuning runs use a seed no study run uses
+
+@dataclass(frozen=True)
+class Preset:
+    """A study's design. ``seeds`` × ``labels`` is the core set; references and the long regime run on fewer seeds."""
+
+    seeds: tuple[int, ...]
+    base: dict[str, Any]
+    lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    fft_lr_grid: tuple[float, ...] = (3e-5, 1e-4, 3e-4)
+    tune_rounds: int = 6
+    labels: tuple[str, ...] = tuple(CORE_LABELS)
+    reference_labels: tuple[str, ...] = ()
+    reference_seeds: tuple[int, ...] = ()
+    long_labels: tuple[str, ...] = ()
+    long_seeds: tuple[int, ...] = ()
+    long_steps_factor: int = 3  # the long regime: this many times the local steps per visit
+    results_dir: str | None = None  # under the results root; the preset's name when None
+    sized_from: tuple[str, ...] = ()  # earlier results (under the results root) the pre-registered plan is sized from
+    superseded: str | None = None  # a record kept for its report only: why it is not run again
+
+
+COMMON = dict(model="smollm2", data="chitchat", min_examples=20, sampling="cyclic", r_min=5, r_max=50,
+              rank_dist="uniform", gamma=0.99, lam=0.01, norm_bound=None, tier_eval="final", tiers=[5, 50], precision="auto")
+CPU_BASE = COMMON | dict(client_pool=12, clients_per_round=4, rounds=9, local_steps=2, batch_size=8, max_length=64, eval_size=32,
+                         final_eval_size=256)
+PRESETS: dict[str, Preset] = {
+    # Study v3 on 2 CPU cores (#24): 12 returning clients, 4 a round, 9 rounds (every client trained 3 times);
+    # the core set on 20 seeds (the median of what C1–C7 need for 80 % power, from v2: plan.json), every other
+    # method on 3, and the long regime (3× local steps) on 3.
+    "cpu": Preset(seeds=tuple(range(20)), base=CPU_BASE, tune_rounds=4, reference_labels=tuple(REFERENCE_LABELS),
+                  reference_seeds=(0, 1, 2), long_labels=tuple(LONG_LABELS), long_seeds=(0, 1, 2), results_dir="cpu-v3",
+                  sized_from=("cpu-v2", "pilot-rank-health")),
+    # Study v2 (3 seeds, the old split): a record; ``--report-only`` rebuilds its report.
+    "cpu-v2": Preset(seeds=(0, 1, 2), base=CPU_BASE, tune_rounds=4, results_dir="cpu-v2",
+                     labels=tuple(CLAIM_LABELS + ["hetlora-keep", "rbla", "rb-lora", "flexlora", "flora", "ffa", "fslora", "fedex-lora"]),
+                     superseded="study v2 stands on the old data split (split version 1); preset cpu is its successor"),
+    # one GPU, ≥ 5× the CPU preset's compute per run (8× the tokens), 5 seeds.
+    "gpu": Preset(seeds=(0, 1, 2, 3, 4), base=COMMON | dict(client_pool=24, clients_per_round=8, rounds=9, local_steps=4,
+                                                            batch_size=8, max_length=128, eval_size=64, final_eval_size=512),
+                  tune_rounds=3, reference_labels=tuple(REFERENCE_LABELS), reference_seeds=(0, 1, 2),
+                  long_labels=tuple(LONG_LABELS), long_seeds=(0, 1, 2), results_dir="gpu-v3", sized_from=("cpu-v2", "pilot-rank-health")),
+    # seconds, for tests: the tiny model
+    "smoke": Preset(seeds=(0, 1), base=COMMON | dict(model="tiny", client_pool=4, clients_per_round=2, rounds=2, local_steps=1,
+                                                     batch_size=2, max_length=32, eval_size=4, final_eval_size=8, r_min=2, r_max=6,
+                                                     min_examples=200, tiers=[2, 6]),
+                    lr_grid=(1e-3, 1e-2), fft_lr_grid=(1e-4,), tune_rounds=1, labels=tuple(CLAIM_LABELS)),
+}
+
+FIRST_CORE_SEEDS = 10  # the core set's first seeds run before the references and the long regime, the rest after
+PAUSE_FILE = "PAUSE"  # in the work root: the study starts no new run while it exists (quiet cores for a benchmark)
+
+
+# ---------------------------------------------------------------------------------- running
+def run_label(label: str, seed: int, base: RunConfig, out: Path) -> RunConfig:
+    cfg = variant(label, dataclasses.replace(base, seed=seed, out=str(out)))
+    return dataclasses.replace(cfg, out=str(out))
+
+
+def execute(cfg: RunConfig, results: Path, block: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) one run in its work directory, then keep its metrics, summary and seed block in ``results``."""
+    from ..server.runner import run
+
+    work = Path(cfg.out)
+    resume = (work / "config.json").is_file()
+    summary = run(cfg, resume=resume, progress=False)
+    results.mkdir(parents=True, exist_ok=True)
+    if block is not None:
+        write_json_atomic(results / "block.json", block)
+    for name in ("metrics.jsonl", "summary.json"):
+        shutil.copy2(work / name, results / name)
+    return summary
+
+
+def behaviour_fingerprint(precision: str, work: Path) -> str:
+    """A hash of what the training code computes here: two tiny runs (hetlora, fft), timings left out.
+
+    Two machines, precisions or commits with the same fingerprint train alike; a commit that changes a
+    run's numbers changes it, and so starts a new seed block (the seeds run before it must be re-run).
+    """
+    import hashlib
+
+    from ..server.runner import run
+
+    digest = hashlib.sha256()
+    for method in ("hetlora", "fft"):
+        out = work / f"fingerprint-{method}"
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = RunConfig(**(PRESETS["smoke"].base | dict(method=method, seed=0, rounds=1, precision=precision, lr=1e-3,
+                                                         tier_eval="off", out=str(out))))
+        run(cfg, progress=False)
+        for row in read_metrics(out):
+            digest.update(json.dumps([row.get("train_loss"), row.get("eval_loss"), row.get("bytes_up")]).encode())
+        for f in sorted((out / "adapter").rglob("*.safetensors")):
+            digest.update(f.read_bytes())
+        shutil.rmtree(out, ignore_errors=True)
+    return digest.hexdigest()[:16]
+
+
+def machine_block(precision: str, device: str, work: Path) -> dict[str, Any]:
+    """The seed block this machine runs in: device class, resolved precision and training behaviour."""
+    import torch
+
+    from ..device.host import resolve_precision
+    from ..provenance import device_name
+
+    resolved = resolve_precision(precision, device)
+    device_class = (f"cuda: {torch.cuda.get_device_name(0)}" if device.startswith("cuda") else
+                    f"cpu {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
+    return {"device_class": device_class, "precision": resolved, "behaviour": behaviour_fingerprint(resolved, work),
+            "device": device_name(device)}
+
+
+def utc_timestamp() -> str:
+    """When a plan was registered or a seed set aside: UTC, to the second (the records a reader compares with commit times)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Study:
+    preset_name: str
+    results_root: Path = Path("benchmarks/results")
+    work_root: Path = Path("runs/study")
+    budget_seconds: float | None = None
+    log: Callable[[str], None] = print
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def preset(self) -> Preset:
+        return PRESETS[self.preset_name]
+
+    @property
+    def results(self) -> Path:
+        return self.results_root / (self.preset.results_dir or self.preset_name)
+
+    @property
+    def work(self) -> Path:
+        return self.work_root / (self.preset.results_dir or self.preset_name)
+
+    def base(self, **changes: Any) -> RunConfig:
+        return RunConfig(**(self.preset.base | changes))
+
+    def out_of_time(self) -> bool:
+        return self.budget_seconds is not None and time.perf_counter() - self.started > self.budget_seconds
+
+    def wait_while_paused(self, poll_seconds: float = 5.0) -> None:
+        pause = self.work_root / PAUSE_FILE
+        if pause.exists():
+            self.log(f"paused: {pause} exists; the next run starts when it is removed")
+            while pause.exists():
+                time.sleep(poll_seconds)
+
+    # -------------------------------------------------------------- the pre-registered plan
+    def design(self) -> dict[str, Any]:
+        p = self.preset
+        return {"core_labels": list(p.labels), "core_seeds": list(p.seeds), "variant_labels": [v for v in VARIANT_LABELS if v in p.labels],
+                "reference_labels": list(p.reference_labels), "reference_seeds": list(p.reference_seeds),
+                "long_labels": list(p.long_labels), "long_seeds": list(p.long_seeds), "long_steps_factor": p.long_steps_factor,
+                "base": p.base, "lr_grid": list(p.lr_grid), "fft_lr_grid": list(p.fft_lr_grid), "tune_rounds": p.tune_rounds,
+                "split": SPLIT_VERSION, "alpha": ALPHA, "equivalence_margin_pct": EQUIVALENCE_MARGIN_PCT,
+                "families": {"C1-C7": "Holm across the seven claims", "C8": "Holm across every core label vs hetlora"},
+                "c8_rule": "a method beats hetlora when its Holm-adjusted two-sided paired test rejects with lower perplexity",
+                "seed_blocks": "all runs of one seed (core and references; the long regime apart) share device class, "
+                               "precision and training behaviour (fingerprint); a seed of another block is not run here"}
+
+    def plan(self) -> dict[str, Any]:
+        """The registered plan (``plan.json``), written before the first run; refuses a design changed since."""
+        from .plan import preregister
+
+        path = self.results / "plan.json"
+        design = json.loads(json.dumps(self.design()))
+        if path.is_file():
+            registered = json.loads(path.read_text())
+            if registered["design"] != design:
+                changed = sorted(k for k in design.keys() | registered["design"].keys() if design.get(k) != registered["design"].get(k))
+                raise ValueError(f"the study's design differs from its pre-registered plan {path} in {', '.join(changed)}; "
+                                 "a registered plan is not changed after runs were seen: start a new results directory")
+            return registered
+        # each source is paired within itself: the first (the earlier study) sizes C1–C7, and C8 takes each label
+        # from the first source that ran it beside hetlora (the variants from the validation-split pilot)
+        sources = [by_label(load_runs(self.results_root / d)) for d in self.preset.sized_from if (self.results_root / d / "runs").is_dir()]
+        c8: dict[str, list[float]] = {}
+        for label in self.preset.labels:
+            diffs = next((d for d in (paired(src, label, lambda r: r["final_eval_ppl"])[1] for src in sources) if d), [])
+            if label != "hetlora" and diffs:
+                c8[label] = diffs
+        plan = preregister(design, claims(sources[0], self.preset) if sources else [], c8,
+                           ", ".join(f"{self.results_root / d}" for d in self.preset.sized_from) or "nothing")
+        plan["registered"] = utc_timestamp()
+        self.results.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, plan)
+        return plan
+
+    # -------------------------------------------------------------- learning rates
+    def tune(self, block: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The shared LoRA rate and FFT's own, chosen on the validation split (resumable)."""
+        tuning_file = self.results / "tuning.json"
+        p = self.preset
+        scores: dict[str, dict[str, float]] = {}
+        provenance: dict[str, Any] = {}
+        plan = [(label, lr) for lr in p.lr_grid for label in TUNE_LORA_LABELS] + [("fft", lr) for lr in p.fft_lr_grid]
+        for label, lr in plan:
+            name = f"{label}-lr{lr:g}"
+            kept = self.results / "tuning" / name
+            base = self.base(lr=lr, rounds=p.tune_rounds, eval_split="validation", tier_eval="off")
+            cfg = run_label(label, TUNE_SEED, base, self.work / "tuning" / name)
+            if not finished_as_asked(kept, cfg):
+                if self.out_of_time():
+                    break
+                self.wait_while_paused()
+                t = time.perf_counter()
+                execute(cfg, kept, block)
+                self.log(f"tuning {name}: {time.perf_counter() - t:.0f}s")
+            summary = json.loads((kept / "summary.json").read_text())
+            scores.setdefault(label, {})[f"{lr:g}"] = summary["full_eval_ppl"]
+            provenance[name] = summary.get("provenance")
+        complete = all(f"{lr:g}" in scores.get(label, {}) for label, lr in plan)
+        lora_scores = {f"{lr:g}": math.exp(statistics.fmean(math.log(scores[m][f"{lr:g}"]) for m in TUNE_LORA_LABELS))
+                       for lr in p.lr_grid if all(f"{lr:g}" in scores.get(m, {}) for m in TUNE_LORA_LABELS)}
+        fft_scores = scores.get("fft", {})
+        out = {
+            "split": "validation", "seed": TUNE_SEED, "rounds": p.tune_rounds, "complete": complete,
+            "lora_grid": list(p.lr_grid), "fft_grid": list(p.fft_lr_grid), "scores": scores,
+            "lora_score": "geometric mean of the validation perplexity of " + ", ".join(TUNE_LORA_LABELS),
+            "lora_lr": float(min(lora_scores, key=lora_scores.get)) if lora_scores else None,
+            "lora_scores": lora_scores,
+            "fft_lr": float(min(fft_scores, key=fft_scores.get)) if fft_scores else None,
+            "provenance": provenance,  # per tuning run: commit, device, library versions
+        }
+        self.results.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(tuning_file, out)
+        return out
+
+    # -------------------------------------------------------------- the runs
+    def sections(self) -> list[tuple[str, tuple[int, ...], tuple[str, ...], dict[str, Any]]]:
+        """(where, seeds, labels, config changes) in the order they run: the core set's first ten seeds, seed by
+        seed, then the references and the long regime, then the core set's other seeds."""
+        p = self.preset
+        long = {"local_steps": p.base["local_steps"] * p.long_steps_factor}
+        first, rest = p.seeds[:FIRST_CORE_SEEDS], p.seeds[FIRST_CORE_SEEDS:]
+        return [("runs", first, p.labels, {}), ("runs", p.reference_seeds, p.reference_labels, {}),
+                ("long/runs", p.long_seeds, p.long_labels, long), ("runs", rest, p.labels, {})]
+
+    def seed_block(self, where: str, seed: int) -> tuple | None:
+        """The block of a seed's finished runs in one pairing group (``runs`` or ``long/runs``), None when it has none."""
+        keys = {block_key(json.loads(f.read_text())) for f in (self.results / where).glob(f"*-s{seed}/block.json")}
+        if len(keys) > 1:
+            raise ValueError(f"seed {seed} under {self.results / where} mixes seed blocks {sorted(map(str, keys))}; "
+                             "remove the runs of the other block")
+        return keys.pop() if keys else None
+
+    def planned_labels(self, where: str, seed: int) -> list[str]:
+        """The labels a seed owes in one pairing group, read off :meth:`sections` (the one account of what runs)."""
+        return [label for w, seeds, labels, _ in self.sections() if w == where and seed in seeds for label in labels]
+
+    def set_aside(self, seed: int, reason: str, where: str = "runs") -> Path:
+        """Move an unfinished seed's runs out of the pairing, so a machine of another block can run the whole seed again.
+
+        A seed belongs to the block of its first run (docs/algorithm.md §10); when no machine of that block can be had,
+        the seed starts again in another block. Only an *unfinished* seed (one still owing a planned run) may be set
+        aside, so the results can never choose which seeds count; its runs and the reason are kept under ``set-aside/``
+        and the report lists them (not paired, counted in the compute spent).
+        """
+        if not reason.strip():
+            raise ValueError("setting a seed aside needs a reason (--why)")
+        source = self.results / where
+        runs = sorted(d for d in source.glob(f"*-s{seed}") if (d / "summary.json").is_file())
+        if not runs:
+            raise ValueError(f"seed {seed} has no finished runs under {source}: nothing to set aside")
+        missing = [label for label in self.planned_labels(where, seed) if not (source / f"{label}-s{seed}" / "summary.json").is_file()]
+        if not missing:
+            raise ValueError(f"seed {seed} under {source} is complete in its block; a complete seed is never set aside "
+                             "(that would let results choose the seeds)")
+        held = self.seed_block(where, seed)
+        block = read_json(runs[0] / "block.json")
+        target = self.results / "set-aside" / f"{where.replace('/', '-')}-seed-{seed}-{(block or {}).get('behaviour', 'no-block')}"
+        if target.exists():
+            raise ValueError(f"{target} exists already: a seed of one block is set aside once")
+        target.mkdir(parents=True)
+        for run in runs:
+            shutil.move(str(run), str(target / run.name))
+        write_json_atomic(target / "set-aside.json", {
+            "seed": seed, "where": where, "block": block, "reason": reason.strip(),
+            "set_aside_at": utc_timestamp(),
+            "runs": [run.name for run in runs], "missing_when_set_aside": missing})
+        self.log(f"seed {seed} ({where}): {len(runs)} runs of block {held} set aside in {target}; {len(missing)} were still missing")
+        return target
+
+    def run_all(self) -> None:
+        if self.preset.superseded:
+            raise ValueError(f"preset {self.preset_name!r} is a record, not run again: {self.preset.superseded} (--report-only rebuilds its report)")
+        self.plan()
+        block = machine_block(self.preset.base["precision"], self.preset.base.get("device", "cpu"), self.work)
+        self.log(f"seed block here: {block['device_class']}, {block['precision']}, behaviour {block['behaviour']}")
+        tuning = self.tune(block)
+        if not tuning["complete"]:
+            self.log("time budget used up during tuning; run the study again to continue")
+            return
+        for where, seeds, labels, changes in self.sections():
+            for seed in seeds:  # seed-major: a partial study still pairs every method on the seeds it has
+                held = self.seed_block(where, seed)
+                if held is not None and held != block_key(block):
+                    self.log(f"seed {seed} ({where}) was run in block {held}; this machine is {block_key(block)}: not mixing")
+                    continue
+                for label in labels:
+                    if not self.run_one(where, label, seed, tuning, changes, block):
+                        return
+
+    def run_one(self, where: str, label: str, seed: int, tuning: dict, changes: dict, block: dict) -> bool:
+        """Run one (label, seed) unless it is kept already; False when the time budget is used up."""
+        kept = self.results / where / f"{label}-s{seed}"
+        lr = tuning["fft_lr"] if label == "fft" else tuning["lora_lr"]
+        cfg = run_label(label, seed, self.base(lr=lr, **changes), self.work / where / f"{label}-s{seed}")
+        if finished_as_asked(kept, cfg):
+            return True
+        if self.out_of_time():
+            self.log("time budget used up; run the study again to continue")
+            return False
+        self.wait_while_paused()
+        t = time.perf_counter()
+        s = execute(cfg, kept, block)
+        self.log(f"{label:>16} seed {seed} ({where}): test ppl {s['full_eval_ppl']:.2f} ({time.perf_counter() - t:.0f}s)")
+        return True

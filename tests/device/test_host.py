@@ -1,0 +1,130 @@
+"""The client host: precision, the one LoRA wrap, frozen bf16 weights, the base delta."""
+
+import math
+
+import pytest
+import torch
+
+from hetlora.config import DEFAULT_TARGETS, RunConfig
+from hetlora.device.host import ClientHost, resolve_precision
+from hetlora.device.lora import lora_init, target_shapes
+
+
+def host_for(tiny, data, precision, **kw):
+    model, tok = tiny
+    return ClientHost(RunConfig(model="tiny", device="cpu", precision=precision, **kw), model, tok, data)
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    import hetlora.device.host
+
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(hetlora.device.host, "native_bf16", lambda device, native=native: native)
+        assert resolve_precision("auto", "cpu") == expected
+
+
+@pytest.fixture
+def shared_tiny(tiny):
+    """The session's tiny model, put back as it was after the test even when it fails: fp32 weights,
+    the same values, no hooks left by a LoRA bank."""
+    model, _ = tiny
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    yield tiny
+    for m in model.modules():
+        m._forward_hooks.clear()
+        if isinstance(m, torch.nn.Linear):
+            m.weight.data = m.weight.data.float()
+    model.load_state_dict(state)
+
+
+def trained_adapter(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in lora_init(target_shapes(model, DEFAULT_TARGETS), 6, 1).items()}
+
+
+def test_bf16_and_fp32_evaluation_of_one_adapter_agree_within_one_percent(shared_tiny, chitchat_small):
+    model, _ = shared_tiny
+    adapter = trained_adapter(model)
+    losses = {}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for precision in ("fp32", "bf16"):
+        host = host_for(shared_tiny, chitchat_small, precision, r_max=6)
+        bank = host.bank()
+        bank.load(0, adapter)
+        with bank.use(1):
+            losses[precision] = host.evaluate_loss()
+        bank.remove()
+        for m in model.modules():  # the fp32 run must not see the bf16 run's weights, nor the reverse
+            if isinstance(m, torch.nn.Linear):
+                m.weight.data = m.weight.data.float()
+        model.load_state_dict(state)
+    assert math.exp(losses["bf16"]) == pytest.approx(math.exp(losses["fp32"]), rel=0.01)
+
+
+def test_frozen_bf16_weights_give_the_numbers_of_bf16_autocast(shared_tiny, chitchat_small):
+    """Storing frozen linear weights in bf16 is what autocast does to them on every forward."""
+    from hetlora.data import collate
+    from hetlora.device.evaluate import autocast, target_token_loss
+
+    model, tok = shared_tiny
+    batch = collate(chitchat_small.eval_examples()[:4], tok.pad_token_id)
+    with torch.no_grad(), autocast("cpu", True):
+        expected, _ = target_token_loss(model, batch)
+    host = host_for(shared_tiny, chitchat_small, "bf16", r_max=6)
+    host.bank()  # freezes the linear weights in bf16
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert model.get_output_embeddings().weight.dtype == torch.float32
+    with torch.no_grad(), autocast("cpu", True):
+        got, _ = target_token_loss(model, batch)
+    assert float(got) == float(expected)
+
+
+def test_base_delta_is_applied_to_pristine_weights_and_undone(shared_tiny, chitchat_small):
+    from hetlora.core.adapter import A_SUFFIX, B_SUFFIX
+
+    model, _ = shared_tiny
+    host = host_for(shared_tiny, chitchat_small, "fp32", r_max=6, method="flora")
+    key = next(iter(target_shapes(model, ["q_proj"])))
+    w = dict(model.named_modules())[key.removeprefix("base_model.model.")].weight
+    w0 = w.detach().clone()
+    b, a = torch.randn(w.shape[0], 2), torch.randn(2, w.shape[1])
+    host.apply_base_delta({key + B_SUFFIX: b, key + A_SUFFIX: a}, version=1)
+    torch.testing.assert_close(w, w0 + 2.0 * (b @ a))
+    host.apply_base_delta({key + B_SUFFIX: b, key + A_SUFFIX: a}, version=1)  # same version: no second add
+    torch.testing.assert_close(w, w0 + 2.0 * (b @ a))
+    host.apply_base_delta({}, version=2)  # an empty delta restores the pristine weights
+    torch.testing.assert_close(w, w0)
+
+
+def test_a_device_client_applies_the_base_delta_in_place_without_pristine_copies(shared_tiny, chitchat_small):
+    """A ClientApp host keeps no W0 copies: the first application is bit-identical to the pristine path,
+    a second version takes the first off again (float rounding only), an empty delta restores W0."""
+    from dataclasses import replace
+
+    from hetlora.core.adapter import A_SUFFIX, B_SUFFIX
+
+    model, tok = shared_tiny
+    key = next(iter(target_shapes(model, ["q_proj"])))
+    w = dict(model.named_modules())[key.removeprefix("base_model.model.")].weight
+    w0 = w.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    d1 = {key + B_SUFFIX: torch.randn(w.shape[0], 2, generator=g), key + A_SUFFIX: torch.randn(2, w.shape[1], generator=g)}
+    d2 = {key + B_SUFFIX: torch.randn(w.shape[0], 3, generator=g), key + A_SUFFIX: torch.randn(3, w.shape[1], generator=g)}
+    reference = host_for(shared_tiny, chitchat_small, "fp32", r_max=6, method="flora")
+    reference.apply_base_delta(d1, version=1)
+    expected = w.detach().clone()
+    reference.apply_base_delta({}, version=0)
+    assert torch.equal(w, w0)
+    cfg = replace(reference.cfg)
+    device = ClientHost(cfg, model, tok, chitchat_small, device_client=True)
+    try:
+        device.apply_base_delta(d1, version=1)
+        assert torch.equal(w, expected) and device._pristine == {}
+        device.apply_base_delta(d2, version=2)
+        torch.testing.assert_close(w, w0 + 2.0 * (d2[key + B_SUFFIX] @ d2[key + A_SUFFIX]), rtol=1e-5, atol=1e-5)
+        device.apply_base_delta({}, version=3)
+        torch.testing.assert_close(w, w0, rtol=0, atol=1e-5)
+    finally:
+        with torch.no_grad():
+            w.copy_(w0)
