@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["aggregation.py", "throughput.py", "secure_aggregation.py", "load.py", "client_step.py", "flower_overhead.py",
-         "footprint.py", "rank_health_pilot.py", "reproduce.py", "behaviour_check.py"]
+         "footprint.py", "rank_health_pilot.py", "reproduce.py", "behaviour_check.py", "quantised_base.py"]
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 

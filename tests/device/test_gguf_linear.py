@@ -1,0 +1,111 @@
+"""A frozen linear layer over a GGUF's own blocks (hetlora.device.gguf_linear): every block type dequantises to the
+values of the gguf package's reference dequantiser, the layer computes the dense layer's function and input gradient,
+and autograd keeps no dense weight."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from hetlora.device import gguf_linear
+from hetlora.device.gguf_linear import BLOCKS, NAMES, QuantisedLinear, dequantise, row_bytes
+
+SIMPLE = [gguf_linear.Q4_0, gguf_linear.Q4_1, gguf_linear.Q5_0, gguf_linear.Q5_1, gguf_linear.Q8_0]  # gguf can quantise these
+K_QUANTS = [gguf_linear.Q2_K, gguf_linear.Q3_K, gguf_linear.Q4_K, gguf_linear.Q5_K, gguf_linear.Q6_K]
+SCALE_OFFSETS = {gguf_linear.Q2_K: [80, 82], gguf_linear.Q3_K: [108], gguf_linear.Q4_K: [0, 2], gguf_linear.Q5_K: [0, 2],
+                 gguf_linear.Q6_K: [208]}  # where each K block keeps its fp16 super-scales
+
+
+def quantised(ggml_type: int, out_features: int, in_features: int, seed: int = 0) -> np.ndarray:
+    """Blocks of a random weight: quantised by the gguf package where it can, else random bytes with finite fp16 scales."""
+    rng = np.random.default_rng(seed)
+    if ggml_type in SIMPLE:
+        weight = rng.standard_normal((out_features, in_features)).astype(np.float32) * 0.05
+        return quants.quantize(weight, GGMLQuantizationType(ggml_type))
+    per_block, size = BLOCKS[ggml_type]
+    blocks = rng.integers(0, 256, (out_features * in_features // per_block, size), dtype=np.uint8)
+    for offset in SCALE_OFFSETS[ggml_type]:
+        blocks[:, offset : offset + 2] = (rng.standard_normal((blocks.shape[0], 1)) * 0.01).astype(np.float16).view(np.uint8)
+    return blocks.reshape(out_features, -1)
+
+
+def reference(blocks: np.ndarray, ggml_type: int) -> torch.Tensor:
+    return torch.from_numpy(quants.dequantize(blocks, GGMLQuantizationType(ggml_type)).astype(np.float32))
+
+
+@pytest.mark.parametrize("ggml_type", SIMPLE + K_QUANTS, ids=lambda t: NAMES[t])
+def test_every_block_type_dequantises_to_the_gguf_reference(ggml_type):
+    in_features = 2 * BLOCKS[ggml_type][0]
+    blocks = quantised(ggml_type, 6, in_features)
+    assert blocks.shape == (6, row_bytes(ggml_type, in_features))
+    ours = dequantise(torch.from_numpy(blocks), ggml_type, in_features)
+    expected = reference(blocks, ggml_type)
+    assert ours.shape == expected.shape == (6, in_features) and expected.abs().max() > 0
+    assert torch.allclose(ours, expected, rtol=1e-6, atol=1e-7), float((ours - expected).abs().max())
+
+
+@pytest.mark.parametrize("ggml_type", [gguf_linear.Q4_0, gguf_linear.Q5_0, gguf_linear.Q8_0, gguf_linear.Q4_K, gguf_linear.Q6_K],
+                         ids=lambda t: NAMES[t])
+def test_the_layer_is_the_dense_layer_in_its_output_and_its_input_gradient(ggml_type, monkeypatch):
+    monkeypatch.setattr(gguf_linear, "CHUNK_VALUES", 3 * 256)  # several row chunks, as in a big layer
+    in_features, out_features = 256, 10
+    blocks = quantised(ggml_type, out_features, in_features, seed=1)
+    bias = torch.randn(out_features)
+    layer = QuantisedLinear(torch.from_numpy(blocks), ggml_type, in_features, bias)
+    dense = torch.nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        dense.weight.copy_(reference(blocks, ggml_type))
+        dense.bias.copy_(bias)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, in_features, generator=g).requires_grad_(True)
+    x_dense = x.detach().clone().requires_grad_(True)
+    probe = torch.randn(2, 3, out_features, generator=g)
+    (layer(x) * probe).sum().backward()
+    (dense(x_dense) * probe).sum().backward()
+    # fp32 sums in another order (a chunk of rows at a time): within a few ulps of the sum of |terms|
+    w = dense.weight.detach().abs()
+    out_scale, grad_scale = float((x.detach().abs() @ w.T).max()), float((probe.abs() @ w).max())
+    assert torch.allclose(layer(x), dense(x_dense), rtol=0, atol=1e-6 * out_scale)
+    assert torch.allclose(x.grad, x_dense.grad, rtol=0, atol=1e-6 * grad_scale)
+    assert torch.equal(layer.dense_weight(), dense.weight.detach())
+    assert not any(p.requires_grad for p in layer.parameters()) and layer.blocks.dtype == torch.uint8
+
+
+def test_lora_over_the_blocks_gets_the_gradients_lora_over_the_dense_layer_gets():
+    """What training needs: a LoRA branch beside the frozen quantised layer learns exactly as beside the dense one."""
+    in_features, out_features, rank = 64, 32, 4
+    blocks = torch.from_numpy(quantised(gguf_linear.Q4_1, out_features, in_features, seed=2))
+    layer = QuantisedLinear(blocks, gguf_linear.Q4_1, in_features)
+    weight = layer.dense_weight()
+    g = torch.Generator().manual_seed(3)
+    a0, b0 = torch.randn(rank, in_features, generator=g) * 0.1, torch.randn(out_features, rank, generator=g) * 0.1
+    x = torch.randn(5, in_features, generator=g)
+    grads = []
+    for base in (layer, lambda t: t @ weight.T):
+        a, b = a0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+        hidden = base(x) + (x @ a.T) @ b.T
+        (hidden.tanh() @ torch.ones(out_features)).sum().backward()
+        grads.append((a.grad, b.grad))
+    for ours, dense in zip(*grads):
+        assert torch.allclose(ours, dense, rtol=1e-5, atol=1e-7)
+
+
+def test_autograd_keeps_the_blocks_not_a_dense_weight():
+    in_features, out_features = 256, 48
+    layer = QuantisedLinear(torch.from_numpy(quantised(gguf_linear.Q4_K, out_features, in_features)), gguf_linear.Q4_K, in_features)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(torch.randn(3, in_features, requires_grad=True)).sum()
+    assert saved and all(t.dtype == torch.uint8 or t.numel() < out_features * in_features for t in saved)
+    assert sum(t.numel() * t.element_size() for t in saved) < out_features * in_features  # < 1 byte a weight
+
+
+@pytest.mark.parametrize("blocks, ggml_type, in_features, message", [
+    (torch.zeros(4, 18, dtype=torch.uint8), 99, 32, "not a supported base type"),
+    (torch.zeros(4, 18, dtype=torch.uint8), gguf_linear.Q4_0, 48, "multiples of 32"),
+    (torch.zeros(4, 20, dtype=torch.uint8), gguf_linear.Q4_0, 32, "take 18 bytes"),
+    (torch.zeros(4, 18), gguf_linear.Q4_0, 32, "uint8"),
+])
+def test_blocks_that_cannot_be_a_layer_are_one_clear_error(blocks, ggml_type, in_features, message):
+    with pytest.raises(ValueError, match=message):
+        QuantisedLinear(blocks, ggml_type, in_features)
