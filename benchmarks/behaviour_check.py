@@ -27,7 +27,10 @@ def run_all(out: Path, methods: list[str] | None = None) -> None:
     """In this process (the tree on PYTHONPATH): one tiny run per method (every registered one by default) under ``out``."""
     from hetlora.config import RunConfig
     from hetlora.methods import METHODS
-    from hetlora.server.runner import run
+    try:
+        from hetlora.server.runner import run
+    except ImportError:  # a tree from before the package layout (#41)
+        from hetlora.runner import run
 
     for method in methods or METHODS:
         cfg = RunConfig(model="tiny", data="chitchat", method=method, client_pool=4, clients_per_round=2, rounds=2, local_steps=2,
@@ -104,9 +107,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, tree in (("before", args.before), ("after", args.after)):
             env = dict(os.environ, PYTHONPATH=str(tree.resolve()))
-            subprocess.run([sys.executable, __file__, "--child", str(Path(tmp) / name)] + (["--methods", *args.methods] if args.methods else []),
-                           env=env, check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            child = subprocess.run([sys.executable, __file__, "--child", str(Path(tmp) / name)] + (["--methods", *args.methods] if args.methods else []),
+                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if child.returncode:
+                raise SystemExit(f"the runs of the {name} tree ({tree}) failed:\n{child.stderr[-3000:]}")
         result = compare(Path(tmp) / "before", Path(tmp) / "after")
     for method, r in result.items():
         verdict = "identical" if r["identical"] else (
