@@ -1,11 +1,12 @@
 """A LoRA base in GGUF blocks (#42): how fast the blocks dequantise, and what a training step over them costs.
 
-1. Dequantisation speed per block type (values per second, one SmolLM2 MLP weight 1536 x 576 at a time), ours
+1. Dequantisation speed per block type (values per second, one SmolLM2 MLP weight 576 x 1536 at a time), ours
    (hetlora.device.gguf_linear: transformers' torch dequantiser, Q5_0/Q5_1 our own) against the gguf package's
    numpy reference.
 2. One decoder layer's seven linear maps (SmolLM2-135M shapes), a forward and a backward to the input as LoRA
    training does (batch x tokens rows), over dense fp32 weights and over the same weights in Q4_0, Q8_0, Q4_K
-   and Q6_K blocks: seconds per pass and the ratio to dense; and the bytes each holds.
+   and Q6_K blocks (a K type falls back to Q5_0 where a row is not a multiple of 256 values, as llama.cpp's Q4_K_M
+   does for SmolLM2's 576): seconds per pass and the ratio to dense; and the bytes each holds.
 
     python benchmarks/quantised_base.py [--rows 1024] [--repeats 5] [--json F]
     python benchmarks/quantised_base.py --smoke --json F    # small shapes, one repeat (tests)
@@ -41,6 +42,12 @@ def blocks_of(weight: np.ndarray, ggml_type: int, rng: np.random.Generator) -> n
     for offset in {gguf_linear.Q4_K: (0, 2), gguf_linear.Q6_K: (208,)}[ggml_type]:
         out[:, offset : offset + 2] = np.full((out.shape[0], 1), 0.001, dtype=np.float16).view(np.uint8)
     return out.reshape(weight.shape[0], -1)
+
+
+def quantised_layer(weight: np.ndarray, ggml_type: int, rng: np.random.Generator) -> QuantisedLinear:
+    if weight.shape[1] % gguf_linear.BLOCKS[ggml_type][0]:
+        ggml_type = gguf_linear.Q5_0  # llama.cpp's fallback for rows a K block does not divide
+    return QuantisedLinear(torch.from_numpy(blocks_of(weight, ggml_type, rng)), ggml_type, weight.shape[1])
 
 
 def timed(fn, repeats: int) -> float:
@@ -82,7 +89,7 @@ def layer_step(rows: int, repeats: int, layer: dict[str, tuple[int, int]]) -> di
         m.weight.requires_grad_(False)
     results = {"dense fp32": {"seconds": timed(lambda: step(dense), repeats), "bytes": sum(w.nbytes for w in weights.values())}}
     for t in TYPES:
-        layers = {n: QuantisedLinear(torch.from_numpy(blocks_of(w, t, rng)), t, w.shape[1]) for n, w in weights.items()}
+        layers = {n: quantised_layer(w, t, rng) for n, w in weights.items()}
         results[NAMES[t]] = {"seconds": timed(lambda: step(layers), repeats), "bytes": sum(m.blocks.numel() for m in layers.values())}
     base = results["dense fp32"]["seconds"]
     for name, r in results.items():
@@ -99,7 +106,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--smoke", action="store_true", help="small shapes, one repeat: for the test suite")
     args = p.parse_args()
-    shape, layer = (1536, 576), LAYER
+    shape, layer = (576, 1536), LAYER
     if args.smoke:
         args.rows, args.repeats, shape = 16, 1, (64, 256)
         layer = {"q_proj": (64, 256), "down_proj": (256, 256)}
