@@ -42,15 +42,15 @@ def end_all(procs: list[subprocess.Popen]) -> None:
             p.kill()
 
 
-def two_rounds_of_two_clients(result: subprocess.CompletedProcess, out: Path, timeout: float) -> list[dict]:
-    """`flwr run` started the run, its ServerApp finished, and both rounds trained both clients; the rows."""
+def rounds_of_two_clients(result: subprocess.CompletedProcess, out: Path, timeout: float, rounds: int = 2) -> list[dict]:
+    """`flwr run` started the run, its ServerApp finished, and every round trained both clients; the rows."""
     assert "Successfully started run" in result.stdout, result.stdout + result.stderr
     deadline = time.time() + timeout
     while not (out / "summary.json").is_file() or "final_eval_ppl" not in (out / "summary.json").read_text():
         assert time.time() < deadline, "the ServerApp did not finish"
         time.sleep(0.5)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2] and all(len(r["clients"]) == 2 and not r["dropped"] for r in rows)
+    assert [r["round"] for r in rows] == list(range(1, rounds + 1)) and all(len(r["clients"]) == 2 and not r["dropped"] for r in rows)
     return rows
 
 
@@ -88,7 +88,7 @@ def test_superlink_two_supernodes_two_rounds(tmp_path):
             [str(BIN / "flwr"), "run", str(REPO), "deployment", "--stream", "--run-config", f'out="{out}" rounds=2'],
             env=env, capture_output=True, text=True, timeout=420,
         )
-        two_rounds_of_two_clients(result, out, 120)
+        rounds_of_two_clients(result, out, 120)
         assert (out / "adapter" / "adapter_model.safetensors").is_file()
     finally:
         end_all(procs)

@@ -3,7 +3,8 @@
 One SuperLink with TLS (our CA) and ``--enable-supernode-auth``; two SuperNodes whose keys were registered
 with ``flwr supernode register``; the run binds the registered node ids to their partitions
 (``node-clients``) and aggregates under SecAgg+ (``secure-aggregation``: the server sees only sums). It completes
-2 rounds with the numbers of the same run in process, in the clear. And the attacks
+a round with the numbers of the same run in process, in the clear (two secure rounds in a row: the loopback
+test in test_secure_aggregation.py, which runs Flower's own SecAgg+ workflow in one process). And the attacks
 fail: an unregistered node is refused by the SuperLink and never receives a message, a node without the
 CA cannot connect, and ``flwr run`` without the CA cannot start a run. Every process is ended by its pid.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.flower.test_deployment import end_all, free_port, two_rounds_of_two_clients, wait_for
+from tests.flower.test_deployment import end_all, free_port, rounds_of_two_clients, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -88,10 +89,10 @@ def test_tls_authenticated_supernodes_bound_to_clients_and_the_attacks_fail(tmp_
         out = tmp_path / "out"
         binding = ",".join(f"{n}={p}" for n, p in zip(node_ids, (0, 1)))
         result = subprocess.run([str(BIN / "flwr"), "run", str(REPO), "deployment", "--stream", "--run-config",
-                                 f'out="{out}" rounds=2 node-clients="{binding}" norm-bound="off" secure-aggregation=true '
+                                 f'out="{out}" rounds=1 node-clients="{binding}" norm-bound="off" secure-aggregation=true '
                                  'method="fedavg"'],  # every client at r_max: the covered rank is r_max, the plain rule's sum
                                 env=env, capture_output=True, text=True, timeout=420)
-        rows = two_rounds_of_two_clients(result, out, 180)
+        rows = rounds_of_two_clients(result, out, 180, rounds=1)  # 2 rounds under SecAgg+: the simulation engine's test
         assert "Received" not in (tmp_path / "intruder.log").read_text()  # it never got a message
         # the same run in process, in the clear: the same numbers (TLS and SecAgg+ add transport and masks, not arithmetic)
         saved = json.loads((out / "config.json").read_text())

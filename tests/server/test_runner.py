@@ -186,7 +186,8 @@ def test_sigkill_mid_round_then_resume(tmp_path):
     cli = [sys.executable, "-m", "hetlora.cli", "run"]
     env = dict(os.environ)
     ref = tmp_path / "ref"
-    subprocess.run(cli + args + ["--out", str(ref)], check=True, env=env, capture_output=True)
+    ref_log = open(tmp_path / "ref.log", "w")  # a file, not a pipe: a full pipe would stall the run
+    reference = subprocess.Popen(cli + args + ["--out", str(ref)], env=env, stdout=ref_log, stderr=subprocess.STDOUT)  # beside it
     out = tmp_path / "killed"
     proc = subprocess.Popen(cli + args + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -201,6 +202,8 @@ def test_sigkill_mid_round_then_resume(tmp_path):
     done_before = len((out / "metrics.jsonl").read_text().splitlines())
     assert done_before < 4, "the run finished before it could be killed"
     subprocess.run(cli + ["--resume", "--out", str(out), "--quiet"], check=True, env=env, capture_output=True)
+    assert reference.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    ref_log.close()
     assert [r["round"] for r in rows(out)] == [1, 2, 3, 4]
     assert [strip_timing(r) for r in rows(out)] == [strip_timing(r) for r in rows(ref)]
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == (ref / "adapter" / "adapter_model.safetensors").read_bytes()
