@@ -9,14 +9,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ["aggregation.py", "throughput.py", "secure_aggregation.py", "load.py", "client_step.py", "flower_overhead.py",
-         "footprint.py", "rank_health_pilot.py", "reproduce.py", "behaviour_check.py", "quantised_base.py"]
+SMOKE = ["aggregation.py", "secure_aggregation.py", "load.py", "client_step.py", "flower_overhead.py", "footprint.py",
+         "rank_health_pilot.py", "behaviour_check.py", "quantised_base.py"]
+BY_THE_GPU_SCRIPT = ["throughput.py", "reproduce.py"]  # gpu_study.sh's smoke mode runs their smoke modes (its test, below)
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
 def test_every_benchmark_has_a_smoke_mode_here():
     """A new benchmark joins SMOKE (and gets a --smoke), or nothing notices when it rots."""
-    assert sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")) == sorted(SMOKE)
+    assert sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")) == sorted(SMOKE + BY_THE_GPU_SCRIPT)
+    script = (ROOT / "benchmarks" / "gpu_study.sh").read_text()
+    assert all(f"benchmarks/{name} --smoke" in script for name in BY_THE_GPU_SCRIPT)
 
 
 @pytest.mark.parametrize("script", SMOKE)
@@ -36,3 +39,4 @@ def test_the_gpu_sitting_script_runs_in_its_smoke_mode(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "passed (collected)" in (tmp_path / "gpu_tests.log").read_text()
     assert (tmp_path / "gpu_throughput.json").stat().st_size > 0 and (tmp_path / "gpu_results.tgz").is_file()
+    assert "round_seconds" in (tmp_path / "gpu_throughput.json").read_text()  # throughput's round section ran (it once crashed)
