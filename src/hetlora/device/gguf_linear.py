@@ -115,6 +115,18 @@ class QuantisedLinear(nn.Module):
             out = out + self.bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, ggml_type: int) -> "QuantisedLinear":
+        """``linear``'s weight quantised into ``ggml_type`` blocks by the gguf package (the types it can write:
+        Q4_0, Q4_1, Q5_0, Q5_1, Q8_0); for tests and for a dense model a device will run quantised."""
+        from gguf import GGMLQuantizationType, quants
+
+        problem = type_problem(ggml_type, linear.in_features)
+        if problem:
+            raise ValueError(problem)
+        blocks = quants.quantize(linear.weight.detach().float().cpu().numpy(), GGMLQuantizationType(ggml_type))
+        return cls(torch.from_numpy(blocks), ggml_type, linear.in_features, linear.bias)
+
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """W itself, ``[out, in]`` (the dense path, merging, checks): the same values the forward uses."""
         return dequantise(self.blocks, self.ggml_type, self.in_features, dtype)

@@ -27,6 +27,10 @@ from torch import Tensor, nn
 
 from ..config import DEFAULT_SCALE, DEFAULT_TARGETS
 from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter
+from .gguf_linear import QuantisedLinear
+
+#: the frozen layers LoRA wraps: dense, or in a GGUF's own blocks (docs/algorithm.md §7.1)
+LINEAR_LAYERS = (nn.Linear, QuantisedLinear)
 
 PEFT_PREFIX = "base_model.model."
 
@@ -42,19 +46,19 @@ def lora_config(rank: int, scale: float = DEFAULT_SCALE, targets: Sequence[str] 
     return LoraConfig(r=rank, lora_alpha=scale * rank, target_modules=list(targets), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
 
 
-def find_targets(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Linear]:
+def find_targets(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Module]:
     """module path -> linear layer for every module whose last name is in ``targets``.
 
     A name that matches no module, or only modules that are not ``nn.Linear``, is an error:
     a silently ignored name makes a run train less than it says.
     """
-    found: dict[str, nn.Linear] = {}
+    found: dict[str, nn.Module] = {}
     matched: dict[str, list[str]] = {t: [] for t in targets}
     for path, module in model.named_modules():
         leaf = path.rsplit(".", 1)[-1]
         if leaf in matched:
             matched[leaf].append(type(module).__name__)
-            if isinstance(module, nn.Linear):
+            if isinstance(module, LINEAR_LAYERS):
                 found[path] = module
     missing = [t for t, kinds in matched.items() if not kinds]
     if missing:
