@@ -191,7 +191,7 @@ def main() -> None:
     p.add_argument("--mmap-threshold", type=int, default=None, help="compare an allocator setting (bytes; 0: glibc's default)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--release-rows", action="store_true", help="also measure --release-memory (the fixed mmap threshold)")
-    p.add_argument("--calibrate", action="store_true", help="write the fits to hetlora/footprint_calibration.json")
+    p.add_argument("--calibrate", action="store_true", help="write the fits to hetlora/device/footprint_calibration.json")
     p.add_argument("--child", default=None)
     p.add_argument("--model", default="smollm2", help="smollm2 (the figures and the calibration) or tiny (the smoke mode)")
     p.add_argument("--smoke", action="store_true", help="the tiny model, 1 step, ranks 2 and 5, fp32, no checkpointing: for the test suite")
