@@ -16,15 +16,16 @@ whose length is not a multiple of 256 (Qwen2.5-0.5B's 896), are read here. Every
 from __future__ import annotations
 
 import torch
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import Tensor, nn
 
 #: ggml type ids (``enum ggml_type``), the ones a LoRA base may be stored in.
-Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 10, 11, 12, 13, 14
-NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1", Q8_0: "Q8_0", Q2_K: "Q2_K", Q3_K: "Q3_K", Q4_K: "Q4_K",
-         Q5_K: "Q5_K", Q6_K: "Q6_K"}
-#: ggml type -> (values per block, bytes per block)
-BLOCKS = {Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34), Q2_K: (256, 84), Q3_K: (256, 110),
-          Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210)}
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = (int(GGMLQuantizationType[name]) for name in (
+    "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
+SUPPORTED = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
+NAMES = {t: GGMLQuantizationType(t).name for t in SUPPORTED}
+#: ggml type -> (values per block, bytes per block), as the gguf package defines the format
+BLOCKS = {t: GGML_QUANT_SIZES[GGMLQuantizationType(t)] for t in SUPPORTED}
 #: dense values alive at once while one layer dequantises (16 MiB of fp32): a layer's dense weight never exists whole.
 CHUNK_VALUES = 1 << 22
 
