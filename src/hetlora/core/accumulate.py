@@ -51,7 +51,7 @@ class PaddedSum:
                 self._scatter(adapter, keys, weight, where)
             elif isinstance(weight, Mapping):
                 for key in keys:
-                    self._components(key, adapter[key]).add_(adapter[key], alpha=float(weight[self.layout[key][1]]))
+                    self._components(key, adapter[key]).add_(adapter[key], alpha=_weight_of(weight, self.layout[key][1]))
             else:  # one weight: every factor in one call (most rounds; the call overhead is per tensor otherwise)
                 torch._foreach_add_([self._components(key, adapter[key]) for key in keys], [adapter[key] for key in keys],
                                     alpha=float(weight))
@@ -85,8 +85,7 @@ class PaddedSum:
         """Factors whose components are the r_max components ``where`` names (FSLoRA's sketch)."""
         for key in keys:
             axis, module = self.layout[key]
-            w = float(weight[module]) if isinstance(weight, Mapping) else float(weight)
-            self.sums[key].index_add_(axis, where, adapter[key].to(torch.float64), alpha=w)
+            self.sums[key].index_add_(axis, where, adapter[key].to(torch.float64), alpha=_weight_of(weight, module))
 
     def _place(self, key: str, value: Tensor) -> None:
         """Record ``key``'s (rank axis, module) and make its float64 accumulator on first sight."""
@@ -101,7 +100,7 @@ class PaddedSum:
         """Σ of the weights that reached each of ``module``'s r_max components."""
         out = torch.zeros(self.r_max, dtype=torch.float64)
         for reached, weight in self.reached:
-            w = float(weight[module]) if isinstance(weight, Mapping) else weight
+            w = _weight_of(weight, module)
             if isinstance(reached, int):
                 out[:reached] += w
             else:
@@ -132,3 +131,8 @@ class PaddedSum:
                 acc = torch.where(covered.view(shape), acc, previous[key].double())
             out[key] = acc.float()
         return out
+
+
+def _weight_of(weight: float | Mapping[str, float], module: str) -> float:
+    """An update's weight for ``module``: its one weight, or its weight for that module (per-layer weights)."""
+    return float(weight[module]) if isinstance(weight, Mapping) else float(weight)
