@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .adapter import A_SUFFIX, B_SUFFIX, ClientUpdate, adapter_rank
+from .adapter import A_SUFFIX, B_SUFFIX, ClientUpdate, adapter_rank, module_of
 
 # module -> (out_features, in_features)
 LayerShapes = dict[str, tuple[int, int]]
@@ -39,7 +39,7 @@ def layer_shapes(adapter: Mapping[str, Tensor]) -> LayerShapes:
         return shapes
     for key, t in adapter.items():
         if isinstance(key, str) and key.endswith(A_SUFFIX) and isinstance(t, Tensor) and t.dim() == 2:
-            module = key[: -len(A_SUFFIX)]
+            module = module_of(key)
             b = adapter.get(module + B_SUFFIX)
             if isinstance(b, Tensor) and b.dim() == 2:
                 shapes[module] = (b.shape[0], t.shape[1])
