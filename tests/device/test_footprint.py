@@ -25,8 +25,8 @@ def test_the_fit_recovers_a_line_and_the_calibration_groups_settings():
     rows.append({"kind": "fft", "engine": "in-process", "precision": "fp32", "checkpointing": False, "batch": 8, "length": 128,
                  "rank": 0, "peak_rss_mb": 9999.0})
     fits = calibrate(rows)
-    assert set(fits) == {setting_key("smollm2", "fp32", c, 8, 128) for c in (False, True)}
-    assert fits[setting_key("smollm2", "fp32", False, 8, 128)]["fixed_mb"] == pytest.approx(1500.0)
+    assert set(fits) == {setting_key("smollm2", "dense", "fp32", c, 8, 128) for c in (False, True)}
+    assert fits[setting_key("smollm2", "dense", "fp32", False, 8, 128)]["fixed_mb"] == pytest.approx(1500.0)
 
 
 def test_budgets_give_ranks_and_leave_out_who_fits_none():
@@ -37,7 +37,7 @@ def test_budgets_give_ranks_and_leave_out_who_fits_none():
 
 def test_an_uncalibrated_setting_is_refused_naming_the_benchmark(tmp_path):
     with pytest.raises(ValueError, match="no memory footprint calibration for tiny.*benchmarks/footprint.py"):
-        footprint.footprint_model(setting_key("tiny", "fp32", False, 2, 32), tmp_path / "none.json")
+        footprint.footprint_model(setting_key("tiny", "dense", "fp32", False, 2, 32), tmp_path / "none.json")
 
 
 def calibrated_tiny(tmp_path, monkeypatch, **changes):
@@ -47,7 +47,7 @@ def calibrated_tiny(tmp_path, monkeypatch, **changes):
     from hetlora.server.federation import Federation
 
     calibration = tmp_path / "calibration.json"
-    calibration.write_text(json.dumps({"fits": {setting_key("tiny", "fp32", False, 2, 32): {"fixed_mb": 100.0, "per_rank_mb": 1.0}}}))
+    calibration.write_text(json.dumps({"fits": {setting_key("tiny", "dense", "fp32", False, 2, 32): {"fixed_mb": 100.0, "per_rank_mb": 1.0}}}))
     monkeypatch.setattr(footprint, "CALIBRATION", calibration)
     base = dict(model="tiny", data="chitchat", clients_per_round=2, local_steps=1, batch_size=2, max_length=32, eval_size=4,
                 r_min=2, r_max=6, min_examples=200, precision="fp32", seed=0, tier_eval="off") | changes

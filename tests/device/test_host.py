@@ -128,3 +128,37 @@ def test_a_device_client_applies_the_base_delta_in_place_without_pristine_copies
     finally:
         with torch.no_grad():
             w.copy_(w0)
+
+
+def test_a_device_client_of_a_gguf_model_trains_over_its_blocks_as_over_the_dense_weights(gguf_model_file):
+    """auto: a device client (a ClientApp) holds the GGUF's blocks, an in-process host the dense weights; one client's
+    round on either base gives the same adapter within 1e-5 (fp32 sums in another order)."""
+    from hetlora.clients import Job, get_kind
+    from hetlora.models.quantised import QuantisedLinear
+
+    cfg = RunConfig(model=str(gguf_model_file), device="cpu", precision="fp32", r_max=8, r_min=2, min_examples=400,
+                    max_length=48, eval_size=12, local_steps=3, batch_size=4)
+    device = ClientHost(cfg, device_client=True)
+    in_process = ClientHost(cfg, data=device.data, tokenizer=device.tokenizer)
+    assert (device.base, in_process.base) == ("gguf", "dense")
+    assert isinstance(device.model.get_submodule("model.layers.0.self_attn.q_proj"), QuantisedLinear)
+    assert isinstance(in_process.model.get_submodule("model.layers.0.self_attn.q_proj"), torch.nn.Linear)
+    g = torch.Generator().manual_seed(2)
+    shapes = target_shapes(in_process.model, DEFAULT_TARGETS)
+    adapter = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in lora_init(shapes, 8, 0).items()}
+    cid = device.client_ids[0]
+    updates = [get_kind("lora").train(host, [Job(cid, 8, 1, adapter)], prune=False)[0] for host in (device, in_process)]
+    for key, dense in updates[1].adapter.items():
+        assert not torch.equal(dense, adapter[key])  # it trained
+        assert torch.allclose(updates[0].adapter[key], dense, rtol=0, atol=1e-5 * float(dense.abs().max())), key
+
+
+def test_base_weights_gguf_is_refused_where_the_base_is_not_frozen_or_not_from_a_gguf():
+    with pytest.raises(ValueError, match="base_weights gguf keeps the frozen weights in GGUF blocks, but fft trains them"):
+        RunConfig(method="fft", base_weights="gguf").validate()
+    with pytest.raises(ValueError, match="base_weights must be auto, dense or gguf"):
+        RunConfig(base_weights="int4").validate()
+    folding = next(name for name, m in __import__("hetlora.methods", fromlist=["METHODS"]).METHODS.items() if m.folds_into_base)
+    assert RunConfig(method=folding).base_for(device_client=True, model_from_gguf=True) == "dense"
+    assert RunConfig().base_for(device_client=True, model_from_gguf=False) == "dense"
+    assert RunConfig().base_for(device_client=True, model_from_gguf=True) == "gguf"

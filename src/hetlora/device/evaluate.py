@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..data.federated import IGNORE, Example, collate
+from ..models.quantised import QuantisedLinear, block_cross_entropy
 
 CE_CHUNK = 256  # target tokens whose logits exist at once (256 × 49152 fp32 logits = 48 MiB for SmolLM2)
 
@@ -53,8 +54,12 @@ def chunked_cross_entropy(head, hidden: torch.Tensor, labels: torch.Tensor, chun
     for them were the largest tensors of a small LM's step (~120 MB each for SmolLM2 at batch
     8 × 128). Each chunk's loss is checkpointed when it needs a gradient: only its hidden rows
     are kept, and its logits are recomputed in backward (the LM head is a few % of a step), so at
-    most one chunk's logits exist at a time.
+    most one chunk's logits exist at a time. A head kept in GGUF blocks goes the other way round
+    (:func:`hetlora.models.quantised.block_cross_entropy`): all tokens, a chunk of the vocabulary at a time, so
+    its blocks are dequantised twice per step rather than three times per chunk of tokens.
     """
+    if isinstance(head, QuantisedLinear):  # a head in GGUF blocks: one pass over the vocabulary, no logits kept
+        return block_cross_entropy(head, hidden, labels)
     if len(labels) <= chunk:
         return _token_losses(head, hidden, labels)
     grad = torch.is_grad_enabled() and hidden.requires_grad

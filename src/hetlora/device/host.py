@@ -109,7 +109,7 @@ def check_rank_fits(model, cfg: RunConfig) -> None:
 class ClientHost:
     def __init__(self, cfg: RunConfig, model=None, tokenizer=None, data=None, device_client: bool = False):
         from ..data import load_data
-        from ..models.loading import load_base_model
+        from ..models.loading import from_gguf, load_base_model
 
         if cfg.release_memory:
             configure_allocator()  # freed tensors go back to the OS at once (memory.py); before the model loads
@@ -121,8 +121,9 @@ class ClientHost:
             tokenizer = load_tokenizer(cfg.model)
         if data is None:
             data = load_data(cfg.data, tokenizer, **cfg.data_options())  # data errors before the model loads
+        self.base = cfg.base_for(device_client, from_gguf(cfg.model))  # docs/algorithm.md §7.1
         if model is None:
-            model, tokenizer = load_base_model(cfg.model, tokenizer=tokenizer)
+            model, tokenizer = load_base_model(cfg.model, tokenizer=tokenizer, base=self.base)
         check_rank_fits(model, cfg)  # before the model is moved, wrapped or any factor allocated
         self.model, self.tokenizer = model.to(self.device), tokenizer
         for p in self.model.parameters():

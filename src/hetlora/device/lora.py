@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..config import DEFAULT_SCALE, DEFAULT_TARGETS
 from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter
-from .gguf_linear import QuantisedLinear
+from ..models.quantised import QuantisedLinear
 
 #: the frozen layers LoRA wraps: dense, or in a GGUF's own blocks (docs/algorithm.md §7.1)
 LINEAR_LAYERS = (nn.Linear, QuantisedLinear)

@@ -9,6 +9,7 @@ safetensors cache, never from GGUF).
 
 from __future__ import annotations
 
+import dataclasses
 import traceback
 
 import numpy as np
@@ -32,8 +33,14 @@ app = ClientApp()
 _HOSTS: dict[str, ClientHost] = {}
 
 
-def client_host(cfg: RunConfig) -> ClientHost:
-    """This device's model, data and local settings, built once per process and config."""
+def client_host(cfg: RunConfig, context: Context | None = None) -> ClientHost:
+    """This device's model, data and local settings, built once per process and config.
+
+    A SuperNode may choose how it holds the frozen weights (node config ``base-weights``: dense | gguf | auto);
+    the run's setting applies otherwise."""
+    node_base = (context.node_config.get("base-weights") if context is not None else None)
+    if node_base is not None and node_base != cfg.base_weights:
+        cfg = dataclasses.replace(cfg, base_weights=str(node_base)).validate()
     key = encode_config(cfg)
     if key not in _HOSTS:
         _HOSTS.clear()
@@ -59,7 +66,7 @@ def _config(message: Message, context: Context) -> RunConfig:
 def query(message: Message, context: Context) -> Message:
     """Tell the server which client this node holds, how much data it has and (node config
     ``memory-budget-mb``) how much memory it can give a round."""
-    host = client_host(_config(message, context))
+    host = client_host(_config(message, context), context)
     cid = my_client_id(host, context)
     identity = {"client-id": cid, "num-examples": host.data.num_examples(cid)}
     if "memory-budget-mb" in context.node_config:  # the device states what it can afford; the server picks its rank
@@ -72,7 +79,7 @@ def query(message: Message, context: Context) -> Message:
 def _received_job(message: Message, context: Context) -> tuple[RunConfig, ClientHost, Job]:
     """The run config, this device's host and the job the server sent (refused if it names another client)."""
     cfg = _config(message, context)
-    host = client_host(cfg)
+    host = client_host(cfg, context)
     cid = my_client_id(host, context)
     task = message.content.config_records["task"]
     if str(task["client-id"]) != cid:

@@ -161,7 +161,7 @@ def ensure_cache(
     return target, manifest
 
 
-def _gguf_tokenizer(gguf: Path, special: dict[str, dict[str, Any]]):
+def gguf_tokenizer(gguf: Path, special: dict[str, dict[str, Any]]):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -177,7 +177,7 @@ def _build_smollm2(tmp: Path, special: dict[str, dict[str, Any]]) -> None:
 
     gguf = smollm2_gguf_path()
     log.info("converting %s to fp32 safetensors under %s (once)", gguf.name, tmp)
-    tokenizer = _gguf_tokenizer(gguf, special)
+    tokenizer = gguf_tokenizer(gguf, special)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The dequantised weights are ordinary fp32 tensors; drop the GGUF quantizer so that
     # save_pretrained writes a plain checkpoint that loads (and trains) without it.
@@ -193,7 +193,7 @@ def _build_smollm2(tmp: Path, special: dict[str, dict[str, Any]]) -> None:
 
 
 def _build_tokenizer_only(tmp: Path, special: dict[str, dict[str, Any]]) -> None:
-    _gguf_tokenizer(smollm2_gguf_path(), special).save_pretrained(tmp)
+    gguf_tokenizer(smollm2_gguf_path(), special).save_pretrained(tmp)
 
 
 def smollm2_dir() -> Path:

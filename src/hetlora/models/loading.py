@@ -1,15 +1,21 @@
-"""Base models and tokenizers: SmolLM2-135M-Instruct (from its GGUF cache), a tiny test model, or any local HF model.
+"""Base models and tokenizers: SmolLM2-135M-Instruct (from its GGUF cache), a tiny test model, any GGUF file
+(``PATH.gguf``), a fetched packaged GGUF (:data:`hetlora.models.packaged.PACKAGED`), or any local HF model.
 
-Nothing downloads unless ``HETLORA_ALLOW_DOWNLOAD=1``; every loaded model's eos is checked against its tokenizer's.
+A model from a GGUF loads with its frozen weights dense or in the GGUF's own blocks (``base``, docs/algorithm.md
+§7.1). Nothing downloads unless ``HETLORA_ALLOW_DOWNLOAD=1``; every loaded model's eos is checked against its
+tokenizer's.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
-from .gguf_cache import cached_tokenizer, smollm2_dir, smollm2_tokenizer_dir
+from .gguf_cache import cached_tokenizer, smollm2_dir, smollm2_gguf_path, smollm2_tokenizer_dir
+from .gguf_model import load_gguf_model, load_gguf_tokenizer
+from .packaged import PACKAGED, packaged_path
 
 TINY_SEED = 1234  # the tiny test model's weights: the same for every call
 
@@ -19,10 +25,29 @@ def local_only() -> bool:
     return os.environ.get("HETLORA_ALLOW_DOWNLOAD") != "1"
 
 
+def gguf_source(name: str) -> Path | None:
+    """The GGUF file a model name comes from (None: not from a GGUF): smollm2's packaged file, a
+    ``.gguf`` path, or a fetched packaged model (an unfetched one is an error saying how to fetch it)."""
+    if name == "smollm2":
+        return smollm2_gguf_path()
+    if name in PACKAGED:
+        return packaged_path(name)
+    if name.endswith(".gguf"):
+        return Path(name)
+    return None
+
+
+def from_gguf(name: str) -> bool:
+    """Whether ``name`` is a model that comes from a GGUF file (without looking for the file)."""
+    return name == "smollm2" or name in PACKAGED or name.endswith(".gguf")
+
+
 def load_tokenizer(name: str = "smollm2"):
     from transformers import AutoTokenizer
 
-    if name == "smollm2":
+    if name != "smollm2" and from_gguf(name):
+        tokenizer = load_gguf_tokenizer(gguf_source(name))
+    elif name == "smollm2":
         tokenizer = cached_tokenizer(smollm2_dir())
     elif name == "tiny":
         tokenizer = cached_tokenizer(smollm2_tokenizer_dir())
@@ -82,29 +107,41 @@ def check_special_tokens(model, tokenizer, name: str) -> None:
             )
 
 
-def load_base_model(name: str = "smollm2", dtype: torch.dtype = torch.float32, tokenizer=None):
-    """``(model, tokenizer)`` for ``smollm2`` (default), ``tiny``, or an HF model id / local path.
+def load_base_model(name: str = "smollm2", dtype: torch.dtype = torch.float32, tokenizer=None, base: str = "dense"):
+    """``(model, tokenizer)`` for ``smollm2`` (default), ``tiny``, a GGUF (path or packaged name), or an HF model id /
+    local path. ``base``: ``dense`` frozen weights, or ``gguf`` — kept in the GGUF's own blocks (a model from a GGUF only).
 
     Pass ``tokenizer`` (from :func:`load_tokenizer`) when you already have it.
     """
-    from transformers import AutoModelForCausalLM
-
+    if base not in ("dense", "gguf"):
+        raise ValueError(f"base weights {base!r}: choose dense or gguf")
+    if base == "gguf" and not from_gguf(name):
+        raise ValueError(f"base weights gguf need a model from a GGUF file (smollm2, a .gguf path or one of "
+                         f"{', '.join(PACKAGED)}); {name!r} is not one")
+    tokenizer = tokenizer or load_tokenizer(name)
     if name == "tiny":
-        tokenizer = tokenizer or load_tokenizer(name)
         model = tiny_model(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id).to(dtype)
-    elif name == "smollm2":
-        tokenizer = tokenizer or load_tokenizer(name)
+    elif name == "smollm2" and base == "dense":
+        from transformers import AutoModelForCausalLM
+
         model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=dtype)
+    elif from_gguf(name):
+        model = load_gguf_model(gguf_source(name), base, dtype)
     else:
-        try:
-            tokenizer = tokenizer or load_tokenizer(name)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only())
-        except OSError as err:
-            raise ValueError(
-                f"cannot load model {name!r}: not smollm2/tiny, not a local model directory, "
-                f"and not in the local Hugging Face cache ({err.__class__.__name__}); hetlora does not download "
-                f"models unless HETLORA_ALLOW_DOWNLOAD=1"
-            ) from err
+        model = _hub_model(name, dtype)
     check_special_tokens(model, tokenizer, name)
     model.config.use_cache = False
     return model, tokenizer
+
+
+def _hub_model(name: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only())
+    except OSError as err:
+        raise ValueError(
+            f"cannot load model {name!r}: not smollm2/tiny, not a GGUF, not a local model directory, "
+            f"and not in the local Hugging Face cache ({err.__class__.__name__}); hetlora does not download "
+            f"models unless HETLORA_ALLOW_DOWNLOAD=1"
+        ) from err

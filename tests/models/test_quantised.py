@@ -1,4 +1,4 @@
-"""A frozen linear layer over a GGUF's own blocks (hetlora.device.gguf_linear): every block type dequantises to the
+"""A frozen linear layer over a GGUF's own blocks (hetlora.models.quantised): every block type dequantises to the
 values of the gguf package's reference dequantiser, the layer computes the dense layer's function and input gradient,
 and autograd keeps no dense weight."""
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from hetlora.device import gguf_linear
-from hetlora.device.gguf_linear import BLOCKS, NAMES, QuantisedLinear, dequantise, row_bytes
+from hetlora.models import quantised as gguf_linear
+from hetlora.models.quantised import BLOCKS, NAMES, QuantisedLinear, dequantise, row_bytes
 
 SIMPLE = [gguf_linear.Q4_0, gguf_linear.Q4_1, gguf_linear.Q5_0, gguf_linear.Q5_1, gguf_linear.Q8_0]  # gguf can quantise these
 K_QUANTS = [gguf_linear.Q2_K, gguf_linear.Q3_K, gguf_linear.Q4_K, gguf_linear.Q5_K, gguf_linear.Q6_K]
@@ -145,3 +145,26 @@ def test_the_lora_bank_trains_over_quantised_layers_as_over_their_dequantised_we
     assert torch.allclose(q_logits, d_logits, rtol=1e-4, atol=1e-5)
     for ours, dense in zip(q_a + q_b, d_a + d_b):
         assert ours.abs().sum() > 0 and torch.allclose(ours, dense, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("ggml_type", [gguf_linear.Q8_0, gguf_linear.Q4_K], ids=lambda t: NAMES[t])
+def test_the_cross_entropy_over_a_head_in_blocks_is_the_dense_cross_entropy(ggml_type, monkeypatch):
+    """Losses and grad_h of the vocabulary-chunked cross-entropy equal F.cross_entropy over the dense logits, with
+    the vocabulary in several chunks (some targets in each, and the log-sum-exp carried across them)."""
+    from hetlora.models.quantised import block_cross_entropy
+
+    monkeypatch.setattr(gguf_linear, "LOGIT_VALUES", 7 * 40)  # 40 tokens: 7 vocabulary rows a chunk, 12 chunks
+    vocab, hidden_size, tokens = 80, 256, 40
+    head = QuantisedLinear(torch.from_numpy(quantised(ggml_type, vocab, hidden_size, seed=6)), ggml_type, hidden_size)
+    g = torch.Generator().manual_seed(9)
+    hidden = (torch.randn(tokens, hidden_size, generator=g) * 3).requires_grad_(True)
+    labels = torch.randint(0, vocab, (tokens,), generator=g)
+    reference_hidden = hidden.detach().clone().requires_grad_(True)
+    weights = torch.rand(tokens, generator=g)
+    ours = block_cross_entropy(head, hidden, labels)
+    expected = torch.nn.functional.cross_entropy(reference_hidden @ head.dense_weight().T, labels, reduction="none")
+    (ours * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert len(gguf_linear.vocab_chunks(vocab, hidden_size, tokens)) == 12
+    assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(hidden.grad, reference_hidden.grad, rtol=1e-4, atol=1e-6 * float(reference_hidden.grad.abs().max()))

@@ -136,6 +136,97 @@ class QuantisedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, type={NAMES[self.ggml_type]}"
 
 
+#: logits alive at once in :func:`block_cross_entropy` (16 MiB of fp32): a vocabulary of 151,936 never has its N × V logits
+LOGIT_VALUES = 1 << 22
+
+
+def vocab_chunks(vocab: int, in_features: int, tokens: int) -> list[tuple[int, int]]:
+    """Rows of the head per chunk: at most CHUNK_VALUES dequantised weights and LOGIT_VALUES logits at once."""
+    step = max(1, min(CHUNK_VALUES // in_features, LOGIT_VALUES // max(tokens, 1)))
+    return [(start, min(start + step, vocab)) for start in range(0, vocab, step)]
+
+
+class _BlockCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of logits = h Wᵀ with W in blocks, a chunk of the vocabulary at a time.
+
+    The forward keeps a running log-sum-exp and the target's logit (one pass over the head's blocks); the backward
+    recomputes each chunk's logits, softmax − one-hot, and adds its share of grad_h (a second pass). Neither the
+    N × V logits nor a dense head ever exist: at most one chunk of each. Saved: h, the labels and the N log-sum-exps.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, labels: Tensor, blocks: Tensor, ggml_type: int, in_features: int) -> Tensor:
+        n = hidden.shape[0]
+        running_max = torch.full((n,), float("-inf"), device=hidden.device)
+        total = torch.zeros(n, device=hidden.device)
+        target = torch.zeros(n, device=hidden.device)
+        rows = torch.arange(n, device=hidden.device)
+        for start, stop in vocab_chunks(blocks.shape[0], in_features, n):
+            logits = (hidden @ dequantise(blocks[start:stop], ggml_type, in_features, hidden.dtype).T).float()
+            new_max = torch.maximum(running_max, logits.max(dim=1).values)
+            total = total * torch.exp(running_max - new_max) + torch.exp(logits - new_max[:, None]).sum(dim=1)
+            running_max = new_max
+            inside = (labels >= start) & (labels < stop)
+            target[inside] = logits[rows[inside], labels[inside] - start]
+        log_sum_exp = running_max + torch.log(total)
+        ctx.save_for_backward(hidden, labels, log_sum_exp, blocks)
+        ctx.ggml_type, ctx.in_features = ggml_type, in_features
+        return log_sum_exp - target
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        hidden, labels, log_sum_exp, blocks = ctx.saved_tensors
+        n = hidden.shape[0]
+        grad_hidden = torch.zeros(n, ctx.in_features, device=hidden.device)
+        rows = torch.arange(n, device=hidden.device)
+        for start, stop in vocab_chunks(blocks.shape[0], ctx.in_features, n):
+            weight = dequantise(blocks[start:stop], ctx.ggml_type, ctx.in_features, hidden.dtype)
+            probs = torch.exp((hidden @ weight.T).float() - log_sum_exp[:, None])
+            inside = (labels >= start) & (labels < stop)
+            probs[rows[inside], labels[inside] - start] -= 1.0
+            probs.mul_(grad_loss.float()[:, None])
+            grad_hidden.addmm_(probs, weight.float())  # in fp32 whatever the compute dtype (a no-op cast in fp32)
+        return grad_hidden.to(hidden.dtype), None, None, None, None
+
+
+def block_cross_entropy(head: "QuantisedLinear", hidden: Tensor, labels: Tensor) -> Tensor:
+    """Per-token cross-entropy of ``head(hidden)`` against ``labels`` without the logits or the head ever dense."""
+    if head.bias is not None:
+        raise ValueError("a quantised LM head with a bias is not supported")
+    return _BlockCrossEntropy.apply(hidden, labels, head.blocks, head.ggml_type, head.in_features)
+
+
+class QuantisedEmbedding(nn.Module):
+    """A frozen embedding table kept in GGUF blocks: only the looked-up rows are dequantised.
+
+    ``scale`` multiplies the rows (Gemma's embeddings are scaled by √hidden). The table needs no gradient: a LoRA
+    branch never adapts it, and nothing below it trains.
+    """
+
+    def __init__(self, blocks: Tensor, ggml_type: int, embedding_dim: int, scale: float = 1.0,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        problem = type_problem(ggml_type, embedding_dim) or _blocks_problem(blocks, ggml_type, embedding_dim)
+        if problem:
+            raise ValueError(problem)
+        self.num_embeddings, self.embedding_dim, self.ggml_type = blocks.shape[0], embedding_dim, ggml_type
+        self.scale, self.dtype = scale, dtype
+        self.register_buffer("blocks", blocks)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = dequantise(self.blocks[ids.reshape(-1)], self.ggml_type, self.embedding_dim, self.dtype)
+        if self.scale != 1.0:  # as Gemma's scaled embedding: the scale in the table's dtype
+            rows = rows * torch.tensor(self.scale, dtype=self.dtype)
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def head(self) -> QuantisedLinear:
+        """The tied LM head over the same blocks (no second copy): logits = h Eᵀ."""
+        return QuantisedLinear(self.blocks, self.ggml_type, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, type={NAMES[self.ggml_type]}"
+
+
 def _blocks_problem(blocks: Tensor, ggml_type: int, in_features: int) -> str | None:
     if not isinstance(blocks, Tensor) or blocks.dtype != torch.uint8 or blocks.dim() != 2:
         return "blocks must be a 2-D uint8 tensor [out_features, bytes per row]"
