@@ -9,12 +9,11 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from hetlora.device.lora import LoRABank, find_targets, lora_init, target_shapes
-from hetlora.models import quantised
 from hetlora.models.gguf_model import load_gguf_model
 from hetlora.models.loading import load_base_model, load_tokenizer
 from hetlora.models.quantised import QuantisedEmbedding, QuantisedLinear
 
-from .gguf_files import F32, smollm2_tokenizer_fields, tiny_hf_model, write_gguf
+from .gguf_files import smollm2_tokenizer_fields, tiny_hf_model, write_gguf
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = torch.tensor([[5, 300, 410, 17, 9, 220, 31, 8], [42, 7, 7, 1000, 12, 5, 600, 90]])
