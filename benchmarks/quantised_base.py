@@ -24,29 +24,29 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from hetlora.models import quantised as gguf_linear
+from hetlora.models import quantised as blocks_module
 from hetlora.models.quantised import NAMES, QuantisedLinear, dequantise
 
 LAYER = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576), "gate_proj": (1536, 576),
          "up_proj": (1536, 576), "down_proj": (576, 1536)}  # (out, in) of one SmolLM2-135M decoder layer
-TYPES = [gguf_linear.Q4_0, gguf_linear.Q5_0, gguf_linear.Q8_0, gguf_linear.Q4_K, gguf_linear.Q6_K]
-QUANTISABLE = {gguf_linear.Q4_0, gguf_linear.Q4_1, gguf_linear.Q5_0, gguf_linear.Q5_1, gguf_linear.Q8_0}
+TYPES = [blocks_module.Q4_0, blocks_module.Q5_0, blocks_module.Q8_0, blocks_module.Q4_K, blocks_module.Q6_K]
+QUANTISABLE = {blocks_module.Q4_0, blocks_module.Q4_1, blocks_module.Q5_0, blocks_module.Q5_1, blocks_module.Q8_0}
 
 
 def blocks_of(weight: np.ndarray, ggml_type: int, rng: np.random.Generator) -> np.ndarray:
     """The weight quantised by the gguf package; K types (which it cannot write) as random blocks of the right size."""
     if ggml_type in QUANTISABLE:
         return quants.quantize(weight, GGMLQuantizationType(ggml_type))
-    per_block, size = gguf_linear.BLOCKS[ggml_type]
+    per_block, size = blocks_module.BLOCKS[ggml_type]
     out = rng.integers(0, 256, (weight.size // per_block, size), dtype=np.uint8)
-    for offset in {gguf_linear.Q4_K: (0, 2), gguf_linear.Q6_K: (208,)}[ggml_type]:
+    for offset in {blocks_module.Q4_K: (0, 2), blocks_module.Q6_K: (208,)}[ggml_type]:
         out[:, offset : offset + 2] = np.full((out.shape[0], 1), 0.001, dtype=np.float16).view(np.uint8)
     return out.reshape(weight.shape[0], -1)
 
 
 def quantised_layer(weight: np.ndarray, ggml_type: int, rng: np.random.Generator) -> QuantisedLinear:
-    if weight.shape[1] % gguf_linear.BLOCKS[ggml_type][0]:
-        ggml_type = gguf_linear.Q5_0  # llama.cpp's fallback for rows a K block does not divide
+    if weight.shape[1] % blocks_module.BLOCKS[ggml_type][0]:
+        ggml_type = blocks_module.Q5_0  # llama.cpp's fallback for rows a K block does not divide
     return QuantisedLinear(torch.from_numpy(blocks_of(weight, ggml_type, rng)), ggml_type, weight.shape[1])
 
 

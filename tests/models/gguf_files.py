@@ -44,7 +44,7 @@ def tiny_hf_model(arch: str, tied: bool = True, hidden: int = 64, inter: int = 9
                   num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=256, rms_norm_eps=1e-6,
                   tie_word_embeddings=tied, bos_token_id=tok["bos"], eos_token_id=tok["eos"], pad_token_id=tok["pad"])
     kinds = {"llama": (LlamaConfig, LlamaForCausalLM, {}), "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
-             "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, {"head_dim": hidden // HEADS, "sliding_window": 64})}
+             "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, {"head_dim": 256, "sliding_window": 64})}  # head_dim = query_pre_attn_scalar, as llama.cpp assumes
     config_class, model_class, extra = kinds[arch]
     config = config_class(**common, **extra)
     if arch != "gemma3":  # Gemma 3 keeps a rope per attention type (its defaults, full attention's θ in the GGUF)

