@@ -24,6 +24,8 @@ def test_the_fit_recovers_a_line_and_the_calibration_groups_settings():
              "rank": r, "peak_rss_mb": 1000.0 + 10 * r + (500 if not c else 0)} for r in (5, 50) for c in (False, True)]
     rows.append({"kind": "fft", "engine": "in-process", "precision": "fp32", "checkpointing": False, "batch": 8, "length": 128,
                  "rank": 0, "peak_rss_mb": 9999.0})
+    rows.append({"kind": "lora", "engine": "clientapp", "precision": "fp32", "checkpointing": True, "batch": 8, "length": 128,
+                 "rank": 5, "peak_rss_mb": 3000.0, "model": "qwen", "base": "gguf"})  # one rank: no line to fit, not calibrated
     fits = calibrate(rows)
     assert set(fits) == {setting_key("smollm2", "dense", "fp32", c, 8, 128) for c in (False, True)}
     assert fits[setting_key("smollm2", "dense", "fp32", False, 8, 128)]["fixed_mb"] == pytest.approx(1500.0)

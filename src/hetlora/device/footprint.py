@@ -64,7 +64,8 @@ def calibrate(rows: Iterable[Mapping], model: str = "smollm2") -> dict[str, dict
         if r["kind"] == "lora" and r["engine"] == "clientapp":
             key = setting_key(r.get("model", model), r.get("base", "dense"), r["precision"], r["checkpointing"], r["batch"], r["length"])
             groups.setdefault(key, []).append((r["rank"], r["peak_rss_mb"]))
-    return {k: vars(fit(points)) | {"points": sorted(points)} for k, points in groups.items()}
+    # a line needs two ranks: one point would predict every rank's peak to be that rank's (a guess, refused)
+    return {k: vars(fit(points)) | {"points": sorted(points)} for k, points in groups.items() if len({r for r, _ in points}) >= 2}
 
 
 def footprint_model(key: str, calibration: Path | None = None) -> FootprintModel:
