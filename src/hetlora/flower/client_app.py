@@ -3,8 +3,9 @@
 A node knows its ``partition-id`` (from its node config); the client it holds is the
 ``partition-id``-th client id of the federation, so identity is stable across rounds.
 The model and data are built once per process (a simulation actor keeps them; a
-deployed SuperNode starts a fresh process per message and loads the model from the
-safetensors cache, never from GGUF).
+deployed SuperNode starts a fresh process per message). A device holds the frozen weights
+in the GGUF's own blocks when the model comes from a GGUF (``base-weights`` auto; a node may
+choose ``dense`` or ``gguf`` in its node config; docs/algorithm.md §7.1).
 """
 
 from __future__ import annotations
