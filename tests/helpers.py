@@ -33,3 +33,19 @@ def train(host, kind: str, client_id: str, payload, rank: int, round_index: int 
 
     (update,) = get_kind(kind).train(host, [Job(client_id, rank, round_index, payload)], prune=prune)
     return update
+
+
+def lora_logits_and_grads(model, adapter, ids, targets, rank: int):
+    """Logits of ``model`` with ``adapter`` in a one-slot LoRA bank, and the factors' gradients of mean(logits²)."""
+    from hetlora.device.lora import LoRABank
+
+    bank = LoRABank(model, targets, slots=1, rank=rank)
+    bank.load(0, adapter)
+    for p in bank.factors():
+        p.requires_grad_(True)
+    with bank.use(1):
+        logits = model(input_ids=ids).logits
+        logits.float().square().mean().backward()
+    grads = [p.grad.clone() for p in bank.factors()]
+    bank.remove()
+    return logits.detach(), grads

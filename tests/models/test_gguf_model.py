@@ -8,11 +8,12 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from hetlora.device.lora import LoRABank, find_targets, lora_init, target_shapes
+from hetlora.device.lora import find_targets, lora_init, target_shapes
 from hetlora.models.gguf_model import load_gguf_model
 from hetlora.models.loading import load_base_model, load_tokenizer
 from hetlora.models.quantised import QuantisedEmbedding, QuantisedLinear
 
+from ..helpers import lora_logits_and_grads
 from .gguf_files import smollm2_tokenizer_fields, tiny_hf_model, write_gguf
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -38,19 +39,6 @@ def test_a_float_gguf_loads_as_the_model_it_was_written_from(arch, tied, tmp_pat
             assert torch.allclose(loaded(input_ids=IDS).logits, original(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
 
 
-def _logits_and_lora_grads(model, adapter):
-    bank = LoRABank(model, TARGETS, slots=1, rank=3)
-    bank.load(0, adapter)
-    for p in bank.factors():
-        p.requires_grad_(True)
-    with bank.use(1):
-        logits = model(input_ids=IDS).logits
-        logits.float().square().mean().backward()
-    grads = [p.grad.clone() for p in bank.factors()]
-    bank.remove()
-    return logits.detach(), grads
-
-
 CASES = [("llama", t, 64) for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")] + [
     ("llama", "Q4_K", 256), ("qwen2", "Q6_K", 256), ("qwen2", "Q5_0", 64), ("gemma3", "Q8_0", 64), ("gemma3", "Q2_K", 256),
     ("qwen2", "Q3_K", 256), ("llama", "Q5_K", 256)]
@@ -67,7 +55,7 @@ def test_the_block_base_and_the_dense_base_compute_the_same_function(arch, type_
     assert not any(isinstance(m, (QuantisedLinear, QuantisedEmbedding)) for m in dense_model.modules())
     g = torch.Generator().manual_seed(11)
     adapter = {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in lora_init(target_shapes(dense_model, TARGETS), 3, 0).items()}
-    (q_logits, q_grads), (d_logits, d_grads) = (_logits_and_lora_grads(m, adapter) for m in (blocks_model, dense_model))
+    (q_logits, q_grads), (d_logits, d_grads) = (lora_logits_and_grads(m, adapter, IDS, TARGETS, 3) for m in (blocks_model, dense_model))
     scale = float(d_logits.abs().max())
     assert scale > 0 and torch.allclose(q_logits, d_logits, rtol=0, atol=2e-6 * scale)
     for ours, dense in zip(q_grads, d_grads):

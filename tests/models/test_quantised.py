@@ -8,6 +8,7 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from hetlora.models import quantised as blocks_module
+from ..helpers import lora_logits_and_grads
 from hetlora.models.quantised import BLOCKS, NAMES, QuantisedLinear, dequantise, row_bytes
 
 SIMPLE = [blocks_module.Q4_0, blocks_module.Q4_1, blocks_module.Q5_0, blocks_module.Q5_1, blocks_module.Q8_0]  # gguf can quantise these
@@ -114,7 +115,7 @@ def test_blocks_that_cannot_be_a_layer_are_one_clear_error(blocks, ggml_type, in
 def test_the_lora_bank_trains_over_quantised_layers_as_over_their_dequantised_weights():
     """A model whose target layers are in Q8_0 blocks: the LoRA bank attaches to them, and the logits and one step's
     LoRA gradients are those of the same model with the dequantised weights as dense layers."""
-    from hetlora.device.lora import LoRABank, find_targets, lora_init, target_shapes
+    from hetlora.device.lora import find_targets, lora_init, target_shapes
     from hetlora.models.loading import load_base_model
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -130,20 +131,9 @@ def test_the_lora_bank_trains_over_quantised_layers_as_over_their_dequantised_we
     g = torch.Generator().manual_seed(5)
     adapter = {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in lora_init(target_shapes(dense_model, targets), 3, 0).items()}
     ids = torch.randint(0, 1000, (2, 12), generator=g)
-    results = []
-    for model in (quantised_model, dense_model):
-        bank = LoRABank(model, targets, slots=1, rank=3)
-        bank.load(0, adapter)
-        for p in bank.factors():
-            p.requires_grad_(True)
-        with bank.use(1):
-            logits = model(input_ids=ids).logits
-            logits.square().mean().backward()
-        results.append((logits.detach(), [a.grad.clone() for a in bank.A], [b.grad.clone() for b in bank.B]))
-        bank.remove()
-    (q_logits, q_a, q_b), (d_logits, d_a, d_b) = results
+    (q_logits, q_grads), (d_logits, d_grads) = (lora_logits_and_grads(m, adapter, ids, targets, 3) for m in (quantised_model, dense_model))
     assert torch.allclose(q_logits, d_logits, rtol=1e-4, atol=1e-5)
-    for ours, dense in zip(q_a + q_b, d_a + d_b):
+    for ours, dense in zip(q_grads, d_grads):
         assert ours.abs().sum() > 0 and torch.allclose(ours, dense, rtol=1e-4, atol=1e-6)
 
 
