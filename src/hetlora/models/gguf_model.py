@@ -88,8 +88,23 @@ def load_gguf_model(path: Path, base: str = "gguf", dtype: torch.dtype = torch.f
     config = AutoConfig.from_pretrained(directory)
     with init_empty_weights(include_buffers=False):  # parameters on "meta"; rope tables etc. computed for real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    names = _name_map(model, index["architecture"], config)
     modules = dict(model.named_modules())
+    dense, blocks = _read_tensors(path, index, model, modules, base, dtype)
+    _place_blocks(model, modules, blocks, dense, dtype)
+    model.load_state_dict(dense, strict=False, assign=True)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    missing = [name for name, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
+    if missing:
+        raise ValueError(f"{path.name}: the GGUF holds no tensor for {missing[:5]}{' …' if len(missing) > 5 else ''}")
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _read_tensors(path: Path, index: dict, model, modules: dict, base: str, dtype: torch.dtype):
+    """``(dense, blocks)``: each GGUF tensor checked against the skeleton's shape, placed by transformers' name map
+    and processor, and kept dense (parameter name -> values) or in blocks (module path -> (blocks, type))."""
+    names, processor = _name_map(model, index["architecture"], model.config)
     dense: dict[str, torch.Tensor] = {}
     blocks: dict[str, tuple[torch.Tensor, int]] = {}
     for tensor in index["tensors"]:
@@ -102,20 +117,12 @@ def load_gguf_model(path: Path, base: str = "gguf", dtype: torch.dtype = torch.f
                              f"a transformers {index['architecture']} model with this config expects {expected}")
         owner, leaf = hf_name.rsplit(".", 1)
         kind = tensor["type"]
-        rows = names.processor.process(_read(path, tensor), tensor["name"]).weights
+        rows = processor.process(_read(path, tensor), tensor["name"]).weights
         if base == "gguf" and leaf == "weight" and kind in SUPPORTED and isinstance(modules[owner], (nn.Linear, nn.Embedding)):
             blocks[owner] = (torch.from_numpy(np.ascontiguousarray(rows)), kind)
         else:
             dense[hf_name] = _dense(rows, kind, tensor["shape"], dtype)
-    _place_blocks(model, modules, blocks, dense, dtype)
-    model.load_state_dict(dense, strict=False, assign=True)
-    if model.config.tie_word_embeddings:
-        model.tie_weights()
-    missing = [name for name, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
-    if missing:
-        raise ValueError(f"{path.name}: the GGUF holds no tensor for {missing[:5]}{' …' if len(missing) > 5 else ''}")
-    model.requires_grad_(False)
-    return model.eval()
+    return dense, blocks
 
 
 def _read(path: Path, tensor: dict) -> np.ndarray:
@@ -128,18 +135,12 @@ def _read(path: Path, tensor: dict) -> np.ndarray:
     return raw.reshape(tensor["rows"])
 
 
-class _NameMap(dict):
-    processor: object
-
-
-def _name_map(model, arch: str, config) -> _NameMap:
+def _name_map(model, arch: str, config) -> tuple[dict[str, str], object]:
     """GGUF tensor name -> transformers parameter name, and transformers' tensor processor for ``arch``."""
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
-    names = _NameMap(get_gguf_hf_weights_map(model, processor))
-    names.processor = processor
-    return names
+    return get_gguf_hf_weights_map(model, processor), processor
 
 
 def _dense(rows: np.ndarray, kind: int, ggml_shape: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -176,8 +177,3 @@ def _place_blocks(model, modules: dict, blocks: dict, dense: dict, dtype: torch.
 def _set_module(model, path: str, module: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
-def is_quantised(model) -> bool:
-    """Whether any of ``model``'s layers keep their weights in GGUF blocks."""
-    return any(isinstance(m, (QuantisedLinear, QuantisedEmbedding)) for m in model.modules())
