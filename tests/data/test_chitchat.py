@@ -1,3 +1,5 @@
+import pytest
+
 from hetlora.data.chitchat import conversation_examples
 from hetlora.data.federated import IGNORE, RawExample, collate, tokenize_example
 
@@ -88,3 +90,30 @@ def test_no_conversation_is_on_two_sides_of_the_split(tiny):
     assert not val & test and not (val | test) & train
     assert sum(1 for e in where if len(where[e]) > 1) < 100 < len(val)
     assert d.split_version == SPLIT_VERSION == "conversation-v2"
+
+
+def test_a_device_keeps_only_its_own_clients_data_and_the_federations_ids(tiny, chitchat_small):
+    """``keep`` (a lean device, --release-memory on a SuperNode): the same client ids in the same order, this
+    client's examples exactly as the whole federation's load gives them, nothing of any other client or of
+    the held-out splits, and the parse is not cached for the next call."""
+    from hetlora.data import load_data
+    from hetlora.data.chitchat import examples_by_sender
+    from hetlora.data.federated import device_view
+
+    _, tok = tiny
+    whole = chitchat_small
+    mine = whole.client_ids[1]
+    examples_by_sender.cache_clear()
+    device = load_data("chitchat", tok, keep=lambda ids: [ids[1]], min_examples=400, max_length=48, eval_size=12, seed=0)
+    assert examples_by_sender.cache_info().currsize == 0  # the federation's parse is freed, not kept
+    assert device.client_ids == whole.client_ids
+    assert device.num_examples(mine) == whole.num_examples(mine)
+    assert [e.input_ids for e in device.train_examples(mine)] == [e.input_ids for e in whole.train_examples(mine)]
+    assert list(device.train) == [mine] and not device.test and not device.validation
+    other = whole.client_ids[0]
+    with pytest.raises(ValueError, match=f"client '{other}': this process holds only {mine}'s data"):
+        device.num_examples(other)
+    with pytest.raises(ValueError, match="no held-out test examples .a device's view holds none"):
+        device.eval_examples()
+    with pytest.raises(ValueError, match="no client 'nobody'"):
+        device_view(lambda: whole, lambda ids: ["nobody"])

@@ -149,3 +149,17 @@ def test_a_huge_line_is_cut_before_it_is_tokenised(tmp_path, tiny, monkeypatch):
     assert len(e.input_ids) == 64 and seen and max(seen) <= 2 * 64 * CHARS_PER_TOKEN, seen  # chars, not 10 MB (template text aside)
     small = RawExample((("user", "word " * 300),), "answer " * 300)
     assert tokenize_example(small, tok, max_length=64) == e  # cutting changed nothing that is kept
+
+
+def test_a_device_keeps_only_its_own_rows_of_a_user_file(tiny, tmp_path):
+    import json
+
+    from hetlora.data import load_data
+
+    _, tok = tiny
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"client_id": f"c{i % 3}", "prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(30)))
+    whole = load_data(str(path), tok, max_length=32)
+    device = load_data(str(path), tok, keep=lambda ids: ids[2:], max_length=32)
+    assert device.client_ids == whole.client_ids == ["c0", "c1", "c2"]
+    assert device.train == {"c2": whole.train["c2"]}

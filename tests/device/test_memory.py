@@ -149,3 +149,22 @@ def test_checkpointing_gives_the_same_fft_update(tiny, client_data, make_host):
                 p.copy_(original[k])
     assert all(torch.equal(outs[1][k], v) for k, v in outs[0].items())
     assert any(not torch.equal(outs[0][k], original[k]) for k in original)
+
+
+def test_trim_heap_gives_freed_heap_pages_back():
+    """Freed heap blocks below a block still in use stay resident (glibc trims only the heap's top) until
+    the heap is trimmed: what a device's setup parsed and dropped."""
+    import gc
+
+    from hetlora.device.memory import rss_mb, trim_heap
+
+    blocks = [bytearray(2000) for _ in range(100_000)]  # ~200 MB of heap blocks (below the mmap threshold)
+    pin = bytearray(2000)  # above them on the heap: a plain free cannot shrink the heap's top
+    full = rss_mb()
+    del blocks
+    gc.collect()
+    freed = rss_mb()
+    assert freed > full - 50  # freed, but resident
+    assert trim_heap()
+    assert rss_mb() < freed - 150
+    del pin

@@ -80,8 +80,11 @@ def load_chitchat(
     eval_size: int = 256,
     seed: int = 0,
     path: str | Path | None = None,
+    cached: bool = True,
 ) -> FederatedData:
-    per_sender = examples_by_sender(str(path or chitchat_path()), context)
+    """``cached=False`` parses the file without keeping the parse for the next call (a lean device)."""
+    parse = examples_by_sender if cached else examples_by_sender.__wrapped__
+    per_sender = parse(str(path or chitchat_path()), context)
     sides = conversation_sides({c for convs in per_sender.values() for c in convs}, test_fraction, seed)
     split: dict[str, dict[str, list[RawExample]]] = {"train": {}, "validation": {}, "test": {}}
     for sender, convs in per_sender.items():

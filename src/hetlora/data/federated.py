@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import pickle
 import random
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -135,6 +138,7 @@ class FederatedData:
     seed: int = 0
     validation: dict[str, list[RawExample]] | None = None
     split_version: str = "rows-v1"
+    registered: tuple[str, ...] | None = None  # a device's view (:func:`device_view`): the whole federation's client ids
     _cache: dict[str, list[Example]] = field(default_factory=dict, repr=False)
     _evals: dict[tuple[str, int], list[Example]] = field(default_factory=dict, repr=False)
     end_id: int | None = field(default=None, init=False)
@@ -150,13 +154,20 @@ class FederatedData:
 
     @property
     def client_ids(self) -> list[str]:
-        return sorted(self.train)
+        return sorted(self.registered if self.registered is not None else self.train)
+
+    def _own(self, client_id: str) -> None:
+        if client_id not in self.train:
+            held = f"only {', '.join(sorted(self.train))}'s data" if self.registered is not None else "no such client"
+            raise ValueError(f"{self.name}: client {client_id!r}: this process holds {held}")
 
     def num_examples(self, client_id: str) -> int:
+        self._own(client_id)
         return len(self.train[client_id])
 
     def train_examples(self, client_id: str) -> list[Example]:
         if client_id not in self._cache:
+            self._own(client_id)
             self._cache[client_id] = tokenize_all(self.train[client_id], self.tokenizer, self.max_length, self.end_id)
         return self._cache[client_id]
 
@@ -181,9 +192,34 @@ class FederatedData:
         if (split, size) not in self._evals:
             pool = self.heldout(split)
             if not pool:
-                raise ValueError(f"{self.name}: no held-out {split} examples")
+                whose = " (a device's view holds none)" if self.registered is not None else ""
+                raise ValueError(f"{self.name}: no held-out {split} examples{whose}")
             self._evals[(split, size)] = tokenize_all(pool[:size], self.tokenizer, self.max_length, self.end_id)
         return self._evals[(split, size)]
+
+
+def device_view(load: Callable[[], FederatedData], keep: Callable[[list[str]], list[str]]) -> FederatedData:
+    """A lean device's view of the federation ``load()`` gives (docs/algorithm.md §7.1): the training examples
+    of the clients ``keep(client_ids)`` names and the federation's client ids; nothing of the others, no
+    held-out data.
+
+    The federation is loaded here, so this frame holds its only reference and frees it before the kept
+    objects are made again (a pickle round trip): made during the parse, the kept examples and the 454
+    chitchat client ids pinned ~150 MB of the interpreter's 1 MiB object arenas, each holding a few of them
+    among freed examples (measured)."""
+    data = load()
+    ids = data.client_ids
+    kept = keep(ids)
+    unknown = sorted(set(kept) - set(data.train))
+    if unknown:
+        raise ValueError(f"{data.name}: no client {unknown[0]!r} among its {len(data.train)} clients")
+    packed = pickle.dumps((tuple(ids), {c: data.train[c] for c in kept}))
+    settings = {"name": data.name, "tokenizer": data.tokenizer, "max_length": data.max_length, "eval_size": data.eval_size,
+                "seed": data.seed, "split_version": data.split_version}
+    del data, ids, kept
+    gc.collect()  # the parse holds reference cycles: without a collection it is still alive below
+    registered, train = pickle.loads(packed)
+    return FederatedData(train=train, test={}, validation={}, registered=registered, **settings)
 
 
 def split_by_group(groups: dict[str, list], test_fraction: float, seed: int, salt: str) -> tuple[list, list]:

@@ -11,6 +11,7 @@ delta (FLoRA, FedEx-LoRA) to pristine copies of the adapted weights.
 
 from __future__ import annotations
 
+import functools
 import random
 
 import torch
@@ -19,7 +20,7 @@ from ..config import RunConfig
 from ..core.base_delta import dense_delta, delta_modules
 from .evaluate import evaluate_loss
 from .lora import PEFT_PREFIX, LoRABank
-from .memory import configure_allocator
+from .memory import configure_allocator, trim_heap
 from ..methods import METHODS
 from .training import LocalConfig
 
@@ -52,6 +53,14 @@ def registered_clients(ids: list[str], cfg: RunConfig) -> list[str]:
     if cfg.client_pool:
         return sorted(random.Random(f"pool:{cfg.seed}").sample(ids, min(cfg.client_pool, len(ids))))
     return ids[: cfg.max_clients] if cfg.max_clients else list(ids)
+
+
+def _registered_at(ids: list[str], cfg: RunConfig, index: int) -> list[str]:
+    """The registered client at ``index`` (a node's partition), as a one-client list."""
+    registered = registered_clients(ids, cfg)
+    if not 0 <= index < len(registered):
+        raise ValueError(f"partition-id {index} is outside the {len(registered)} clients of this federation")
+    return [registered[index]]
 
 
 def set_attention(model, device: str) -> None:
@@ -107,8 +116,10 @@ def check_rank_fits(model, cfg: RunConfig) -> None:
 
 
 class ClientHost:
-    def __init__(self, cfg: RunConfig, model=None, tokenizer=None, data=None, device_client: bool = False):
-        from ..data import load_data
+    def __init__(self, cfg: RunConfig, model=None, tokenizer=None, data=None, device_client: bool = False,
+                 own_client: int | None = None):
+        """``own_client``: a lean device (``--release-memory`` on a SuperNode) keeps only the data of the
+        registered client at that index (its partition) and gives its setup's freed heap back."""
         from ..models.loading import from_gguf, load_base_model
 
         if cfg.release_memory:
@@ -120,7 +131,8 @@ class ClientHost:
 
             tokenizer = load_tokenizer(cfg.model)
         if data is None:
-            data = load_data(cfg.data, tokenizer, **cfg.data_options())  # data errors before the model loads
+            data = self._load_data(cfg, tokenizer, own_client)  # data errors before the model loads
+        self.own_client = own_client
         self.base = cfg.base_for(device_client, from_gguf(cfg.model))  # docs/algorithm.md §7.1
         if model is None:
             model, tokenizer = load_base_model(cfg.model, tokenizer=tokenizer, base=self.base)
@@ -140,6 +152,24 @@ class ClientHost:
         self._base_version: object = None
         self.device_client = device_client
         self._applied: dict[str, torch.Tensor] = {}  # a device client: the base delta its weights hold now
+        if cfg.release_memory:
+            trim_heap()
+
+    @staticmethod
+    def _load_data(cfg: RunConfig, tokenizer, own_client: int | None):
+        from ..data import load_data
+
+        keep = None if own_client is None else functools.partial(_registered_at, cfg=cfg, index=own_client)
+        return load_data(cfg.data, tokenizer, keep=keep, **cfg.data_options())
+
+    def hold_only(self, own_client: int) -> None:
+        """Keep only the data of the registered client at ``own_client`` (a lean device asked for another
+        partition, as a simulation's worker is): the data is reloaded, the model kept."""
+        if own_client != self.own_client:
+            self.data = self._load_data(self.cfg, self.tokenizer, own_client)
+            self.own_client = own_client
+            if self.cfg.release_memory:
+                trim_heap()
 
     # ------------------------------------------------------------------ LoRA
     def bank(self, slots: int = 1, rank: int | None = None) -> LoRABank:

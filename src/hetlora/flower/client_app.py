@@ -1,7 +1,8 @@
 """The ClientApp: one SuperNode holds one client's data and trains it with the shared client code.
 
 A node knows its ``partition-id`` (from its node config); the client it holds is the
-``partition-id``-th client id of the federation, so identity is stable across rounds.
+``partition-id``-th client id of the federation, so identity is stable across rounds. With
+``--release-memory`` a node keeps only that client's data (parsed once, the rest freed).
 The model and data are built once per process (a simulation actor keeps them; a
 deployed SuperNode starts a fresh process per message). A device holds the frozen weights
 in the GGUF's own blocks when the model comes from a GGUF (``base-weights`` auto; a node may
@@ -42,15 +43,22 @@ def client_host(cfg: RunConfig, context: Context | None = None) -> ClientHost:
     node_base = (context.node_config.get("base-weights") if context is not None else None)
     if node_base is not None and node_base != cfg.base_weights:
         cfg = dataclasses.replace(cfg, base_weights=str(node_base)).validate()
+    own = _partition(context) if cfg.release_memory and context is not None else None  # a lean device: its own data
     key = encode_config(cfg)
     if key not in _HOSTS:
         _HOSTS.clear()
-        _HOSTS[key] = ClientHost(cfg, device_client=True)  # a device: gradient checkpointing on unless configured
+        _HOSTS[key] = ClientHost(cfg, device_client=True, own_client=own)  # a device: gradient checkpointing on
+    elif own is not None:
+        _HOSTS[key].hold_only(own)  # a simulation's worker serves many partitions: swap the data, keep the model
     return _HOSTS[key]
 
 
+def _partition(context: Context) -> int:
+    return int(context.node_config.get("partition-id", 0))
+
+
 def my_client_id(host: ClientHost, context: Context) -> str:
-    pid = int(context.node_config.get("partition-id", 0))
+    pid = _partition(context)
     if not 0 <= pid < len(host.client_ids):
         raise ValueError(f"partition-id {pid} is outside the {len(host.client_ids)} clients of this federation")
     return host.client_ids[pid]
