@@ -59,7 +59,7 @@ RUN_OPTIONS: dict[str, tuple[Any, str, str]] = {
     "memory_budget_mb": (float, "--memory-budget", "Every client's memory budget (MB): its rank is the largest predicted to fit (footprint_calibration.json)"),
     "memory_budgets": (str, "--memory-budgets", "JSON file {client id: MB} of per-client memory budgets"),
     "ordered_dropout": (bool, "--ordered-dropout/--no-ordered-dropout", "LoRA clients train a random prefix r' in [r_min, r_k] of their components each step (FjORD)"),
-    "release_memory": (bool, "--release-memory/--no-release-memory", "Clients' freed tensors go back to the OS at once (glibc: a fixed mmap threshold): ~0.65× the peak RSS, 1.4–2× the step time"),
+    "release_memory": (bool, "--release-memory/--no-release-memory", "A lean device: freed tensors go back to the OS at once (glibc: a fixed mmap threshold) and a SuperNode keeps only its own client's data: ~0.55–0.65× the peak RSS, 1.1–1.4× the step time"),
     "dp_clip": (float, "--dp-clip", "User-level DP: clip norm C (turns DP on)"),
     "dp_noise": (float, "--dp-noise", "User-level DP: noise multiplier σ (needs --dp-clip; default: 1.0)"),
     "secure_aggregation": (bool, "--secure-aggregation/--no-secure-aggregation", "Flower SecAgg+: the server sees only the sum of the clients' zero-padded, self-weighted factors (hetlora, hetlora-naive, fedavg, hetlora-svd/-revive/-svd-revive; needs --norm-bound off)"),
