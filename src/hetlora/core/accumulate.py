@@ -107,11 +107,14 @@ class PaddedSum:
                 out.index_add_(0, reached, torch.full((len(reached),), w, dtype=torch.float64))
         return out
 
-    def total(self, dtype: torch.dtype = torch.float32) -> Adapter:
-        """Σ_k w_k pad(x_k), keys sorted (fp32 unless asked otherwise)."""
+    def total(self, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> Adapter:
+        """``scale`` × Σ_k w_k pad(x_k), keys sorted (fp32 unless asked otherwise; scaled in float64: a streamed
+        round divides by Σ_k w_k here)."""
         if not self.count:
             raise ValueError("nothing was added to the sum")
-        return {key: self.sums[key].to(dtype) for key in sorted(self.sums)}
+        if scale == 1.0:
+            return {key: self.sums[key].to(dtype) for key in sorted(self.sums)}
+        return {key: (self.sums[key] * scale).to(dtype) for key in sorted(self.sums)}
 
     def slice_average(self, previous: Mapping[str, Tensor] | None = None) -> Adapter:
         """Component j = Σ_{k reaching j} w_k x_{k,j} / Σ_{k reaching j} w_k; a component no update reached keeps

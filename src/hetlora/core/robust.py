@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 from torch import Tensor
@@ -44,31 +44,71 @@ def _clip_factor(value: float, reference: float, bound: float) -> float:
     return reference / value
 
 
-def bound_updates(updates: Sequence[ClientUpdate], bound: float) -> list[ClientUpdate]:
-    """Scale every client's B, A and B·A norms (per √rank) beyond ``bound`` × the round median to the median."""
+@dataclass(frozen=True)
+class UpdateNorms:
+    """What the bound needs of one update, and all it keeps of it: ‖B‖_F, ‖A‖_F and ‖BA‖_F over all modules,
+    its rank and its example count. A streaming server holds these for every client of a round (O(K) scalars)
+    and the updates themselves only one at a time (docs/algorithm.md §7.2)."""
+
+    client: str | None
+    b: float
+    a: float
+    product: float
+    rank: int
+    examples: int
+
+    @classmethod
+    def of(cls, update: ClientUpdate) -> "UpdateNorms":
+        nb, na = factor_norms(update.adapter)
+        return cls(update.client_id, nb, na, update_norm(update.adapter), adapter_rank(update.adapter), int(update.num_examples))
+
+
+@dataclass(frozen=True)
+class BoundScales:
+    """What the bound does to one update: B × ``b``, A × ``a``, n capped to ``examples``; ``norm`` is the
+    bounded update's ‖B A‖_F (its sparsity weight before any cap)."""
+
+    b: float
+    a: float
+    examples: int
+    norm: float
+
+
+def bound_scales(norms: Sequence[UpdateNorms], bound: float) -> list[BoundScales]:
+    """The bound from the round's norms alone (docs/algorithm.md §5): ‖B‖ and ‖A‖ per √rank beyond ``bound`` ×
+    the round median are scaled to the median; then ‖BA‖ per √rank of the scaled updates (scaling B by β and A
+    by α scales BA by βα, so no update is needed) likewise, through B; n is capped at ``bound`` × its median."""
     if bound <= 0:
         raise ValueError(f"norm_bound must be positive, got {bound}")
-    roots = [math.sqrt(adapter_rank(u.adapter)) for u in updates]
-    norms = [factor_norms(u.adapter) for u in updates]
-    require_finite_norms(updates, [nb * na for nb, na in norms], "‖B‖·‖A‖")
-    med_b = median(nb / s for (nb, _), s in zip(norms, roots))
-    med_a = median(na / s for (_, na), s in zip(norms, roots))
-    clipped = [
-        scale_adapter(
-            u.adapter,
-            b_scale=_clip_factor(nb / s, med_b, bound),
-            a_scale=_clip_factor(na / s, med_a, bound),
-        )
-        for u, (nb, na), s in zip(updates, norms, roots)
-    ]
-    products = [update_norm(a) / s for a, s in zip(clipped, roots)]
-    require_finite_norms(updates, products, "‖ΔW‖")
+    roots = [math.sqrt(n.rank) for n in norms]
+    _require_finite(norms, [n.b * n.a for n in norms], "‖B‖·‖A‖")
+    med_b = median(n.b / s for n, s in zip(norms, roots))
+    med_a = median(n.a / s for n, s in zip(norms, roots))
+    b_scales = [_clip_factor(n.b / s, med_b, bound) for n, s in zip(norms, roots)]
+    a_scales = [_clip_factor(n.a / s, med_a, bound) for n, s in zip(norms, roots)]
+    products = [bs * as_ * n.product / s for n, s, bs, as_ in zip(norms, roots, b_scales, a_scales)]
+    _require_finite(norms, products, "‖ΔW‖")
     med_p = median(products)
-    med_n = median(u.num_examples for u in updates)
-    return [
-        replace(u, adapter=scale_adapter(a, b_scale=_clip_factor(p, med_p, bound)), num_examples=cap_examples(u.num_examples, med_n, bound))
-        for u, a, p in zip(updates, clipped, products)
-    ]
+    med_n = median(n.examples for n in norms)
+    out = []
+    for n, s, bs, as_, p in zip(norms, roots, b_scales, a_scales, products):
+        ps = _clip_factor(p, med_p, bound)
+        out.append(BoundScales(bs * ps, as_, cap_examples(n.examples, med_n, bound), ps * p * s))
+    return out
+
+
+def _require_finite(norms: Sequence[UpdateNorms], values: Sequence[float], what: str) -> None:
+    for n, v in zip(norms, values):
+        if not math.isfinite(v):
+            raise InvalidUpdate(n.client, f"{what} is not finite ({v})")
+
+
+def bound_updates(updates: Sequence[ClientUpdate], bound: float) -> list[ClientUpdate]:
+    """Scale every client's B, A and B·A norms (per √rank) beyond ``bound`` × the round median to the median
+    (:func:`bound_scales`, applied)."""
+    scales = bound_scales([UpdateNorms.of(u) for u in updates], bound)
+    return [replace(u, adapter=scale_adapter(u.adapter, b_scale=sc.b, a_scale=sc.a), num_examples=sc.examples)
+            for u, sc in zip(updates, scales)]
 
 
 def cap_examples(n: int, median_n: float, bound: float) -> int:

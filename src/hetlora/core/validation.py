@@ -216,6 +216,9 @@ def split_valid(
     return split_by(updates, check, round_index)
 
 
+DUPLICATE = "sent more than one update in this round"
+
+
 def split_by(
     updates: Sequence[ClientUpdate], check: Callable[[ClientUpdate], None], round_index: int | None = None
 ) -> tuple[list[ClientUpdate], list[tuple[str | None, str]]]:
@@ -228,7 +231,7 @@ def split_by(
     for u in updates:
         try:
             if u.client_id is not None and u.client_id in seen:
-                raise InvalidUpdate(u.client_id, "sent more than one update in this round")
+                raise InvalidUpdate(u.client_id, DUPLICATE)
             if round_index is not None and u.round is not None and u.round != round_index:
                 raise InvalidUpdate(u.client_id, f"update is for round {u.round}, not the current round {round_index}")
             check(u)

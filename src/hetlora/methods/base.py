@@ -70,6 +70,9 @@ class AggregationMethod:
     #: the weight rule under secure aggregation (hetlora.core.secure_sum): the rule is then Σ w_k pad(x_k) / Σ w_k
     #: with one client-computed scalar w_k; None: the rule is not such a sum and cannot run under SecAgg+.
     secure_weight: str | None = None
+    #: the weight rule of a rule Σ_k w_k pad(x_k) / Σ_k w_k whose w_k is client k's alone (``update_norm``,
+    #: ``examples``): a server folds each reply in as it arrives (hetlora.methods.streaming); None: a list.
+    stream_weight: str | None = None
 
     @property
     def dp_capable(self) -> bool:

@@ -12,6 +12,7 @@ class FedAvg(AggregationMethod):
     name = "fedavg"
     uniform_rank = True
     secure_weight = "examples"
+    stream_weight = "examples"
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         ranks = sorted({adapter_rank(u.adapter) for u in updates})

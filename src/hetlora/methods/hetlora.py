@@ -47,6 +47,7 @@ class HetLoRA(AggregationMethod):
     prunes = True
     options = ("per_layer",)
     secure_weight = "update_norm"
+    stream_weight = "update_norm"
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         per_layer = ctx.options.get("per_layer", False)

@@ -15,6 +15,7 @@ from .base import AggregationContext, AggregationMethod, data_weights, weighted_
 class HetLoRANaive(AggregationMethod):
     name = "hetlora-naive"
     secure_weight = "examples"
+    stream_weight = "examples"
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         return weighted_padded_sum(updates, ctx.r_max, data_weights(updates))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -25,9 +25,10 @@ from ..core.validation import layer_shapes, non_finite
 from . import round_report
 from ..device.footprint import fit_ranks
 from ..device.host import ClientHost, auto_parallel_clients
-from ..methods import AggregationContext, aggregate_dropping, get_method
+from ..methods import AggregationContext, get_method
 from ..methods.dp import DPFedAvg
 from .privacy import ServerPrivacy, check_sampling
+from .aggregation import aggregate_replies
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +120,16 @@ class Federation:
             seed=cfg.seed, round_index=round_index, ranks=dict(self.ranks),
         )
 
-    def complete_round(self, round_index: int, updates: Sequence[ClientUpdate], failed: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
-        """Validate, aggregate, update ranks; returns the round's metrics (without eval)."""
+    def complete_round(self, round_index: int, updates: Iterable[ClientUpdate], failed: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+        """Validate, aggregate, update ranks; returns the round's metrics (without eval).
+
+        ``updates`` may be a stream (replies as they arrive): a weighted-sum method folds each in and lets it
+        go (hetlora.server.aggregation); the others aggregate the list."""
         ctx = self.context(round_index)
-        kept, dropped_updates = self.method.split_valid(updates, ctx, assigned_ranks=self.ranks, round_index=round_index,
-                                                         exact_rank=not self.cfg.prunes)
-        dropped = [{"client": c, "reason": r} for c, r in list(failed) + dropped_updates]
-        new, base_update, kept = aggregate_dropping(self.method, kept, ctx, self.cfg.min_clients, dropped)
-        return self._close_round(round_index, new, base_update, kept, updates, dropped, sum(self.kind.upload_bytes(u) for u in kept))
+        done = aggregate_replies(self.method, ctx, updates, assigned_ranks=self.ranks, exact_rank=not self.cfg.prunes,
+                                 min_clients=self.cfg.min_clients, upload_bytes=self.kind.upload_bytes)
+        dropped = [{"client": c, "reason": r} for c, r in failed] + done.dropped
+        return self._close_round(round_index, done.new, done.base_update, done.kept, done.replied, dropped, done.bytes_up)
 
     def complete_secure_round(self, round_index: int, aggregate: Mapping[str, torch.Tensor] | None, reports: Sequence[ClientUpdate],
                               failed: Sequence[tuple[str, str]], bytes_up: int) -> dict[str, Any]:
@@ -137,9 +140,10 @@ class Federation:
         new = None
         if aggregate is not None and len(reports) >= self.cfg.min_clients:  # one not finite is refused in _close_round
             new = dict(aggregate) if non_finite(aggregate) else self.method.finish(dict(aggregate), self.context(round_index))
-        return self._close_round(round_index, new, None, list(reports), reports, [{"client": c, "reason": r} for c, r in failed], bytes_up)
+        return self._close_round(round_index, new, None, list(reports), [u.client_id for u in reports],
+                                 [{"client": c, "reason": r} for c, r in failed], bytes_up)
 
-    def _close_round(self, round_index: int, new, base_update, kept: list[ClientUpdate], updates: Sequence[ClientUpdate],
+    def _close_round(self, round_index: int, new, base_update, kept: list[ClientUpdate], replied: Sequence[str | None],
                      dropped: list[dict[str, Any]], bytes_up: int) -> dict[str, Any]:
         """Apply a finite aggregate (a non-finite one keeps the previous global model) and write the round's row."""
         self._before = None  # only this round's aggregate can be rolled back
@@ -154,7 +158,7 @@ class Federation:
             else:
                 self._apply(round_index, new, base_update, kept)
         self.round = round_index + 1
-        return round_report.round_row(self, round_index, new is not None and not rejected, rejected, kept, updates, dropped, sent, bytes_up)
+        return round_report.round_row(self, round_index, new is not None and not rejected, rejected, kept, replied, dropped, sent, bytes_up)
 
     def released(self, row: dict[str, Any]) -> dict[str, Any]:
         """The round's row as it is published: under DP nothing per client and nothing that depends on the

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from ..core.adapter import ClientUpdate
 from ..core.rank_health import live_rank, rank_energy, trainable_rank
@@ -29,8 +29,10 @@ def client_metrics(kept: Sequence[ClientUpdate]) -> dict[str, Any]:
 
 
 def round_row(fed, round_index: int, aggregated: bool, rejected: str | None, kept: Sequence[ClientUpdate],
-              updates: Sequence[ClientUpdate], dropped: list[dict[str, Any]], sent: Mapping[str, int], bytes_up: int) -> dict[str, Any]:
-    """The round's row (before evaluation): who took part, who was dropped and why, ranks in and out, bytes up."""
+              replied: Iterable[str | None], dropped: list[dict[str, Any]], sent: Mapping[str, int], bytes_up: int) -> dict[str, Any]:
+    """The round's row (before evaluation): who took part, who was dropped and why, ranks in and out, bytes up.
+    ``kept``: the aggregated updates (their tensors may be gone: a streamed round); ``replied``: every replying
+    client's id."""
     return rank_metrics(fed) | {
         "rejected": rejected,
         "round": round_index + 1,
@@ -38,7 +40,7 @@ def round_row(fed, round_index: int, aggregated: bool, rejected: str | None, kep
         "clients": [u.client_id for u in kept],
         "aggregated": aggregated,
         "dropped": dropped,
-        "ranks": {c: fed.ranks[c] for c in sorted({u.client_id for u in updates if u.client_id in fed.ranks})},  # after the round
+        "ranks": {c: fed.ranks[c] for c in sorted({c for c in replied if c in fed.ranks})},  # after the round
         "client_ranks_in": {u.client_id: sent.get(u.client_id) for u in kept},
         "bytes_up": bytes_up,
     } | client_metrics(kept)

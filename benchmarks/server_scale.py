@@ -1,0 +1,211 @@
+"""Server memory and time against the clients per round (issue #43): the server path alone.
+
+Clients are replaced by ready updates that arrive one at a time (a seeded generator: SmolLM2-135M-shaped,
+30 layers × 7 modules, ranks uniform in [5, 50], r_max 50; fedavg's clients all at rank 27), fed to the
+one aggregation path both engines take (:func:`hetlora.server.aggregation.aggregate_replies`). Each row is
+a fresh process: ``peak_rss_mb`` is that process's peak, ``baseline_mb`` its resident memory before the
+round (imports and the global adapter). ``seconds`` is the server's time only (making the updates is not
+counted). ``path``: ``stream`` (a weighted-sum method folds each reply in; others aggregate a list) or
+``list`` (every method holds the round's replies: the reference, and the server before #43). ``plain``
+rows: hetlora's weighted padded sum as a bare fp32 loop over the same updates (the time goal's yardstick).
+
+    python benchmarks/server_scale.py [--clients 4 16 64 256] [--methods ...] [--bound 1.5] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = ["hetlora", "hetlora-naive", "fedavg", "fedex-lora", "recon-svd", "flexlora", "flora", "fslora"]
+MODULES = {
+    "self_attn.q_proj": (576, 576),
+    "self_attn.k_proj": (192, 576),
+    "self_attn.v_proj": (192, 576),
+    "self_attn.o_proj": (576, 576),
+    "mlp.gate_proj": (1536, 576),
+    "mlp.up_proj": (1536, 576),
+    "mlp.down_proj": (576, 1536),
+}
+R_MIN, R_MAX, FEDAVG_RANK = 5, 50, 27
+FLORA_MAX_CLIENTS = 64  # FLoRA's aggregate stacks every client: rank Σ r_k, ~8.5 GB at 256 clients (stated, not run)
+
+
+def client_ranks(clients: int, method: str, seed: int) -> list[int]:
+    import random
+
+    if method == "fedavg":
+        return [FEDAVG_RANK] * clients
+    rng = random.Random(f"server-scale:{seed}")
+    return [rng.randint(R_MIN, R_MAX) for _ in range(clients)]
+
+
+def make_adapter(rank: int, seed: int, layers: int):
+    import torch
+
+    from hetlora.core.adapter import A_SUFFIX, B_SUFFIX
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer in range(layers):
+        for name, (o, i) in MODULES.items():
+            key = f"base_model.model.model.layers.{layer}.{name}"
+            out[key + A_SUFFIX] = torch.randn(rank, i, generator=g) * 0.02
+            out[key + B_SUFFIX] = torch.randn(o, rank, generator=g) * 0.02
+    return out
+
+
+class Replies:
+    """The round's replies, made one at a time as the server asks for the next; the time spent making them is
+    kept apart (``making``) so the server's own time can be told."""
+
+    def __init__(self, ranks: list[int], layers: int, round_index: int = 0):
+        self.ranks, self.layers, self.round_index, self.making = ranks, layers, round_index, 0.0
+
+    def __iter__(self):
+        from hetlora.core.adapter import ClientUpdate
+
+        for k, rank in enumerate(self.ranks):
+            t0 = time.perf_counter()
+            update = ClientUpdate(make_adapter(rank, 1000 + k, self.layers), 20 + k % 7, f"c{k:04d}", rank=rank, round=self.round_index)
+            self.making += time.perf_counter() - t0
+            yield update
+
+
+def plain_loop(replies: Replies, r_max: int) -> dict:
+    """HetLoRA's arithmetic as one bare fp32 loop: ‖ΔW_k‖ by the trace trick, w_k pad(x_k) added, divided by Σ w_k."""
+    import torch
+
+    from hetlora.core.adapter import A_SUFFIX, B_SUFFIX
+
+    sums: dict = {}
+    total = 0.0
+    for u in replies:
+        keys = [k[: -len(A_SUFFIX)] for k in u.adapter if k.endswith(A_SUFFIX)]
+        sq = sum(float(((u.adapter[m + B_SUFFIX].T @ u.adapter[m + B_SUFFIX]) * (u.adapter[m + A_SUFFIX] @ u.adapter[m + A_SUFFIX].T)).sum())
+                 for m in keys)
+        w = sq ** 0.5
+        total += w
+        for key, value in u.adapter.items():
+            if key not in sums:
+                shape = list(value.shape)
+                shape[0 if key.endswith(A_SUFFIX) else 1] = r_max
+                sums[key] = torch.zeros(shape)
+            target = sums[key][: value.shape[0]] if key.endswith(A_SUFFIX) else sums[key][:, : value.shape[1]]
+            target.add_(value, alpha=w)
+    return {k: v / total for k, v in sums.items()}
+
+
+def child(spec: dict) -> None:
+    """One row in this fresh process; prints one JSON line."""
+    import torch  # noqa: F401
+
+    from hetlora.core.adapter import num_bytes
+    from hetlora.core.validation import layer_shapes
+    from hetlora.device.memory import peak_rss_mb, rss_mb
+    from hetlora.methods import AggregationContext, get_method
+    from hetlora.server.aggregation import aggregate_replies
+
+    ranks = client_ranks(spec["clients"], spec["method"], spec["seed"])
+    previous = make_adapter(R_MAX, 0, spec["layers"])
+    ctx = AggregationContext(r_max=R_MAX, previous=previous, norm_bound=spec["bound"], shapes=layer_shapes(previous),
+                             seed=spec["seed"], round_index=0, ranks={f"c{k:04d}": r for k, r in enumerate(ranks)})
+    replies = Replies(ranks, spec["layers"])
+    baseline = rss_mb()
+    t0 = time.perf_counter()
+    if spec["path"] == "plain":
+        plain_loop(replies, R_MAX)
+        kept, dropped = spec["clients"], 0
+    else:
+        done = aggregate_replies(get_method(spec["method"]), ctx, replies, assigned_ranks=ctx.ranks, exact_rank=False,
+                                 min_clients=1, upload_bytes=lambda u: num_bytes(u.adapter), stream=spec["path"] == "stream")
+        assert done.new is not None, done.dropped
+        kept, dropped = len(done.kept), len(done.dropped)
+    seconds = time.perf_counter() - t0 - replies.making
+    print(json.dumps(spec | {"peak_rss_mb": peak_rss_mb(), "baseline_mb": baseline, "seconds": seconds,
+                             "seconds_per_update": seconds / spec["clients"], "kept": kept, "dropped": dropped,
+                             "mean_update_mb": sum(r * sum(o + i for o, i in MODULES.values()) for r in ranks) * spec["layers"] * 4
+                             / len(ranks) / 2**20}))
+
+
+def measure(spec: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"row {spec} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--clients", type=int, nargs="+", default=[4, 16, 64, 256])
+    p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument("--paths", nargs="+", default=["stream", "list"], help="stream (today's server), list (every method holds the replies)")
+    p.add_argument("--bound", type=float, default=1.5, help="the norm bound (the run default); 0: off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--smoke", action="store_true", help="2 layers, 4 and 8 clients: seconds, for the test suite")
+    p.add_argument("--child", default=None)
+    args = p.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+    from hetlora import METHODS as REGISTRY
+    from hetlora.provenance import environment
+
+    layers = 2 if args.smoke else 30
+    clients = [4, 8] if args.smoke else args.clients
+    bound = args.bound or None
+    rows = []
+    print(f"{'method':>14} {'path':>6} {'K':>5} {'peak MB':>9} {'base MB':>8} {'s/round':>8} {'ms/update':>9}")
+    for method in args.methods:
+        streams = REGISTRY[method].stream_weight is not None
+        paths = [p for p in args.paths if streams or p == "list"] + (["plain"] if method == "hetlora" else [])
+        for path in paths:
+            for k in clients:
+                if method == "flora" and k > FLORA_MAX_CLIENTS:
+                    continue
+                row = measure({"method": method, "path": path, "engine": "in-process", "clients": k, "layers": layers,
+                               "bound": bound, "seed": args.seed})
+                row["clients_per_round"] = row.pop("clients")
+                rows.append(row)
+                print(f"{method:>14} {path:>6} {k:>5} {row['peak_rss_mb']:>9.0f} {row['baseline_mb']:>8.0f} {row['seconds']:>8.2f} "
+                      f"{1000 * row['seconds_per_update']:>9.1f}")
+    summary = goals(rows)
+    for line in summary["lines"]:
+        print(line)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"provenance": environment("cpu"), "r_max": R_MAX, "ranks": [R_MIN, R_MAX], "bound": bound,
+                                         "layers": layers, "rows": rows, "goals": summary}, indent=1))
+
+
+def goals(rows: list[dict]) -> dict:
+    """#43's goals: peak at the largest K ≤ 1.5× the smallest K's (the weighted-sum methods, streamed); hetlora's
+    seconds ≤ 1.5× the plain loop's at each K; seconds per update (linear in K when it stays flat)."""
+    out: dict = {"lines": []}
+    by = {}
+    for r in rows:
+        by.setdefault((r["method"], r["path"]), []).append(r)
+    for (method, path), mine in by.items():
+        mine.sort(key=lambda r: r["clients_per_round"])
+        low, high = mine[0], mine[-1]
+        ratio = high["peak_rss_mb"] / low["peak_rss_mb"]
+        out[f"{method} {path} peak_ratio"] = ratio
+        goal = " (goal ≤ 1.5)" if method in ("hetlora", "hetlora-naive", "fedavg", "fedex-lora") and path == "stream" else ""
+        out["lines"].append(f"{method} {path}: peak at K={high['clients_per_round']} / K={low['clients_per_round']} = {ratio:.2f}{goal}; "
+                            f"ms per update {', '.join(f'{1000 * r['seconds_per_update']:.0f}' for r in mine)}")
+    plain = {r["clients_per_round"]: r for r in by.get(("hetlora", "plain"), [])}
+    for r in by.get(("hetlora", "stream"), []):
+        if r["clients_per_round"] in plain:
+            ratio = r["seconds"] / plain[r["clients_per_round"]]["seconds"]
+            out[f"hetlora K={r['clients_per_round']} over_plain"] = ratio
+            out["lines"].append(f"hetlora stream K={r['clients_per_round']}: {ratio:.2f}× the plain fp32 loop (goal ≤ 1.5)")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""A round aggregated as its replies arrive (hetlora.methods.streaming) against the list reference
+(:func:`hetlora.methods.aggregate_round`): the same aggregate within float rounding, for every streaming
+method, bound on and off, with an inflated client the bound must scale and a first round whose norms are
+all zero; validation drops the same replies with the same reasons; nothing keeps an update's tensors."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from hetlora import METHODS
+from hetlora.core.validation import split_valid
+from hetlora.methods import aggregate_round
+from hetlora.methods.base import AggregationContext
+from hetlora.methods.streaming import MemoryStore, StreamedRound, stream_round, streams
+from tests.helpers import SHAPES, make_update
+
+STREAMING = [name for name, m in METHODS.items() if m.stream_weight is not None]
+R_MAX = 8
+
+
+def test_the_weighted_sum_family_streams_and_the_others_do_not():
+    # hetlora's re-factoring variants finish the same sum (their finish needs only the aggregate)
+    assert sorted(STREAMING) == ["fedavg", "hetlora", "hetlora-naive", "hetlora-revive", "hetlora-svd", "hetlora-svd-revive"]
+    assert not streams(METHODS["hetlora"], AggregationContext(r_max=R_MAX, options={"per_layer": True}))
+
+
+def a_round(method: str, attacker: bool = False, zero_b: bool = False):
+    ranks = [4] * 7 if METHODS[method].uniform_rank else [2, 8, 5, 3, 6, 4, 8]
+    updates = [make_update(r, seed=s, n=10 + 7 * s) for s, r in enumerate(ranks)]
+    if attacker:  # ‖B‖ × 1e3 and a claim of 10⁹ examples: the bound must scale both
+        updates[2] = replace(updates[2], adapter={k: v * (1e3 if k.endswith("lora_B.weight") else 1.0) for k, v in updates[2].adapter.items()},
+                             num_examples=10**9)
+    if zero_b:  # the first round: every B is zero, so every ‖ΔW‖ is
+        updates = [replace(u, adapter={k: v * 0 if k.endswith("lora_B.weight") else v for k, v in u.adapter.items()}) for u in updates]
+    return updates
+
+
+def checker(ctx):
+    def check(update):
+        kept, dropped = split_valid([update], ctx.r_max, SHAPES, round_index=0)
+        if dropped:
+            from hetlora.core.validation import InvalidUpdate
+
+            raise InvalidUpdate(*dropped[0])
+        return kept[0]
+
+    return check
+
+
+def streamed(method: str, updates, ctx):
+    store = MemoryStore()
+    round_ = stream_round(METHODS[method], ctx, iter(updates), checker(ctx), store)
+    result = round_.result()
+    assert not store._held  # each stored update was taken back once
+    assert all(u.adapter == {} for u in round_.kept)  # the round keeps no update's tensors
+    return result, round_
+
+
+@pytest.mark.parametrize("method", STREAMING)
+@pytest.mark.parametrize("bound", [None, 1.5])
+@pytest.mark.parametrize("case", ["honest", "attacker", "first round"])
+def test_a_streamed_round_is_the_list_rounds_aggregate(method, bound, case):
+    updates = a_round(method, attacker=case == "attacker", zero_b=case == "first round")
+    ctx = AggregationContext(r_max=R_MAX, norm_bound=bound, shapes=SHAPES)
+    expected, _ = aggregate_round(METHODS[method], updates, ctx)
+    got, round_ = streamed(method, updates, ctx)
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        scale = float(expected[key].abs().max())
+        assert scale > 0 or case == "first round"
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-6 * max(scale, 1e-30))
+    assert [u.client_id for u in round_.kept] == [u.client_id for u in updates]
+    if case == "attacker" and bound is not None:  # the bound was at work: unbounded, the attacker moves the result
+        unbounded, _ = aggregate_round(METHODS[method], updates, replace(ctx, norm_bound=None))
+        assert any(not torch.allclose(unbounded[k], expected[k], rtol=1e-3) for k in expected)
+
+
+@pytest.mark.parametrize("bound", [None, 1.5])
+def test_a_stream_drops_the_replies_the_list_drops_with_the_same_reasons(bound):
+    updates = a_round("hetlora")
+    bad_shape = replace(updates[1], adapter={k: torch.zeros(3, 3) if i == 0 else v for i, (k, v) in enumerate(updates[1].adapter.items())})
+    nan = replace(updates[3], adapter={k: v * float("nan") for k, v in updates[3].adapter.items()})
+    replies = [updates[0], bad_shape, updates[2], nan, updates[4], updates[0], replace(updates[5], round=3)]
+    ctx = AggregationContext(r_max=R_MAX, norm_bound=bound, shapes=SHAPES)
+    _, list_dropped = split_valid(replies, R_MAX, SHAPES, round_index=0)
+    got, round_ = streamed("hetlora", replies, ctx)
+    assert round_.dropped == list_dropped and len(round_.dropped) == 4
+    expected, _ = aggregate_round(METHODS["hetlora"], [updates[0], updates[2], updates[4]], ctx)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7)
+
+
+def test_a_round_without_a_valid_reply_has_no_aggregate_and_a_bounded_one_needs_a_store():
+    ctx = AggregationContext(r_max=R_MAX, shapes=SHAPES)
+    round_ = StreamedRound(METHODS["hetlora"], ctx, checker(ctx))
+    assert round_.result() is None
+    with pytest.raises(ValueError, match="needs a ReplyStore"):
+        StreamedRound(METHODS["hetlora"], replace(ctx, norm_bound=1.5), checker(ctx))
+    with pytest.raises(ValueError, match="aggregates a list"):
+        StreamedRound(METHODS["recon-svd"], ctx, checker(ctx))
+
+
+def test_an_overflowing_norm_drops_its_client_not_the_round():
+    """A finite update whose ‖ΔW‖ overflows (as the list rule's drop-and-retry does): dropped by name."""
+    updates = a_round("hetlora")
+    huge = replace(updates[2], adapter={k: v * 1e200 for k, v in updates[2].adapter.items()})
+    ctx = AggregationContext(r_max=R_MAX, norm_bound=1.5, shapes=SHAPES)
+    got, round_ = streamed("hetlora", [updates[0], huge, updates[1]], ctx)
+    assert [c for c, _ in round_.dropped] == [huge.client_id] and "not finite" in round_.dropped[0][1]
+    expected, _ = aggregate_round(METHODS["hetlora"], [updates[0], updates[1]], ctx)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7)
