@@ -196,8 +196,9 @@ def goals(rows: list[dict]) -> dict:
         ratio = high["peak_rss_mb"] / low["peak_rss_mb"]
         out[f"{method} {path} peak_ratio"] = ratio
         goal = " (goal ≤ 1.5)" if method in ("hetlora", "hetlora-naive", "fedavg", "fedex-lora") and path == "stream" else ""
+        per_update = ", ".join(f"{1000 * r['seconds_per_update']:.0f}" for r in mine)
         out["lines"].append(f"{method} {path}: peak at K={high['clients_per_round']} / K={low['clients_per_round']} = {ratio:.2f}{goal}; "
-                            f"ms per update {', '.join(f'{1000 * r['seconds_per_update']:.0f}' for r in mine)}")
+                            f"ms per update {per_update}")
     plain = {r["clients_per_round"]: r for r in by.get(("hetlora", "plain"), [])}
     for r in by.get(("hetlora", "stream"), []):
         if r["clients_per_round"] in plain:

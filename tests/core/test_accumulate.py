@@ -75,3 +75,20 @@ def test_an_update_without_one_rank_that_fits_is_refused_and_leaves_the_sum_as_i
     after = acc.total()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert acc.count == 1 and acc.mass("m").tolist() == [1.0, 1.0, 0.0]
+
+
+def test_an_a_weight_of_its_own_is_the_scaled_copy_added():
+    """B × w_b and A × w_a folded in (a bounded update's scales) is the sum of the scaled copy, component by component."""
+    from hetlora.core.accumulate import PaddedSum
+    from hetlora.core.adapter import scale_adapter
+    from tests.helpers import make_adapter
+
+    x, y = make_adapter(3, seed=1), make_adapter(5, seed=2)
+    by_factor, by_copy = PaddedSum(6), PaddedSum(6)
+    by_factor.add(x, 0.7, a_weight=-2.5)
+    by_factor.add(y, 1.5)
+    by_copy.add(scale_adapter(x, b_scale=0.7, a_scale=-2.5))
+    by_copy.add(y, 1.5)
+    got, expected = by_factor.total(torch.float64), by_copy.total(torch.float64)
+    assert all(torch.allclose(got[k], expected[k], rtol=1e-15, atol=0) for k in expected)
+    assert by_factor.count == 2

@@ -112,3 +112,19 @@ def test_the_product_norm_is_the_dense_norm_to_fp32_gram_precision_and_exact_for
     assert float(product_norm_sq(huge, a)) == pytest.approx(dense * 1e40, rel=1e-6)
     adapter = {"m.lora_B.weight": huge, "m.lora_A.weight": a, "n.lora_B.weight": b, "n.lora_A.weight": a}
     assert update_norm(adapter) == pytest.approx(math.sqrt(dense * 1e40 + dense), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1.0), (torch.float64, 1.0), (torch.float32, 1e20)])
+def test_gram_norms_are_the_factor_and_product_norms(dtype, scale):
+    """One pass over the Grams gives ‖B‖, ‖A‖ (dense norms, to fp32 Gram precision) and update_norm's own ‖BA‖
+    (the same number); fp32 Grams that overflow (|B| ~ 1e20) are formed again in float64."""
+    from hetlora.core.adapter import gram_norms
+
+    adapter = {k: (v * scale if k.endswith(B_SUFFIX) else v).to(dtype) for k, v in make_adapter(5, seed=3).items()}
+    nb, na, np_ = gram_norms(adapter)
+    dense_b = sum(float(v.double().square().sum()) for k, v in adapter.items() if k.endswith(B_SUFFIX)) ** 0.5
+    dense_a = sum(float(v.double().square().sum()) for k, v in adapter.items() if k.endswith(A_SUFFIX)) ** 0.5
+    dense_p = sum(float((adapter[m + B_SUFFIX].double() @ adapter[m + A_SUFFIX].double()).square().sum()) for m in SHAPES) ** 0.5
+    rel = 1e-12 if dtype == torch.float64 or scale != 1.0 else 1e-6
+    assert nb == pytest.approx(dense_b, rel=rel) and na == pytest.approx(dense_a, rel=rel) and np_ == pytest.approx(dense_p, rel=max(rel, 1e-6))
+    assert np_ == update_norm(adapter)

@@ -38,9 +38,13 @@ class PaddedSum:
         self.count = 0
 
     def add(self, adapter: Mapping[str, Tensor], weight: float | Mapping[str, float] = 1.0,
-            indices: Tensor | Sequence[int] | None = None) -> None:
+            indices: Tensor | Sequence[int] | None = None, a_weight: float | None = None) -> None:
         """Fold one update in: each factor × its weight (one per client, or one per module) into its components
-        (the leading ones, or ``indices``: which of the r_max components the update's components are)."""
+        (the leading ones, or ``indices``: which of the r_max components the update's components are).
+        ``a_weight``: the A factors' own weight (one weight for B): a bounded update's scales, not a scaled copy."""
+        if a_weight is not None:
+            self._add_by_factor(adapter, float(weight), float(a_weight))
+            return
         keys = list(adapter)
         where = None if indices is None else torch.as_tensor(indices)
         components = self._rank(adapter, keys) if where is None else where  # checked before anything is added
@@ -56,6 +60,18 @@ class PaddedSum:
                 torch._foreach_add_([self._components(key, adapter[key]) for key in keys], [adapter[key] for key in keys],
                                     alpha=float(weight))
         self.reached.append((components, weight if isinstance(weight, Mapping) else float(weight)))
+        self.count += 1
+
+    def _add_by_factor(self, adapter: Mapping[str, Tensor], b_weight: float, a_weight: float) -> None:
+        keys = list(adapter)
+        components = self._rank(adapter, keys)
+        for key in keys:
+            self._place(key, adapter[key])
+        with torch.no_grad():
+            for is_a, alpha in ((False, b_weight), (True, a_weight)):
+                mine = [key for key in keys if (self.layout[key][0] == 0) == is_a]  # A's rank axis is 0, B's is 1
+                torch._foreach_add_([self._components(key, adapter[key]) for key in mine], [adapter[key] for key in mine], alpha=alpha)
+        self.reached.append((components, b_weight))
         self.count += 1
 
     def add_all(self, adapters: Sequence[Mapping[str, Tensor]], weights: Sequence[float | Mapping[str, float]]) -> None:

@@ -150,6 +150,32 @@ def _sum_of_product_norms(pairs: list[tuple[Tensor, Tensor]], exact: bool) -> fl
         return math.fsum(float(_product_norm_sq(b, a, exact)) for b, a in pairs)
 
 
+def gram_norms(adapter: Mapping[str, Tensor]) -> tuple[float, float, float]:
+    """(‖B‖_F, ‖A‖_F, ‖BA‖_F) over all modules from the same r × r Grams: ‖B‖² = trace(BᵀB), ‖A‖² = trace(AAᵀ)
+    and ‖BA‖² as :func:`update_norm` forms it (the very same number), in one pass over the factors — what the
+    norm bound needs of an update (hetlora.core.robust). fp32 Grams, float64 again if any sum is not finite."""
+    pairs = [(b, a) for _, b, a in lora_pairs(adapter)]
+    exact = any(_is_float64(b, a) for b, a in pairs)
+    sums = _sum_of_gram_norms(pairs, exact)
+    if not all(math.isfinite(v) for v in sums) and not exact:
+        sums = _sum_of_gram_norms(pairs, True)
+    return math.sqrt(sums[0]), math.sqrt(sums[1]), math.sqrt(sums[2])
+
+
+def _sum_of_gram_norms(pairs: list[tuple[Tensor, Tensor]], exact: bool) -> tuple[float, float, float]:
+    dtype = torch.float64 if exact else torch.float32
+    b_sq, a_sq, p_sq = [], [], []
+    with torch.no_grad():
+        for b, a in pairs:
+            if b.dtype != dtype or a.dtype != dtype:
+                b, a = b.to(dtype), a.to(dtype)
+            gb, ga = b.T @ b, a @ a.T
+            b_sq.append(float(gb.diagonal().sum(dtype=torch.float64)))
+            a_sq.append(float(ga.diagonal().sum(dtype=torch.float64)))
+            p_sq.append(float(torch.mul(gb, ga).sum(dtype=torch.float64)))
+    return math.fsum(b_sq), math.fsum(a_sq), math.fsum(p_sq)
+
+
 def factor_norms(adapter: Mapping[str, Tensor]) -> tuple[float, float]:
     """(‖B‖_F, ‖A‖_F) over all modules of one adapter."""
     b_sq = sum(float(b.double().pow(2).sum()) for _, b, _ in lora_pairs(adapter))

@@ -22,7 +22,7 @@ from typing import Callable, Mapping, Sequence
 
 from torch import Tensor
 
-from .adapter import A_SUFFIX, ClientUpdate, adapter_rank, factor_norms, scale_adapter, update_norm
+from .adapter import A_SUFFIX, ClientUpdate, adapter_rank, gram_norms, scale_adapter
 from .validation import InvalidUpdate
 
 # The lower median: with two clients it is the smaller value, so one inflated client of
@@ -59,8 +59,8 @@ class UpdateNorms:
 
     @classmethod
     def of(cls, update: ClientUpdate) -> "UpdateNorms":
-        nb, na = factor_norms(update.adapter)
-        return cls(update.client_id, nb, na, update_norm(update.adapter), adapter_rank(update.adapter), int(update.num_examples))
+        nb, na, product = gram_norms(update.adapter)
+        return cls(update.client_id, nb, na, product, adapter_rank(update.adapter), int(update.num_examples))
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Protocol
 
 from ..core.accumulate import PaddedSum
-from ..core.adapter import Adapter, ClientUpdate, adapter_rank, scale_adapter, update_norm
+from ..core.adapter import Adapter, ClientUpdate, adapter_rank, update_norm
 from ..core.robust import BoundScales, UpdateNorms, bound_scales, cap_weights
 from ..core.validation import DUPLICATE, InvalidUpdate
 from . import as_fp32
@@ -138,7 +138,7 @@ class StreamedRound:
         self._fold = _WeightedFold(self.method.stream_weight, self.ctx.r_max, fallback=False)  # weights known: no fallback sum
         for index, (sc, weight) in enumerate(zip(scales, weights)):
             update = self.store.take(index)
-            self._fold.add_weighted(scale_adapter(update.adapter, b_scale=sc.b, a_scale=sc.a), weight)
+            self._fold.add_scaled(update.adapter, weight, sc)
             del update
 
 
@@ -177,6 +177,11 @@ class _WeightedFold:
             self.add_weighted(update.adapter, norm)
         else:
             self.add_weighted(update.adapter, float(update.num_examples) if self.rule == "examples" else 1.0)
+
+    def add_scaled(self, adapter: Adapter, weight: float, scales: BoundScales) -> None:
+        """A bounded update: B × weight·β and A × weight·α folded in, no scaled copy made."""
+        self.sum.add(adapter, weight * scales.b, a_weight=weight * scales.a)
+        self.weight += weight
 
     def add_weighted(self, adapter: Adapter, weight: float) -> None:
         self.sum.add(adapter, weight)
