@@ -111,3 +111,12 @@ def test_an_overflowing_norm_drops_its_client_not_the_round():
     expected, _ = aggregate_round(METHODS["hetlora"], [updates[0], updates[1]], ctx)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7)
+
+
+def test_a_bounded_round_gives_the_same_bits_whatever_order_its_replies_arrive_in():
+    """The second pass adds in client order: a Flower round (arrival order) and an in-process one agree bit for bit."""
+    updates = a_round("hetlora", attacker=True)
+    ctx = AggregationContext(r_max=R_MAX, norm_bound=1.5, shapes=SHAPES)
+    first, _ = streamed("hetlora", updates, ctx)
+    second, _ = streamed("hetlora", updates[::-1], ctx)
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -136,7 +136,9 @@ class StreamedRound:
         scales = bound_scales(self._norms, self.ctx.norm_bound)
         weights = _bounded_weights(self.method.stream_weight, scales, self.ctx.norm_bound)
         self._fold = _WeightedFold(self.method.stream_weight, self.ctx.r_max, fallback=False)  # weights known: no fallback sum
-        for index, (sc, weight) in enumerate(zip(scales, weights)):
+        # in client order, whatever order the replies came in: the same bits for the same round on every engine
+        for index in sorted(range(len(scales)), key=lambda i: str(self._norms[i].client)):
+            sc, weight = scales[index], weights[index]
             update = self.store.take(index)
             self._fold.add_scaled(update.adapter, weight, sc)
             del update
