@@ -102,7 +102,6 @@ def plain_loop(replies: Replies, r_max: int) -> dict:
 
 def child(spec: dict) -> None:
     """One row in this fresh process; prints one JSON line."""
-    import torch  # noqa: F401
 
     from hetlora.core.adapter import num_bytes
     from hetlora.core.validation import layer_shapes
@@ -132,10 +131,23 @@ def child(spec: dict) -> None:
                              / len(ranks) / 2**20}))
 
 
+MEMORY_LIMIT_GB = 21  # a row's address space: past it the row fails and is recorded, the machine is spared
+
+
+def _limit_memory() -> None:
+    import resource
+
+    limit = MEMORY_LIMIT_GB * 2**30
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
 def measure(spec: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    """One row in a fresh process; a row that fails (out of memory past :data:`MEMORY_LIMIT_GB`) is recorded as such."""
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                         preexec_fn=_limit_memory)
     if out.returncode:
-        raise SystemExit(f"row {spec} failed:\n{out.stderr[-3000:]}")
+        tail = (out.stderr.strip().splitlines() or ["killed"])[-1]
+        return spec | {"failed": f"exit {out.returncode}: {tail[-300:]}", "memory_limit_gb": MEMORY_LIMIT_GB}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -160,6 +172,14 @@ def main() -> None:
     clients = [4, 8] if args.smoke else args.clients
     bound = args.bound or None
     rows = []
+
+    def write() -> None:  # after every row: a long run keeps what it measured
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"provenance": environment("cpu"), "r_max": R_MAX, "ranks": [R_MIN, R_MAX], "bound": bound,
+                                             "layers": layers, "memory_limit_gb": MEMORY_LIMIT_GB, "rows": rows,
+                                             "goals": goals([r for r in rows if "failed" not in r])}, indent=1))
+
     print(f"{'method':>14} {'path':>6} {'K':>5} {'peak MB':>9} {'base MB':>8} {'s/round':>8} {'ms/update':>9}")
     for method in args.methods:
         streams = REGISTRY[method].stream_weight is not None
@@ -172,15 +192,14 @@ def main() -> None:
                                "bound": bound, "seed": args.seed})
                 row["clients_per_round"] = row.pop("clients")
                 rows.append(row)
+                write()
+                if "failed" in row:
+                    print(f"{method:>14} {path:>6} {k:>5} failed: {row['failed']}")
+                    continue
                 print(f"{method:>14} {path:>6} {k:>5} {row['peak_rss_mb']:>9.0f} {row['baseline_mb']:>8.0f} {row['seconds']:>8.2f} "
                       f"{1000 * row['seconds_per_update']:>9.1f}")
-    summary = goals(rows)
-    for line in summary["lines"]:
+    for line in goals([r for r in rows if "failed" not in r])["lines"]:
         print(line)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"provenance": environment("cpu"), "r_max": R_MAX, "ranks": [R_MIN, R_MAX], "bound": bound,
-                                         "layers": layers, "rows": rows, "goals": summary}, indent=1))
 
 
 def goals(rows: list[dict]) -> dict:

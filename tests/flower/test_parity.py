@@ -55,13 +55,12 @@ def test_a_node_that_inflates_its_example_count_is_dropped(tmp_path):
     """The count a node reports with its update must be the one it reported when it joined."""
 
     class Lying(LoopbackGrid):
-        def send_and_receive(self, messages, *, timeout=None):
-            replies = super().send_and_receive(messages, timeout=timeout)
-            for reply in replies:
-                result = reply.content.config_records.get("result")
-                if result is not None and result["client-id"] == sorted(result_ids)[0]:
-                    result["num-examples"] = 10**15
-            return replies
+        def deliver(self, message):
+            reply = super().deliver(message)
+            result = reply.content.config_records.get("result")
+            if result is not None and result["client-id"] == sorted(result_ids)[0]:
+                result["num-examples"] = 10**15
+            return reply
 
     out = tmp_path / "flower"
     cfg = tiny(out, rounds=1, clients_per_round=4)

@@ -29,6 +29,9 @@ class Untouchable(LoopbackGrid):
     def send_and_receive(self, messages, *, timeout=None):
         raise AssertionError("the grid was used")
 
+    def push_messages(self, messages):
+        raise AssertionError("the grid was used")
+
 
 def test_a_resume_through_the_server_app_refuses_changed_settings(tmp_path):
     out = tmp_path / "run"
@@ -75,12 +78,11 @@ def test_a_node_whose_metrics_contradict_what_it_was_sent_is_dropped(tmp_path):
     """A reply claiming it trained from another rank (which would feed pruning_events) is dropped with the reason."""
 
     class Lying(LoopbackGrid):
-        def send_and_receive(self, messages, *, timeout=None):
-            replies = super().send_and_receive(messages, timeout=timeout)
-            for reply in replies:
-                if "metrics" in reply.content.metric_records and reply.metadata.src_node_id == 100:
-                    reply.content.metric_records["metrics"]["rank_in"] = 99.0
-            return replies
+        def deliver(self, message):
+            reply = super().deliver(message)
+            if "metrics" in reply.content.metric_records and reply.metadata.src_node_id == 100:
+                reply.content.metric_records["metrics"]["rank_in"] = 99.0
+            return reply
 
     out = tmp_path / "flower"
     cfg = tiny(out, clients_per_round=3)
@@ -166,3 +168,28 @@ def test_a_node_with_a_nonsense_memory_budget_is_left_out_and_named_not_fatal(tm
     assert strategy.node_of == {ids[0]: 100, ids[2]: 102}
     (refused,) = strategy.refused
     assert refused["node"] == 101 and "states memory-budget-mb" in refused["reason"] and "left out" in refused["reason"]
+
+
+def test_replies_are_taken_as_they_arrive_and_a_silent_node_costs_only_the_deadline():
+    """The ServerApp pushes a round's messages, keeps none of them, and takes each reply as a pull brings it; a node
+    that never answers leaves the round when the deadline passes, the others' replies already taken."""
+    import time
+
+    from flwr.app import Message, RecordDict
+
+    from hetlora.flower.server_app import arriving
+
+    class Echo(LoopbackGrid):
+        def deliver(self, message):
+            return Message(RecordDict(), reply_to=message)
+
+    grid = Echo(partitions=3, fresh_process=False)
+    grid.silent = {101}
+    messages = [Message(RecordDict(), dst_node_id=node, message_type="train") for node in (100, 101, 102)]
+    start = time.monotonic()
+    replies = arriving(grid, messages, timeout=0.5)
+    first = next(replies)
+    assert messages == [] and first.metadata.src_node_id == 100  # pushed and let go; the first reply before the rest
+    rest = list(replies)
+    assert [r.metadata.src_node_id for r in rest] == [102]
+    assert 0.5 <= time.monotonic() - start < 3

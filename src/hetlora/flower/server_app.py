@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterable
+import time
+from typing import Any, Iterable, Iterator
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -30,6 +31,7 @@ from .secure_round import contribution_bytes, reports_as_updates, secure_round, 
 
 log = logging.getLogger(__name__)
 app = ServerApp()
+PULL_SECONDS = 0.1  # between pulls while replies are pending (Flower's own grids pull every 0.1 s)
 
 
 class HetLoRAStrategy(Strategy):
@@ -151,8 +153,20 @@ class HetLoRAStrategy(Strategy):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Complete the round from its replies. A weighted-sum method takes them as they arrive (``replies`` may be
+        a stream: :func:`arriving`), one decoded update at a time (docs/algorithm.md §7.2); for the others they are
+        gathered and put in client order, so the aggregate does not depend on the order they came in."""
         t = server_round - 1
-        updates, failed = [], []
+        failed: list[tuple[str, str]] = []
+        updates = self.decoded(replies, failed, t)
+        if not self.fed.streams(t):
+            updates = sorted(updates, key=lambda u: u.client_id or "")
+        self.last_row = self.fed.complete_round(t, updates, failed) | {"bytes_down": self.bytes_down}
+        summary = MetricRecord({"clients": float(len(self.last_row["clients"])), "dropped": float(len(self.last_row["dropped"]))})
+        return to_array_record(self.fed.state["global"]), summary
+
+    def decoded(self, replies: Iterable[Message], failed: list[tuple[str, str]], t: int) -> Iterator[ClientUpdate]:
+        """Each reply as a :class:`ClientUpdate`, decoded when it is asked for; a failed or refused reply goes to ``failed``."""
         for reply in replies:
             if reply.has_error():
                 failed.append((str(reply.metadata.src_node_id), f"node error: {reply.error.reason}"))
@@ -167,20 +181,10 @@ class HetLoRAStrategy(Strategy):
             if problem:
                 failed.append((cid, problem))
                 continue
-            updates.append(
-                ClientUpdate(
-                    from_array_record(reply.content.array_records["adapter"]),
-                    result["num-examples"],
-                    client_id=cid,
-                    rank=int(result["rank"]) or None,
-                    round=int(result["round"]),
-                    metrics=metrics,
-                )
-            )
-        updates.sort(key=lambda u: u.client_id or "")  # aggregation order independent of arrival order
-        self.last_row = self.fed.complete_round(t, updates, failed) | {"bytes_down": self.bytes_down}
-        summary = MetricRecord({"clients": float(len(updates)), "dropped": float(len(self.last_row["dropped"]))})
-        return to_array_record(self.fed.state["global"]), summary
+            update = ClientUpdate(from_array_record(reply.content.array_records["adapter"]), result["num-examples"], client_id=cid,
+                                  rank=int(result["rank"]) or None, round=int(result["round"]), metrics=metrics)
+            del reply, result  # the message's arrays go with it; the server holds the decoded update alone
+            yield update
 
     def reply_problem(self, cid: str, node: int, result, metrics: dict[str, Any], t: int) -> str | None:
         """Why a client's reply is not accepted: from a node that does not hold it, or an account that
@@ -261,11 +265,28 @@ class HetLoRAStrategy(Strategy):
             progress.round_started(t, len(messages))
             if self.fed.cfg.secure_aggregation:
                 return secure_round(self, grid, t, messages)
-            replies = grid.send_and_receive(messages, timeout=self.timeout)
-            self.aggregate_train(t + 1, replies)
+            self.aggregate_train(t + 1, arriving(grid, messages, self.timeout))
             return self.last_row
 
         return flower_round
+
+
+def arriving(grid: Grid, messages: list[Message], timeout: float) -> Iterator[Message]:
+    """The replies to ``messages`` as they arrive, until every one is in or ``timeout`` seconds have passed:
+    Flower's push, then pulls in a loop (what ``send_and_receive`` does, without gathering the replies).
+    The list is emptied once pushed: the server keeps none of the round's payloads."""
+    outgoing = list(messages)
+    messages.clear()
+    pending = {i for i in grid.push_messages(outgoing) if i}
+    del outgoing
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        pulled = list(grid.pull_messages(pending))
+        pending.difference_update(m.metadata.reply_to_message_id for m in pulled)
+        while pulled:
+            yield pulled.pop(0)
+        if pending:
+            time.sleep(PULL_SECONDS)
 
 
 def serve(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[str, Any]:

@@ -57,6 +57,7 @@ def _streamed(method, ctx, replies, assigned_ranks, exact_rank, min_clients, upl
     with SpillStore() as store:
         streamed = stream_round(method, ctx, replies, check, store, upload_bytes)
         new = streamed.result() if len(streamed.kept) >= min_clients else None
-    replied = [u.client_id for u in streamed.kept] + [c for c, _ in streamed.dropped]
-    return RoundAggregate(new, None, streamed.kept, replied, [{"client": c, "reason": r} for c, r in streamed.dropped],
+    kept = sorted(streamed.kept, key=lambda u: u.client_id or "")  # reported in client order, as a list round is
+    replied = [u.client_id for u in kept] + [c for c, _ in streamed.dropped]
+    return RoundAggregate(new, None, kept, replied, [{"client": c, "reason": r} for c, r in streamed.dropped],
                           streamed.bytes_up)

@@ -27,6 +27,7 @@ from ..device.footprint import fit_ranks
 from ..device.host import ClientHost, auto_parallel_clients
 from ..methods import AggregationContext, get_method
 from ..methods.dp import DPFedAvg
+from ..methods.streaming import streams
 from .privacy import ServerPrivacy, check_sampling
 from .aggregation import aggregate_replies
 
@@ -113,12 +114,18 @@ class Federation:
     # ------------------------------------------------------------------ aggregation
     def context(self, round_index: int) -> AggregationContext:
         cfg = self.cfg
-        options = {"per_layer": True} if cfg.per_layer and "per_layer" in self.method.options else {}
         return AggregationContext(
             r_max=cfg.global_rank, previous=self.state["global"], norm_bound=cfg.norm_bound, shapes=self.shapes,
-            options=options, generator=self.privacy.noise_generator(round_index) if self.privacy else None,
+            options=self._options(), generator=self.privacy.noise_generator(round_index) if self.privacy else None,
             seed=cfg.seed, round_index=round_index, ranks=dict(self.ranks),
         )
+
+    def streams(self, round_index: int) -> bool:
+        """Whether this round folds each reply in as it arrives (a weighted-sum method; docs/algorithm.md §7.2)."""
+        return streams(self.method, AggregationContext(r_max=self.cfg.global_rank, options=self._options()))
+
+    def _options(self) -> dict[str, Any]:
+        return {"per_layer": True} if self.cfg.per_layer and "per_layer" in self.method.options else {}
 
     def complete_round(self, round_index: int, updates: Iterable[ClientUpdate], failed: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
         """Validate, aggregate, update ranks; returns the round's metrics (without eval).
