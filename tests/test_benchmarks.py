@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["aggregation.py", "secure_aggregation.py", "load.py", "client_step.py", "flower_overhead.py", "footprint.py",
-         "rank_health_pilot.py", "behaviour_check.py", "quantised_base.py"]
+         "rank_health_pilot.py", "behaviour_check.py", "quantised_base.py", "server_scale.py"]
 BY_THE_GPU_SCRIPT = ["throughput.py", "reproduce.py"]  # gpu_study.sh's smoke mode runs their smoke modes (its test, below)
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 

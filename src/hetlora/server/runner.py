@@ -286,28 +286,35 @@ def print_plan(fed: Federation) -> None:
 
 # ---------------------------------------------------------------------------------- rounds
 def local_round(fed: Federation, t: int, progress: Progress, hook: RoundHook | None = None) -> dict[str, Any]:
-    """The in-process engine's round: sample, send, train the clients here (K at a time), complete."""
+    """The in-process engine's round: sample, send, train the clients here (K at a time), complete. The updates
+    reach the server as each chunk finishes (a weighted-sum method folds them in as they come; §7.2)."""
     sampled = fed.sample(t)
     progress.round_started(t, len(sampled))
     jobs = [fed.job(cid, t) for cid in sampled]
     bytes_down = sum(fed.download_bytes(job) for job in jobs)
-    updates, failed = [], []
+    failed: list[tuple[str, str]] = []  # filled while the updates are taken
+    updates = _trained(fed, jobs, failed, progress)
+    if hook is not None:
+        updates = hook(t, list(updates))
+    return fed.complete_round(t, updates, failed) | {"bytes_down": bytes_down}
+
+
+def _trained(fed: Federation, jobs: list, failed: list[tuple[str, str]], progress: Progress):
+    """Each chunk of ``fed.parallel_clients`` jobs trained together, its updates yielded; a chunk that crashes is
+    trained one by one, so only a crashing client is dropped (into ``failed``) and the round goes on."""
     k = fed.parallel_clients
     for start in range(0, len(jobs), k):
         chunk = jobs[start : start + k]
         try:
-            updates += fed.train(chunk)
-        except Exception:  # train the chunk's clients one by one, so only a crashing one is dropped
+            yield from fed.train(chunk)
+        except Exception:
             for job in chunk:
                 try:
-                    updates += fed.train([job])
-                except Exception as err:  # a crashing client is dropped, the round goes on
+                    yield from fed.train([job])
+                except Exception as err:
                     log.exception("client %s failed", job.client_id)
                     failed.append((job.client_id, f"client failed: {err.__class__.__name__}: {err}"))
         progress.client_done(len(chunk))
-    if hook is not None:
-        updates = hook(t, updates)
-    return fed.complete_round(t, updates, failed) | {"bytes_down": bytes_down}
 
 
 RoundFn = Callable[[Federation, int, Progress, "RoundHook | None"], dict[str, Any]]
