@@ -159,7 +159,7 @@ def main() -> None:
     p.add_argument("--bound", type=float, default=1.5, help="the norm bound (the run default); 0: off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--smoke", action="store_true", help="2 layers, 4 and 8 clients: seconds, for the test suite")
+    p.add_argument("--smoke", action="store_true", help="hetlora and fedex-lora, 2 layers, 2 and 4 clients: seconds, for the test suite")
     p.add_argument("--child", default=None)
     args = p.parse_args()
     if args.child:
@@ -169,7 +169,9 @@ def main() -> None:
     from hetlora.provenance import environment
 
     layers = 2 if args.smoke else 30
-    clients = [4, 8] if args.smoke else args.clients
+    clients = [2, 4] if args.smoke else args.clients
+    if args.smoke:
+        args.methods = ["hetlora", "fedex-lora"]
     bound = args.bound or None
     rows = []
 

@@ -156,6 +156,8 @@ def test_trim_heap_gives_freed_heap_pages_back():
     the heap is trimmed: what a device's setup parsed and dropped."""
     import gc
 
+    from hetlora.device.memory import trim_heap
+
     blocks = [bytearray(2000) for _ in range(100_000)]  # ~200 MB of heap blocks (below the mmap threshold)
     pin = bytearray(2000)  # above them on the heap: a plain free cannot shrink the heap's top
     full = rss_mb()

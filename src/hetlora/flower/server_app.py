@@ -282,11 +282,12 @@ def arriving(grid: Grid, messages: list[Message], timeout: float) -> Iterator[Me
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         pulled = list(grid.pull_messages(pending))
+        if not pulled:  # nothing in yet: wait before asking again (a pull that brought replies is followed at once)
+            time.sleep(PULL_SECONDS)
+            continue
         pending.difference_update(m.metadata.reply_to_message_id for m in pulled)
         while pulled:
             yield pulled.pop(0)
-        if pending:
-            time.sleep(PULL_SECONDS)
 
 
 def serve(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
