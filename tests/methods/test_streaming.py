@@ -12,8 +12,21 @@ from hetlora import METHODS
 from hetlora.core.validation import split_valid
 from hetlora.methods import aggregate_round
 from hetlora.methods.base import AggregationContext
-from hetlora.methods.streaming import MemoryStore, StreamedRound, stream_round, streams
+from hetlora.methods.streaming import StreamedRound, stream_round, streams
 from tests.helpers import SHAPES, make_update
+
+class MemoryStore:
+    """A ReplyStore that keeps the updates in memory (a server spills them to disk: hetlora.server.spill)."""
+
+    def __init__(self):
+        self._held = {}
+
+    def put(self, index, update):
+        self._held[index] = update
+
+    def take(self, index):
+        return self._held.pop(index)
+
 
 STREAMING = [name for name, m in METHODS.items() if m.stream_weight is not None]
 R_MAX = 8

@@ -38,19 +38,6 @@ class ReplyStore(Protocol):
     def take(self, index: int) -> ClientUpdate: ...
 
 
-class MemoryStore:
-    """A :class:`ReplyStore` that keeps the updates (tests; a server spills them instead)."""
-
-    def __init__(self) -> None:
-        self._held: dict[int, ClientUpdate] = {}
-
-    def put(self, index: int, update: ClientUpdate) -> None:
-        self._held[index] = update
-
-    def take(self, index: int) -> ClientUpdate:
-        return self._held.pop(index)
-
-
 def streams(method: AggregationMethod, ctx: AggregationContext) -> bool:
     """Whether ``method`` can aggregate this round as its replies arrive (per-layer weights need a list)."""
     return method.stream_weight is not None and not ctx.options.get("per_layer", False)
