@@ -21,16 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from aggregation import MODULES, make_adapter  # SmolLM2's module shapes and a seeded adapter of them (this directory)
+
 METHODS = ["hetlora", "hetlora-naive", "fedavg", "fedex-lora", "recon-svd", "flexlora", "flora", "fslora"]
-MODULES = {
-    "self_attn.q_proj": (576, 576),
-    "self_attn.k_proj": (192, 576),
-    "self_attn.v_proj": (192, 576),
-    "self_attn.o_proj": (576, 576),
-    "mlp.gate_proj": (1536, 576),
-    "mlp.up_proj": (1536, 576),
-    "mlp.down_proj": (576, 1536),
-}
 R_MIN, R_MAX, FEDAVG_RANK = 5, 50, 27
 FLORA_MAX_CLIENTS = 64  # FLoRA's aggregate stacks every client: rank Σ r_k, ~8.5 GB at 256 clients (stated, not run)
 
@@ -42,21 +35,6 @@ def client_ranks(clients: int, method: str, seed: int) -> list[int]:
         return [FEDAVG_RANK] * clients
     rng = random.Random(f"server-scale:{seed}")
     return [rng.randint(R_MIN, R_MAX) for _ in range(clients)]
-
-
-def make_adapter(rank: int, seed: int, layers: int):
-    import torch
-
-    from hetlora.core.adapter import A_SUFFIX, B_SUFFIX
-
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for layer in range(layers):
-        for name, (o, i) in MODULES.items():
-            key = f"base_model.model.model.layers.{layer}.{name}"
-            out[key + A_SUFFIX] = torch.randn(rank, i, generator=g) * 0.02
-            out[key + B_SUFFIX] = torch.randn(o, rank, generator=g) * 0.02
-    return out
 
 
 class Replies:
