@@ -23,6 +23,17 @@ from hetlora.flower.common import config_from_run_config
         ({"max_clients": 3, "client_pool": 3}, "set one"),
         ({"out": ""}, "out must name a directory"),
         ({"out": "  "}, "out must name a directory"),
+        ({"round_timeout": 0.0}, "round_timeout must be a positive number"),
+        ({"over_select": -0.5}, r"over_select must lie in \[0, 10\]"),
+        ({"client_delay": "gamma:2"}, "client_delay 'gamma:2': expected fixed:S"),
+        ({"client_delay": "lognormal:1"}, "lognormal takes 2 finite non-negative"),
+        ({"client_delay": "exp:1,silent=1.5"}, r"silent must be a probability in \[0, 1\)"),
+        ({"client_delay": "exp:1,slow=0.5"}, "unknown option 'slow'"),
+        ({"client_delay": "missing-table.json"}, "client_delay missing-table.json: "),
+        ({"over_select": 0.5, "dp_clip": 1.0}, "over_select with DP is refused"),
+        ({"client_delay": "exp:1", "secure_aggregation": True, "norm_bound": None},
+         "client_delay with secure aggregation is refused"),
+        ({"over_select": 0.5, "sampling": "cyclic"}, "refused with sampling = cyclic"),
     ],
 )
 def test_bad_values_are_refused(changes, message):
@@ -104,3 +115,14 @@ def test_ordered_dropout_is_refused_for_a_method_without_rank_components(tmp_pat
     with pytest.raises(ValueError, match="ordered_dropout trains a prefix of LoRA rank components; fft's clients train none"):
         RunConfig(method="fft", ordered_dropout=True, out=str(tmp_path)).validate()
     RunConfig(method="hetlora", ordered_dropout=True, out=str(tmp_path)).validate()
+
+
+def test_a_delay_table_is_checked_before_anything_loads(tmp_path):
+    """Each client's delay must be seconds ≥ 0 or null (never replies); one bad entry is named."""
+    table = tmp_path / "delays.json"
+    table.write_text('{"alice": 1.5, "bob": null, "carol": -2}')
+    with pytest.raises(ValueError, match=r"client 'carol' has -2; expected seconds ≥ 0 or null"):
+        RunConfig(client_delay=str(table)).validate()
+    table.write_text('[1, 2]')
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        RunConfig(client_delay=str(table)).validate()

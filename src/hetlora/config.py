@@ -66,6 +66,9 @@ class RunConfig:
     client_pool: int | None = None  # register N clients drawn by the seed: a fixed pool that keeps coming back
     sampling: str = "uniform"  # uniform: K of the clients each round | cyclic: every client once per ceil(N/K) rounds
     min_clients: int = 1  # fewer valid updates than this: keep the previous global adapter
+    round_timeout: float | None = None  # a round closes this many seconds after it opens (None: Flower waits 3600 s; in process, no deadline)
+    over_select: float = 0.0  # ask ⌈K(1+F)⌉ clients, aggregate the first K valid replies, drop and name the rest
+    client_delay: str | None = None  # simulation: each client's seeded reply time (hetlora.core.arrival.SPEC_HELP)
     precision: str = "auto"  # auto (bf16 where the hardware has it natively) | fp32 | bf16
     base_weights: str = "auto"  # dense | gguf (frozen weights in the GGUF's blocks) | auto: gguf for a device client of a GGUF model
     parallel_clients: int | None = None  # clients trained together in one process (None: chosen from memory)
@@ -142,7 +145,48 @@ class RunConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 problems.append(f"{f.name} must be a finite number, got {value}")
         problems += self._rank_problems() + self._size_problems() + self._training_problems() + self._run_problems()
-        return problems + self._dp_problems() + self._secure_problems() + self._data_problems()
+        problems += self._dp_problems() + self._secure_problems() + self._data_problems()
+        return problems + self._closing_problems()
+
+    def _closing_problems(self) -> list[str]:
+        """Rounds that close (docs/algorithm.md §7.3): a deadline, over-selection, a simulated delay model."""
+        problems = []
+        if self.round_timeout is not None and not self.round_timeout > 0:
+            problems.append(f"round_timeout must be a positive number of seconds (or unset), got {self.round_timeout}")
+        if not 0.0 <= self.over_select <= 10.0:
+            problems.append(f"over_select must lie in [0, 10] (ask K·(1+F) clients), got {self.over_select}")
+        if self.client_delay is not None:
+            try:
+                self.delay_model()
+            except ValueError as err:
+                problems.append(str(err))
+        reshaped = [name for name in ("over_select", "client_delay") if getattr(self, name)]
+        if reshaped and self.dp_clip is not None:
+            problems.append(f"{' and '.join(reshaped)} with DP is refused: the accountant assumes the round aggregates the "
+                            "K clients it sampled, not the first of more")
+        if reshaped and self.secure_aggregation:
+            problems.append(f"{' and '.join(reshaped)} with secure aggregation is refused: SecAgg+ fixes a round's clients "
+                            "when it opens and closes its stages on its own timeout (round_timeout)")
+        if self.over_select and self.sampling != "uniform":
+            problems.append("over_select draws K·(1+F) clients uniformly; it is refused with sampling = cyclic")
+        return problems
+
+    def delay_model(self):
+        """The simulated delay model (hetlora.core.arrival), None without one; a JSON file is read and checked here."""
+        from .core.arrival import delay_table, parse_delay
+
+        if self.client_delay is None:
+            return None
+        path = Path(self.client_delay)
+        if path.suffix == ".json" or path.is_file():
+            try:
+                values = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"client_delay {path}: {err}") from None
+            if not isinstance(values, dict):
+                raise ValueError(f"client_delay {path}: expected a JSON object {{client id: seconds or null}}")
+            return delay_table(values, str(path))
+        return parse_delay(self.client_delay)
 
     def _data_problems(self) -> list[str]:
         """The data file and how a file without client ids is partitioned."""
@@ -452,6 +496,8 @@ def build_config(config: str | Path | None, flags: Mapping[str, Any]) -> RunConf
         given["data"] = str(Path(str(given["data"])).resolve())  # a run finds its data from any directory
     if given.get("memory_budgets") and Path(str(given["memory_budgets"])).is_file():
         given["memory_budgets"] = str(Path(str(given["memory_budgets"])).resolve())  # and its budgets
+    if given.get("client_delay") and Path(str(given["client_delay"])).is_file():
+        given["client_delay"] = str(Path(str(given["client_delay"])).resolve())  # and its delay table
     if "norm_bound" in given and str(given["norm_bound"]).lower() != "off":
         try:
             given["norm_bound"] = float(given["norm_bound"])

@@ -193,3 +193,47 @@ def test_replies_are_taken_as_they_arrive_and_a_silent_node_costs_only_the_deadl
     rest = list(replies)
     assert [r.metadata.src_node_id for r in rest] == [102]
     assert 0.5 <= time.monotonic() - start < 3
+
+
+def test_a_silent_node_leaves_the_round_at_its_deadline_and_the_others_are_aggregated(tmp_path):
+    """Deployed (no delay model): node 101 never answers; the round closes --round-timeout seconds after it opened,
+    with the other two replies aggregated and the silent client named."""
+    import time
+
+    class SilentInRounds(LoopbackGrid):  # node 101 joins (answers the query) but never answers a round
+        def send_and_receive(self, messages, *, timeout=None):
+            return [self.deliver(message) for message in messages]
+
+    grid = SilentInRounds(partitions=3, fresh_process=False)
+    grid.silent = {101}
+    cfg = tiny(tmp_path / "run", clients_per_round=3, round_timeout=0.5)
+    start = time.monotonic()
+    serve(grid, cfg)
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert time.monotonic() - start < 60 and row["aggregated"] and len(row["clients"]) == 2
+    (dropped,) = row["dropped"]
+    assert dropped == {"client": strategy_client(grid, cfg, 101), "reason": "no reply by the round deadline (0.5 s)"}
+    assert row["closed_by"] == "deadline"
+
+
+def strategy_client(grid, cfg, node):
+    """The client id the node at ``node`` holds (its partition of the federation's sorted ids)."""
+    return Federation(cfg).client_ids[grid.contexts[node].node_config["partition-id"]]
+
+
+def test_over_selection_on_a_deployment_takes_the_first_k_valid_replies_in_arrival_order(tmp_path):
+    """No delay model: all ⌈K(1+F)⌉ = 3 asked at once, replies taken as they arrive (the loopback hands them over in
+    push order) until K = 2 valid are in; the third client's message is never even delivered, and it is named."""
+    class Counting(LoopbackGrid):
+        delivered: list[int] = []
+
+        def deliver(self, message):
+            self.delivered.append(message.metadata.dst_node_id)
+            return super().deliver(message)
+
+    grid = Counting(partitions=3, fresh_process=False)
+    serve(grid, tiny(tmp_path / "run", clients_per_round=2, over_select=0.5))
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert row["asked"] == 3 and len(row["clients"]) == 2 and row["closed_by"] == "enough valid replies"
+    assert [d["reason"] for d in row["dropped"]] == ["over-selected: the round closed with its 2 valid replies before this one was taken"]
+    assert grid.delivered.count(100) + grid.delivered.count(101) + grid.delivered.count(102) == 3 + 2  # 3 queries, 2 trains

@@ -31,19 +31,21 @@ from .secure_round import contribution_bytes, reports_as_updates, secure_round, 
 
 log = logging.getLogger(__name__)
 app = ServerApp()
+DEFAULT_TIMEOUT = 3600.0  # a round's deadline without --round-timeout (s)
 PULL_SECONDS = 0.1  # between pulls while replies are pending (Flower's own grids pull every 0.1 s)
 
 
 class HetLoRAStrategy(Strategy):
     """Per-node truncated payloads out, heterogeneous-rank aggregation in."""
 
-    def __init__(self, federation: Federation, timeout: float = 3600.0):
+    def __init__(self, federation: Federation, timeout: float | None = None):
         self.fed = federation
-        self.timeout = timeout
+        self.timeout = timeout or federation.cfg.round_timeout or DEFAULT_TIMEOUT
         self.node_of: dict[str, int] = {}  # client id -> node id
         self.examples_of: dict[str, int] = {}  # client id -> examples it reported when it joined
         self.refused: list[dict[str, Any]] = []  # claims refused at discovery (node, client, reason)
         self.sent: dict[str, int] = {}  # client id -> the rank sent to it this round
+        self.opening = None  # this round's RoundOpening (who is asked, how the round closes)
         self.last_row: dict[str, Any] = {}
         self.bytes_down = 0
         # the fixed bound every secure client applies (mandatory; public): the config's, else from the initial global
@@ -132,15 +134,24 @@ class HetLoRAStrategy(Strategy):
 
     # -- Strategy API ----------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        t = server_round - 1
+        """Open the round (docs/algorithm.md §7.3) and return a message for every client it asks."""
+        return self.messages(self.open_round(server_round - 1).order)
+
+    def open_round(self, t: int):
+        """The round's opening among the clients a node holds; what every asked client is sent is accounted here
+        (its rank, its download), whether or not its message is ever pushed."""
+        self.opening = self.fed.open_round(t, reachable=self.node_of)
+        self.sent = {cid: self.fed.ranks[cid] for cid in self.opening.asked}
+        self.bytes_down = sum(self.fed.download_bytes(self.fed.job(cid, t)) for cid in self.opening.asked)
+        return self.opening
+
+    def messages(self, clients: Iterable[str]) -> list[Message]:
+        """One train message per client: its own truncated adapter, its task and the run's config."""
+        t = self.opening.round_index
         run_config = ConfigRecord({"hetlora-config": encode_config(self.fed.cfg)})
-        messages, self.bytes_down, self.sent = [], 0, {}
-        for cid in self.fed.sample(t):
-            if cid not in self.node_of:
-                continue
+        messages = []
+        for cid in clients:
             job = self.fed.job(cid, t)
-            self.sent[cid] = job.rank
-            self.bytes_down += self.fed.download_bytes(job)
             records = {
                 "adapter": to_array_record(job.payload),
                 "task": ConfigRecord({"client-id": cid, "rank": job.rank, "round": t, "base-version": job.base_version}),
@@ -148,22 +159,35 @@ class HetLoRAStrategy(Strategy):
             }
             if job.base:
                 records["base"] = to_array_record(job.base)
-            content = RecordDict(records)
-            messages.append(Message(content, dst_node_id=self.node_of[cid], message_type="train"))
+            messages.append(Message(RecordDict(records), dst_node_id=self.node_of[cid], message_type="train"))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Complete the round from its replies. A weighted-sum method takes them as they arrive (``replies`` may be
-        a stream: :func:`arriving`), one decoded update at a time (docs/algorithm.md §7.2); for the others they are
-        gathered and put in client order, so the aggregate does not depend on the order they came in."""
+        a stream: :func:`arriving`), one decoded update at a time (docs/algorithm.md §7.2); the others gather them
+        (hetlora.server.aggregation puts them in client order). Under
+        over-selection the replies are taken until K valid ones are in (§7.3)."""
         t = server_round - 1
-        failed: list[tuple[str, str]] = []
+        failed: list[tuple[str, str]] = self.opening.late_failures()
         updates = self.decoded(replies, failed, t)
-        if not self.fed.streams(t):
-            updates = sorted(updates, key=lambda u: u.client_id or "")
-        self.last_row = self.fed.complete_round(t, updates, failed) | {"bytes_down": self.bytes_down}
+        self.last_row = self.fed.complete_round(t, updates, failed, self.opening) | {"bytes_down": self.bytes_down}
         summary = MetricRecord({"clients": float(len(self.last_row["clients"])), "dropped": float(len(self.last_row["dropped"]))})
         return to_array_record(self.fed.state["global"]), summary
+
+    def replies(self, grid: Grid) -> Iterator[Message]:
+        """The round's replies as they arrive, until its deadline. With a simulated delay model the clients are asked
+        in waves in order of their simulated reply time, each wave as many as the round can still take, so a
+        simulation takes the same replies as the in-process engine; otherwise every asked client at once."""
+        opening, close = self.opening, self.opening.close
+        deadline = time.monotonic() + self.timeout
+        if self.fed.delays is None:
+            yield from arriving(grid, self.messages(opening.order), self.timeout)
+            return
+        queue = list(opening.order)
+        while queue and not close.full and time.monotonic() < deadline:
+            n = close.missing or len(queue)
+            wave, queue = queue[:n], queue[n:]
+            yield from arriving(grid, self.messages(wave), deadline - time.monotonic())
 
     def decoded(self, replies: Iterable[Message], failed: list[tuple[str, str]], t: int) -> Iterator[ClientUpdate]:
         """Each reply as a :class:`ClientUpdate`, decoded when it is asked for; a failed or refused reply goes to ``failed``."""
@@ -261,11 +285,11 @@ class HetLoRAStrategy(Strategy):
     # -- one round, as the runner's round function ------------------------------------------
     def round_fn(self, grid: Grid):
         def flower_round(fed: Federation, t: int, progress: Progress, hook=None) -> dict[str, Any]:
-            messages = list(self.configure_train(t + 1, ArrayRecord(), ConfigRecord(), grid))
-            progress.round_started(t, len(messages))
+            opening = self.open_round(t)
+            progress.round_started(t, len(opening.asked))
             if self.fed.cfg.secure_aggregation:
-                return secure_round(self, grid, t, messages)
-            self.aggregate_train(t + 1, arriving(grid, messages, self.timeout))
+                return secure_round(self, grid, t, self.messages(opening.order))
+            self.aggregate_train(t + 1, self.replies(grid))
             return self.last_row
 
         return flower_round

@@ -4,15 +4,17 @@ A weighted-sum method (``stream_weight``) folds each reply in as it arrives and 
 the global adapter, one float64 accumulator and O(K) scalars; bounded, the updates wait on disk
 (:class:`~hetlora.server.spill.SpillStore`) for the second pass. Any other method validates the list and
 aggregates it (:func:`hetlora.methods.aggregate_dropping`): its server memory grows with the round's K.
+Under over-selection (docs/algorithm.md §7.3) a round takes replies only until K valid ones are in
+(:class:`RoundClose`); what it does not take is never read.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 from ..core.adapter import Adapter, ClientUpdate
-from ..core.validation import InvalidUpdate
+from ..core.validation import DUPLICATE, InvalidUpdate
 from ..methods import AggregationContext, AggregationMethod, aggregate_dropping
 from ..methods.streaming import stream_round, streams
 from .spill import SpillStore
@@ -32,21 +34,50 @@ class RoundAggregate:
     bytes_up: int
 
 
+@dataclass
+class RoundClose:
+    """How many valid replies a round takes (docs/algorithm.md §7.3): ``wanted`` = K under over-selection
+    (None: every reply that comes), and how many are in so far. An engine reads :attr:`missing` to ask no
+    more clients than the round can still take."""
+
+    wanted: int | None = None
+    taken: int = 0
+
+    @property
+    def full(self) -> bool:
+        return self.wanted is not None and self.taken >= self.wanted
+
+    @property
+    def missing(self) -> int | None:
+        return None if self.wanted is None else max(0, self.wanted - self.taken)
+
+
 def aggregate_replies(method: AggregationMethod, ctx: AggregationContext, replies: Iterable[ClientUpdate], *,
                       assigned_ranks: Mapping[str, int] | None, exact_rank: bool, min_clients: int,
-                      upload_bytes: Callable[[ClientUpdate], int], stream: bool = True) -> RoundAggregate:
-    """Validate each reply once and aggregate (``stream=False``: the list path for every method, the reference)."""
+                      upload_bytes: Callable[[ClientUpdate], int], stream: bool = True,
+                      close: RoundClose | None = None) -> RoundAggregate:
+    """Validate each reply once and aggregate (``stream=False``: the list path for every method, the reference).
+    ``close`` with ``wanted`` set: replies are taken until that many valid ones are in, the rest left unread."""
+    check = _one_check(method, ctx, assigned_ranks, exact_rank)
+    refused: list[dict] = []
+    if close is not None and close.wanted is not None:
+        replies = _first_valid(replies, check, close, refused)
     if stream and streams(method, ctx):
-        return _streamed(method, ctx, replies, assigned_ranks, exact_rank, min_clients, upload_bytes)
-    replies = list(replies)
+        done = _streamed(method, ctx, replies, check, min_clients, upload_bytes)
+        done.dropped[:0] = refused
+        done.replied += [d["client"] for d in refused]
+        return done
+    replies = sorted(replies, key=lambda u: u.client_id or "")  # the aggregate does not depend on arrival order
     kept, dropped_updates = method.split_valid(replies, ctx, assigned_ranks=assigned_ranks, round_index=ctx.round_index,
                                                exact_rank=exact_rank)
     dropped = [{"client": c, "reason": r} for c, r in dropped_updates]
     new, base_update, kept = aggregate_dropping(method, kept, ctx, min_clients, dropped)
-    return RoundAggregate(new, base_update, kept, [u.client_id for u in replies], dropped, sum(upload_bytes(u) for u in kept))
+    return RoundAggregate(new, base_update, kept, [u.client_id for u in replies] + [d["client"] for d in refused],
+                          refused + dropped, sum(upload_bytes(u) for u in kept))
 
 
-def _streamed(method, ctx, replies, assigned_ranks, exact_rank, min_clients, upload_bytes) -> RoundAggregate:
+def _one_check(method, ctx, assigned_ranks, exact_rank) -> Callable[[ClientUpdate], ClientUpdate]:
+    """The method's validation of one update (raises :class:`InvalidUpdate`): the one path, reply by reply."""
     def check(update: ClientUpdate) -> ClientUpdate:
         kept, dropped = method.split_valid([update], ctx, assigned_ranks=assigned_ranks, round_index=ctx.round_index,
                                            exact_rank=exact_rank)
@@ -54,6 +85,31 @@ def _streamed(method, ctx, replies, assigned_ranks, exact_rank, min_clients, upl
             raise InvalidUpdate(*dropped[0])
         return kept[0]
 
+    return check
+
+
+def _first_valid(replies: Iterable[ClientUpdate], check, close: RoundClose, refused: list[dict]) -> Iterator[ClientUpdate]:
+    """The replies until ``close.wanted`` valid ones are taken (an invalid one goes to ``refused`` and does not
+    count); the stream is not read past the last one taken."""
+    seen: set[str] = set()
+    if close.full:
+        return
+    for update in replies:
+        try:
+            if update.client_id is not None and update.client_id in seen:
+                raise InvalidUpdate(update.client_id, DUPLICATE)
+            check(update)
+        except InvalidUpdate as err:
+            refused.append({"client": err.client, "reason": err.problem})
+            continue
+        seen.add(update.client_id)
+        close.taken += 1
+        yield update
+        if close.full:
+            return
+
+
+def _streamed(method, ctx, replies, check, min_clients, upload_bytes) -> RoundAggregate:
     with SpillStore() as store:
         streamed = stream_round(method, ctx, replies, check, store, upload_bytes)
         new = streamed.result() if len(streamed.kept) >= min_clients else None

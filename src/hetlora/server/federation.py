@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Iterable, Mapping, Sequence
+import math
+from dataclasses import dataclass
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import torch
 
 from ..clients import Job, get_kind
 from ..config import RunConfig
 from ..core.adapter import ClientUpdate
+from ..core.arrival import arrival_order, asked_count
 from ..core.ranks import assign_ranks, tier_ranks_for_eval
 from ..core.sampling import sample_clients
 from ..core.validation import layer_shapes, non_finite
@@ -29,9 +32,39 @@ from ..methods import AggregationContext, get_method
 from ..methods.dp import DPFedAvg
 from ..methods.streaming import streams
 from .privacy import ServerPrivacy, check_sampling
-from .aggregation import aggregate_replies
+from .aggregation import RoundClose, aggregate_replies
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundOpening:
+    """Who a round asks and how it closes (docs/algorithm.md §7.3): ``order``, the clients asked, earliest
+    (simulated) reply first; ``late``, ``(client, delay)`` of those whose simulated reply comes after the deadline
+    (never waited for, never trained); ``close``, how many valid replies the round takes."""
+
+    round_index: int
+    order: list[str]
+    late: list[tuple[str, float]]
+    close: RoundClose
+    deadline: float | None
+
+    @property
+    def asked(self) -> list[str]:
+        return sorted(self.order + [c for c, _ in self.late])
+
+    def late_failures(self) -> list[tuple[str, str]]:
+        """A simulated late or silent client, named with its delay."""
+        return [(c, "never replied (a silent client in the simulated delay model)" if math.isinf(d) else
+                 f"no reply by the round deadline (simulated delay {d:.2f} s > {self.deadline} s)") for c, d in self.late]
+
+    def unheard(self, replied: Collection[str | None], failed: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+        """The asked clients the round closed without: over-selected ones it no longer needed, or those that missed
+        the deadline."""
+        known = set(replied) | {c for c, _ in failed}
+        reason = (f"over-selected: the round closed with its {self.close.wanted} valid replies before this one was taken"
+                  if self.close.full else f"no reply by the round deadline ({self.deadline} s)")
+        return [{"client": c, "reason": reason} for c in self.order if c not in known]
 
 
 class Federation:
@@ -93,9 +126,28 @@ class Federation:
         return max(1, min(k, self.cfg.clients_per_round))
 
     def sample(self, round_index: int) -> list[str]:
-        """The round's clients: from the seed, or under DP from the server's private entropy (a secret sample)."""
+        """The round's clients: from the seed, or under DP from the server's private entropy (a secret sample);
+        ⌈K(1+F)⌉ of them under over-selection (docs/algorithm.md §7.3)."""
         seed = self.privacy.sampling_seed if self.privacy else self.cfg.seed
-        return sample_clients(self.client_ids, self.cfg.clients_per_round, seed, round_index, self.cfg.sampling)
+        k = asked_count(self.cfg.clients_per_round, self.cfg.over_select, len(self.client_ids))
+        return sample_clients(self.client_ids, k, seed, round_index, self.cfg.sampling)
+
+    @functools.cached_property
+    def delays(self):
+        """The simulated delay model (None: replies come when they come)."""
+        return self.cfg.delay_model()
+
+    def open_round(self, round_index: int, reachable: Collection[str] | None = None) -> RoundOpening:
+        """The round's sample in the order its replies will come (simulated delays; else the sample's order) and
+        how it closes; ``reachable``: the clients an engine can send to (Flower: those with a node)."""
+        sampled = [c for c in self.sample(round_index) if reachable is None or c in reachable]
+        if self.delays is None:
+            order, late = sampled, []
+        else:
+            delays = {c: self.delays.delay(self.cfg.seed, round_index, c) for c in sampled}
+            order, late = arrival_order(sampled, delays, self.cfg.round_timeout)
+        close = RoundClose(self.cfg.clients_per_round if self.cfg.over_select else None)
+        return RoundOpening(round_index, order, late, close, self.cfg.round_timeout)
 
     # ------------------------------------------------------------------ server -> client
     def job(self, client_id: str, round_index: int) -> Job:
@@ -127,16 +179,25 @@ class Federation:
     def _options(self) -> dict[str, Any]:
         return {"per_layer": True} if self.cfg.per_layer and "per_layer" in self.method.options else {}
 
-    def complete_round(self, round_index: int, updates: Iterable[ClientUpdate], failed: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+    def complete_round(self, round_index: int, updates: Iterable[ClientUpdate], failed: Sequence[tuple[str, str]] = (),
+                       opening: RoundOpening | None = None) -> dict[str, Any]:
         """Validate, aggregate, update ranks; returns the round's metrics (without eval).
 
         ``updates`` may be a stream (replies as they arrive): a weighted-sum method folds each in and lets it
-        go (hetlora.server.aggregation); the others aggregate the list."""
+        go (hetlora.server.aggregation); the others aggregate the list. With ``opening`` the round takes replies
+        until it has the K it wants and names every asked client it closed without (§7.3)."""
         ctx = self.context(round_index)
         done = aggregate_replies(self.method, ctx, updates, assigned_ranks=self.ranks, exact_rank=not self.cfg.prunes,
-                                 min_clients=self.cfg.min_clients, upload_bytes=self.kind.upload_bytes)
+                                 min_clients=self.cfg.min_clients, upload_bytes=self.kind.upload_bytes,
+                                 close=opening.close if opening else None)
+        failed = list(failed)  # read after the replies were taken: an engine adds the clients that failed meanwhile
         dropped = [{"client": c, "reason": r} for c, r in failed] + done.dropped
-        return self._close_round(round_index, done.new, done.base_update, done.kept, done.replied, dropped, done.bytes_up)
+        if opening is not None:
+            dropped += opening.unheard(done.replied, failed)
+        row = self._close_round(round_index, done.new, done.base_update, done.kept, done.replied, dropped, done.bytes_up)
+        if opening is not None:
+            row |= {"asked": len(opening.asked), "closed_by": _closed_by(opening, dropped)}
+        return row
 
     def complete_secure_round(self, round_index: int, aggregate: Mapping[str, torch.Tensor] | None, reports: Sequence[ClientUpdate],
                               failed: Sequence[tuple[str, str]], bytes_up: int) -> dict[str, Any]:
@@ -225,3 +286,12 @@ class Federation:
         if self.privacy is not None:
             self.privacy = ServerPrivacy.from_state(state)
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+
+
+def _closed_by(opening: RoundOpening, dropped: Sequence[Mapping[str, Any]]) -> str:
+    """Why the round closed: it had the K valid replies it wanted, its deadline passed with replies missing, or
+    every reply that was coming was in (a silent client sends none)."""
+    if opening.close.full:
+        return "enough valid replies"
+    missed = any(str(d["reason"]).startswith("no reply by the round deadline") for d in dropped)
+    return "deadline" if missed else "all replies"

@@ -117,9 +117,15 @@ def budgets_sha256(cfg: RunConfig) -> str | None:
     return sha256(Path(cfg.memory_budgets)) if cfg.memory_budgets and Path(cfg.memory_budgets).is_file() else None
 
 
+def delays_sha256(cfg: RunConfig) -> str | None:
+    """The SHA-256 of a client delay table (None without one): a resumed run must close its rounds the same way."""
+    return sha256(Path(cfg.client_delay)) if cfg.client_delay and Path(cfg.client_delay).is_file() else None
+
+
 def input_files(cfg: RunConfig) -> dict[str, str | None]:
-    """The run record's hashes of the files a run reads besides its settings (data, memory budgets)."""
-    return {"data_sha256": data_sha256(cfg), "memory_budgets_sha256": budgets_sha256(cfg)}
+    """The run record's hashes of the files a run reads besides its settings (data, memory budgets, delays)."""
+    return {"data_sha256": data_sha256(cfg), "memory_budgets_sha256": budgets_sha256(cfg),
+            "client_delay_sha256": delays_sha256(cfg)}
 
 
 def write_config(out: Path, cfg: RunConfig, record: Mapping[str, Any]) -> None:
@@ -163,7 +169,8 @@ def resume_config(out: Path, given: Mapping[str, Any] | None = None) -> RunConfi
     for key, current in input_files(saved).items():
         recorded = record.get(key)
         if recorded and current != recorded:
-            name = {"data_sha256": f"data file {saved.data}", "memory_budgets_sha256": f"memory budgets file {saved.memory_budgets}"}[key]
+            name = {"data_sha256": f"data file {saved.data}", "memory_budgets_sha256": f"memory budgets file {saved.memory_budgets}",
+                    "client_delay_sha256": f"client delay table {saved.client_delay}"}[key]
             raise ValueError(f"--resume: the {name} is not the one this run started with "
                              f"(SHA-256 {current or 'missing'}, recorded {recorded})")
     return saved
@@ -286,25 +293,27 @@ def print_plan(fed: Federation) -> None:
 
 # ---------------------------------------------------------------------------------- rounds
 def local_round(fed: Federation, t: int, progress: Progress, hook: RoundHook | None = None) -> dict[str, Any]:
-    """The in-process engine's round: sample, send, train the clients here (K at a time), complete. The updates
-    reach the server as each chunk finishes (a weighted-sum method folds them in as they come; §7.2)."""
-    sampled = fed.sample(t)
-    progress.round_started(t, len(sampled))
-    jobs = [fed.job(cid, t) for cid in sampled]
-    bytes_down = sum(fed.download_bytes(job) for job in jobs)
-    failed: list[tuple[str, str]] = []  # filled while the updates are taken
-    updates = _trained(fed, jobs, failed, progress)
+    """The in-process engine's round: open (sample, order by simulated reply time), train the clients here
+    (K at a time), complete. The updates reach the server as each chunk finishes (a weighted-sum method folds
+    them in as they come; §7.2); under over-selection no more clients train than the round can still take (§7.3)."""
+    opening = fed.open_round(t)
+    progress.round_started(t, len(opening.asked))
+    bytes_down = sum(fed.download_bytes(fed.job(cid, t)) for cid in opening.asked)  # every asked client downloads
+    failed = opening.late_failures()  # filled further while the updates are taken
+    updates = _trained(fed, t, opening.order, failed, progress, opening.close)
     if hook is not None:
         updates = hook(t, list(updates))
-    return fed.complete_round(t, updates, failed) | {"bytes_down": bytes_down}
+    return fed.complete_round(t, updates, failed, opening) | {"bytes_down": bytes_down}
 
 
-def _trained(fed: Federation, jobs: list, failed: list[tuple[str, str]], progress: Progress):
-    """Each chunk of ``fed.parallel_clients`` jobs trained together, its updates yielded; a chunk that crashes is
-    trained one by one, so only a crashing client is dropped (into ``failed``) and the round goes on."""
-    k = fed.parallel_clients
-    for start in range(0, len(jobs), k):
-        chunk = jobs[start : start + k]
+def _trained(fed: Federation, t: int, clients: list[str], failed: list[tuple[str, str]], progress: Progress, close):
+    """Chunks of ``fed.parallel_clients`` clients trained together (no more than ``close`` still wants), each
+    chunk's updates yielded; a chunk that crashes is trained one by one, so only a crashing client is dropped
+    (into ``failed``) and the round goes on."""
+    pending = list(clients)
+    while pending and not close.full:
+        k = min(fed.parallel_clients, close.missing or fed.parallel_clients)
+        chunk, pending = [fed.job(cid, t) for cid in pending[:k]], pending[k:]
         try:
             yield from fed.train(chunk)
         except Exception:
