@@ -126,3 +126,13 @@ def test_a_delay_table_is_checked_before_anything_loads(tmp_path):
     table.write_text('[1, 2]')
     with pytest.raises(ValueError, match="expected a JSON object"):
         RunConfig(client_delay=str(table)).validate()
+
+
+def test_the_flower_apps_own_settings_make_a_valid_config():
+    """``flwr run .`` reads pyproject's [tool.flwr.app.config]: every key must be one hetlora knows, in range."""
+    import tomllib
+    from pathlib import Path
+
+    settings = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    cfg = config_from_run_config(settings).validate()
+    assert (cfg.round_timeout, cfg.over_select, cfg.method) == (600.0, 0.0, "hetlora")

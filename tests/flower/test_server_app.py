@@ -237,3 +237,20 @@ def test_over_selection_on_a_deployment_takes_the_first_k_valid_replies_in_arriv
     assert row["asked"] == 3 and len(row["clients"]) == 2 and row["closed_by"] == "enough valid replies"
     assert [d["reason"] for d in row["dropped"]] == ["over-selected: the round closed with its 2 valid replies before this one was taken"]
     assert grid.delivered.count(100) + grid.delivered.count(101) + grid.delivered.count(102) == 3 + 2  # 3 queries, 2 trains
+
+
+def test_under_a_delay_model_the_simulated_clock_closes_rounds_not_the_simulations_compute_time(tmp_path):
+    """Every simulated reply time is 0.1 s, inside the 0.5 s deadline, but each reply takes 0.3 s of real compute:
+    the round (and the discovery before it) must take every reply, as the in-process engine does. (A 1000-client
+    Flower simulation once asked no client at all: its 3 s deadline had cut the discovery.)"""
+    import time
+
+    class Slow(LoopbackGrid):
+        def deliver(self, message):
+            time.sleep(0.3)
+            return super().deliver(message)
+
+    serve(Slow(partitions=3, fresh_process=False), tiny(tmp_path / "run", clients_per_round=3, round_timeout=0.5,
+                                                         client_delay="fixed:0.1"))
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert len(row["clients"]) == 3 and row["dropped"] == [] and row["closed_by"] == "all replies"

@@ -40,7 +40,10 @@ class HetLoRAStrategy(Strategy):
 
     def __init__(self, federation: Federation, timeout: float | None = None):
         self.fed = federation
-        self.timeout = timeout or federation.cfg.round_timeout or DEFAULT_TIMEOUT
+        # the real deadline; under a simulated delay model the simulated clock closes rounds (§7.3), and the real
+        # one is only the default's safety net: a simulation's compute time is not the clients' reply time
+        real = federation.cfg.round_timeout if federation.delays is None else None
+        self.timeout = timeout or real or DEFAULT_TIMEOUT
         self.node_of: dict[str, int] = {}  # client id -> node id
         self.examples_of: dict[str, int] = {}  # client id -> examples it reported when it joined
         self.refused: list[dict[str, Any]] = []  # claims refused at discovery (node, client, reason)
