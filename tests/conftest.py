@@ -1,4 +1,16 @@
+import os
+
 import pytest
+
+# Under pytest-xdist (make test runs two workers) each worker gets its share of the cores: torch's intra-op threads
+# here, and OMP_NUM_THREADS for the processes a test starts (benchmarks' smoke runs, ClientApps, Ray workers).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+    import torch
+
+    torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture(scope="session")

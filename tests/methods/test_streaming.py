@@ -34,7 +34,8 @@ R_MAX = 8
 
 def test_the_weighted_sum_family_streams_and_the_others_do_not():
     # hetlora's re-factoring variants finish the same sum (their finish needs only the aggregate)
-    assert sorted(STREAMING) == ["fedavg", "hetlora", "hetlora-naive", "hetlora-revive", "hetlora-svd", "hetlora-svd-revive"]
+    assert sorted(STREAMING) == ["fedavg", "fedex-lora", "hetlora", "hetlora-naive", "hetlora-revive", "hetlora-svd",
+                                 "hetlora-svd-revive"]
     assert not streams(METHODS["hetlora"], AggregationContext(r_max=R_MAX, options={"per_layer": True}))
 
 
@@ -133,3 +134,56 @@ def test_a_bounded_round_gives_the_same_bits_whatever_order_its_replies_arrive_i
     first, _ = streamed("hetlora", updates, ctx)
     second, _ = streamed("hetlora", updates[::-1], ctx)
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+WIDE = {"layers.0.q_proj": (40, 30), "layers.0.down_proj": (24, 50)}  # dense once the stacked rank reaches 18 / 16
+
+
+@pytest.mark.parametrize("bound", [None, 1.5])
+@pytest.mark.parametrize("ranks", [[2, 8, 5], [2, 8, 5, 3, 6, 4, 8]], ids=["stacked", "dense"])
+def test_fedex_loras_streamed_residual_folds_into_the_same_base_as_the_lists(bound, ranks):
+    """R = Σ w_k B_k A_k − B̄ Ā kept as it streams: while the stacked factors are smaller than the matrix, the list
+    rule's own factors (same rank, so the same download); past that, the dense R. Either way the base it folds into
+    is the list's within float rounding, and so is the adapter; an inflated client is bounded in both."""
+    from hetlora.core.base_delta import DENSE_SUFFIX, dense_delta, fold
+
+    updates = [make_update(r, seed=s, n=10 + s, shapes=WIDE) for s, r in enumerate(ranks)]
+    updates[1] = replace(updates[1], adapter={k: v * (1e3 if k.endswith("lora_B.weight") else 1.0) for k, v in updates[1].adapter.items()})
+    ctx = AggregationContext(r_max=R_MAX, norm_bound=bound, shapes=WIDE)
+    expected, expected_base = aggregate_round(METHODS["fedex-lora"], updates, ctx)
+    round_ = stream_round(METHODS["fedex-lora"], ctx, iter(updates), lambda u: u, MemoryStore())
+    got = round_.result()
+    got_base = round_.base_update(got)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value.float(), rtol=1e-6, atol=1e-9)
+    dense_now = sum(ranks) >= 16
+    assert any(k.endswith(DENSE_SUFFIX) for k in got_base) == dense_now
+    if not dense_now:  # the same factors (up to the order the replies came in): the same bytes to send
+        assert {k: v.shape for k, v in got_base.items()} == {k: v.shape for k, v in expected_base.items()}
+    folded, reference = fold(None, got_base), fold(None, expected_base)
+    for module in WIDE:
+        want = dense_delta(reference, module).double()
+        torch.testing.assert_close(dense_delta(folded, module).double(), want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+        # and exact: the global model W0 + ΔW + B̄Ā is W0 + the clients' bounded mean product
+        b_bar, a_bar = got[module + ".lora_B.weight"].double(), got[module + ".lora_A.weight"].double()
+        bounded = METHODS["fedex-lora"].bound(updates, ctx) if bound else updates
+        mean = sum(u.adapter[module + ".lora_B.weight"].double() @ u.adapter[module + ".lora_A.weight"].double() for u in bounded) / len(updates)
+        torch.testing.assert_close(dense_delta(folded, module).double() + b_bar @ a_bar, mean, rtol=1e-5, atol=1e-5 * mean.abs().max().item())
+
+
+def test_a_product_sum_stacks_then_turns_dense_and_keeps_the_exact_sum():
+    """Σ w_k B_k A_k by hand, in both forms: 40 × 30 holds 1200 numbers, and stacked rank r holds 70 r."""
+    from hetlora.core.accumulate import ProductSum
+
+    shapes = {"m": (40, 30)}
+    adapters = [make_update(r, seed=s, shapes=shapes).adapter for s, r in enumerate([5, 7, 9])]
+    weights = [(0.5, 2.0), (1.0, 1.0), (3.0, 0.25)]
+    products = ProductSum()
+    for adapter, (wb, wa) in zip(adapters[:2], weights[:2]):
+        products.add(adapter, wb, wa)
+    b, a = products.factors("m")
+    assert b.shape == (40, 12) and a.shape == (12, 30) and not products.dense  # rank 12: 840 < 1200 numbers
+    products.add(adapters[2], *weights[2])  # rank 21: 1470 ≥ 1200, dense from here
+    assert products.factors("m") is None and products.dense["m"].dtype == torch.float64
+    by_hand = sum(wb * wa * (x["m.lora_B.weight"] @ x["m.lora_A.weight"]) for x, (wb, wa) in zip(adapters, weights))
+    torch.testing.assert_close(products.dense["m"], by_hand, rtol=1e-6, atol=1e-6)

@@ -155,3 +155,39 @@ class PaddedSum:
 def _weight_of(weight: float | Mapping[str, float], module: str) -> float:
     """An update's weight for ``module``: its one weight, or its weight for that module (per-layer weights)."""
     return float(weight[module]) if isinstance(weight, Mapping) else float(weight)
+
+
+class ProductSum:
+    """Σ_k w_k B_k A_k per module, one update at a time, in the cheaper exact form (docs/algorithm.md §7.2):
+    the stacked factors [B_1 … B_K] and [w_1 A_1; …; w_K A_K] while they hold fewer numbers than the out × in
+    matrix, the float64 matrix from then on. What FedEx-LoRA's residual needs, with memory min(K r̄ (out + in),
+    2 out·in) per module whatever the round's K."""
+
+    def __init__(self) -> None:
+        self.stacked: dict[str, tuple[list[Tensor], list[Tensor]]] = {}  # module -> ([B_k], [w_k A_k]) in fp32
+        self.dense: dict[str, Tensor] = {}  # module -> Σ w_k B_k A_k in float64
+
+    def add(self, adapter: Mapping[str, Tensor], b_weight: float = 1.0, a_weight: float = 1.0) -> None:
+        """Fold in one update's B_k A_k × b_weight · a_weight (a bounded update's scales: B × β, A × w·α)."""
+        from .adapter import lora_pairs
+
+        with torch.no_grad():
+            for module, b, a in lora_pairs(adapter):
+                b, a = b.float() * b_weight, a.float() * a_weight
+                if module in self.dense:
+                    self.dense[module].addmm_(b.double(), a.double())
+                    continue
+                bs, as_ = self.stacked.setdefault(module, ([], []))
+                bs.append(b)
+                as_.append(a)
+                rank, (out_f, in_f) = sum(x.shape[1] for x in bs), (b.shape[0], a.shape[1])
+                if rank * (out_f + in_f) >= out_f * in_f:  # the matrix is smaller from here on
+                    self.dense[module] = torch.cat(bs, dim=1).double() @ torch.cat(as_, dim=0).double()
+                    del self.stacked[module]
+
+    def factors(self, module: str) -> tuple[Tensor, Tensor] | None:
+        """[B_1 … B_K], [w_1 A_1; …; w_K A_K] of a module still stacked (None once it is dense)."""
+        if module not in self.stacked:
+            return None
+        bs, as_ = self.stacked[module]
+        return torch.cat(bs, dim=1), torch.cat(as_, dim=0)

@@ -42,12 +42,19 @@ def dense_delta(delta: Mapping[str, Tensor], module: str) -> Tensor:
 
 
 def fold(delta: Mapping[str, Tensor] | None, update: Mapping[str, Tensor]) -> BaseDelta:
-    """The cumulative ΔW after adding ``update`` (PEFT-format factors of any rank per module).
+    """The cumulative ΔW after adding ``update`` (PEFT-format factors of any rank per module, or a dense
+    ``<module>.base_delta.weight``, which makes that module dense).
 
     Factor form appends the new factors, ΔW' = [B, B_u] [A; A_u]; a module switches to the
     dense form for good once its factors would hold as many numbers as the matrix.
     """
     out: BaseDelta = dict(delta or {})
+    for key in [k for k in update if k.endswith(DENSE_SUFFIX)]:  # a dense update (a streamed FedEx residual): added as is
+        module = key[: -len(DENSE_SUFFIX)]
+        current = dense_delta(out, module) if module in delta_modules(out) else 0.0
+        out.pop(module + B_SUFFIX, None)
+        out.pop(module + A_SUFFIX, None)
+        out[key] = current + update[key].detach().float()
     for module, b_u, a_u in lora_pairs(update):
         b_u, a_u = b_u.detach().float(), a_u.detach().float()
         out_f, in_f = b_u.shape[0], a_u.shape[1]

@@ -73,6 +73,9 @@ class AggregationMethod:
     #: the weight rule of a rule Σ_k w_k pad(x_k) / Σ_k w_k whose w_k is client k's alone (``update_norm``,
     #: ``examples``): a server folds each reply in as it arrives (hetlora.methods.streaming); None: a list.
     stream_weight: str | None = None
+    #: whether a streamed round also keeps Σ w_k B_k A_k (hetlora.core.accumulate.ProductSum) for a base update
+    #: R = Σ w_k B_k A_k / Σ w_k − B̄ Ā (FedEx-LoRA's residual; docs/algorithm.md §7.2).
+    stream_residual: bool = False
 
     @property
     def dp_capable(self) -> bool:

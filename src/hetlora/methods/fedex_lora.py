@@ -31,6 +31,8 @@ from .base import AggregationContext, AggregationMethod, per_module_factors, wei
 class FedExLoRA(AggregationMethod):
     name = "fedex-lora"
     folds_into_base = True
+    stream_weight = "uniform"  # w_k = 1/K: folded with weight 1, divided by the count at the end
+    stream_residual = True  # R from Σ B_k A_k kept as it streams (stacked factors, then one dense matrix per module)
 
     @staticmethod
     def weights(updates: Sequence[ClientUpdate]) -> list[float]:

@@ -22,8 +22,11 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Protocol
 
-from ..core.accumulate import PaddedSum
-from ..core.adapter import Adapter, ClientUpdate, adapter_rank, update_norm
+import torch
+
+from ..core.accumulate import PaddedSum, ProductSum
+from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter, ClientUpdate, adapter_rank, lora_pairs, update_norm
+from ..core.base_delta import DENSE_SUFFIX
 from ..core.robust import BoundScales, UpdateNorms, bound_scales, cap_weights
 from ..core.validation import DUPLICATE, InvalidUpdate
 from . import as_fp32
@@ -63,13 +66,17 @@ class StreamedRound:
     _fold: "_WeightedFold | None" = None
     _seen: set[str] = field(default_factory=set)
     _rank: int | None = None
+    _products: ProductSum | None = None
 
     def __post_init__(self) -> None:
         if not streams(self.method, self.ctx):
             raise ValueError(f"method {self.method.name!r} aggregates a list, not a stream")
         if self.bounded and self.store is None:
             raise ValueError("a bounded round needs a ReplyStore for its second pass")
+        if self.method.stream_residual and self.method.stream_weight == "update_norm":
+            raise ValueError("a streamed residual needs weights fixed per client (examples or uniform), not update norms")
         self._fold = None if self.bounded else _WeightedFold(self.method.stream_weight, self.ctx.r_max, fallback=True)
+        self._products = ProductSum() if self.method.stream_residual else None
 
     @property
     def bounded(self) -> bool:
@@ -103,7 +110,9 @@ class StreamedRound:
                                                       f"not the round's {self._rank}")
             self._rank = rank
         if not self.bounded:
-            self._fold.add(update)
+            weight = self._fold.add(update)
+            if self._products is not None:
+                self._products.add(update.adapter, 1.0, weight)
             return update, None
         norms = UpdateNorms.of(update)
         for value, what in ((norms.b * norms.a, "‖B‖·‖A‖"), (norms.product, "‖ΔW‖")):
@@ -128,7 +137,28 @@ class StreamedRound:
             sc, weight = scales[index], weights[index]
             update = self.store.take(index)
             self._fold.add_scaled(update.adapter, weight, sc)
+            if self._products is not None:
+                self._products.add(update.adapter, sc.b, weight * sc.a)
             del update
+
+    def base_update(self, aggregated: Adapter) -> Adapter | None:
+        """The method's base update from the streamed sums: R = Σ w_k B_k A_k / Σ w_k − B̄ Ā per module (None for a
+        method without one). A module whose products are still stacked gets the list rule's exact factors
+        [B_1 … B_K, B̄] [w_1 A_1; …; w_K A_K; −Ā] (w_k normalised); a dense one gets R itself, in float64 until cast."""
+        if self._products is None or not self.kept:
+            return None
+        total = self._fold.weight
+        out: Adapter = {}
+        for module, b_bar, a_bar in lora_pairs(aggregated):
+            stacked = self._products.factors(module)
+            if stacked is not None:
+                bs, as_ = stacked
+                out[module + B_SUFFIX] = torch.cat([bs, b_bar.float()], dim=1)
+                out[module + A_SUFFIX] = torch.cat([as_ / total, -a_bar.float()], dim=0)
+            else:
+                residual = self._products.dense.pop(module) / total - b_bar.double() @ a_bar.double()
+                out[module + DENSE_SUFFIX] = residual.float()
+        return out
 
 
 def _bounded_weights(rule: str, scales: list[BoundScales], bound: float) -> list[float]:
@@ -152,8 +182,8 @@ class _WeightedFold:
         self.fallback: PaddedSum | None = PaddedSum(r_max) if rule == "update_norm" and fallback else None
         self.fallback_weight = 0.0
 
-    def add(self, update: ClientUpdate) -> None:
-        """One unbounded update with its own weight."""
+    def add(self, update: ClientUpdate) -> float:
+        """One unbounded update with its own weight (returned)."""
         if self.rule == "update_norm":
             norm = update_norm(update.adapter)
             if not math.isfinite(norm):
@@ -164,8 +194,10 @@ class _WeightedFold:
             elif norm > 0.0:
                 self.fallback = None  # some weight is positive: the fallback is never needed
             self.add_weighted(update.adapter, norm)
-        else:
-            self.add_weighted(update.adapter, float(update.num_examples) if self.rule == "examples" else 1.0)
+            return norm
+        weight = float(update.num_examples) if self.rule == "examples" else 1.0
+        self.add_weighted(update.adapter, weight)
+        return weight
 
     def add_scaled(self, adapter: Adapter, weight: float, scales: BoundScales) -> None:
         """A bounded update: B × weight·β and A × weight·α folded in, no scaled copy made."""

@@ -113,7 +113,8 @@ def _streamed(method, ctx, replies, check, min_clients, upload_bytes) -> RoundAg
     with SpillStore() as store:
         streamed = stream_round(method, ctx, replies, check, store, upload_bytes)
         new = streamed.result() if len(streamed.kept) >= min_clients else None
+        base_update = streamed.base_update(new) if new is not None else None
     kept = sorted(streamed.kept, key=lambda u: u.client_id or "")  # reported in client order, as a list round is
     replied = [u.client_id for u in kept] + [c for c, _ in streamed.dropped]
-    return RoundAggregate(new, None, kept, replied, [{"client": c, "reason": r} for c, r in streamed.dropped],
+    return RoundAggregate(new, base_update, kept, replied, [{"client": c, "reason": r} for c, r in streamed.dropped],
                           streamed.bytes_up)
