@@ -153,3 +153,15 @@ def test_the_secret_sample_cannot_be_read_from_bytes_times_or_totals(tmp_path):
         assert row["server_rss_mb"] is None
     assert summary["seconds_total"] is None and summary["visits"] == {}
     assert summary["bytes_up_total"] == pytest.approx(3 * published[0]["bytes_up"])
+
+
+def test_whether_a_dp_round_closed_at_its_deadline_is_not_released():
+    """A deadline under DP: that the round closed there says a sampled client was slow, a fact about the secret
+    sample; the released row withholds it (the count of dropped clients is released, as before)."""
+    from hetlora.server.privacy import ServerPrivacy
+
+    row = {"round": 3, "clients": ["a", "b"], "dropped": [{"client": "c", "reason": "no reply by the round deadline (5 s)"}],
+           "closed_by": "deadline", "asked": 3, "bytes_up": 10, "bytes_down": 20}
+    released = ServerPrivacy.fresh().released(row, (1.0, 2.0))
+    assert released["closed_by"] is None and released["dropped"] == [] and released["dropped_count"] == 1
+    assert "deadline" not in str(released)

@@ -31,8 +31,9 @@ PER_CLIENT_KEYS = ("clients", "dropped", "ranks", "client_ranks_in", "train_loss
 # Values that depend on *which* clients were sampled even without naming one: ranks are public, so a round's
 # bytes are Σ of the sampled ranks' bytes and identify the sample; its time and memory follow the sampled
 # clients' data and ranks. Under DP they are withheld (time, memory) or released as their expectation over
-# the secret sample, the same every round (bytes).
-SAMPLE_DEPENDENT_KEYS = ("seconds", "server_rss_mb", "secure_seconds")
+# the secret sample, the same every round (bytes). Whether a round closed at its deadline follows the sampled
+# clients' speed, so it is withheld too.
+SAMPLE_DEPENDENT_KEYS = ("seconds", "server_rss_mb", "secure_seconds", "closed_by")
 
 
 @dataclass(frozen=True)
