@@ -254,3 +254,25 @@ def test_under_a_delay_model_the_simulated_clock_closes_rounds_not_the_simulatio
                                                          client_delay="fixed:0.1"))
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert len(row["clients"]) == 3 and row["dropped"] == [] and row["closed_by"] == "all replies"
+
+
+def test_a_node_whose_clientapp_fails_is_named_once_by_its_client(tmp_path):
+    """A ClientApp that raises becomes an error reply: the round names the client its node holds, once (it replied,
+    so it is not also named as missing the deadline), and aggregates the others."""
+    class Failing(LoopbackGrid):
+        def deliver(self, message):
+            if message.metadata.message_type == "train" and message.metadata.dst_node_id == 101:
+                from flwr.app import Error
+                from flwr.common.constant import ErrorCode
+
+                return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="boom"), reply_to=message)
+            return super().deliver(message)
+
+    from flwr.app import Message
+
+    grid = Failing(partitions=3, fresh_process=False)
+    cfg = tiny(tmp_path / "run", clients_per_round=3, round_timeout=30.0)
+    serve(grid, cfg)
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert row["dropped"] == [{"client": strategy_client(grid, cfg, 101), "reason": "node error: boom"}]
+    assert len(row["clients"]) == 2 and row["closed_by"] == "all replies"

@@ -194,9 +194,11 @@ class HetLoRAStrategy(Strategy):
 
     def decoded(self, replies: Iterable[Message], failed: list[tuple[str, str]], t: int) -> Iterator[ClientUpdate]:
         """Each reply as a :class:`ClientUpdate`, decoded when it is asked for; a failed or refused reply goes to ``failed``."""
+        client_of = {node: cid for cid, node in self.node_of.items()}
         for reply in replies:
-            if reply.has_error():
-                failed.append((str(reply.metadata.src_node_id), f"node error: {reply.error.reason}"))
+            if reply.has_error():  # named by the client its node holds (the node id if it holds none)
+                node = reply.metadata.src_node_id
+                failed.append((client_of.get(node, str(node)), f"node error: {reply.error.reason}"))
                 continue
             result = reply.content.config_records["result"]
             cid = str(result["client-id"])
