@@ -47,6 +47,7 @@ RUN_OPTIONS: dict[str, tuple[Any, str, str]] = {
     "ranks": (str, "--ranks", "Comma-separated ranks for --rank-dist list"),
     "norm_bound": (str, "--norm-bound", "Norm-inflation bound x, or 'off' (paper-faithful)"),
     "seed": (int, "--seed", "Seed for everything"),
+    "split_seed": (int, "--split-seed", "Seed of the data split and held-out draw alone, the same for runs of any --seed (default: --seed)"),
     "eval_size": (int, "--eval-size", "Held-out examples for perplexity"),
     "max_clients": (int, "--max-clients", "Register only the first N clients (sorted ids)"),
     "client_pool": (int, "--client-pool", "Register N clients drawn by the seed (a fixed pool that comes back)"),

@@ -54,6 +54,7 @@ class RunConfig:
     per_layer: bool = False
     prune: bool | None = None  # None: as the method says (hetlora prunes)
     seed: int = 0
+    split_seed: int | None = None  # the data's train/validation/test split and held-out draw (None: the run's seed; a study fixes one for all seeds)
     out: str = "runs/hetlora"
     eval_size: int = 64  # held-out examples scored after every round
     eval_split: str = "test"  # test | validation (half of the held-out pool each; tune on validation)
@@ -120,6 +121,12 @@ class RunConfig:
         if self.dp_clip is not None:
             return False
         return METHODS[self.method].prunes if self.prune is None else self.prune
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the data's split (train / validation / test, the held-out draw, a file's partition): the
+        run's own seed unless ``split_seed`` fixes one split for runs of many seeds (study v4, issue #44)."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     @property
     def noise_multiplier(self) -> float:
@@ -362,11 +369,11 @@ class RunConfig:
 
     def data_options(self) -> dict[str, Any]:
         """Keyword arguments for :func:`hetlora.data.load_data` from this config."""
-        options: dict[str, Any] = {"max_length": self.max_length, "eval_size": self.eval_size, "seed": self.seed,
+        options: dict[str, Any] = {"max_length": self.max_length, "eval_size": self.eval_size, "seed": self.data_seed,
                                    "min_examples": self.min_examples}
         if self.data != "chitchat" and self.partition:
             scheme, _, n = self.partition.partition(":")
-            options["partition"] = {"scheme": scheme, "num_clients": int(n), "seed": self.seed,
+            options["partition"] = {"scheme": scheme, "num_clients": int(n), "seed": self.data_seed,
                                     "label_column": self.partition_by, "alpha": self.dirichlet_alpha}
         return options
 

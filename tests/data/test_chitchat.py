@@ -117,3 +117,31 @@ def test_a_device_keeps_only_its_own_clients_data_and_the_federations_ids(tiny, 
         device.eval_examples()
     with pytest.raises(ValueError, match="no client 'nobody'"):
         device_view(lambda: whole, lambda ids: ["nobody"])
+
+
+def test_a_fixed_split_seed_keeps_tuning_validation_out_of_every_seeds_test_split(tiny):
+    """Study v4 (issue #44): with ``split_seed`` fixed, runs of any seed hold the same train / validation / test
+    conversations and draw the same held-out examples, so what tuning validates on is in no seed's test split.
+    Without it the split is redrawn per seed, and a tuning run's validation examples are in other seeds' test."""
+    from hetlora.config import RunConfig
+    from hetlora.data import load_data
+
+    _, tok = tiny
+
+    def data(seed, split_seed):
+        return load_data("chitchat", tok, **(RunConfig(seed=seed, split_seed=split_seed, min_examples=20, max_length=48,
+                                                       eval_size=8).data_options()))
+
+    tuning = data(0, 7)
+    validation = set(tuning.heldout("validation"))
+    # the only examples validation shares with test are exchanges word for word in several conversations ("Hi!")
+    within = validation & set(tuning.heldout("test"))
+    assert len(within) < 20
+    for seed in (1, 2):
+        run = data(seed, 7)
+        assert validation & set(run.heldout("test")) == within
+        assert run.test == tuning.test and run.train == tuning.train
+        assert run.heldout("test") == tuning.heldout("test")  # the same examples in the same draw order
+    assert RunConfig(seed=3).data_seed == 3 and RunConfig(seed=3, split_seed=7).data_seed == 7
+    # the default (v3's design) redraws the split per seed: ~10 % of the tuning validation is in seed 1's test
+    assert len(validation & set(data(1, None).heldout("test"))) > 0.05 * len(validation)
