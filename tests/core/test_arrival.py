@@ -45,5 +45,24 @@ def test_over_selection_asks_the_ceiling_of_k_times_one_plus_f_and_never_more_th
 
 def test_replies_arrive_earliest_first_and_the_deadline_cuts_the_late_and_the_silent():
     delays = {"d": 0.5, "b": 2.0, "a": 2.0, "c": 7.0, "e": math.inf}
-    assert arrival_order(list(delays), delays, 5.0) == (["d", "a", "b"], [("c", 7.0), ("e", math.inf)])
-    assert arrival_order(list(delays), delays, None) == (["d", "a", "b", "c"], [("e", math.inf)])
+    in_time, late = arrival_order(list(delays), delays, 5.0)
+    assert in_time[0] == "d" and set(in_time[1:]) == {"a", "b"} and late == [("c", 7.0), ("e", math.inf)]
+    assert arrival_order(list(delays), delays, None)[0][-1] == "c"
+
+
+def test_equal_delays_come_in_a_seeded_order_not_by_id():
+    """Ties (every reply at once, or a fixed delay) are broken per (seed, round): otherwise over-selection would
+    keep the lowest ids every round."""
+    ids = [f"c{i:02d}" for i in range(20)]
+    zero = dict.fromkeys(ids, 0.0)
+    orders = [arrival_order(ids, zero, None, seed=0, round_index=t)[0] for t in range(30)]
+    assert orders[0] == arrival_order(ids, zero, None, seed=0, round_index=0)[0]
+    assert len({o[0] for o in orders}) > 10 and orders[0] != sorted(ids)
+    assert arrival_order(ids, zero, None, seed=1, round_index=0)[0] != orders[0]
+
+
+def test_a_silent_share_leaves_the_other_clients_delays_as_they_were():
+    """The silent draw has its own stream: exp:2 and exp:2,silent=0.3 pair client for client (runs across P compare)."""
+    plain, some_silent = parse_delay("exp:2"), parse_delay("exp:2,silent=0.3")
+    pairs = [(plain.delay(0, 1, f"c{i}"), some_silent.delay(0, 1, f"c{i}")) for i in range(200)]
+    assert all(b == a for a, b in pairs if math.isfinite(b)) and sum(math.isinf(b) for _, b in pairs) > 30

@@ -67,7 +67,7 @@ def test_a_round_closes_at_its_deadline_with_the_others_aggregate(tmp_path, ids)
     (row,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert row["clients"] == sorted([ids[0], ids[3]]) and row["aggregated"] and row["asked"] == 4
     assert {d["client"]: d["reason"] for d in row["dropped"]} == {
-        ids[1]: "no reply by the round deadline (simulated delay 9.00 s > 5.0 s)",
+        ids[1]: "no reply by the round deadline (simulated delay 9.00 s > 5 s)",
         ids[2]: "never replied (a silent client in the simulated delay model)"}
     assert row["closed_by"] == "deadline"
 
@@ -95,3 +95,37 @@ def test_without_a_delay_model_or_over_selection_a_round_takes_every_sampled_cli
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert sorted(fed.trained) == row["clients"] == fed.sample(0) and len(row["clients"]) == 3
     assert row["closed_by"] == "all replies" and row["dropped"] == []
+
+
+def test_over_selection_without_a_delay_model_does_not_favour_the_lowest_ids(tmp_path, ids):
+    """All four asked reply at once (no delay model); the round takes 2. Which two must come from a seeded order per
+    round, not the sorted ids: over 12 rounds every client is taken, the highest id as well as the lowest."""
+    fed = Federation(tiny(tmp_path / "run", clients_per_round=2, over_select=1.0))
+    first = [fed.open_round(t).order[:2] for t in range(12)]
+    assert all(len(set(o)) == 2 for o in first)
+    taken = [c for o in first for c in o]
+    assert {ids[0], ids[3]} <= set(taken) and taken.count(ids[0]) < 12
+    assert fed.open_round(3).order == fed.open_round(3).order  # seeded: the same round, the same order
+
+
+def test_a_reply_whose_product_overflows_does_not_count_toward_k(tmp_path, ids):
+    """Finite factors whose ‖B‖·‖A‖ overflows would pass the per-reply checks and then be dropped by the rule:
+    it must not take one of the round's K places (the round would aggregate one client while a valid reply waited)."""
+    table = {ids[0]: 1.0, ids[1]: 2.0, ids[2]: 3.0, ids[3]: 4.0}
+    cfg = tiny(tmp_path / "run", clients_per_round=2, over_select=1.0, client_delay=delays(tmp_path, table),
+               norm_bound=None)
+
+    class Overflowing(Watched):
+        def train(self, jobs):
+            updates = super().train(jobs)
+            for u in updates:
+                if u.client_id == ids[0]:
+                    for key in u.adapter:  # finite float64 factors whose ‖B‖·‖A‖ overflows even in float64
+                        u.adapter[key] = torch.full_like(u.adapter[key], 1e200, dtype=torch.float64)
+            return updates
+
+    fed = Overflowing(cfg)
+    run(cfg, progress=False, federation=fed)
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert row["clients"] == [ids[1], ids[2]] and fed.trained == [ids[0], ids[1], ids[2]]
+    assert "is not finite" in {d["client"]: d["reason"] for d in row["dropped"]}[ids[0]]

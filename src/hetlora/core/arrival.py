@@ -36,9 +36,9 @@ class DelayModel:
     def delay(self, seed: int, round_index: int, client_id: str) -> float:
         if self.kind == "table":
             return self.table.get(client_id, 0.0)
+        if self.silent and random.Random(f"silent:{seed}:{round_index}:{client_id}").random() < self.silent:
+            return math.inf  # its own stream: the same delays for the clients that reply, whatever P
         rng = random.Random(f"delay:{seed}:{round_index}:{client_id}")
-        if self.silent and rng.random() < self.silent:
-            return math.inf
         if self.kind == "fixed":
             return self.params[0]
         if self.kind == "exp":
@@ -89,12 +89,16 @@ def asked_count(k: int, over_select: float, registered: int) -> int:
     return min(registered, math.ceil(round(k * (1.0 + over_select), 9)))
 
 
-def arrival_order(clients: Sequence[str], delays: Mapping[str, float], deadline: float | None
-                  ) -> tuple[list[str], list[tuple[str, float]]]:
-    """The clients whose replies come in time, earliest first (ties by id), and ``(client, delay)`` for those
-    whose reply would come after ``deadline`` seconds (never, with no deadline and an infinite delay: a round
-    without a deadline waits for every reply that will come)."""
-    ordered = sorted(clients, key=lambda c: (delays[c], c))
+def arrival_order(clients: Sequence[str], delays: Mapping[str, float], deadline: float | None, seed: int = 0,
+                  round_index: int = 0) -> tuple[list[str], list[tuple[str, float]]]:
+    """The clients whose replies come in time, earliest first, and ``(client, delay)`` for those whose reply would
+    come after ``deadline`` seconds (never, with no deadline and an infinite delay: a round without a deadline
+    waits for every reply that will come). Equal delays come in a seeded random order per (seed, round), never by
+    id: over-selection would otherwise always keep the lowest ids."""
+    def tie(c: str) -> float:
+        return random.Random(f"arrival:{seed}:{round_index}:{c}").random()
+
+    ordered = sorted(clients, key=lambda c: (delays[c], tie(c), c))
     limit = math.inf if deadline is None else deadline
     in_time = [c for c in ordered if delays[c] <= limit and math.isfinite(delays[c])]
     taken = set(in_time)

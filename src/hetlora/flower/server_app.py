@@ -144,6 +144,8 @@ class HetLoRAStrategy(Strategy):
         """The round's opening among the clients a node holds; what every asked client is sent is accounted here
         (its rank, its download), whether or not its message is ever pushed."""
         self.opening = self.fed.open_round(t, reachable=self.node_of)
+        if self.fed.delays is None:  # the real clock closes the round: its deadline is the one named
+            self.opening.deadline = self.timeout
         self.sent = {cid: self.fed.ranks[cid] for cid in self.opening.asked}
         self.bytes_down = sum(self.fed.download_bytes(self.fed.job(cid, t)) for cid in self.opening.asked)
         return self.opening

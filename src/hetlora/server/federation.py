@@ -56,14 +56,14 @@ class RoundOpening:
     def late_failures(self) -> list[tuple[str, str]]:
         """A simulated late or silent client, named with its delay."""
         return [(c, "never replied (a silent client in the simulated delay model)" if math.isinf(d) else
-                 f"no reply by the round deadline (simulated delay {d:.2f} s > {self.deadline} s)") for c, d in self.late]
+                 f"no reply by the round deadline (simulated delay {d:.2f} s > {self.deadline:g} s)") for c, d in self.late]
 
     def unheard(self, replied: Collection[str | None], failed: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
         """The asked clients the round closed without: over-selected ones it no longer needed, or those that missed
         the deadline."""
         known = set(replied) | {c for c, _ in failed}
         reason = (f"over-selected: the round closed with its {self.close.wanted} valid replies before this one was taken"
-                  if self.close.full else f"no reply by the round deadline ({self.deadline} s)")
+                  if self.close.full else f"no reply by the round deadline ({self.deadline or 0:g} s)")
         return [{"client": c, "reason": reason} for c in self.order if c not in known]
 
 
@@ -141,11 +141,12 @@ class Federation:
         """The round's sample in the order its replies will come (simulated delays; else the sample's order) and
         how it closes; ``reachable``: the clients an engine can send to (Flower: those with a node)."""
         sampled = [c for c in self.sample(round_index) if reachable is None or c in reachable]
-        if self.delays is None:
-            order, late = sampled, []
-        else:
-            delays = {c: self.delays.delay(self.cfg.seed, round_index, c) for c in sampled}
-            order, late = arrival_order(sampled, delays, self.cfg.round_timeout)
+        if self.delays is None and not self.cfg.over_select:
+            order, late = sampled, []  # every reply is taken: the order does not matter
+        else:  # simulated reply times, or all at once (0 s) in a seeded order: which K come first must not be the lowest ids
+            model = self.delays
+            delays = {c: model.delay(self.cfg.seed, round_index, c) if model else 0.0 for c in sampled}
+            order, late = arrival_order(sampled, delays, self.cfg.round_timeout, self.cfg.seed, round_index)
         close = RoundClose(self.cfg.clients_per_round if self.cfg.over_select else None)
         return RoundOpening(round_index, order, late, close, self.cfg.round_timeout)
 

@@ -301,7 +301,7 @@ def local_round(fed: Federation, t: int, progress: Progress, hook: RoundHook | N
     bytes_down = sum(fed.download_bytes(fed.job(cid, t)) for cid in opening.asked)  # every asked client downloads
     failed = opening.late_failures()  # filled further while the updates are taken
     updates = _trained(fed, t, opening.order, failed, progress, opening.close)
-    if hook is not None:
+    if hook is not None:  # a test's hook sees the whole list: under over-selection every asked client then trains
         updates = hook(t, list(updates))
     return fed.complete_round(t, updates, failed, opening) | {"bytes_down": bytes_down}
 
@@ -315,15 +315,17 @@ def _trained(fed: Federation, t: int, clients: list[str], failed: list[tuple[str
         k = min(fed.parallel_clients, close.missing or fed.parallel_clients)
         chunk, pending = [fed.job(cid, t) for cid in pending[:k]], pending[k:]
         try:
-            yield from fed.train(chunk)
-        except Exception:
-            for job in chunk:
-                try:
-                    yield from fed.train([job])
-                except Exception as err:
-                    log.exception("client %s failed", job.client_id)
-                    failed.append((job.client_id, f"client failed: {err.__class__.__name__}: {err}"))
-        progress.client_done(len(chunk))
+            try:
+                yield from fed.train(chunk)
+            except Exception:
+                for job in chunk:
+                    try:
+                        yield from fed.train([job])
+                    except Exception as err:
+                        log.exception("client %s failed", job.client_id)
+                        failed.append((job.client_id, f"client failed: {err.__class__.__name__}: {err}"))
+        finally:  # also when the round stops reading (it has its K)
+            progress.client_done(len(chunk))
 
 
 RoundFn = Callable[[Federation, int, Progress, "RoundHook | None"], dict[str, Any]]
