@@ -62,16 +62,17 @@ def aggregate_replies(method: AggregationMethod, ctx: AggregationContext, replie
     ``close`` with ``wanted`` set: replies are taken until that many valid ones are in, the rest left unread."""
     check = _one_check(method, ctx, assigned_ranks, exact_rank)
     refused: list[dict] = []
-    if close is not None and close.wanted is not None:
+    checked = close is not None and close.wanted is not None  # then each reply is validated as it is taken
+    if checked:
         replies = _first_valid(replies, check, close, refused)
     if stream and streams(method, ctx):
-        done = _streamed(method, ctx, replies, check, min_clients, upload_bytes)
+        done = _streamed(method, ctx, replies, (lambda u: u) if checked else check, min_clients, upload_bytes)
         done.dropped[:0] = refused
         done.replied += [d["client"] for d in refused]
         return done
     replies = sorted(replies, key=lambda u: u.client_id or "")  # the aggregate does not depend on arrival order
-    kept, dropped_updates = method.split_valid(replies, ctx, assigned_ranks=assigned_ranks, round_index=ctx.round_index,
-                                               exact_rank=exact_rank)
+    kept, dropped_updates = (list(replies), []) if checked else method.split_valid(
+        replies, ctx, assigned_ranks=assigned_ranks, round_index=ctx.round_index, exact_rank=exact_rank)
     dropped = [{"client": c, "reason": r} for c, r in dropped_updates]
     new, base_update, kept = aggregate_dropping(method, kept, ctx, min_clients, dropped)
     return RoundAggregate(new, base_update, kept, [u.client_id for u in replies] + [d["client"] for d in refused],
@@ -91,8 +92,8 @@ def _one_check(method, ctx, assigned_ranks, exact_rank) -> Callable[[ClientUpdat
 
 
 def _first_valid(replies: Iterable[ClientUpdate], check, close: RoundClose, refused: list[dict]) -> Iterator[ClientUpdate]:
-    """The replies until ``close.wanted`` valid ones are taken (an invalid one goes to ``refused`` and does not
-    count); the stream is not read past the last one taken."""
+    """The replies until ``close.wanted`` valid ones are taken, each validated here (an invalid one goes to
+    ``refused`` and does not count); the stream is not read past the last one taken."""
     seen: set[str] = set()
     if close.full:
         return
@@ -100,7 +101,7 @@ def _first_valid(replies: Iterable[ClientUpdate], check, close: RoundClose, refu
         try:
             if update.client_id is not None and update.client_id in seen:
                 raise InvalidUpdate(update.client_id, DUPLICATE)
-            check(update)
+            update = check(update)  # the checked update (its example count an int), validated here once
             _finite_norms(update)
         except InvalidUpdate as err:
             refused.append({"client": err.client, "reason": err.problem})
