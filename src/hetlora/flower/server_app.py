@@ -49,6 +49,7 @@ class HetLoRAStrategy(Strategy):
         self.refused: list[dict[str, Any]] = []  # claims refused at discovery (node, client, reason)
         self.sent: dict[str, int] = {}  # client id -> the rank sent to it this round
         self.opening = None  # this round's RoundOpening (who is asked, how the round closes)
+        self._jobs: dict = {}  # this round's jobs not yet sent (client id -> Job)
         self.last_row: dict[str, Any] = {}
         self.bytes_down = 0
         # the fixed bound every secure client applies (mandatory; public): the config's, else from the initial global
@@ -147,7 +148,9 @@ class HetLoRAStrategy(Strategy):
         if self.fed.delays is None:  # the real clock closes the round: its deadline is the one named
             self.opening.deadline = self.timeout
         self.sent = {cid: self.fed.ranks[cid] for cid in self.opening.asked}
-        self.bytes_down = sum(self.fed.download_bytes(self.fed.job(cid, t)) for cid in self.opening.asked)
+        self._jobs = {cid: self.fed.job(cid, t) for cid in self.opening.order}  # made once: counted here, sent later
+        self.bytes_down = (sum(map(self.fed.download_bytes, self._jobs.values()))
+                           + sum(self.fed.download_bytes(self.fed.job(c, t)) for c, _ in self.opening.late))
         return self.opening
 
     def messages(self, clients: Iterable[str]) -> list[Message]:
@@ -156,7 +159,7 @@ class HetLoRAStrategy(Strategy):
         run_config = ConfigRecord({"hetlora-config": encode_config(self.fed.cfg)})
         messages = []
         for cid in clients:
-            job = self.fed.job(cid, t)
+            job = self._jobs.pop(cid, None) or self.fed.job(cid, t)
             records = {
                 "adapter": to_array_record(job.payload),
                 "task": ConfigRecord({"client-id": cid, "rank": job.rank, "round": t, "base-version": job.base_version}),

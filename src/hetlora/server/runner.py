@@ -298,22 +298,23 @@ def local_round(fed: Federation, t: int, progress: Progress, hook: RoundHook | N
     them in as they come; §7.2); under over-selection no more clients train than the round can still take (§7.3)."""
     opening = fed.open_round(t)
     progress.round_started(t, len(opening.asked))
-    bytes_down = sum(fed.download_bytes(fed.job(cid, t)) for cid in opening.asked)  # every asked client downloads
+    jobs = {cid: fed.job(cid, t) for cid in opening.order}  # each payload made once: counted here, trained below
+    bytes_down = sum(map(fed.download_bytes, jobs.values())) + sum(fed.download_bytes(fed.job(c, t)) for c, _ in opening.late)
     failed = opening.late_failures()  # filled further while the updates are taken
-    updates = _trained(fed, t, opening.order, failed, progress, opening.close)
+    updates = _trained(fed, jobs, failed, progress, opening.close)
     if hook is not None:  # a test's hook sees the whole list: under over-selection every asked client then trains
         updates = hook(t, list(updates))
     return fed.complete_round(t, updates, failed, opening) | {"bytes_down": bytes_down}
 
 
-def _trained(fed: Federation, t: int, clients: list[str], failed: list[tuple[str, str]], progress: Progress, close):
-    """Chunks of ``fed.parallel_clients`` clients trained together (no more than ``close`` still wants), each
-    chunk's updates yielded; a chunk that crashes is trained one by one, so only a crashing client is dropped
-    (into ``failed``) and the round goes on."""
-    pending = list(clients)
+def _trained(fed: Federation, jobs: dict, failed: list[tuple[str, str]], progress: Progress, close):
+    """Chunks of ``fed.parallel_clients`` jobs (in reply order) trained together, no more than ``close`` still
+    wants, each chunk's updates yielded; a chunk that crashes is trained one by one, so only a crashing client is
+    dropped (into ``failed``) and the round goes on."""
+    pending = list(jobs.values())
     while pending and not close.full:
         k = min(fed.parallel_clients, close.missing or fed.parallel_clients)
-        chunk, pending = [fed.job(cid, t) for cid in pending[:k]], pending[k:]
+        chunk, pending = pending[:k], pending[k:]
         try:
             try:
                 yield from fed.train(chunk)
