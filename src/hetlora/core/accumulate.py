@@ -160,12 +160,18 @@ def _weight_of(weight: float | Mapping[str, float], module: str) -> float:
 class ProductSum:
     """Σ_k w_k B_k A_k per module, one update at a time, in the cheaper exact form (docs/algorithm.md §7.2):
     the stacked factors [B_1 … B_K] and [w_1 A_1; …; w_K A_K] while they hold fewer numbers than the out × in
-    matrix, the float64 matrix from then on. What FedEx-LoRA's residual needs, with memory min(K r̄ (out + in),
-    2 out·in) per module whatever the round's K."""
+    matrix, the matrix from then on. What FedEx-LoRA's residual needs, with memory min(K r̄ (out + in), out·in)
+    fp32 numbers per module whatever the round's K: the size of the residual the round sends anyway.
+
+    The matrix is fp32, not float64 like :class:`PaddedSum`: it is the size of every adapted weight of the model
+    (425 MB for SmolLM2), and in float64 it was the largest thing a server held (1.6 GB at 64 clients, against
+    0.8 GB at 4; ``benchmarks/server_scale.py``). Each client's product is formed exactly (in float64, one module at
+    a time) and added in fp32: the sum stays within √K fp32 roundings of its largest entry (tested against float64 at
+    K = 256), the precision of the fp32 base weights it is folded into."""
 
     def __init__(self) -> None:
         self.stacked: dict[str, tuple[list[Tensor], list[Tensor]]] = {}  # module -> ([B_k], [w_k A_k]) in fp32
-        self.dense: dict[str, Tensor] = {}  # module -> Σ w_k B_k A_k in float64
+        self.dense: dict[str, Tensor] = {}  # module -> Σ w_k B_k A_k in fp32
 
     def add(self, adapter: Mapping[str, Tensor], b_weight: float = 1.0, a_weight: float = 1.0) -> None:
         """Fold in one update's B_k A_k × b_weight · a_weight (a bounded update's scales: B × β, A × w·α)."""
@@ -173,16 +179,15 @@ class ProductSum:
 
         with torch.no_grad():
             for module, b, a in lora_pairs(adapter):
-                b, a = b.float() * b_weight, a.float() * a_weight
                 if module in self.dense:
-                    self.dense[module].addmm_(b.double(), a.double())
+                    self.dense[module].add_(b.double() @ a.double(), alpha=b_weight * a_weight)
                     continue
                 bs, as_ = self.stacked.setdefault(module, ([], []))
-                bs.append(b)
-                as_.append(a)
+                bs.append(b.float() * b_weight)
+                as_.append(a.float() * a_weight)
                 rank, (out_f, in_f) = sum(x.shape[1] for x in bs), (b.shape[0], a.shape[1])
                 if rank * (out_f + in_f) >= out_f * in_f:  # the matrix is smaller from here on
-                    self.dense[module] = torch.cat(bs, dim=1).double() @ torch.cat(as_, dim=0).double()
+                    self.dense[module] = (torch.cat(bs, dim=1).double() @ torch.cat(as_, dim=0).double()).float()
                     del self.stacked[module]
 
     def factors(self, module: str) -> tuple[Tensor, Tensor] | None:
