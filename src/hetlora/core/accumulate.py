@@ -165,9 +165,9 @@ class ProductSum:
 
     The matrix is fp32, not float64 like :class:`PaddedSum`: it is the size of every adapted weight of the model
     (425 MB for SmolLM2), and in float64 it was the largest thing a server held (1.6 GB at 64 clients, against
-    0.8 GB at 4; ``benchmarks/server_scale.py``). Each client's product is formed exactly (in float64, one module at
-    a time) and added in fp32: the sum stays within √K fp32 roundings of its largest entry (tested against float64 at
-    K = 256), the precision of the fp32 base weights it is folded into."""
+    0.8 GB at 4; ``benchmarks/server_scale.py``). Each client's product is added in place (an fp32 ``addmm``, which
+    allocates nothing per client): the sum stays within √K fp32 roundings of its largest entry (tested against float64
+    at K = 256), the precision of the fp32 base weights it is folded into."""
 
     def __init__(self) -> None:
         self.stacked: dict[str, tuple[list[Tensor], list[Tensor]]] = {}  # module -> ([B_k], [w_k A_k]) in fp32
@@ -179,15 +179,15 @@ class ProductSum:
 
         with torch.no_grad():
             for module, b, a in lora_pairs(adapter):
-                if module in self.dense:
-                    self.dense[module].add_(b.double() @ a.double(), alpha=b_weight * a_weight)
+                if module in self.dense:  # in place: no out × in temporary per client
+                    self.dense[module].addmm_(b.float(), a.float(), alpha=b_weight * a_weight)
                     continue
                 bs, as_ = self.stacked.setdefault(module, ([], []))
                 bs.append(b.float() * b_weight)
                 as_.append(a.float() * a_weight)
                 rank, (out_f, in_f) = sum(x.shape[1] for x in bs), (b.shape[0], a.shape[1])
                 if rank * (out_f + in_f) >= out_f * in_f:  # the matrix is smaller from here on
-                    self.dense[module] = (torch.cat(bs, dim=1).double() @ torch.cat(as_, dim=0).double()).float()
+                    self.dense[module] = torch.cat(bs, dim=1) @ torch.cat(as_, dim=0)
                     del self.stacked[module]
 
     def factors(self, module: str) -> tuple[Tensor, Tensor] | None:

@@ -144,8 +144,8 @@ class StreamedRound:
     def base_update(self, aggregated: Adapter) -> Adapter | None:
         """The method's base update from the streamed sums: R = Σ w_k B_k A_k / Σ w_k − B̄ Ā per module (None for a
         method without one). A module whose products are still stacked gets the list rule's exact factors
-        [B_1 … B_K, B̄] [w_1 A_1; …; w_K A_K; −Ā] (w_k normalised); a dense one gets R itself, formed in float64 one
-        module at a time and written over the fp32 sum it came from (no second matrix of the model's size)."""
+        [B_1 … B_K, B̄] [w_1 A_1; …; w_K A_K; −Ā] (w_k normalised); a dense one gets R itself, written over the fp32
+        sum it came from (no second matrix of the model's size)."""
         if self._products is None or not self.kept:
             return None
         total = self._fold.weight
@@ -157,8 +157,7 @@ class StreamedRound:
                 out[module + B_SUFFIX] = torch.cat([bs, b_bar.float()], dim=1)
                 out[module + A_SUFFIX] = torch.cat([as_ / total, -a_bar.float()], dim=0)
             else:
-                summed = self._products.dense.pop(module)
-                out[module + DENSE_SUFFIX] = summed.copy_(summed.double() / total - b_bar.double() @ a_bar.double())
+                out[module + DENSE_SUFFIX] = self._products.dense.pop(module).div_(total).addmm_(b_bar.float(), a_bar.float(), alpha=-1.0)
         return out
 
 
