@@ -189,6 +189,17 @@ class ProductSum:
                 if rank * (out_f + in_f) >= out_f * in_f:  # the matrix is smaller from here on
                     self.dense[module] = _summed_products(*self.stacked.pop(module), out_f, in_f)
 
+    def residual_factors(self, module: str, b_bar: Tensor, a_bar: Tensor, total: float) -> tuple[Tensor, Tensor]:
+        """[B_1 … B_K, B̄], [w_1 A_1; …; w_K A_K; −Ā] with the w_k divided by ``total``, taking the module's stacked
+        factors out of the sum (one copy of them at a time, not three)."""
+        bs, as_ = self.stacked.pop(module)
+        b = torch.cat(bs + [b_bar.float()], dim=1)
+        bs.clear()
+        a = torch.cat(as_ + [-a_bar.float()], dim=0)
+        as_.clear()
+        a[: a.shape[0] - a_bar.shape[0]].div_(total)
+        return b, a
+
     def factors(self, module: str) -> tuple[Tensor, Tensor] | None:
         """[B_1 … B_K], [w_1 A_1; …; w_K A_K] of a module still stacked (None once it is dense)."""
         if module not in self.stacked:

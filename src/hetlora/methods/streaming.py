@@ -151,11 +151,8 @@ class StreamedRound:
         total = self._fold.weight
         out: Adapter = {}
         for module, b_bar, a_bar in lora_pairs(aggregated):
-            stacked = self._products.factors(module)
-            if stacked is not None:
-                bs, as_ = stacked
-                out[module + B_SUFFIX] = torch.cat([bs, b_bar.float()], dim=1)
-                out[module + A_SUFFIX] = torch.cat([as_ / total, -a_bar.float()], dim=0)
+            if module in self._products.stacked:
+                out[module + B_SUFFIX], out[module + A_SUFFIX] = self._products.residual_factors(module, b_bar, a_bar, total)
             else:
                 out[module + DENSE_SUFFIX] = self._products.dense.pop(module).div_(total).addmm_(b_bar.float(), a_bar.float(), alpha=-1.0)
         return out
