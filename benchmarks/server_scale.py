@@ -153,10 +153,13 @@ def main() -> None:
     bound = args.bound or None
     rows = []
 
+    provenance = environment("cpu")  # once, before the first write: a tracked result file rewritten after a row would
+    # make every later row's tree look locally changed ("-dirty")
+
     def write() -> None:  # after every row: a long run keeps what it measured
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"provenance": environment("cpu"), "r_max": R_MAX, "ranks": [R_MIN, R_MAX], "bound": bound,
+            args.json.write_text(json.dumps({"provenance": provenance, "r_max": R_MAX, "ranks": [R_MIN, R_MAX], "bound": bound,
                                              "layers": layers, "memory_limit_gb": MEMORY_LIMIT_GB, "rows": rows,
                                              "goals": goals([r for r in rows if "failed" not in r])}, indent=1))
 

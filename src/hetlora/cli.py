@@ -46,6 +46,7 @@ RUN_OPTIONS: dict[str, tuple[Any, str, str]] = {
     "rank_dist": (str, "--rank-dist", "uniform | tiers | list | fixed"),
     "ranks": (str, "--ranks", "Comma-separated ranks for --rank-dist list"),
     "norm_bound": (str, "--norm-bound", "Norm-inflation bound x, or 'off' (paper-faithful)"),
+    "florist_energy": (float, "--florist-energy", "florist: each module keeps the fewest singular components holding this share of Σσ² (the paper's τ)"),
     "seed": (int, "--seed", "Seed for everything"),
     "split_seed": (int, "--split-seed", "Seed of the data split and held-out draw alone, the same for runs of any --seed (default: --seed)"),
     "eval_size": (int, "--eval-size", "Held-out examples for perplexity"),

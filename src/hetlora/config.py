@@ -52,6 +52,7 @@ class RunConfig:
     ranks: list[int] = field(default_factory=list)  # for rank_dist = "list"
     norm_bound: float | None = 1.5
     per_layer: bool = False
+    florist_energy: float = 0.9  # florist: each module keeps the fewest singular components holding this share of the energy (τ)
     prune: bool | None = None  # None: as the method says (hetlora prunes)
     seed: int = 0
     split_seed: int | None = None  # the data's train/validation/test split and held-out draw (None: the run's seed; a study fixes one for all seeds)
@@ -272,6 +273,8 @@ class RunConfig:
             problems.append(f"norm_bound must be positive or off, got {self.norm_bound}")
         if not self.lora_scale > 0:
             problems.append(f"lora_scale must be positive, got {self.lora_scale}")
+        if not 0 < self.florist_energy <= 1:
+            problems.append(f"florist_energy must be in (0, 1], got {self.florist_energy}")
         return problems
 
     def _run_problems(self) -> list[str]:

@@ -91,7 +91,7 @@ def get_kind_has_adapter(cfg):
     return get_kind(get_method(cfg.method).client_kind).has_adapter
 
 
-@pytest.mark.parametrize("method", ["fedex-lora", "flora"])
+@pytest.mark.parametrize("method", ["fedex-lora", "flora", "florist"])
 def test_the_merged_export_is_the_model_the_run_evaluated(tmp_path, method):
     """fedex-lora folds its residual into the base weights and flora all of its update: the merged export must
     fold the base delta too (the adapter alone is another model), and a GGUF adapter is refused with the reason."""

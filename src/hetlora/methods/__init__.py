@@ -20,6 +20,7 @@ from .ffa import FFALoRA
 from .fft import FullFineTuning
 from .flexlora import FlexLoRA
 from .flora import FLoRA
+from .florist import FLoRIST
 from .hetlora import HetLoRA
 from .fslora import FSLoRA
 from .hetlora_keep import HetLoRAKeep
@@ -48,6 +49,7 @@ METHODS: dict[str, AggregationMethod] = {
         HetLoRASVD(),
         HetLoRARevive(),
         HetLoRASVDRevive(),
+        FLoRIST(),
     )
 }
 

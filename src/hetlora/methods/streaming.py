@@ -22,8 +22,6 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Protocol
 
-import torch
-
 from ..core.accumulate import PaddedSum, ProductSum
 from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter, ClientUpdate, adapter_rank, lora_pairs, update_norm
 from ..core.base_delta import DENSE_SUFFIX

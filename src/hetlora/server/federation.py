@@ -178,7 +178,10 @@ class Federation:
         return streams(self.method, AggregationContext(r_max=self.cfg.global_rank, options=self._options()))
 
     def _options(self) -> dict[str, Any]:
-        return {"per_layer": True} if self.cfg.per_layer and "per_layer" in self.method.options else {}
+        options: dict[str, Any] = {"per_layer": True} if self.cfg.per_layer and "per_layer" in self.method.options else {}
+        if "energy" in self.method.options:
+            options["energy"] = self.cfg.florist_energy
+        return options
 
     def complete_round(self, round_index: int, updates: Iterable[ClientUpdate], failed: Sequence[tuple[str, str]] = (),
                        opening: RoundOpening | None = None) -> dict[str, Any]:
