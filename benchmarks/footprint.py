@@ -264,7 +264,7 @@ def main() -> None:
             for r in (args.ranks if e == "clientapp" else [median])]
     plan += [] if args.no_fft else [("in-process", "fft", 0, pr, c, False) for pr in precisions for c in ckpts]
     if args.release_rows:  # --release-memory (the fixed mmap threshold) on the device default, and FFT's
-        plan += [("clientapp", "lora", r, pr, True, True) for pr in precisions for r in (min(args.ranks), max(args.ranks))]
+        plan += [("clientapp", "lora", r, pr, True, True) for pr in precisions for r in dict.fromkeys((min(args.ranks), max(args.ranks)))]
         plan += [] if args.no_fft else [("in-process", "fft", 0, pr, True, True) for pr in precisions]
     plan = [(m, b, *step) for m in args.models for b in args.bases for step in plan if not (b == "gguf" and step[1] == "fft")]
     for model, base, engine, kind, rank, precision, ckpt, release in plan:
