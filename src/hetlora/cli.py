@@ -50,6 +50,8 @@ RUN_OPTIONS: dict[str, tuple[Any, str, str]] = {
     "seed": (int, "--seed", "Seed for everything"),
     "split_seed": (int, "--split-seed", "Seed of the data split and held-out draw alone, the same for runs of any --seed (default: --seed)"),
     "eval_size": (int, "--eval-size", "Held-out examples for perplexity"),
+    "rouge_size": (int, "--rouge-size", "After the last round: ROUGE-L of the global model's greedy responses to this many held-out prompts (the paper's second metric; needs the server extra's rouge-score)"),
+    "rouge_max_tokens": (int, "--rouge-max-tokens", "The longest greedy response ROUGE-L scores (tokens)"),
     "max_clients": (int, "--max-clients", "Register only the first N clients (sorted ids)"),
     "client_pool": (int, "--client-pool", "Register N clients drawn by the seed (a fixed pool that comes back)"),
     "min_examples": (int, "--min-examples", "Drop clients with fewer training examples"),

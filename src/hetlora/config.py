@@ -60,6 +60,8 @@ class RunConfig:
     eval_size: int = 64  # held-out examples scored after every round
     eval_split: str = "test"  # test | validation (half of the held-out pool each; tune on validation)
     final_eval_size: int | None = None  # also score this many examples of eval_split after the last round
+    rouge_size: int | None = None  # after the last round, ROUGE-L of greedy responses to this many held-out prompts of eval_split
+    rouge_max_tokens: int = 48  # the longest greedy response (tokens) ROUGE-L scores
     eval_batch_size: int = 16
     tier_eval: str = "final"  # final | every | off
     tiers: list[int] = field(default_factory=list)  # rank tiers to evaluate truncations at (empty: chosen from the ranks)
@@ -282,6 +284,10 @@ class RunConfig:
         problems = []
         if self.eval_split not in ("test", "validation"):
             problems.append(f"eval_split must be test or validation, got {self.eval_split!r}")
+        if self.rouge_size is not None and self.rouge_size < 1:
+            problems.append(f"rouge_size must be ≥ 1 (or off), got {self.rouge_size}")
+        if self.rouge_max_tokens < 1:
+            problems.append(f"rouge_max_tokens must be ≥ 1, got {self.rouge_max_tokens}")
         if self.final_eval_size is not None and self.final_eval_size < 1:
             problems.append(f"final_eval_size must be ≥ 1 (or off), got {self.final_eval_size}")
         if self.sampling not in ("uniform", "cyclic"):

@@ -57,7 +57,8 @@ def test_a_lean_device_holds_only_its_partitions_data_and_swaps_data_not_model(t
 
 
 #: the import names of the ``server`` extra's distributions (pyproject.toml): what a device install lacks
-SERVER_ONLY = {"flwr[simulation]": "ray", "matplotlib": "matplotlib", "dp-accounting": "dp_accounting", "scipy": "scipy"}
+SERVER_ONLY = {"flwr[simulation]": "ray", "matplotlib": "matplotlib", "dp-accounting": "dp_accounting", "scipy": "scipy",
+               "rouge-score": "rouge_score"}
 
 DEVICE_INSTALL = """
 import importlib.abc, importlib.util, json, sys

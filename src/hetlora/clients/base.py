@@ -15,7 +15,7 @@ and its name as ``client_kind`` of a method (docs/algorithm.md §8).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from torch import Tensor
 
@@ -26,6 +26,14 @@ from .job import Job, State
 
 if TYPE_CHECKING:
     from ..device.host import ClientHost
+
+#: what an evaluation measures of the global model once a kind has set it up on the host: (host, examples) -> value
+Measure = Callable[["ClientHost", Any], Any]
+
+
+def held_out_loss(host: "ClientHost", examples=None) -> float:
+    """The default measure: the mean target-token loss (the run's evaluation set when ``examples`` is None)."""
+    return host.evaluate_loss(examples=examples)
 
 
 class ClientKind:
@@ -54,8 +62,10 @@ class ClientKind:
         """How many numbers a client at ``rank`` trains."""
         raise NotImplementedError
 
-    def evaluate(self, state: State, host: "ClientHost", ranks: Sequence[int], base_version: int, examples=None) -> dict[int, float]:
-        """Held-out loss of the global model (at each rank, for kinds with rank tiers)."""
+    def evaluate(self, state: State, host: "ClientHost", ranks: Sequence[int], base_version: int, examples=None,
+                 measure: Measure | None = None) -> dict[int, Any]:
+        """Held-out loss of the global model (at each rank, for kinds with rank tiers); ``measure(host, examples)``
+        measures something else of the model so set up (:func:`held_out_loss` by default; greedy responses for ROUGE-L)."""
         raise NotImplementedError
 
     def download_bytes(self, job: Job) -> int:

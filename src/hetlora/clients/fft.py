@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -12,7 +12,7 @@ from ..core.adapter import ClientUpdate, num_parameters
 from ..core.validation import LayerShapes
 from ..device.memory import peak_rss_mb
 from ..device.training import client_seed, optimise
-from .base import ClientKind
+from .base import ClientKind, Measure, held_out_loss
 from .job import Job, State
 
 if TYPE_CHECKING:
@@ -46,9 +46,10 @@ class FFTClient(ClientKind):
     def trainable_params(self, shapes: LayerShapes, rank: int, state: State) -> int:
         return num_parameters(state["global"])
 
-    def evaluate(self, state: State, host: "ClientHost", ranks: Sequence[int], base_version: int, examples=None) -> dict[int, float]:
+    def evaluate(self, state: State, host: "ClientHost", ranks: Sequence[int], base_version: int, examples=None,
+                 measure: Measure | None = None) -> dict[int, Any]:
         load_weights(host.model, state["global"])
-        return {0: host.evaluate_loss(examples=examples)}
+        return {0: (measure or held_out_loss)(host, examples)}
 
     def train(self, host: "ClientHost", jobs: Sequence[Job], *, prune: bool) -> list[ClientUpdate]:
         return [self._train_one(host, job) for job in jobs]

@@ -8,7 +8,7 @@ cumulative base delta, never a global adapter, and the fresh init costs no bytes
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from torch import Tensor
 
@@ -16,6 +16,7 @@ from ..core.adapter import ClientUpdate
 from ..device.lora import lora_init, target_shapes
 from ..device.training import client_seed
 from .job import Job, State
+from .base import Measure, held_out_loss
 from .lora import LoRAClient, train_lora
 
 if TYPE_CHECKING:
@@ -30,9 +31,10 @@ class FLoRAClient(LoRAClient):
     def payload(self, state: State, client_id: str, rank: int, round_index: int, seed: int) -> dict[str, Tensor]:
         return {}  # the fresh LoRA is drawn on the client
 
-    def evaluate(self, state: State, host: "ClientHost", ranks: Sequence[int], base_version: int, examples=None) -> dict[int, float]:
+    def evaluate(self, state: State, host: "ClientHost", ranks: Sequence[int], base_version: int, examples=None,
+                 measure: Measure | None = None) -> dict[int, Any]:
         host.apply_base_delta(state.get("base_delta"), base_version)
-        return {0: host.evaluate_loss(examples=examples)}
+        return {0: (measure or held_out_loss)(host, examples)}
 
     def train(self, host: "ClientHost", jobs: Sequence[Job], *, prune: bool) -> list[ClientUpdate]:
         shapes = target_shapes(host.model, host.local.targets)

@@ -12,7 +12,7 @@ client's prune rule is applied on its own and its adapter is read back at its
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ from ..core.seeds import derive_seed
 from ..device.lora import lora_init, target_shapes
 from ..device.training import client_seed, optimise
 
-from .base import ClientKind
+from .base import ClientKind, Measure, held_out_loss
 from .job import Job, State
 
 if TYPE_CHECKING:
@@ -143,15 +143,17 @@ class LoRAClient(ClientKind):
         """(out + in)·r per adapted module."""
         return sum((o + i) * rank for o, i in shapes.values())
 
-    def evaluate(self, state: State, host: "ClientHost", ranks: Sequence[int], base_version: int, examples=None) -> dict[int, float]:
-        """Held-out loss of the global model truncated to each rank."""
+    def evaluate(self, state: State, host: "ClientHost", ranks: Sequence[int], base_version: int, examples=None,
+                 measure: Measure | None = None) -> dict[int, Any]:
+        """Held-out loss (or ``measure``) of the global model truncated to each rank."""
+        measure = measure or held_out_loss
         host.apply_base_delta(state.get("base_delta"), base_version)
         bank = host.bank(1, max(ranks))
         out = {}
         for r in ranks:
             bank.load(0, truncate_adapter(state["global"], r))
             with bank.use(1, r):
-                out[r] = host.evaluate_loss(examples=examples)
+                out[r] = measure(host, examples)
         return out
 
     # ------------------------------------------------------------------ client side

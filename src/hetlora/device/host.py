@@ -245,6 +245,14 @@ class ClientHost:
         self._applied = dict(delta)
 
     # ------------------------------------------------------------------ evaluation
+    def respond(self, examples, max_new_tokens: int) -> list[list[int]]:
+        """Greedy responses of the host's model (as currently set up) to held-out prompts (device/generate.py)."""
+        from .generate import greedy_responses
+
+        end_ids = sorted({i for i in (self.data.end_id, self.tokenizer.eos_token_id) if i is not None})
+        return greedy_responses(self.model, examples, self.tokenizer.pad_token_id, end_ids, max_new_tokens,
+                                self.cfg.eval_batch_size, self.local.bf16)
+
     def evaluate_loss(self, examples=None) -> float:
         """Mean target-token loss of the host's model (as currently set up) on held-out examples
         (default: the run's per-round evaluation set)."""

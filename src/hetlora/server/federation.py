@@ -266,9 +266,9 @@ class Federation:
         return True
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, ranks: Sequence[int] | None = None, examples=None) -> dict[int, float]:
-        """Held-out target-token loss of the global model at each rank (global rank if None)."""
-        return self.kind.evaluate(self.state, self.host, list(ranks or [self.cfg.global_rank]), self.base_version, examples)
+    def evaluate(self, ranks: Sequence[int] | None = None, examples=None, measure=None) -> dict[int, Any]:
+        """Held-out target-token loss (or ``measure(host, examples)``) of the global model at each rank (global rank if None)."""
+        return self.kind.evaluate(self.state, self.host, list(ranks or [self.cfg.global_rank]), self.base_version, examples, measure)
 
     # ------------------------------------------------------------------ checkpoint state
     CHECKPOINT_GROUPS = ("global", "base_delta")

@@ -7,6 +7,7 @@ stays about aggregation and this room about what is written down.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -67,6 +68,8 @@ def eval_metrics(fed, with_tiers: bool, final: bool = False) -> dict[str, Any]:
         examples = fed.data.eval_examples(fed.cfg.eval_split, fed.cfg.final_eval_size)
         final_loss = next(iter(fed.evaluate(examples=examples).values()))
         row.update({"full_eval_loss": final_loss, "full_eval_ppl": perplexity(final_loss), "full_eval_size": len(examples)})
+    if final and fed.cfg.rouge_size:
+        row.update(rouge_metrics(fed))
     if with_tiers and fed.tiers:
         top = fed.cfg.global_rank  # the global model itself: reuse its loss on the same examples
         tiers = fed.evaluate([r for r in fed.tiers if r != top], examples) if any(r != top for r in fed.tiers) else {}
@@ -75,3 +78,19 @@ def eval_metrics(fed, with_tiers: bool, final: bool = False) -> dict[str, Any]:
         row["tier_eval_ppl"] = {str(r): perplexity(tiers[r]) for r in sorted(tiers)}
     row["eval_seconds"] = time.perf_counter() - t0
     return row
+
+
+def rouge_metrics(fed) -> dict[str, Any]:
+    """ROUGE-L (mean F-measure) of the global model's greedy responses to ``rouge_size`` held-out prompts of the
+    evaluation split, against each conversation's real next turn (docs/algorithm.md §10)."""
+    from ..device.generate import prompt_and_reference
+    from .rouge import rouge_l
+
+    cfg = fed.cfg
+    examples = fed.data.eval_examples(cfg.eval_split, cfg.rouge_size)
+    responses = next(iter(fed.evaluate(examples=examples, measure=lambda host, ex: host.respond(ex, cfg.rouge_max_tokens)).values()))
+    end_ids = {i for i in (fed.data.end_id, fed.host.tokenizer.eos_token_id) if i is not None}
+    decode = functools.partial(fed.host.tokenizer.decode, skip_special_tokens=True)
+    references = [decode(prompt_and_reference(e, end_ids)[1]) for e in examples]
+    return {"rouge_l": rouge_l(references, [decode(r) for r in responses]), "rouge_size": len(examples),
+            "rouge_max_tokens": cfg.rouge_max_tokens}

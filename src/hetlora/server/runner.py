@@ -457,6 +457,7 @@ def evaluation_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"final_eval_loss": last.get("eval_loss"), "final_eval_ppl": ppls[-1] if ppls else None,
             "best_eval_ppl": min(ppls) if ppls else None, "final_tier_eval_ppl": last.get("tier_eval_ppl", {}),
             "full_eval_ppl": last.get("full_eval_ppl"), "full_eval_size": last.get("full_eval_size"),
+            "final_rouge_l": last.get("rouge_l"), "rouge_size": last.get("rouge_size"),
             "final_live_rank": last.get("live_rank"), "final_trainable_rank": last.get("trainable_rank")}
 
 
