@@ -29,3 +29,17 @@ def test_a_run_scores_its_final_models_responses_once_and_the_same_seed_scores_t
     first, last = rows(tmp_path / "a")
     assert "rouge_l" not in first and 0.0 <= last["rouge_l"] <= 1.0 and last["rouge_size"] == 3
     assert summaries[0]["final_rouge_l"] == summaries[1]["final_rouge_l"] == last["rouge_l"]
+
+
+def test_a_server_without_rouge_score_refuses_rouge_size_before_anything_loads(monkeypatch):
+    """A device install lacks the server extra: a server started there with --rouge-size says so at once, instead of
+    failing after its last round."""
+    import importlib.util
+
+    from hetlora.config import RunConfig
+    from hetlora.server.federation import Federation
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rouge_score" else found(name, *a))
+    with pytest.raises(ValueError, match=r"rouge_size needs the rouge-score package of the server extra"):
+        Federation(RunConfig(model="tiny", rouge_size=4), host=object())

@@ -67,10 +67,20 @@ class RoundOpening:
         return [{"client": c, "reason": reason} for c in self.order if c not in known]
 
 
+def require_server_packages(cfg: RunConfig) -> None:
+    """The server extra's packages a run's settings need, checked where the server starts (a device's config check
+    cannot: a device install lacks them by design)."""
+    import importlib.util
+
+    if cfg.rouge_size and importlib.util.find_spec("rouge_score") is None:
+        raise ValueError("rouge_size needs the rouge-score package of the server extra: pip install 'hetlora[server]'")
+
+
 class Federation:
     def __init__(self, cfg: RunConfig, host: ClientHost | None = None, device_clients: bool = False):
         self.device_clients = device_clients  # clients are Flower ClientApps (their memory defaults differ)
         self.cfg = cfg.validate()
+        require_server_packages(self.cfg)  # before the model loads: a run must not fail after its last round
         self.host = host if host is not None else ClientHost(cfg)
         method = get_method(cfg.method)
         if cfg.dp_clip is not None:
