@@ -66,9 +66,13 @@ ABSENT = set(json.loads(sys.argv[1]))
 found = importlib.util.find_spec
 importlib.util.find_spec = lambda name, package=None: None if name.split(".")[0] in ABSENT else found(name, package)
 
+ATTEMPTED = []  # every import of a server-only package tried, even one a try/except would swallow
+
+
 class NotInstalled(importlib.abc.MetaPathFinder):  # an import of a server-only package fails, as on a device
     def find_spec(self, name, path, target=None):
         if name.split(".")[0] in ABSENT:
+            ATTEMPTED.append(name)
             raise ModuleNotFoundError(f"No module named {name!r} (a device install)", name=name)
 
 sys.meta_path.insert(0, NotInstalled())
@@ -91,7 +95,7 @@ TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 0
 reply = client_app.app(Message(content, dst_node_id=1, message_type="train"), context)
 result = reply.content.config_records["result"]
 print(json.dumps({"error": result.get("error"), "base": host.base, "trained": sorted(reply.content.array_records),
-                  "imported": sorted(m for m in ABSENT if m in sys.modules)}))
+                  "imported": sorted(m for m in ABSENT if m in sys.modules), "attempted": sorted(set(ATTEMPTED))}))
 """
 
 
@@ -120,4 +124,5 @@ def test_a_device_install_trains_a_round_without_the_server_extra(gguf_model_fil
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
-    assert seen["error"] is None and seen["base"] == "gguf" and seen["trained"] and seen["imported"] == []
+    assert seen["error"] is None and seen["base"] == "gguf" and seen["trained"]
+    assert seen["attempted"] == [] and seen["imported"] == []  # not even an import a try/except would have swallowed

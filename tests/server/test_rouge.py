@@ -43,3 +43,6 @@ def test_a_server_without_rouge_score_refuses_rouge_size_before_anything_loads(m
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rouge_score" else found(name, *a))
     with pytest.raises(ValueError, match=r"rouge_size needs the rouge-score package of the server extra"):
         Federation(RunConfig(model="tiny", rouge_size=4), host=object())
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "dp_accounting" else found(name, *a))
+    with pytest.raises(ValueError, match=r"dp_clip needs the dp-accounting package of the server extra"):
+        Federation(RunConfig(model="tiny", dp_clip=1.0), host=object())

@@ -28,6 +28,15 @@ def prompt_and_reference(example: Example, end_ids: Sequence[int]) -> tuple[list
     return example.input_ids[:first], reference
 
 
+def greedy(max_new_tokens: int, end_ids: Sequence[int], pad_id: int):
+    """A generation config that is the argmax and nothing else: a model's own generation_config.json (a repetition
+    penalty, say) would otherwise be merged in even without sampling."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
+                            no_repeat_ngram_size=0, eos_token_id=list(end_ids), pad_token_id=pad_id)
+
+
 def greedy_responses(model, examples: Sequence[Example], pad_id: int, end_ids: Sequence[int], max_new_tokens: int,
                      batch_size: int = 8, bf16: bool = False) -> list[list[int]]:
     """Each prompt's greedy continuation (token ids, up to its first end-of-turn token, which is left out)."""
@@ -45,9 +54,8 @@ def greedy_responses(model, examples: Sequence[Example], pad_id: int, end_ids: S
                 ids[i, width - len(p) :] = torch.tensor(p)
                 mask[i, width - len(p) :] = 1
             with torch.no_grad(), autocast(device.type, bf16):
-                generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                           do_sample=False, num_beams=1, eos_token_id=list(end_ids), pad_token_id=pad_id,
-                                           use_cache=True)
+                generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=greedy(
+                    max_new_tokens, end_ids, pad_id), use_cache=True)
             for row in generated[:, width:].tolist():
                 cut = next((i for i, t in enumerate(row) if t in end_ids), len(row))
                 out.append(row[:cut])

@@ -25,11 +25,11 @@ DEFAULT_ENERGY = 0.9  # τ: the paper tunes it per task (FLoRIST-O / -E); ours i
 
 
 def energy_rank(singular_values: Tensor, energy: float) -> int:
-    """The fewest leading components whose Σ σ_i² reaches ``energy`` × Σ σ_i² (at least 1; all when the sum is 0)."""
+    """The fewest leading components whose Σ σ_i² reaches ``energy`` × Σ σ_i² (1 when the sum is 0: one zero component)."""
     squares = singular_values.double() ** 2
     total = float(squares.sum())
     if total <= 0.0:
-        return max(1, int(singular_values.numel() > 0))
+        return 1
     reached = torch.cumsum(squares, 0) >= energy * total * (1 - 1e-12)  # a threshold of 1 keeps every nonzero component
     return int(reached.nonzero()[0, 0]) + 1
 

@@ -72,8 +72,11 @@ def require_server_packages(cfg: RunConfig) -> None:
     cannot: a device install lacks them by design)."""
     import importlib.util
 
-    if cfg.rouge_size and importlib.util.find_spec("rouge_score") is None:
-        raise ValueError("rouge_size needs the rouge-score package of the server extra: pip install 'hetlora[server]'")
+    needed = {"rouge_size": ("rouge_score", "rouge-score") if cfg.rouge_size else None,
+              "dp_clip": ("dp_accounting", "dp-accounting") if cfg.dp_clip is not None else None}
+    for setting, (module, package) in ((s, n) for s, n in needed.items() if n):
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"{setting} needs the {package} package of the server extra: pip install 'hetlora[server]'")
 
 
 class Federation:

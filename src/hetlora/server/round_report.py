@@ -68,7 +68,7 @@ def eval_metrics(fed, with_tiers: bool, final: bool = False) -> dict[str, Any]:
         examples = fed.data.eval_examples(fed.cfg.eval_split, fed.cfg.final_eval_size)
         final_loss = next(iter(fed.evaluate(examples=examples).values()))
         row.update({"full_eval_loss": final_loss, "full_eval_ppl": perplexity(final_loss), "full_eval_size": len(examples)})
-    if final and fed.cfg.rouge_size:
+    if final and fed.cfg.rouge_size and math.isfinite(loss):  # a non-finite model is rolled back, then scored
         row.update(rouge_metrics(fed))
     if with_tiers and fed.tiers:
         top = fed.cfg.global_rank  # the global model itself: reuse its loss on the same examples
