@@ -112,11 +112,7 @@ class StreamedRound:
             if self._products is not None:
                 self._products.add(update.adapter, 1.0, weight)
             return update, None
-        norms = UpdateNorms.of(update)
-        for value, what in ((norms.b * norms.a, "‖B‖·‖A‖"), (norms.product, "‖ΔW‖")):
-            if not math.isfinite(value):
-                raise InvalidUpdate(update.client_id, f"{what} is not finite ({value})")
-        return update, norms
+        return update, finite_norms(update)
 
     def result(self) -> Adapter | None:
         """The round's aggregate (None with no kept update); bounded: the second pass runs here."""
@@ -154,6 +150,16 @@ class StreamedRound:
             else:
                 out[module + DENSE_SUFFIX] = self._products.dense.pop(module).div_(total).addmm_(b_bar.float(), a_bar.float(), alpha=-1.0)
         return out
+
+
+def finite_norms(update: ClientUpdate) -> UpdateNorms:
+    """The update's norms, refused (InvalidUpdate) when ‖B‖·‖A‖ or ‖ΔW‖ is not finite: finite factors can still
+    overflow fp32 in their product, and the aggregation would drop such a reply later."""
+    norms = UpdateNorms.of(update)
+    for value, what in ((norms.b * norms.a, "‖B‖·‖A‖"), (norms.product, "‖ΔW‖")):
+        if not math.isfinite(value):
+            raise InvalidUpdate(update.client_id, f"{what} is not finite ({value})")
+    return norms
 
 
 def _bounded_weights(rule: str, scales: list[BoundScales], bound: float) -> list[float]:

@@ -10,15 +10,13 @@ Under over-selection (docs/algorithm.md §7.3) a round takes replies only until 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping
 
 from ..core.adapter import Adapter, ClientUpdate
-from ..core.robust import UpdateNorms
 from ..core.validation import DUPLICATE, InvalidUpdate
 from ..methods import AggregationContext, AggregationMethod, aggregate_dropping
-from ..methods.streaming import stream_round, streams
+from ..methods.streaming import finite_norms, stream_round, streams
 from .spill import SpillStore
 
 
@@ -102,7 +100,7 @@ def _first_valid(replies: Iterable[ClientUpdate], check, close: RoundClose, refu
             if update.client_id is not None and update.client_id in seen:
                 raise InvalidUpdate(update.client_id, DUPLICATE)
             update = check(update)  # the checked update (its example count an int), validated here once
-            _finite_norms(update)
+            finite_norms(update)  # a reply that counts toward K must survive the aggregation's own drops
         except InvalidUpdate as err:
             refused.append({"client": err.client, "reason": err.problem})
             continue
@@ -111,15 +109,6 @@ def _first_valid(replies: Iterable[ClientUpdate], check, close: RoundClose, refu
         yield update
         if close.full:
             return
-
-
-def _finite_norms(update: ClientUpdate) -> None:
-    """A reply that counts toward K must also survive the aggregation's own drops: ‖ΔW‖ and every ‖B‖·‖A‖ finite
-    (finite factors can still overflow fp32 in their product)."""
-    norms = UpdateNorms.of(update)
-    for value, what in ((norms.b * norms.a, "‖B‖·‖A‖"), (norms.product, "‖ΔW‖")):
-        if not math.isfinite(value):
-            raise InvalidUpdate(update.client_id, f"{what} is not finite ({value})")
 
 
 def _streamed(method, ctx, replies, check, min_clients, upload_bytes) -> RoundAggregate:
