@@ -148,9 +148,7 @@ class HetLoRAStrategy(Strategy):
         if self.fed.delays is None:  # the real clock closes the round: its deadline is the one named
             self.opening.deadline = self.timeout
         self.sent = {cid: self.fed.ranks[cid] for cid in self.opening.asked}
-        self._jobs = {cid: self.fed.job(cid, t) for cid in self.opening.order}  # made once: counted here, sent later
-        self.bytes_down = (sum(map(self.fed.download_bytes, self._jobs.values()))
-                           + sum(self.fed.download_bytes(self.fed.job(c, t)) for c, _ in self.opening.late))
+        self._jobs, self.bytes_down = self.fed.round_jobs(self.opening)  # made once: counted here, sent later
         return self.opening
 
     def messages(self, clients: Iterable[str]) -> list[Message]:

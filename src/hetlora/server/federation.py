@@ -173,6 +173,14 @@ class Federation:
     def download_bytes(self, job: Job) -> int:
         return self.kind.download_bytes(job)
 
+    def round_jobs(self, opening: RoundOpening) -> tuple[dict[str, Job], int]:
+        """The jobs of the clients a round will ask, in reply order, each payload made once, and the round's download:
+        every asked client downloads, a late one too (docs/algorithm.md §7.3)."""
+        t = opening.round_index
+        jobs = {cid: self.job(cid, t) for cid in opening.order}
+        late = sum(self.download_bytes(self.job(c, t)) for c, _ in opening.late)
+        return jobs, sum(map(self.download_bytes, jobs.values())) + late
+
     def train(self, jobs: Sequence[Job]) -> list[ClientUpdate]:
         """Train clients in this process, together (the in-process engine's client side)."""
         return self.kind.train(self.host, jobs, prune=self.cfg.prunes)

@@ -298,8 +298,7 @@ def local_round(fed: Federation, t: int, progress: Progress, hook: RoundHook | N
     them in as they come; §7.2); under over-selection no more clients train than the round can still take (§7.3)."""
     opening = fed.open_round(t)
     progress.round_started(t, len(opening.asked))
-    jobs = {cid: fed.job(cid, t) for cid in opening.order}  # each payload made once: counted here, trained below
-    bytes_down = sum(map(fed.download_bytes, jobs.values())) + sum(fed.download_bytes(fed.job(c, t)) for c, _ in opening.late)
+    jobs, bytes_down = fed.round_jobs(opening)  # each payload made once: counted here, trained below
     failed = opening.late_failures()  # filled further while the updates are taken
     updates = _trained(fed, jobs, failed, progress, opening.close)
     if hook is not None:  # a test's hook sees the whole list: under over-selection every asked client then trains
