@@ -315,17 +315,22 @@ def _trained(fed: Federation, jobs: dict, failed: list[tuple[str, str]], progres
         k = min(fed.parallel_clients, close.missing or fed.parallel_clients)
         chunk, pending = pending[:k], pending[k:]
         try:
-            try:
-                yield from fed.train(chunk)
-            except Exception:
-                for job in chunk:
-                    try:
-                        yield from fed.train([job])
-                    except Exception as err:
-                        log.exception("client %s failed", job.client_id)
-                        failed.append((job.client_id, f"client failed: {err.__class__.__name__}: {err}"))
+            yield from _chunk_trained(fed, chunk, failed)
         finally:  # also when the round stops reading (it has its K)
             progress.client_done(len(chunk))
+
+
+def _chunk_trained(fed: Federation, chunk: list, failed: list[tuple[str, str]]):
+    """One chunk's updates; if training it together crashes, each client alone, a crashing one into ``failed``."""
+    try:
+        yield from fed.train(chunk)
+    except Exception:
+        for job in chunk:
+            try:
+                yield from fed.train([job])
+            except Exception as err:
+                log.exception("client %s failed", job.client_id)
+                failed.append((job.client_id, f"client failed: {err.__class__.__name__}: {err}"))
 
 
 RoundFn = Callable[[Federation, int, Progress, "RoundHook | None"], dict[str, Any]]
