@@ -249,9 +249,12 @@ class ClientHost:
         """Greedy responses of the host's model (as currently set up) to held-out prompts (device/generate.py)."""
         from .generate import greedy_responses
 
-        end_ids = sorted({i for i in (self.data.end_id, self.tokenizer.eos_token_id) if i is not None})
-        return greedy_responses(self.model, examples, self.tokenizer.pad_token_id, end_ids, max_new_tokens,
+        return greedy_responses(self.model, examples, self.tokenizer.pad_token_id, self.end_ids(), max_new_tokens,
                                 self.cfg.eval_batch_size, self.local.bf16)
+
+    def end_ids(self) -> list[int]:
+        """The tokens that end a response: the chat template's end of turn and the tokenizer's eos."""
+        return sorted({i for i in (self.data.end_id, self.tokenizer.eos_token_id) if i is not None})
 
     def evaluate_loss(self, examples=None) -> float:
         """Mean target-token loss of the host's model (as currently set up) on held-out examples

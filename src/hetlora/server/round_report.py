@@ -89,8 +89,7 @@ def rouge_metrics(fed) -> dict[str, Any]:
     cfg = fed.cfg
     examples = fed.data.eval_examples(cfg.eval_split, cfg.rouge_size)
     responses = next(iter(fed.evaluate(examples=examples, measure=lambda host, ex: host.respond(ex, cfg.rouge_max_tokens)).values()))
-    end_ids = {i for i in (fed.data.end_id, fed.host.tokenizer.eos_token_id) if i is not None}
     decode = functools.partial(fed.host.tokenizer.decode, skip_special_tokens=True)
-    references = [decode(prompt_and_reference(e, end_ids)[1]) for e in examples]
+    references = [decode(prompt_and_reference(e, fed.host.end_ids())[1]) for e in examples]
     return {"rouge_l": rouge_l(references, [decode(r) for r in responses]), "rouge_size": len(examples),
             "rouge_max_tokens": cfg.rouge_max_tokens}
