@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 from .core.ranks import budget_problem
 from .methods import METHODS
+from .methods.florist import DEFAULT_ENERGY as FLORIST_ENERGY
 
 # LoRA defaults (docs/algorithm.md, "Scaling"): lora_alpha = DEFAULT_SCALE · r, on all 7 linear layers
 # of a Llama-style block. Here rather than in lora.py so that a config is checked without importing peft.
@@ -52,7 +53,7 @@ class RunConfig:
     ranks: list[int] = field(default_factory=list)  # for rank_dist = "list"
     norm_bound: float | None = 1.5
     per_layer: bool = False
-    florist_energy: float = 0.9  # florist: each module keeps the fewest singular components holding this share of the energy (τ)
+    florist_energy: float = FLORIST_ENERGY  # florist: each module keeps the fewest singular components holding this share of the energy (τ)
     prune: bool | None = None  # None: as the method says (hetlora prunes)
     seed: int = 0
     split_seed: int | None = None  # the data's train/validation/test split and held-out draw (None: the run's seed; a study fixes one for all seeds)

@@ -21,7 +21,7 @@ from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter, ClientUpdate
 from .base import AggregationContext, AggregationMethod, data_weights, per_module_factors
 from .recon_svd import top_svd
 
-DEFAULT_ENERGY = 0.9  # τ: the paper tunes it per task (FLoRIST-O / -E); ours is fixed here and named in the run's config
+DEFAULT_ENERGY = 0.9  # τ: the paper tunes it per task (FLoRIST-O / -E); the run config's default (--florist-energy)
 
 
 def energy_rank(singular_values: Tensor, energy: float) -> int:
