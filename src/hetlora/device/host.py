@@ -190,18 +190,25 @@ class ClientHost:
         cast only for weights that require grad — frozen base weights were cast again on every
         forward (~0.5 GB of copies per SmolLM2 step). Storing them in bf16 once gives the same
         numbers without the copies. Norms, embeddings and the LM head stay fp32; a method that
-        folds updates into the base keeps fp32 originals to fold into.
+        folds updates into the base keeps fp32 originals to fold into. A model loaded from
+        safetensors files has its bf16 weights read from them (never touching the memory-mapped
+        fp32 pages, which would then stay resident: :func:`hetlora.models.loading.read_weights`).
         """
+        from ..models.loading import read_weights
+
         if not self.local.bf16 or self._bf16_frozen:
             return
         keep_fp32 = self.cfg.folds_into_base
         head = self.model.get_output_embeddings()
+        frozen = {path: module for path, module in self.model.named_modules()
+                  if isinstance(module, torch.nn.Linear) and module is not head and module.weight.dtype == torch.float32}
+        from_file = {} if keep_fp32 else read_weights(self.model, [f"{path}.weight" for path in frozen], torch.bfloat16)
         with torch.no_grad():
-            for path, module in self.model.named_modules():
-                if isinstance(module, torch.nn.Linear) and module is not head and module.weight.dtype == torch.float32:
-                    if keep_fp32:
-                        self._pristine.setdefault(path, module.weight.detach().clone())
-                    module.weight.data = module.weight.data.to(torch.bfloat16)
+            for path, module in frozen.items():
+                if keep_fp32:
+                    self._pristine.setdefault(path, module.weight.detach().clone())
+                weight = from_file.pop(f"{path}.weight", None)
+                module.weight.data = module.weight.data.to(torch.bfloat16) if weight is None else weight
         self._bf16_frozen = True
 
     # ------------------------------------------------------------------ base delta

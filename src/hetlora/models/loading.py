@@ -18,6 +18,8 @@ from .gguf_model import load_gguf_model, load_gguf_tokenizer
 from .packaged import PACKAGED, packaged_path
 
 TINY_SEED = 1234  # the tiny test model's weights: the same for every call
+#: the attribute load_base_model sets on a model whose parameters are, as loaded, those of these safetensors files
+WEIGHTS_FILES = "hetlora_weights_files"
 
 
 def local_only() -> bool:
@@ -125,6 +127,7 @@ def load_base_model(name: str = "smollm2", dtype: torch.dtype = torch.float32, t
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=dtype)
+        _note_weights_files(model, smollm2_dir())
     elif from_gguf(name):
         model = load_gguf_model(gguf_source(name), base, dtype)
     else:
@@ -138,10 +141,38 @@ def _hub_model(name: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only())
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only())
     except OSError as err:
         raise ValueError(
             f"cannot load model {name!r}: not smollm2/tiny, not a GGUF, not a local model directory, "
             f"and not in the local Hugging Face cache ({err.__class__.__name__}); hetlora does not download "
             f"models unless HETLORA_ALLOW_DOWNLOAD=1"
         ) from err
+    if Path(name).is_dir():
+        _note_weights_files(model, Path(name))
+    return model
+
+
+def _note_weights_files(model, directory: Path) -> None:
+    setattr(model, WEIGHTS_FILES, sorted(directory.glob("*.safetensors")))
+
+
+def read_weights(model, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The parameters ``names`` of ``model`` read afresh from the safetensors files it was loaded from, each cast
+    to ``dtype`` as it is read ({} for a model not loaded from such files by :func:`load_base_model`).
+
+    Why (docs/algorithm.md §7.1): ``from_pretrained`` maps the files into memory and reads pages only when
+    touched. Converting the mapped fp32 weights to bf16 in memory touched every page, and the mapping stayed
+    resident beside the bf16 copies, held by the embedding (SmolLM2: +405 MB). Read with ``pread``, one tensor
+    at a time, the bf16 weights cost their own size and the map's pages are never touched. Only for weights
+    unchanged since loading (the caller's promise); a name or shape the files lack is left out.
+    """
+    from safetensors import safe_open
+
+    wanted, found = dict.fromkeys(names), {}
+    for file in getattr(model, WEIGHTS_FILES, []):
+        with safe_open(str(file), framework="pt", device="cpu", backend="pread") as reader:
+            for key in wanted.keys() & set(reader.keys()):
+                found[key] = reader.get_tensor(key).to(dtype)
+    shapes = dict(model.named_parameters())
+    return {k: v for k, v in found.items() if k in shapes and v.shape == shapes[k].shape}
