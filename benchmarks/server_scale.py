@@ -5,8 +5,9 @@ Clients are replaced by ready updates that arrive one at a time (a seeded genera
 one aggregation path both engines take (:func:`hetlora.server.aggregation.aggregate_replies`). Each row is
 a fresh process: ``peak_rss_mb`` is that process's peak, ``baseline_mb`` its resident memory before the
 round (imports and the global adapter). ``seconds`` is the server's time only (making the updates is not
-counted). ``path``: ``stream`` (a weighted-sum method folds each reply in; others aggregate a list) or
-``list`` (every method holds the round's replies: the reference, and the server before #43). ``plain``
+counted). ``path``: ``stream`` (a weighted-sum method folds each reply in; a module-wise one spills each reply and
+aggregates a module at a time; others aggregate a list) or ``list`` (every method holds the round's replies: the
+reference, and the server before #43). ``plain``
 rows: hetlora's weighted padded sum as a bare fp32 loop over the same updates (the time goal's yardstick).
 
     python benchmarks/server_scale.py [--clients 4 16 64 256] [--methods ...] [--bound 1.5] [--json FILE]
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from aggregation import MODULES, make_adapter  # SmolLM2's module shapes and a seeded adapter of them (this directory)
 
-METHODS = ["hetlora", "hetlora-naive", "fedavg", "fedex-lora", "recon-svd", "flexlora", "flora", "fslora"]
+METHODS = ["hetlora", "hetlora-naive", "fedavg", "fedex-lora", "recon-svd", "flexlora", "flora", "florist", "rb-lora", "fslora"]
 R_MIN, R_MAX, FEDAVG_RANK = 5, 50, 27
 FLORA_MAX_CLIENTS = 64  # FLoRA's aggregate stacks every client: rank Σ r_k, ~8.5 GB at 256 clients (stated, not run)
 
@@ -165,7 +166,7 @@ def main() -> None:
 
     print(f"{'method':>14} {'path':>6} {'K':>5} {'peak MB':>9} {'base MB':>8} {'s/round':>8} {'ms/update':>9}")
     for method in args.methods:
-        streams = REGISTRY[method].stream_weight is not None
+        streams = REGISTRY[method].stream_weight is not None or REGISTRY[method].module_separable
         paths = [p for p in args.paths if streams or p == "list"] + (["plain"] if method == "hetlora" else [])
         for path in paths:
             for k in clients:

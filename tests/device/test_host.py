@@ -162,3 +162,43 @@ def test_base_weights_gguf_is_refused_where_the_base_is_not_frozen_or_not_from_a
     assert RunConfig(method=folding).base_for(device_client=True, model_from_gguf=True) == "dense"
     assert RunConfig().base_for(device_client=True, model_from_gguf=False) == "dense"
     assert RunConfig().base_for(device_client=True, model_from_gguf=True) == "gguf"
+
+
+def _mapped_rss_kb(path) -> int:
+    """Resident kB of this process's memory maps of ``path`` (/proc/self/smaps)."""
+    total, current = 0, None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:
+                current = fields[5] if len(fields) > 5 else None
+            elif fields[0] == "Rss:" and current == str(path):
+                total += int(fields[1])
+    return total
+
+
+def test_a_bf16_client_reads_its_frozen_weights_from_the_file_without_touching_the_fp32_map(tmp_path, tiny, chitchat_small):
+    """from_pretrained memory-maps the fp32 file; converting the mapped weights in memory made every page resident
+    (SmolLM2: +405 MB beside the bf16 copies). Read from the file instead, the weights are the same bf16 values and
+    the map's resident size does not grow by the weights' size."""
+    import safetensors.torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hetlora.models.loading import load_base_model
+
+    _, tok = tiny
+    config = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+                         num_key_value_heads=8, tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)  # fp32 safetensors, 2 × 12 MB of linear weights
+    tok.save_pretrained(tmp_path)
+    model, tokenizer = load_base_model(str(tmp_path))
+    file = tmp_path / "model.safetensors"
+    expected = {n: v.to(torch.bfloat16) for n, v in safetensors.torch.load(file.read_bytes()).items() if "proj" in n}  # no map
+    before = _mapped_rss_kb(file)
+    host = ClientHost(RunConfig(model=str(tmp_path), device="cpu", precision="bf16", r_max=6), model, tokenizer, chitchat_small)
+    host.bank()
+    weights = dict(model.named_parameters())
+    assert len(expected) == 14 and all(torch.equal(weights[n], v) for n, v in expected.items())
+    linear_kb = sum(v.numel() * 4 for v in expected.values()) // 1024
+    assert _mapped_rss_kb(file) - before < linear_kb / 10, (before, _mapped_rss_kb(file), linear_kb)

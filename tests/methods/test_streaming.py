@@ -12,7 +12,7 @@ from hetlora import METHODS
 from hetlora.core.validation import split_valid
 from hetlora.methods import aggregate_round
 from hetlora.methods.base import AggregationContext
-from hetlora.methods.streaming import StreamedRound, stream_round, streams
+from hetlora.methods.streaming import ModulewiseRound, StreamedRound, modulewise, stream_round, streams
 from tests.helpers import SHAPES, make_update
 
 class MemoryStore:
@@ -27,8 +27,12 @@ class MemoryStore:
     def take(self, index):
         return self._held.pop(index)
 
+    def read(self, index, keys):
+        return {key: self._held[index].adapter[key] for key in keys}
+
 
 STREAMING = [name for name, m in METHODS.items() if m.stream_weight is not None]
+MODULEWISE = [name for name, m in METHODS.items() if m.module_separable]
 R_MAX = 8
 
 
@@ -206,3 +210,50 @@ def test_a_product_sum_of_256_clients_in_fp32_stays_within_fp32_rounding_of_the_
     assert products.factors("m") is None
     error = (products.dense["m"].double() - exact).abs().max().item()
     assert error <= 256**0.5 * 2**-24 * exact.abs().max().item(), error
+
+
+
+def test_the_list_rules_that_run_a_module_at_a_time():
+    """A rule is module-wise when module ℓ's aggregate needs only module ℓ of each update and per-client scalars;
+    hetlora-keep (‖ΔW_k‖ over every module), fslora (its sketches' change) and fft (dense weights) are not."""
+    ctx = AggregationContext(r_max=R_MAX, shapes=SHAPES)
+    assert sorted(MODULEWISE) == ["ffa", "flexlora", "flora", "florist", "rb-lora", "rbla", "recon-svd"]
+    assert not any(modulewise(METHODS[m], ctx) for m in STREAMING)
+    assert sorted(m for m in METHODS if m not in STREAMING + MODULEWISE) == ["fft", "fslora", "hetlora-keep"]
+    with pytest.raises(ValueError, match="needs a ReplyStore"):
+        ModulewiseRound(METHODS["recon-svd"], ctx, checker(ctx))
+    with pytest.raises(ValueError, match="a module at a time"):
+        ModulewiseRound(METHODS["hetlora-keep"], ctx, checker(ctx), MemoryStore())
+
+
+def modulewise_round(method, updates, ctx):
+    round_ = stream_round(METHODS[method], ctx, iter(updates), checker(ctx), MemoryStore())
+    assert isinstance(round_, ModulewiseRound)
+    assert all(u.adapter == {} for u in round_.kept)  # the round itself keeps no update's tensors
+    result = round_.result()
+    return result, round_.base_update(result), round_
+
+
+@pytest.mark.parametrize("method", MODULEWISE)
+@pytest.mark.parametrize("bound", [None, 1.5])
+@pytest.mark.parametrize("case", ["honest", "attacker", "first round"])
+def test_a_modulewise_round_is_the_list_rounds_aggregate_and_base_update(method, bound, case):
+    """Module by module over stored replies, arriving in any order, the aggregate and the base update are the
+    list round's (and an inflated client is bounded by the whole update's norms, as in the list round)."""
+    from tests.helpers import make_adapter
+
+    updates = a_round(method, attacker=case == "attacker", zero_b=case == "first round")
+    ctx = AggregationContext(r_max=R_MAX, norm_bound=bound, shapes=SHAPES, previous=make_adapter(R_MAX, seed=99))
+    expected, expected_base = aggregate_round(METHODS[method], updates, ctx)
+    got, got_base, round_ = modulewise_round(method, updates[::-1], ctx)
+    assert sorted(got) == sorted(expected) and (got_base is None) == (expected_base is None)
+    for want, have in ((expected, got), (expected_base or {}, got_base or {})):
+        assert sorted(have) == sorted(want)
+        for key in want:
+            scale = float(want[key].abs().max())
+            torch.testing.assert_close(have[key], want[key], rtol=1e-6, atol=1e-6 * max(scale, 1e-30))
+    assert sorted(u.client_id for u in round_.kept) == sorted(u.client_id for u in updates)
+    if case == "attacker" and bound is not None:
+        unbounded, _ = aggregate_round(METHODS[method], updates, replace(ctx, norm_bound=None))
+        assert any(unbounded[k].shape != expected[k].shape or not torch.allclose(unbounded[k], expected[k], rtol=1e-3)
+                   for k in expected)

@@ -76,6 +76,9 @@ class AggregationMethod:
     #: whether a streamed round also keeps Σ w_k B_k A_k (hetlora.core.accumulate.ProductSum) for a base update
     #: R = Σ w_k B_k A_k / Σ w_k − B̄ Ā (FedEx-LoRA's residual; docs/algorithm.md §7.2).
     stream_residual: bool = False
+    #: whether the aggregate (and base update) of module ℓ needs only module ℓ of every update and per-client scalars
+    #: (n_k, r_k): a server then runs the list rule a module at a time over spilled replies (streaming.ModulewiseRound)
+    module_separable: bool = False
 
     @property
     def dp_capable(self) -> bool:

@@ -28,6 +28,7 @@ def _shared_a(factors: list[tuple[torch.Tensor, torch.Tensor]], r_max: int, modu
 
 class FFALoRA(AggregationMethod):
     name = "ffa"
+    module_separable = True  # per-module rule, per-client weights (n_k, r_k): docs/algorithm.md §7.2
     client_kind = "ffa"
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:

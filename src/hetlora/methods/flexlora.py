@@ -18,6 +18,7 @@ from .recon_svd import svd_aggregate
 
 class FlexLoRA(AggregationMethod):
     name = "flexlora"
+    module_separable = True  # per-module rule, per-client weights (n_k, r_k): docs/algorithm.md §7.2
     options = ("split",)
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:

@@ -17,6 +17,7 @@ from .base import AggregationContext, AggregationMethod, data_weights, per_modul
 
 class FLoRA(AggregationMethod):
     name = "flora"
+    module_separable = True  # per-module rule, per-client weights (n_k, r_k): docs/algorithm.md §7.2
     client_kind = "flora"
     folds_into_base = True
 

@@ -44,6 +44,7 @@ def thresholded_factors(b: Tensor, a: Tensor, energy: float) -> tuple[Tensor, Te
 
 class FLoRIST(AggregationMethod):
     name = "florist"
+    module_separable = True  # per-module rule, per-client weights (n_k, r_k): docs/algorithm.md §7.2
     client_kind = "flora"  # a fresh LoRA each round over the folded base (hetlora.clients.flora)
     folds_into_base = True
     options = ("energy",)

@@ -46,6 +46,7 @@ def rank_balanced_weights(ranks: Sequence[int], sizes: Sequence[int]) -> list[to
 
 class RBLoRA(AggregationMethod):
     name = "rb-lora"
+    module_separable = True  # per-module rule, per-client weights (n_k, r_k): docs/algorithm.md §7.2
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         gammas = rank_balanced_weights([adapter_rank(u.adapter) for u in updates], [u.num_examples for u in updates])

@@ -16,6 +16,7 @@ from .base import AggregationContext, AggregationMethod, data_weights, slice_ave
 
 class RBLA(AggregationMethod):
     name = "rbla"
+    module_separable = True  # per-module rule, per-client weights (n_k, r_k): docs/algorithm.md §7.2
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         return slice_average(updates, ctx.r_max, data_weights(updates), ctx.previous)

@@ -124,6 +124,7 @@ def svd_aggregate(updates: Sequence[ClientUpdate], r_max: int, split: str) -> Ad
 
 class ReconSVD(AggregationMethod):
     name = "recon-svd"
+    module_separable = True  # per-module rule, per-client weights (n_k, r_k): docs/algorithm.md §7.2
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         return svd_aggregate(updates, ctx.r_max, split="sigma-on-b")

@@ -22,8 +22,10 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Protocol
 
+from torch import Tensor
+
 from ..core.accumulate import PaddedSum, ProductSum
-from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter, ClientUpdate, adapter_rank, lora_pairs, update_norm
+from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter, ClientUpdate, adapter_rank, lora_pairs, scale_adapter, update_norm
 from ..core.base_delta import DENSE_SUFFIX
 from ..core.robust import BoundScales, UpdateNorms, bound_scales, cap_weights
 from ..core.validation import DUPLICATE, InvalidUpdate
@@ -32,11 +34,14 @@ from .base import AggregationContext, AggregationMethod
 
 
 class ReplyStore(Protocol):
-    """Where a bounded round's updates wait for the second pass: each put once and taken back once, in order."""
+    """Where a round's updates wait for the second pass: each put once, then taken back once (a weighted-sum
+    round) or read a module at a time (a module-wise round; the store drops them when the round ends)."""
 
     def put(self, index: int, update: ClientUpdate) -> None: ...
 
     def take(self, index: int) -> ClientUpdate: ...
+
+    def read(self, index: int, keys: list[str]) -> dict[str, Tensor]: ...
 
 
 def streams(method: AggregationMethod, ctx: AggregationContext) -> bool:
@@ -44,13 +49,17 @@ def streams(method: AggregationMethod, ctx: AggregationContext) -> bool:
     return method.stream_weight is not None and not ctx.options.get("per_layer", False)
 
 
-@dataclass
-class StreamedRound:
-    """One round of a streaming rule: :meth:`offer` each reply as it arrives, then :meth:`result`.
+def modulewise(method: AggregationMethod, ctx: AggregationContext) -> bool:
+    """Whether ``method``'s list rule can run a module at a time over spilled replies (:class:`ModulewiseRound`)."""
+    return method.module_separable and not streams(method, ctx)
 
-    ``check(update)`` is the method's validation of one update (raises :class:`InvalidUpdate`); ``kept`` ends
-    as the accepted updates *without their tensors* (what a round's report needs), ``dropped`` as
-    ``(client, reason)``; ``bytes_up`` sums ``upload_bytes`` over the kept ones."""
+
+@dataclass
+class _Intake:
+    """A round's replies taken one at a time: each validated once (``check`` raises :class:`InvalidUpdate`),
+    refused by name or accepted (:meth:`_accept`, the round's own). ``kept`` ends as the accepted updates
+    *without their tensors* (what a round's report needs), ``dropped`` as ``(client, reason)``; ``bytes_up`` sums
+    ``upload_bytes`` over the kept ones; an update with norms returned by :meth:`_accept` goes to the store."""
 
     method: AggregationMethod
     ctx: AggregationContext
@@ -61,8 +70,38 @@ class StreamedRound:
     dropped: list[tuple[str | None, str]] = field(default_factory=list)
     bytes_up: int = 0
     _norms: list[UpdateNorms] = field(default_factory=list)
-    _fold: "_WeightedFold | None" = None
     _seen: set[str] = field(default_factory=set)
+
+    def offer(self, update: ClientUpdate) -> bool:
+        """Validate one reply and take it in (stored with its norms when the round needs it again); False if dropped."""
+        try:
+            update, norms = self._accept(update)
+        except InvalidUpdate as err:
+            self.dropped.append((err.client, err.problem))
+            return False
+        if update.client_id is not None:
+            self._seen.add(update.client_id)
+        self.bytes_up += self.upload_bytes(update)
+        self.kept.append(replace(update, adapter={}))
+        if norms is not None:
+            self.store.put(len(self._norms), update)
+            self._norms.append(norms)
+        return True
+
+    def _validated(self, update: ClientUpdate) -> ClientUpdate:
+        if update.client_id is not None and update.client_id in self._seen:
+            raise InvalidUpdate(update.client_id, DUPLICATE)
+        return as_fp32(self.check(update))
+
+    def _accept(self, update: ClientUpdate) -> tuple[ClientUpdate, UpdateNorms | None]:
+        raise NotImplementedError
+
+
+@dataclass
+class StreamedRound(_Intake):
+    """One round of a streaming rule: :meth:`offer` each reply as it arrives, then :meth:`result`."""
+
+    _fold: "_WeightedFold | None" = None
     _rank: int | None = None
     _products: ProductSum | None = None
 
@@ -80,27 +119,9 @@ class StreamedRound:
     def bounded(self) -> bool:
         return self.ctx.norm_bound is not None and self.method.bounded
 
-    def offer(self, update: ClientUpdate) -> bool:
-        """Validate one reply and fold it in (bounded: keep its norms and store it); False if it was dropped."""
-        try:
-            update, norms = self._accept(update)
-        except InvalidUpdate as err:
-            self.dropped.append((err.client, err.problem))
-            return False
-        if update.client_id is not None:
-            self._seen.add(update.client_id)
-        self.bytes_up += self.upload_bytes(update)
-        self.kept.append(replace(update, adapter={}))
-        if norms is not None:
-            self.store.put(len(self._norms), update)
-            self._norms.append(norms)
-        return True
-
     def _accept(self, update: ClientUpdate) -> tuple[ClientUpdate, UpdateNorms | None]:
         """The validated update (fp32 at least) and, bounded, its norms; unbounded, it is folded in here."""
-        if update.client_id is not None and update.client_id in self._seen:
-            raise InvalidUpdate(update.client_id, DUPLICATE)
-        update = as_fp32(self.check(update))
+        update = self._validated(update)
         if self.method.uniform_rank:
             rank = adapter_rank(update.adapter)
             if self._rank is not None and rank != self._rank:
@@ -150,6 +171,63 @@ class StreamedRound:
             else:
                 out[module + DENSE_SUFFIX] = self._products.dense.pop(module).div_(total).addmm_(b_bar.float(), a_bar.float(), alpha=-1.0)
         return out
+
+
+@dataclass
+class ModulewiseRound(_Intake):
+    """A list rule run a module at a time (docs/algorithm.md §7.2): for a method whose aggregate of module ℓ needs
+    only module ℓ of every update and per-client scalars (n_k, r_k; :attr:`AggregationMethod.module_separable`:
+    the SVD family, FLoRA's stacking, RB-LoRA, RBLA, FFA).
+
+    First pass: each reply is validated, its norms kept (O(K) scalars) and the update stored (the server spills it
+    to disk). Once every reply is in, the bound's scales are fixed from the norms; then for each module the round
+    reads that module's factors of every update back (in client order), scales them as the bound would have, and
+    runs the method's own list rule (:func:`hetlora.methods.aggregate_round`) on them. The server holds one
+    module's factors of the round, Σ_k r_k (out_ℓ + in_ℓ) numbers, and the result: not K adapters. The result is
+    the list round's, since each module's arithmetic is the same (tested, bound on and off)."""
+
+    _base: Adapter | None = None
+
+    def __post_init__(self) -> None:
+        if not modulewise(self.method, self.ctx):
+            raise ValueError(f"method {self.method.name!r} does not aggregate a module at a time")
+        if self.store is None or self.ctx.shapes is None:
+            raise ValueError("a module-wise round needs a ReplyStore for its second pass and the layer shapes")
+
+    def _accept(self, update: ClientUpdate) -> tuple[ClientUpdate, UpdateNorms]:
+        return (update := self._validated(update)), finite_norms(update)
+
+    def result(self) -> Adapter | None:
+        """The round's aggregate (None with no kept update); its base update is kept for :meth:`base_update`."""
+        if not self.kept:
+            return None
+        from . import aggregate_round
+
+        order = sorted(range(len(self._norms)), key=lambda i: str(self._norms[i].client))  # the list round's order
+        scales = bound_scales(self._norms, self.ctx.norm_bound) if self.ctx.norm_bound is not None and self.method.bounded else None
+        ctx = replace(self.ctx, norm_bound=None)  # the scales below are the bound
+        new: Adapter = {}
+        base: Adapter = {}
+        for module in sorted(self.ctx.shapes):
+            updates = [self._module_update(i, module, scales) for i in order]
+            module_new, module_base = aggregate_round(self.method, updates, ctx)
+            new |= module_new
+            base |= module_base or {}
+            del updates
+        self._base = base or None
+        return new
+
+    def _module_update(self, index: int, module: str, scales: list[BoundScales] | None) -> ClientUpdate:
+        adapter = self.store.read(index, [module + B_SUFFIX, module + A_SUFFIX])
+        meta = replace(self.kept[index], adapter=adapter)
+        if scales is None:
+            return meta
+        sc = scales[index]
+        return replace(meta, adapter=scale_adapter(adapter, b_scale=sc.b, a_scale=sc.a), num_examples=sc.examples)
+
+    def base_update(self, aggregated: Adapter) -> Adapter | None:
+        """The method's base update, formed module by module with the aggregate."""
+        return self._base
 
 
 def finite_norms(update: ClientUpdate) -> UpdateNorms:
@@ -219,9 +297,10 @@ class _WeightedFold:
 
 def stream_round(method: AggregationMethod, ctx: AggregationContext, replies: Iterable[ClientUpdate],
                  check: Callable[[ClientUpdate], ClientUpdate], store: ReplyStore | None = None,
-                 upload_bytes: Callable[[ClientUpdate], int] = lambda u: 0) -> StreamedRound:
-    """Every reply offered as it comes; the returned round's :meth:`StreamedRound.result` is the aggregate."""
-    streamed = StreamedRound(method, ctx, check, store, upload_bytes)
+                 upload_bytes: Callable[[ClientUpdate], int] = lambda u: 0) -> StreamedRound | ModulewiseRound:
+    """Every reply offered as it comes; the returned round's ``result()`` is the aggregate (a weighted-sum method's
+    :class:`StreamedRound`, or a :class:`ModulewiseRound`)."""
+    streamed = (StreamedRound if streams(method, ctx) else ModulewiseRound)(method, ctx, check, store, upload_bytes)
     for reply in replies:
         streamed.offer(reply)
     return streamed

@@ -2,8 +2,10 @@
 
 A weighted-sum method (``stream_weight``) folds each reply in as it arrives and lets it go: the server holds
 the global adapter, one float64 accumulator and O(K) scalars; bounded, the updates wait on disk
-(:class:`~hetlora.server.spill.SpillStore`) for the second pass. Any other method validates the list and
-aggregates it (:func:`hetlora.methods.aggregate_dropping`): its server memory grows with the round's K.
+(:class:`~hetlora.server.spill.SpillStore`) for the second pass. A method whose rule works a module at a time
+(``module_separable``) spills every reply and runs its list rule one module at a time over them: the server holds
+one module of the round's updates. Any other method validates the list and aggregates it
+(:func:`hetlora.methods.aggregate_dropping`): its server memory grows with the round's K.
 Under over-selection (docs/algorithm.md §7.3) a round takes replies only until K valid ones are in
 (:class:`RoundClose`); what it does not take is never read.
 """
@@ -16,7 +18,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 from ..core.adapter import Adapter, ClientUpdate
 from ..core.validation import DUPLICATE, InvalidUpdate
 from ..methods import AggregationContext, AggregationMethod, aggregate_dropping
-from ..methods.streaming import finite_norms, stream_round, streams
+from ..methods.streaming import finite_norms, modulewise, stream_round, streams
 from .spill import SpillStore
 
 
@@ -63,7 +65,7 @@ def aggregate_replies(method: AggregationMethod, ctx: AggregationContext, replie
     checked = close is not None and close.wanted is not None  # then each reply is validated as it is taken
     if checked:
         replies = _first_valid(replies, check, close, refused)
-    if stream and streams(method, ctx):
+    if stream and (streams(method, ctx) or modulewise(method, ctx)):
         done = _streamed(method, ctx, replies, (lambda u: u) if checked else check, min_clients, upload_bytes)
         done.dropped[:0] = refused
         done.replied += [d["client"] for d in refused]

@@ -30,7 +30,6 @@ from ..device.footprint import fit_ranks
 from ..device.host import ClientHost, auto_parallel_clients
 from ..methods import AggregationContext, get_method
 from ..methods.dp import DPFedAvg
-from ..methods.streaming import streams
 from .privacy import ServerPrivacy, check_sampling
 from .aggregation import RoundClose, aggregate_replies
 
@@ -193,10 +192,6 @@ class Federation:
             options=self._options(), generator=self.privacy.noise_generator(round_index) if self.privacy else None,
             seed=cfg.seed, round_index=round_index, ranks=dict(self.ranks),
         )
-
-    def streams(self, round_index: int) -> bool:
-        """Whether this round folds each reply in as it arrives (a weighted-sum method; docs/algorithm.md §7.2)."""
-        return streams(self.method, AggregationContext(r_max=self.cfg.global_rank, options=self._options()))
 
     def _options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"per_layer": True} if self.cfg.per_layer and "per_layer" in self.method.options else {}

@@ -1,8 +1,10 @@
 """Where a bounded streamed round's updates wait for their second pass: safetensors files in a temporary
 directory (docs/algorithm.md §7.2), so the server's memory holds one update at a time.
 
-Each update is written once as it arrives and read back once, then its file is deleted; the directory goes
-when the round ends, whatever happened. ``TMPDIR`` chooses the disk (it needs the round's upload bytes).
+Each update is written once as it arrives. A weighted-sum round reads it back once and deletes its file; a
+module-wise round reads one module of every update at a time (``pread``, no memory map: pages of a mapped file
+would stay resident). The directory goes when the round ends, whatever happened. ``TMPDIR`` chooses the disk (it
+needs the round's upload bytes).
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from ..core.adapter import ClientUpdate
+
+MAX_OPEN_READERS = 512  # files a module-wise round keeps open (reading a module costs 0.05 ms open, 0.7 ms to open)
 
 
 class SpillStore:
@@ -23,12 +29,16 @@ class SpillStore:
     def __init__(self) -> None:
         self.directory: Path | None = None
         self._meta: dict[int, ClientUpdate] = {}
+        self._readers: dict[int, object] = {}
 
     def __enter__(self) -> "SpillStore":
         self.directory = Path(tempfile.mkdtemp(prefix="hetlora-spill-"))
         return self
 
     def __exit__(self, *exc) -> None:
+        for reader in self._readers.values():
+            reader.__exit__(None, None, None)
+        self._readers.clear()
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None
@@ -48,3 +58,15 @@ class SpillStore:
         adapter = load_file(str(path))
         path.unlink()
         return replace(self._meta.pop(index), adapter=adapter)
+
+    def read(self, index: int, keys: list[str]) -> dict[str, Tensor]:
+        """Some of a stored update's tensors; the update stays stored (a module-wise round reads it a module at a time)."""
+        reader = self._readers.get(index)
+        if reader is not None:
+            return {key: reader.get_tensor(key) for key in keys}
+        reader = safe_open(str(self._path(index)), framework="pt", device="cpu", backend="pread")
+        if len(self._readers) < MAX_OPEN_READERS:
+            self._readers[index] = reader
+            return {key: reader.get_tensor(key) for key in keys}
+        with reader:
+            return {key: reader.get_tensor(key) for key in keys}
