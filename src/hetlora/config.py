@@ -115,8 +115,9 @@ class RunConfig:
 
     @property
     def folds_into_base(self) -> bool:
-        """Whether the method folds updates into the frozen weights (clients then keep fp32 originals to fold into)."""
-        return METHODS[self.method].folds_into_base
+        """Whether updates are folded into the frozen weights, by the method or by its clients (clients then keep
+        fp32 originals to fold into)."""
+        return METHODS[self.method].folds_into_base or METHODS[self.method].client_folds
 
     @property
     def prunes(self) -> bool:
@@ -314,9 +315,9 @@ class RunConfig:
         if self.base_weights not in ("auto", "dense", "gguf"):
             return [f"base_weights must be auto, dense or gguf, got {self.base_weights!r}"]
         method = METHODS.get(self.method)
-        if self.base_weights == "gguf" and method is not None and (method.folds_into_base or method.client_kind == "fft"):
+        if self.base_weights == "gguf" and method is not None and (self.folds_into_base or method.client_kind == "fft"):
             return [f"base_weights gguf keeps the frozen weights in GGUF blocks, but {self.method} "
-                    f"{'folds updates into them' if method.folds_into_base else 'trains them'}: use base_weights dense"]
+                    f"{'folds updates into them' if self.folds_into_base else 'trains them'}: use base_weights dense"]
         return []
 
     def base_for(self, device_client: bool, model_from_gguf: bool) -> str:
@@ -324,8 +325,7 @@ class RunConfig:
         whose method leaves the base frozen, dense otherwise (docs/algorithm.md §7.1)."""
         if self.base_weights != "auto":
             return self.base_weights
-        method = METHODS[self.method]
-        frozen = not method.folds_into_base and method.client_kind != "fft"
+        frozen = not self.folds_into_base and METHODS[self.method].client_kind != "fft"
         return "gguf" if device_client and model_from_gguf and frozen else "dense"
 
     def _dp_problems(self) -> list[str]:

@@ -217,7 +217,7 @@ def test_the_list_rules_that_run_a_module_at_a_time():
     """A rule is module-wise when module ℓ's aggregate needs only module ℓ of each update and per-client scalars;
     hetlora-keep (‖ΔW_k‖ over every module), fslora (its sketches' change) and fft (dense weights) are not."""
     ctx = AggregationContext(r_max=R_MAX, shapes=SHAPES)
-    assert sorted(MODULEWISE) == ["ffa", "flexlora", "flora", "florist", "rb-lora", "rbla", "recon-svd"]
+    assert sorted(MODULEWISE) == ["fed-plora", "ffa", "flexlora", "flora", "florist", "rb-lora", "rbla", "recon-svd"]
     assert not any(modulewise(METHODS[m], ctx) for m in STREAMING)
     assert sorted(m for m in METHODS if m not in STREAMING + MODULEWISE) == ["fft", "fslora", "hetlora-keep"]
     with pytest.raises(ValueError, match="needs a ReplyStore"):

@@ -13,8 +13,9 @@ from .flora import FLoRAClient
 from .fslora import FSLoRAClient
 from .job import Job, State
 from .lora import LoRAClient
+from .plora import PLoRAClient
 
-CLIENT_KINDS: dict[str, ClientKind] = {k.name: k for k in (LoRAClient(), FFAClient(), FLoRAClient(), FSLoRAClient(), FFTClient())}
+CLIENT_KINDS: dict[str, ClientKind] = {k.name: k for k in (LoRAClient(), FFAClient(), FLoRAClient(), FSLoRAClient(), FFTClient(), PLoRAClient())}
 
 
 def get_kind(name: str) -> ClientKind:

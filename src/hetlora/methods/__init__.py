@@ -16,6 +16,7 @@ from ..core.validation import InvalidUpdate, LayerShapes
 from .base import AggregationContext, AggregationMethod, require_valid
 from .fedavg import FedAvg
 from .fedex_lora import FedExLoRA
+from .fed_plora import FedPLoRA
 from .ffa import FFALoRA
 from .fft import FullFineTuning
 from .flexlora import FlexLoRA
@@ -50,6 +51,7 @@ METHODS: dict[str, AggregationMethod] = {
         HetLoRARevive(),
         HetLoRASVDRevive(),
         FLoRIST(),
+        FedPLoRA(),
     )
 }
 

@@ -50,7 +50,7 @@ class AggregationMethod:
     """Base class; subclasses set the class attributes and implement :meth:`aggregate`."""
 
     name: str = ""
-    #: which client kind trains for it (hetlora.clients): "lora", "ffa", "flora" or "fft".
+    #: which client kind trains for it (hetlora.clients): "lora", "ffa", "flora", "fslora", "plora" or "fft".
     client_kind: str = "lora"
     #: whether clients apply rank self-pruning (docs/algorithm.md, local training).
     prunes: bool = False
@@ -63,6 +63,9 @@ class AggregationMethod:
     bounded: bool = True
     #: whether :meth:`base_update` moves part of each aggregate into the frozen weights.
     folds_into_base: bool = False
+    #: whether its clients fold part of what they receive into their frozen weights (Fed-PLoRA's unselected modules):
+    #: like a method that folds, they need dense fp32 base weights to fold into.
+    client_folds: bool = False
     #: keyword options :meth:`aggregate` understands (read from ``ctx.options``).
     options: tuple[str, ...] = ()
     #: whether it needs the round's context (seed, round) to re-derive what it sent (FSLoRA's sketches).
