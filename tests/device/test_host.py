@@ -164,15 +164,15 @@ def test_base_weights_gguf_is_refused_where_the_base_is_not_frozen_or_not_from_a
     assert RunConfig().base_for(device_client=True, model_from_gguf=True) == "gguf"
 
 
-def _mapped_rss_kb(path) -> int:
-    """Resident kB of this process's memory maps of ``path`` (/proc/self/smaps)."""
+def _mapped_kb(path, field: str = "Rss:") -> int:
+    """kB of this process's memory maps of ``path`` (/proc/self/smaps): resident (``Rss:``) or mapped (``Size:``)."""
     total, current = 0, None
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
             fields = line.split()
             if "-" in fields[0] and len(fields) >= 5:
                 current = fields[5] if len(fields) > 5 else None
-            elif fields[0] == "Rss:" and current == str(path):
+            elif fields[0] == field and current == str(path):
                 total += int(fields[1])
     return total
 
@@ -195,10 +195,31 @@ def test_a_bf16_client_reads_its_frozen_weights_from_the_file_without_touching_t
     model, tokenizer = load_base_model(str(tmp_path))
     file = tmp_path / "model.safetensors"
     expected = {n: v.to(torch.bfloat16) for n, v in safetensors.torch.load(file.read_bytes()).items() if "proj" in n}  # no map
-    before = _mapped_rss_kb(file)
+    assert _mapped_kb(file, "Size:") >= file.stat().st_size // 1024  # from_pretrained maps the file (else nothing to test)
+    before = _mapped_kb(file)
     host = ClientHost(RunConfig(model=str(tmp_path), device="cpu", precision="bf16", r_max=6), model, tokenizer, chitchat_small)
     host.bank()
     weights = dict(model.named_parameters())
     assert len(expected) == 14 and all(torch.equal(weights[n], v) for n, v in expected.items())
     linear_kb = sum(v.numel() * 4 for v in expected.values()) // 1024
-    assert _mapped_rss_kb(file) - before < linear_kb / 10, (before, _mapped_rss_kb(file), linear_kb)
+    assert _mapped_kb(file) - before < linear_kb / 10, (before, _mapped_kb(file), linear_kb)
+
+
+def test_a_weight_changed_after_loading_is_not_read_back_from_the_file(tmp_path, tiny):
+    """The file holds the weights as loaded: one changed since (in place, or replaced) is converted as it is now."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hetlora.models.loading import load_base_model, read_weights
+
+    _, tok = tiny
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=4, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, _ = load_base_model(str(tmp_path))
+    names = ["model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
+    weights = dict(model.named_parameters())
+    with torch.no_grad():
+        weights[names[0]].add_(1.0)  # in place
+        weights[names[1]].data = weights[names[1]].data * 2  # replaced
+    assert sorted(read_weights(model, names, torch.bfloat16)) == [names[2]]

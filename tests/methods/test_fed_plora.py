@@ -12,7 +12,7 @@ from hetlora.core.sketch import complement, selected_modules, sketch_indices
 from hetlora.core.validation import InvalidUpdate
 from tests.methods.helpers import M, update
 
-R = 4
+R = 6  # the clients below train 5 modules in all: at least one is untrained
 SEED, ROUND = 3, 2
 
 
@@ -36,6 +36,7 @@ def test_each_module_is_the_example_weighted_mean_of_the_clients_that_trained_it
                for c in ranks]
     previous = {M + B_SUFFIX: torch.full((2, R), -1.0), M + A_SUFFIX: torch.full((R, 3), -2.0)}
     g = aggregate("fed-plora", updates, r_max=R, previous=previous, seed=SEED, round_index=ROUND, ranks=ranks)
+    assert any(not any(j in picks[c] for c in ranks) for j in range(R))
     for j in range(R):
         trained = [c for c in ranks if j in picks[c]]
         if not trained:

@@ -202,7 +202,9 @@ class ClientHost:
         head = self.model.get_output_embeddings()
         frozen = {path: module for path, module in self.model.named_modules()
                   if isinstance(module, torch.nn.Linear) and module is not head and module.weight.dtype == torch.float32}
-        from_file = {} if keep_fp32 else read_weights(self.model, [f"{path}.weight" for path in frozen], torch.bfloat16)
+        on_cpu = torch.device(self.device).type == "cpu"
+        # a map is a CPU matter: on a GPU the weights were copied off it when the model moved
+        from_file = read_weights(self.model, [f"{path}.weight" for path in frozen], torch.bfloat16) if on_cpu and not keep_fp32 else {}
         with torch.no_grad():
             for path, module in frozen.items():
                 if keep_fp32:

@@ -203,7 +203,7 @@ class ModulewiseRound(_Intake):
             return None
         from . import aggregate_round
 
-        order = sorted(range(len(self._norms)), key=lambda i: str(self._norms[i].client))  # the list round's order
+        order = sorted(range(len(self._norms)), key=lambda i: self._norms[i].client or "")  # the list round's order
         scales = bound_scales(self._norms, self.ctx.norm_bound) if self.ctx.norm_bound is not None and self.method.bounded else None
         ctx = replace(self.ctx, norm_bound=None)  # the scales below are the bound
         new: Adapter = {}

@@ -8,6 +8,7 @@ tokenizer's.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from .gguf_model import load_gguf_model, load_gguf_tokenizer
 from .packaged import PACKAGED, packaged_path
 
 TINY_SEED = 1234  # the tiny test model's weights: the same for every call
-#: the attribute load_base_model sets on a model whose parameters are, as loaded, those of these safetensors files
+#: the attribute load_base_model sets on a model loaded from safetensors files: (the files, each parameter as loaded)
 WEIGHTS_FILES = "hetlora_weights_files"
 
 
@@ -154,7 +155,23 @@ def _hub_model(name: str, dtype: torch.dtype):
 
 
 def _note_weights_files(model, directory: Path) -> None:
-    setattr(model, WEIGHTS_FILES, sorted(directory.glob("*.safetensors")))
+    """Remember the safetensors files ``model`` was just loaded from, and each parameter as loaded (storage and
+    version counter), so :func:`read_weights` reads only parameters nobody changed since. A quantised checkpoint
+    (its file values are not the parameters') is not noted."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        return
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({directory / name for name in json.loads(index.read_text())["weight_map"].values()})
+    elif (directory / "model.safetensors").is_file():
+        files = [directory / "model.safetensors"]
+    else:
+        return
+    setattr(model, WEIGHTS_FILES, (files, {n: _as_loaded(p) for n, p in model.named_parameters()}))
+
+
+def _as_loaded(parameter: torch.Tensor) -> tuple[int, int]:
+    return parameter.data_ptr(), parameter._version
 
 
 def read_weights(model, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -164,15 +181,17 @@ def read_weights(model, names: list[str], dtype: torch.dtype) -> dict[str, torch
     Why (docs/algorithm.md §7.1): ``from_pretrained`` maps the files into memory and reads pages only when
     touched. Converting the mapped fp32 weights to bf16 in memory touched every page, and the mapping stayed
     resident beside the bf16 copies, held by the embedding (SmolLM2: +405 MB). Read with ``pread``, one tensor
-    at a time, the bf16 weights cost their own size and the map's pages are never touched. Only for weights
-    unchanged since loading (the caller's promise); a name or shape the files lack is left out.
+    at a time, the bf16 weights cost their own size and the map's pages are never touched. Only parameters still
+    as loaded (same storage, no in-place change since) are read; a name, or a shape, the files lack is left out.
     """
     from safetensors import safe_open
 
-    wanted, found = dict.fromkeys(names), {}
-    for file in getattr(model, WEIGHTS_FILES, []):
+    files, loaded = getattr(model, WEIGHTS_FILES, ([], {}))
+    parameters = dict(model.named_parameters())
+    wanted = {n for n in names if n in parameters and loaded.get(n) == _as_loaded(parameters[n])}
+    found: dict[str, torch.Tensor] = {}
+    for file in files:
         with safe_open(str(file), framework="pt", device="cpu", backend="pread") as reader:
-            for key in wanted.keys() & set(reader.keys()):
+            for key in wanted & set(reader.keys()):
                 found[key] = reader.get_tensor(key).to(dtype)
-    shapes = dict(model.named_parameters())
-    return {k: v for k, v in found.items() if k in shapes and v.shape == shapes[k].shape}
+    return {k: v for k, v in found.items() if v.shape == parameters[k].shape}
