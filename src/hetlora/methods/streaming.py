@@ -72,6 +72,11 @@ class _Intake:
     _norms: list[UpdateNorms] = field(default_factory=list)
     _seen: set[str] = field(default_factory=set)
 
+    @property
+    def bounded(self) -> bool:
+        """Whether the norm bound scales this round's updates (docs/algorithm.md §5)."""
+        return self.ctx.norm_bound is not None and self.method.bounded
+
     def offer(self, update: ClientUpdate) -> bool:
         """Validate one reply and take it in (stored with its norms when the round needs it again); False if dropped."""
         try:
@@ -114,10 +119,6 @@ class StreamedRound(_Intake):
             raise ValueError("a streamed residual needs weights fixed per client (examples or uniform), not update norms")
         self._fold = None if self.bounded else _WeightedFold(self.method.stream_weight, self.ctx.r_max, fallback=True)
         self._products = ProductSum() if self.method.stream_residual else None
-
-    @property
-    def bounded(self) -> bool:
-        return self.ctx.norm_bound is not None and self.method.bounded
 
     def _accept(self, update: ClientUpdate) -> tuple[ClientUpdate, UpdateNorms | None]:
         """The validated update (fp32 at least) and, bounded, its norms; unbounded, it is folded in here."""
@@ -176,8 +177,7 @@ class StreamedRound(_Intake):
 @dataclass
 class ModulewiseRound(_Intake):
     """A list rule run a module at a time (docs/algorithm.md §7.2): for a method whose aggregate of module ℓ needs
-    only module ℓ of every update and per-client scalars (n_k, r_k; :attr:`AggregationMethod.module_separable`:
-    the SVD family, FLoRA's stacking, RB-LoRA, RBLA, FFA).
+    only module ℓ of every update and per-client scalars (:attr:`AggregationMethod.module_separable`).
 
     First pass: each reply is validated, its norms kept (O(K) scalars) and the update stored (the server spills it
     to disk). Once every reply is in, the bound's scales are fixed from the norms; then for each module the round
@@ -204,7 +204,7 @@ class ModulewiseRound(_Intake):
         from . import aggregate_round
 
         order = sorted(range(len(self._norms)), key=lambda i: self._norms[i].client or "")  # the list round's order
-        scales = bound_scales(self._norms, self.ctx.norm_bound) if self.ctx.norm_bound is not None and self.method.bounded else None
+        scales = bound_scales(self._norms, self.ctx.norm_bound) if self.bounded else None
         ctx = replace(self.ctx, norm_bound=None)  # the scales below are the bound
         new: Adapter = {}
         base: Adapter = {}
@@ -213,7 +213,6 @@ class ModulewiseRound(_Intake):
             module_new, module_base = aggregate_round(self.method, updates, ctx)
             new |= module_new
             base |= module_base or {}
-            del updates
         self._base = base or None
         return new
 
