@@ -1,5 +1,5 @@
-"""Where a bounded streamed round's updates wait for their second pass: safetensors files in a temporary
-directory (docs/algorithm.md §7.2), so the server's memory holds one update at a time.
+"""Where a bounded streamed round's or a module-wise round's updates wait for their second pass: safetensors files
+in a temporary directory (docs/algorithm.md §7.2), so the server's memory holds one update, or one module, at a time.
 
 Each update is written once as it arrives. A weighted-sum round reads it back once and deletes its file; a
 module-wise round reads one module of every update at a time (``pread``, no memory map: pages of a mapped file
@@ -38,6 +38,7 @@ class SpillStore:
         self.directory: Path | None = None
         self._meta: dict[int, ClientUpdate] = {}
         self._readers: dict[int, object] = {}
+        self._max_readers = _open_reader_limit()  # once: a round reads K × modules times
 
     def __enter__(self) -> "SpillStore":
         self.directory = Path(tempfile.mkdtemp(prefix="hetlora-spill-"))
@@ -73,7 +74,7 @@ class SpillStore:
         if reader is not None:
             return {key: reader.get_tensor(key) for key in keys}
         reader = safe_open(str(self._path(index)), framework="pt", device="cpu", backend="pread")
-        if len(self._readers) < _open_reader_limit():
+        if len(self._readers) < self._max_readers:
             self._readers[index] = reader
             return {key: reader.get_tensor(key) for key in keys}
         with reader:
