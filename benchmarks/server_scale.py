@@ -145,6 +145,8 @@ def main() -> None:
         child(json.loads(args.child))
         return
     from hetlora import METHODS as REGISTRY
+    from hetlora.methods import AggregationContext
+    from hetlora.methods.streaming import one_at_a_time
     from hetlora.provenance import environment
 
     layers = 2 if args.smoke else 30
@@ -166,7 +168,7 @@ def main() -> None:
 
     print(f"{'method':>14} {'path':>6} {'K':>5} {'peak MB':>9} {'base MB':>8} {'s/round':>8} {'ms/update':>9}")
     for method in args.methods:
-        streams = REGISTRY[method].stream_weight is not None or REGISTRY[method].module_separable
+        streams = one_at_a_time(REGISTRY[method], AggregationContext(r_max=R_MAX))
         paths = [p for p in args.paths if streams or p == "list"] + (["plain"] if method == "hetlora" else [])
         for path in paths:
             for k in clients:

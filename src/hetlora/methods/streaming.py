@@ -54,6 +54,11 @@ def modulewise(method: AggregationMethod, ctx: AggregationContext) -> bool:
     return method.module_separable and not streams(method, ctx)
 
 
+def one_at_a_time(method: AggregationMethod, ctx: AggregationContext) -> bool:
+    """Whether a server takes ``method``'s replies one at a time (:func:`stream_round`), never holding K of them."""
+    return streams(method, ctx) or modulewise(method, ctx)
+
+
 @dataclass
 class _Intake:
     """A round's replies taken one at a time: each validated once (``check`` raises :class:`InvalidUpdate`),

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 from ..core.adapter import Adapter, ClientUpdate
 from ..core.validation import DUPLICATE, InvalidUpdate
 from ..methods import AggregationContext, AggregationMethod, aggregate_dropping
-from ..methods.streaming import finite_norms, modulewise, stream_round, streams
+from ..methods.streaming import finite_norms, one_at_a_time, stream_round
 from .spill import SpillStore
 
 
@@ -65,7 +65,7 @@ def aggregate_replies(method: AggregationMethod, ctx: AggregationContext, replie
     checked = close is not None and close.wanted is not None  # then each reply is validated as it is taken
     if checked:
         replies = _first_valid(replies, check, close, refused)
-    if stream and (streams(method, ctx) or modulewise(method, ctx)):
+    if stream and one_at_a_time(method, ctx):
         done = _streamed(method, ctx, replies, (lambda u: u) if checked else check, min_clients, upload_bytes)
         done.dropped[:0] = refused
         done.replied += [d["client"] for d in refused]
