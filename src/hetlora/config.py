@@ -117,7 +117,8 @@ class RunConfig:
     def folds_into_base(self) -> bool:
         """Whether updates are folded into the frozen weights, by the method or by its clients (clients then keep
         fp32 originals to fold into)."""
-        return METHODS[self.method].folds_into_base or METHODS[self.method].client_folds
+        method = METHODS[self.method]
+        return method.folds_into_base or method.client_folds
 
     @property
     def prunes(self) -> bool:

@@ -75,7 +75,7 @@ def test_a_plora_client_folds_what_it_did_not_select_and_starts_from_the_global_
         evaluate = lambda: kind.evaluate({"global": global_adapter}, host, [6], 0)[6]  # noqa: E731
         reference = evaluate()
         job = Job(host.client_ids[0], 2, 1, kind.payload({"global": global_adapter}, host.client_ids[0], 2, 1, host.seed))
-        own, start = PLoRAClient.client_start(job, host.seed)
+        (own,), (start,) = PLoRAClient.client_start(job, host.seed)
         host.apply_base_delta(own.base, own.base_version)
         bank = host.bank(1, 2)
         bank.load(0, start)

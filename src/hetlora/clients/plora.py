@@ -23,6 +23,7 @@ from .lora import LoRAClient, train_lora
 if TYPE_CHECKING:
     from ..device.host import ClientHost
 
+
 class PLoRAClient(LoRAClient):
     name = "plora"
     rank_tiers = False  # every client runs the whole global model (the unselected modules folded in)
@@ -32,19 +33,16 @@ class PLoRAClient(LoRAClient):
         return dict(state["global"])  # all R modules: the selected to train, the others to fold
 
     def train(self, host: "ClientHost", jobs: Sequence[Job], *, prune: bool) -> list[ClientUpdate]:
-        return [update for job in jobs for update in self._train_one(host, job)]
-
-    def _train_one(self, host: "ClientHost", job: Job) -> list[ClientUpdate]:
-        own, start = self.client_start(job, host.seed)
-        return train_lora(host, [own], [start], prune=False)
+        """Each job alone (its own fold), never self-pruning: the server reads its modules at the selected indices."""
+        return [update for job in jobs for update in train_lora(host, *self.client_start(job, host.seed), prune=False)]
 
     @staticmethod
-    def client_start(job: Job, seed: int) -> tuple[Job, dict[str, Tensor]]:
-        """(the job with the unselected modules folded into its base, the selected modules to train): with
+    def client_start(job: Job, seed: int) -> tuple[list[Job], list[dict[str, Tensor]]]:
+        """([the job with the unselected modules folded into its base], [the selected modules to train]): with
         ``host.apply_base_delta`` and the LoRA, W0 + s·Σ_{j∉K} B_j A_j + s·B_K A_K, the global model."""
         r = adapter_rank(job.payload)
         chosen = selected_modules(seed, job.round, job.client_id, job.rank, r)
-        folded = gather(job.payload, complement(chosen, r)) if job.rank < r else {}
-        own = replace(job, base=dict(fold(job.base or None, folded)) if folded else job.base,
-                      base_version=(PLORA_STREAM, job.base_version, job.round, job.client_id))
-        return own, gather(job.payload, chosen)
+        rest = complement(chosen, r)
+        base = dict(fold(job.base or None, gather(job.payload, rest))) if rest else job.base
+        own = replace(job, base=base, base_version=(PLORA_STREAM, job.base_version, job.round, job.client_id))
+        return [own], [gather(job.payload, chosen)]
