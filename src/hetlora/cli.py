@@ -261,7 +261,7 @@ def fetch_model(
 
 @app.command()
 def study(
-    preset: str = typer.Option("cpu", "--preset", help="cpu (study v3: 20 seeds, many sittings) | gpu (≥ 5× the compute per run, 5 seeds) | cpu-v2 (record, --report-only) | smoke"),
+    preset: str = typer.Option("cpu", "--preset", help="cpu-v4 (study v4: each label its own tuned rate, one Holm family, 20 seeds) | cpu (study v3, complete) | gpu (≥ 5× the compute per run, 5 seeds) | cpu-v2 (record, --report-only) | smoke"),
     results: Path = typer.Option(Path("benchmarks/results"), "--results", help="Where results/<preset>/ goes"),
     work: Path = typer.Option(Path("runs/study"), "--work", help="Run directories (checkpoints, adapters)"),
     budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Start no new run after this long"),

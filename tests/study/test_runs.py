@@ -308,3 +308,96 @@ def test_the_report_counts_only_the_registered_runs_whose_own_config_matches_the
         "fft-s2": "its own config records seed 0, not the directory's 2",
         "mystery-s1": "label mystery is not a registered label of the plan",
     }
+
+
+def v4_preset(**kw):
+    return Preset(**(dict(seeds=(0, 1), base=PRESETS["smoke"].base | dict(split_seed=7, rouge_size=2), version=4, labels=("hetlora", "fedavg-rmin"),
+                          lr_grid=(1e-3, 3e-3, 1e-2), tune_rounds=1, tune_seeds=(100, 101), long_labels=("hetlora",),
+                          long_best_of=("fedavg-rmin",), long_seeds=(0,), long_rounds=2, sized_from=("prior",)) | kw))
+
+
+def prior_study(root):
+    """A few committed v3 runs as the earlier study a v4 plan is sized from."""
+    import shutil
+    from pathlib import Path
+
+    v3 = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "cpu-v3" / "runs"
+    for label in ("hetlora", "fedavg-rmin"):
+        for seed in range(4):
+            shutil.copytree(v3 / f"{label}-s{seed}", root / "prior" / "runs" / f"{label}-s{seed}")
+
+
+def test_a_v4_study_tunes_each_label_until_bracketed_and_judges_one_family(tmp_path, monkeypatch):
+    from hetlora.study import plan as plan_module, tuning
+
+    monkeypatch.setitem(study.PRESETS, "unit4", v4_preset())
+    monkeypatch.setattr(plan_module, "N_MIN", 2)
+    monkeypatch.setattr(plan_module, "N_MAX", 2)
+    monkeypatch.setattr(tuning, "LADDER", (1e-3, 3e-3, 1e-2, 3e-2))  # at most one step past the first grid
+    prior_study(tmp_path / "results")
+    log = []
+    s = Study("unit4", tmp_path / "results", tmp_path / "work", log=log.append)
+    s.run_all()
+    results = tmp_path / "results" / "unit4"
+    plan = json.loads((results / "plan.json").read_text())
+    assert plan["core_labels"] == ["hetlora", "fedavg-rmin"] and plan["n"] == 2 and plan["design"]["version"] == 4
+    assert plan["sizing"]["family_size"] == 2  # C1 and C7 (no fft, no noprune in this core set)
+    assert plan["compute"]["sections"]["core"]["runs"] == 4 and plan["compute"]["sections"]["long"]["runs"] == 2
+    t = json.loads((results / "tuning.json").read_text())
+    assert t["complete"] and t["seeds"] == [100, 101] and t["long_best_new"] == "fedavg-rmin"
+    for label, table in t["labels"].items():
+        assert table["complete"] and len(table["grid"]) in (3, 4) and all(len(v) == 2 for v in table["perplexities"].values())
+        assert table["bracketed"] == (table["chosen"] not in (table["grid"][0], table["grid"][-1]))
+        scores = {float(k): v for k, v in table["scores"].items()}
+        assert table["chosen"] == min(sorted(scores), key=scores.get)
+        for k in table["perplexities"]:  # each tuning run on the validation split with the one data split, at its own rate
+            for seed in (100, 101):
+                cfg = json.loads((results / "tuning" / f"{label}-lr{k}-s{seed}" / "summary.json").read_text())["config"]
+                assert (cfg["eval_split"], cfg["split_seed"], cfg["lr"], cfg["seed"], cfg["rouge_size"]) == ("validation", 7, float(k), seed, None)
+        run_cfg = json.loads((results / "runs" / f"{label}-s1" / "summary.json").read_text())["config"]
+        assert run_cfg["lr"] == table["chosen"] and run_cfg["split_seed"] == 7 and run_cfg["eval_split"] == "test"
+    long_cfg = json.loads((results / "long" / "runs" / "fedavg-rmin-s0" / "summary.json").read_text())["config"]
+    assert long_cfg["rounds"] == 2 and long_cfg["local_steps"] == PRESETS["smoke"].base["local_steps"]
+    report = json.loads((write_report(s).parent / "study.json").read_text())
+    assert report["plan"]["core_labels"] == ["hetlora", "fedavg-rmin"] and report["plan"]["n"] == 2
+    assert {c["id"] for c in report["comparisons"]} == {"C1", "C7"} and "claims" not in report and "c8" not in report
+    c1 = next(c for c in report["comparisons"] if c["id"] == "C1")
+    assert c1["label"] == "fedavg-rmin" and c1["verdict"] in ("reproduced", "not reproduced", "inconclusive") and "p_holm" in c1
+    by = {(r["label"], r["seed"]): r for r in report["runs"]}
+    assert c1["effects_pct"] == pytest.approx([100 * (by["fedavg-rmin", s]["final_eval_ppl"] / by["hetlora", s]["final_eval_ppl"] - 1) for s in (0, 1)])
+    assert all(0.0 <= r["rouge_l"] <= 1.0 for r in report["runs"])
+    assert report["tuning"]["hetlora"]["chosen"] == t["labels"]["hetlora"]["chosen"]
+    text = (results / "study.md").read_text()
+    assert "## Every comparison with HetLoRA" in text and "## Learning rates (each label's own" in text
+    # a second sitting runs nothing: every tuning and study run is kept
+    log.clear()
+    Study("unit4", tmp_path / "results", tmp_path / "work", log=log.append).run_all()
+    assert not [m for m in log if m.startswith("tuning ") or "seed" in m and "block" not in m], log
+
+
+def test_a_v4_plan_refuses_a_preset_whose_n_is_not_the_rules(tmp_path, monkeypatch):
+    from hetlora.study import plan as plan_module
+
+    monkeypatch.setitem(study.PRESETS, "unit4", v4_preset(seeds=(0, 1, 2)))
+    monkeypatch.setattr(plan_module, "N_MIN", 2)
+    monkeypatch.setattr(plan_module, "N_MAX", 2)
+    prior_study(tmp_path / "results")
+    with pytest.raises(ValueError, match="the plan's rule gives n = 2 seeds .* the preset has 3"):
+        Study("unit4", tmp_path / "results", tmp_path / "work").plan()
+    assert not (tmp_path / "results" / "unit4" / "plan.json").exists()
+
+
+def test_the_v4_plan_is_sized_from_the_committed_v3_runs(tmp_path):
+    """cpu-v4's plan recomputes from the committed v3 runs: n = 20 by its rule, one family of 15."""
+    from pathlib import Path
+    import shutil
+
+    root = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    shutil.copytree(root / "cpu-v3" / "runs", tmp_path / "cpu-v3" / "runs")
+    plan = Study("cpu-v4", tmp_path, tmp_path / "work").plan()
+    assert plan["n"] == 20 == len(PRESETS["cpu-v4"].seeds) and plan["sizing"]["family_size"] == 15
+    assert plan["sizing"]["median_seeds_needed"] > 20  # the budget's bound binds, and the plan says so
+    committed = root / "cpu-v4" / "plan.json"
+    if committed.is_file():
+        registered = json.loads(committed.read_text())
+        assert registered["design"] == plan["design"] and registered["sizing"] == plan["sizing"]

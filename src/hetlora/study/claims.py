@@ -83,6 +83,7 @@ def load_runs(results: Path, where: str = "runs", *, seeds: Collection[int] | No
             "mean_final_rank": statistics.fmean(summary["final_ranks"].values()) if summary.get("final_ranks") else None,
             "pruning_events": summary.get("pruning_events"), "visits": summary.get("visits"),
             "lr": summary["config"]["lr"], "provenance": summary.get("provenance"),
+            "rouge_l": rows[-1].get("rouge_l") if rows else None,
         })
     check_blocks(runs, results / where)
     return runs
@@ -313,6 +314,7 @@ def summarise(runs: dict, order: list[str] | tuple[str, ...] = ()) -> list[dict]
             "trainable_params": any_run["trainable_params"], "live_rank": statistics.fmean(live) if live else None,
             "pruning_events": statistics.fmean(r["pruning_events"] or 0 for r in seeds.values()),
             "seconds": statistics.fmean(r["seconds"] for r in seeds.values()), "lr": any_run["lr"],
+            "rouge_l": statistics.fmean(rouge) if (rouge := [r["rouge_l"] for r in seeds.values() if r.get("rouge_l") is not None]) else None,
         })
     rank = {label: i for i, label in enumerate(order)}
     return sorted(rows, key=lambda r: rank.get(r["label"], len(rank)))

@@ -73,3 +73,61 @@ def preregister(design: Mapping[str, Any], prior_claims: Sequence[Mapping[str, A
                      f"what C1–C7 need for 80 % power at their Holm first-step level ({median}); a claim whose earlier "
                      "effect needs more is listed as expected inconclusive, never given more seeds after the fact; "
                      f"a report with fewer than {n} seeds is interim")}
+
+
+N_MIN, N_MAX = 10, 20  # study v4: the fewest seeds a core label runs, and the most its compute budget allows (plan.compute)
+
+
+def size_family(prior_rows: Sequence[Mapping[str, Any]], n_run: int | None = None) -> dict[str, Any]:
+    """Study v4's sizing (docs/algorithm.md §10): every comparison of the one Holm family from the earlier study's per-seed
+    effects (% of hetlora's perplexity, the statistic v4 tests), at α/m; n = the median of what the comparisons with an
+    earlier estimate need for 80 % power, within [N_MIN, N_MAX]. A comparison needing more is expected inconclusive."""
+    m = len(prior_rows)
+    alpha = ALPHA / m
+    needed: list[int] = []
+    sized = []
+    for row in prior_rows:
+        effects = list(row.get("effects_pct") or [])
+        entry: dict[str, Any] = {"id": row["id"], "label": row["label"], "prior_n": len(effects), "alpha_first_step": alpha}
+        if len(effects) >= 2:
+            mean, sd = statistics.fmean(effects), statistics.stdev(effects)
+            need = seeds_needed(mean, sd, alpha)
+            needed.append(need or 10**6)
+            entry |= {"prior_mean_pct": mean, "prior_sd_pct": sd, "seeds_needed_80pct": need}
+        else:
+            entry["note"] = "no earlier paired runs: n by the others"
+        sized.append(entry)
+    median = math.ceil(statistics.median(needed)) if needed else N_MIN
+    n = n_run if n_run is not None else min(N_MAX, max(N_MIN, median))
+    for entry in sized:
+        if "prior_mean_pct" in entry:
+            entry["power_at_n"] = power(entry["prior_mean_pct"], entry["prior_sd_pct"], n, alpha)
+            entry["expected"] = ("powered (≥ 80 %) if the earlier effect holds" if entry["power_at_n"] >= POWER
+                                 else "underpowered at this n (< 80 %): may stay inconclusive")
+    return {"family_size": m, "median_seeds_needed": median, "n": n, "comparisons": sized,
+            "rule": (f"n = {n} seeds for every core label, fixed before any run: the median of what the family's comparisons need "
+                     f"for 80 % power at Holm's first-step level α/{m} from the earlier study's paired effects ({median}), "
+                     f"within [{N_MIN}, {N_MAX}] (the most the compute budget allows); a comparison whose earlier effect needs "
+                     "more is listed as expected inconclusive and never given more seeds after the fact")}
+
+
+def seconds_per_round(prior_runs: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Mean wall seconds per round of the earlier study's runs, per machine class (device, precision): what a round costs
+    where each class ran, evaluation included."""
+    per_class: dict[str, list[float]] = {}
+    for run in prior_runs:
+        prov, rounds = run.get("provenance") or {}, len(run["curve"]) - 1
+        if rounds > 0:
+            per_class.setdefault(f"{prov.get('device', 'unknown')}, {prov.get('precision', '?')}", []).append(run["seconds"] / rounds)
+    return {cls: statistics.fmean(v) for cls, v in per_class.items()}
+
+
+def compute_plan(sections: Mapping[str, tuple[int, int, bool]], per_round: Mapping[str, float], rouge_seconds: float = 0.0) -> dict[str, Any]:
+    """≈ runs × rounds × seconds per round on each machine class, + ROUGE-L's responses for the runs that score them:
+    ``sections`` maps a part of the study to (runs, rounds per run, whether its runs score ROUGE-L)."""
+    rounds = sum(n * r for n, r, _ in sections.values())
+    runs = sum(n for n, _, _ in sections.values())
+    scored = sum(n for n, _, rouge in sections.values() if rouge)
+    return {"sections": {k: {"runs": n, "rounds_per_run": r, "rouge_l": rouge} for k, (n, r, rouge) in sections.items()},
+            "runs": runs, "rounds": rounds, "seconds_per_round_by_class": dict(per_round), "rouge_seconds_per_run": rouge_seconds,
+            "hours_by_class": {cls: (rounds * sec + scored * rouge_seconds) / 3600 for cls, sec in per_round.items()}}

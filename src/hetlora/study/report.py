@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import write_json_atomic
+from .family import comparisons
 from .claims import (
     EQUIVALENCE_MARGIN_PCT,
     beats_hetlora,
@@ -71,15 +72,17 @@ def write_report(study, wall_seconds: float | None = None) -> Path:
     grouped = by_label(runs)
     order = list(preset.labels) + list(preset.reference_labels)
     set_aside = set_aside_groups(results)
+    v4 = preset.version >= 4
     report = {
         "provenance": provenance_of(runs + long_runs, results, wall_seconds) | {"wall_seconds_set_aside": sum(g["seconds"] for g in set_aside)},
         "plan": read_json(results / "plan.json"),
+        "version": preset.version,
         "config": preset.base | {"preset": study.preset_name, "seeds": list(preset.seeds), "labels": list(preset.labels),
                                  "reference_labels": list(preset.reference_labels), "reference_seeds": list(preset.reference_seeds),
                                  "eval_size": preset.base["eval_size"], "final_eval_size": preset.base["final_eval_size"],
                                  "tuning": read_json(results / "tuning.json") or {}},
-        "claims": claims(grouped, preset),
-        "c8": beats_hetlora(grouped, preset.labels),
+        **({"comparisons": comparisons(grouped, preset.labels, preset.base["r_min"]), "tuning": tuning_rows(read_json(results / "tuning.json"))}
+           if v4 else {"claims": claims(grouped, preset), "c8": beats_hetlora(grouped, preset.labels)}),
         "variants": variant_rows(grouped, study.design()["variant_labels"], preset.base["r_min"]),
         "long": long_regime(long_runs),
         "seed_blocks": {"runs": seed_blocks(runs), "long": seed_blocks(long_runs)},
@@ -95,6 +98,13 @@ def write_report(study, wall_seconds: float | None = None) -> Path:
     return results / "study.md"
 
 
+def tuning_rows(tuning: dict | None) -> dict[str, dict[str, Any]]:
+    """v4: each label's tuning in brief (``grid``, ``chosen``, whether the optimum is bracketed, the scores)."""
+    labels = (tuning or {}).get("labels") or {}
+    return {label: {"grid": t.get("grid"), "chosen": t.get("chosen"), "bracketed": t.get("bracketed"), "scores": t.get("scores"),
+                    "complete": t.get("complete")} for label, t in labels.items()}
+
+
 def _fmt(x, digits=2):
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
@@ -104,7 +114,11 @@ def render_markdown(report: dict, plots: list[Path], results: Path) -> str:
     cfg = report["config"]
     model = "SmolLM2-135M-Instruct" if cfg.get("model") == "smollm2" else f"model `{cfg.get('model')}`"
     lines = [f"# HetLoRA's claims on {model} + {cfg.get('data', 'chitchat')} — preset `{cfg['preset']}`", ""]
-    lines += claims_section(report) + c8_section(report) + variants_section(report) + long_section(report)
+    if report.get("version", 3) >= 4:
+        lines += comparisons_section(report) + tuning_section(report)
+    else:
+        lines += claims_section(report) + c8_section(report)
+    lines += variants_section(report) + long_section(report)
     notes = results / "notes.md"
     if notes.is_file():
         lines += [notes.read_text().strip(), ""]
@@ -144,6 +158,43 @@ def claims_section(report: dict) -> list[str]:
               "Holm-adjusted as one family. *Reproduced* when the adjusted p < 0.05 with the difference on the paper's side, "
               "*not reproduced* when on the other side, *inconclusive* otherwise. Intervals are 95 % t-intervals with exact quantiles. "
               f"Perplexity is measured once, after the last round, on {cfg['final_eval_size']} held-out test examples (never used for tuning).", ""]
+
+
+def comparisons_section(report: dict) -> list[str]:
+    """v4: every comparison with hetlora, one Holm family, effects as % of hetlora's perplexity beside the paper's."""
+    rows = report.get("comparisons") or []
+    planned = len(report["config"]["seeds"])
+    lines = ["## Every comparison with HetLoRA (one Holm family; effect = % of HetLoRA's perplexity, > 0: HetLoRA better)", "",
+             "| id | versus | claim | effect % (95 % CI) | the paper's % | n | p | Holm p | verdict |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for c in rows:
+        interim = f" (interim: {c['n']} of {planned})" if c["n"] < planned else ""
+        lines.append(f"| {c['id']} | {c['label']} | {c['claim']} | {_fmt(c.get('effect_pct'))} {_ci(c.get('ci95_pct'))} | "
+                     f"{_fmt(c.get('paper_effect_pct'), 1)} | {c['n']} | {_fmt(c.get('p'), 3)} | {_fmt(c.get('p_holm'), 3)} | **{c['verdict']}**{interim} |")
+    trade = next((c for c in rows if c["id"] == "C4" and c.get("upload_saved_pct") is not None), None)
+    if trade:
+        per = trade.get("upload_saved_pct_per_0_1_pct_ppl")
+        lines += ["", f"C4's trade: pruning saved {_fmt(trade['upload_saved_pct'])} % of upload {_ci(trade['upload_saved_pct_ci95'])} and cost "
+                      f"{_fmt(trade['ppl_cost_pct'])} % perplexity {_ci(trade['ppl_cost_pct_ci95'])}: "
+                      + (f"{_fmt(per)} % of upload per 0.1 % of perplexity" if per is not None else "no perplexity cost on average")
+                      + f" (registered rate: ≥ 1 % of upload per {trade['rate_pct_ppl_per_pct_upload']:g} %)."]
+    return lines + ["", "Rule: per seed, the relative difference to hetlora; two-sided paired t-test; the family's p-values Holm-adjusted "
+                        "together (registered in plan.json before any run). A paper claim is *reproduced* when the adjusted p < 0.05 on "
+                        "the paper's side, *not reproduced* on the other, *inconclusive* otherwise; another method is *better* on the side "
+                        "the adjusted test rejects.", ""]
+
+
+def tuning_section(report: dict) -> list[str]:
+    rows = report.get("tuning") or {}
+    if not rows:
+        return []
+    t = report["config"].get("tuning") or {}
+    lines = [f"## Learning rates (each label's own; validation split, seeds {t.get('seeds')}, {t.get('rounds')} rounds)", "",
+             "| label | grid | validation ppl per rate (geometric mean over seeds) | chosen | bracketed |", "|---|---|---|---:|---|"]
+    for label, r in rows.items():
+        scores = ", ".join(f"{k}: {_fmt(v)}" for k, v in (r.get("scores") or {}).items())
+        lines.append(f"| {label} | {r.get('grid')} | {scores or '—'} | {r['chosen'] if r.get('chosen') is not None else '—'} | "
+                     f"{'yes' if r.get('bracketed') else 'no' if r.get('bracketed') is False else '—'} |")
+    return lines + ["", f"The long regime's best new method (lowest tuned validation score): {t.get('long_best_new') or 'not yet named'}.", ""]
 
 
 def c8_section(report: dict) -> list[str]:
@@ -198,13 +249,22 @@ def plan_section(report: dict) -> list[str]:
              plan["rule"] + f". Sized from {plan['sized_from']}.", "",
              "| claim | earlier n | earlier mean (sd) | seeds for 80 % power at α/m | power at the planned n | expectation |",
              "|---|---:|---:|---:|---:|---|"]
-    for c in plan["claims"] + plan["c8"]:
-        if "prior_mean" not in c:
+    sized = plan["sizing"]["comparisons"] if "sizing" in plan else plan["claims"] + plan["c8"]
+    for c in sized:
+        mean, sd = c.get("prior_mean", c.get("prior_mean_pct")), c.get("prior_sd", c.get("prior_sd_pct"))
+        if mean is None:
             lines.append(f"| {c['id']} | {c['prior_n']} | — | — | — | {c['note']} |")
             continue
-        lines.append(f"| {c['id']} | {c['prior_n']} | {_fmt(c['prior_mean'])} ({_fmt(c['prior_sd'])}) | {c['seeds_needed_80pct'] or '> 200'} | "
+        lines.append(f"| {c['id']} | {c['prior_n']} | {_fmt(mean)} ({_fmt(sd)}) | {c['seeds_needed_80pct'] or '> 200'} | "
                      f"{_fmt(c['power_at_n'])} | {c['expected']} |")
     d = plan["design"]
+    if "sizing" in plan:
+        hours = "; ".join(f"{cls}: {h:.1f} h" for cls, h in plan["compute"]["hours_by_class"].items())
+        return lines + ["", f"Core labels {', '.join(plan['core_labels'])}, n = {plan['n']} seeds each; effects in % of hetlora's perplexity. "
+                            f"{d['tuning_rule']}. {d['long_rule']}. C4's rate: {d['c4_rate_pct_ppl_per_pct_upload']:g} % perplexity per 1 % "
+                            f"of upload; C6's HomLoRA: {d['c6_homlora']}. Unfinished seeds: {d['unfinished_seed_rule']}.", "",
+                        f"Compute planned: {plan['compute']['runs']} runs, {plan['compute']['rounds']} rounds ≈ {hours} "
+                        "(seconds per round from the earlier study's runs on each class).", ""]
     return lines + ["", f"Core labels {', '.join(d['core_labels'])} on seeds {d['core_seeds']}; references on seeds {d['reference_seeds']}; "
                         f"long regime ({d['long_steps_factor']}× local steps) {', '.join(d['long_labels'])} on seeds {d['long_seeds']}; "
                         f"equivalence margin {d['equivalence_margin_pct']:g} % relative perplexity; families: "
@@ -213,11 +273,11 @@ def plan_section(report: dict) -> list[str]:
 
 def methods_section(report: dict) -> list[str]:
     lines: list[str] = []
-    lines += ["## Every method", "", "| method | final test ppl (mean, 95 % CI) | n | MB up | MB down | trainable params | live rank at the end | pruning events | s per run | lr |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["## Every method", "", "| method | final test ppl (mean, 95 % CI) | n | ROUGE-L | MB up | MB down | trainable params | live rank at the end | pruning events | s per run | lr |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["table"]:
         ci = r["final_eval_ppl_ci95"]
-        lines.append(f"| {r['label']} | {_fmt(r['final_eval_ppl_mean'])} ({_fmt(ci[0]) if ci else '—'}…{_fmt(ci[1]) if ci else '—'}) | {r['n']} | "
+        lines.append(f"| {r['label']} | {_fmt(r['final_eval_ppl_mean'])} ({_fmt(ci[0]) if ci else '—'}…{_fmt(ci[1]) if ci else '—'}) | {r['n']} | {_fmt(r.get('rouge_l'), 3)} | "
                      f"{r['bytes_up_total'] / 1e6:.1f} | {r['bytes_down_total'] / 1e6:.1f} | {r['trainable_params']:,} | {_fmt(r['live_rank'], 1)} | "
                      f"{_fmt(r['pruning_events'], 1)} | {r['seconds']:.0f} | {r['lr']:g} |")
     return lines
@@ -237,9 +297,10 @@ def setup_section(report: dict) -> list[str]:
               f"precision {cfg['precision']}. Core labels on seeds {cfg['seeds']}, references ({', '.join(cfg.get('reference_labels') or []) or 'none'}) "
               f"on seeds {cfg.get('reference_seeds') or []}. Per-round curves use {cfg['eval_size']} test examples.",
               "",
-              f"Learning rates, tuned on the validation split (seed {t.get('seed')}, {t.get('rounds')} rounds): LoRA grid "
-              f"{t.get('lora_grid')} scored by {t.get('lora_score')}: {json.dumps(t.get('lora_scores'))} → **{t.get('lora_lr')}**; "
-              f"FFT grid {t.get('fft_grid')}: {json.dumps(t.get('scores', {}).get('fft'))} → **{t.get('fft_lr')}**.",
+              (f"Learning rates, tuned on the validation split (seed {t.get('seed')}, {t.get('rounds')} rounds): LoRA grid "
+               f"{t.get('lora_grid')} scored by {t.get('lora_score')}: {json.dumps(t.get('lora_scores'))} → **{t.get('lora_lr')}**; "
+               f"FFT grid {t.get('fft_grid')}: {json.dumps(t.get('scores', {}).get('fft'))} → **{t.get('fft_lr')}**." if "lora_grid" in t
+               else f"Learning rates: each label's own (the tuning table above); one data split for every seed (split seed {cfg.get('split_seed')})."),
               "",
               f"Provenance: commits {prov.get('commits')} (tuning: {prov.get('tuning_commits')}), devices {prov.get('devices')}, torch {prov.get('torch')}, transformers "
               f"{prov.get('transformers')}, peft {prov.get('peft')}, eos token {prov.get('eos_token')}, end of turn {prov.get('end_of_turn_token')}; "

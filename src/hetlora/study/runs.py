@@ -46,6 +46,14 @@ LONG_LABELS = ["hetlora", "fedavg-rmin", "fedavg-rmax"]
 LABELS = CORE_LABELS + REFERENCE_LABELS
 TUNE_LORA_LABELS = ["hetlora", "fedavg-rmin", "fedavg-rmax"]
 TUNE_SEED = 100  # tuning runs use a seed no study run uses
+# Study v4's core set: the paper's claims, v3's winners and variant, and the 2026 field (rb-lora stands for raFLoRA, whose
+# one readable rule is rb-lora's: docs/algorithm.md).
+V4_LABELS = CLAIM_LABELS + ["hetlora-svd-revive", "fedex-lora", "fslora", "flexlora", "fed-plora", "florist", "rb-lora"]
+V4_SEEDS = 20  # what plan.size_family's rule gives from v3's runs (Study.plan refuses a preset that disagrees)
+# One v4 run's ROUGE-L (64 greedy responses of ≤ 48 tokens), measured on the slowest class at hand (AVX2 fp32, 2 threads:
+# the final evaluation took 69.5 s with ROUGE-L against ≈ 36 s for the 256 examples and the r_min tier alone).
+ROUGE_SECONDS_PER_RUN = 33.0
+V4_SPLIT_SEED = 2026  # the one data split of every v4 run, tuning included (no run seed is 2026)
 
 @dataclass(frozen=True)
 class Preset:
@@ -65,6 +73,11 @@ class Preset:
     results_dir: str | None = None  # under the results root; the preset's name when None
     sized_from: tuple[str, ...] = ()  # earlier results (under the results root) the pre-registered plan is sized from
     superseded: str | None = None  # a record kept for its report only: why it is not run again
+    # study v4 (#44): every label its own bracketed rate on tune_seeds, one Holm family, the long regime as more rounds
+    version: int = 3
+    tune_seeds: tuple[int, ...] = (TUNE_SEED,)
+    long_rounds: int | None = None  # v4: the long regime runs this many rounds at the same per-round budget
+    long_best_of: tuple[str, ...] = ()  # v4: the long regime adds the one of these with the best tuned validation score
 
 
 COMMON = dict(model="smollm2", data="chitchat", min_examples=20, sampling="cyclic", r_min=5, r_max=50,
@@ -82,6 +95,13 @@ PRESETS: dict[str, Preset] = {
     "cpu-v2": Preset(seeds=(0, 1, 2), base=CPU_BASE, tune_rounds=4, results_dir="cpu-v2",
                      labels=tuple(CLAIM_LABELS + ["hetlora-keep", "rbla", "rb-lora", "flexlora", "flora", "ffa", "fslora", "fedex-lora"]),
                      superseded="study v2 stands on the old data split (split version 1); preset cpu is its successor"),
+    # Study v4 on 2 CPU cores (#44): the 2026 field, every label at its own tuned rate, one Holm family; one data split for
+    # every seed (split_seed), ROUGE-L of every final model; n from v3's paired effects by the plan's rule (plan.size_family).
+    "cpu-v4": Preset(seeds=tuple(range(V4_SEEDS)), base=CPU_BASE | dict(split_seed=V4_SPLIT_SEED, rouge_size=64), version=4,
+                     labels=tuple(V4_LABELS), lr_grid=(3e-4, 1e-3, 3e-3), fft_lr_grid=(3e-5, 1e-4, 3e-4), tune_rounds=CPU_BASE["rounds"],
+                     tune_seeds=(TUNE_SEED, TUNE_SEED + 1), long_labels=("hetlora", "fedavg-rmin", "fedavg-rmax", "fslora"),
+                     long_best_of=("fed-plora", "florist", "rb-lora"), long_seeds=(0, 1, 2, 3, 4), long_rounds=30,
+                     results_dir="cpu-v4", sized_from=("cpu-v3",)),
     # one GPU, ≥ 5× the CPU preset's compute per run (8× the tokens), 5 seeds.
     "gpu": Preset(seeds=(0, 1, 2, 3, 4), base=COMMON | dict(client_pool=24, clients_per_round=8, rounds=9, local_steps=4,
                                                             batch_size=8, max_length=128, eval_size=64, final_eval_size=512),
@@ -200,7 +220,7 @@ class Study:
     # -------------------------------------------------------------- the pre-registered plan
     def design(self) -> dict[str, Any]:
         p = self.preset
-        return {"core_labels": list(p.labels), "core_seeds": list(p.seeds), "variant_labels": [v for v in VARIANT_LABELS if v in p.labels],
+        design = {"core_labels": list(p.labels), "core_seeds": list(p.seeds), "variant_labels": [v for v in VARIANT_LABELS if v in p.labels],
                 "reference_labels": list(p.reference_labels), "reference_seeds": list(p.reference_seeds),
                 "long_labels": list(p.long_labels), "long_seeds": list(p.long_seeds), "long_steps_factor": p.long_steps_factor,
                 "base": p.base, "lr_grid": list(p.lr_grid), "fft_lr_grid": list(p.fft_lr_grid), "tune_rounds": p.tune_rounds,
@@ -209,6 +229,34 @@ class Study:
                 "c8_rule": "a method beats hetlora when its Holm-adjusted two-sided paired test rejects with lower perplexity",
                 "seed_blocks": "all runs of one seed (core and references; the long regime apart) share device class, "
                                "precision and training behaviour (fingerprint); a seed of another block is not run here"}
+        if p.version < 4:
+            return design
+        for v3_only in ("equivalence_margin_pct", "long_steps_factor", "c8_rule"):  # v4 judges by its own rules (design_v4)
+            design.pop(v3_only)
+        return design | self.design_v4()
+
+    def design_v4(self) -> dict[str, Any]:
+        """What v4 registers beside v3's design (docs/algorithm.md §10): tuning, the one family, the long regime, the seed rule."""
+        from .family import C4_RATE, C6_HOMLORA
+        from .tuning import LADDER
+
+        p = self.preset
+        return {"version": 4, "tune_seeds": list(p.tune_seeds), "tuning_ladder": list(LADDER),
+                "tuning_rule": "every label its own rate: its first grid on every tuning seed, on the validation split of the one data "
+                               "split, the study's own rounds; score = geometric mean of the seeds' validation perplexities; while the "
+                               "best rate is the grid's edge, the ladder's next rate on that side is added (study/tuning.py)",
+                "families": {"all": "one Holm family: every core label vs hetlora (C1, C2, C3, C5 among them), C4's trade, C6, C7"},
+                "statistic": "per seed 100 · (ppl(label) − ppl(hetlora)) / ppl(hetlora), two-sided paired t-test, α = 0.05 after Holm",
+                "c4_rate_pct_ppl_per_pct_upload": C4_RATE, "c6_homlora": C6_HOMLORA,
+                "long_rounds": p.long_rounds, "long_best_of": list(p.long_best_of),
+                "long_rule": f"the long regime runs {', '.join(p.long_labels)} and the one of {', '.join(p.long_best_of)} whose tuned "
+                             f"validation score is lowest, {p.long_rounds} rounds at the core set's per-round budget; descriptive "
+                             "(curves and best rounds), not in the family",
+                "rouge": "ROUGE-L of each final model's greedy responses (secondary outcome, not in the family)",
+                "unfinished_seed_rule": "a seed still owing a planned run when its block's machines are gone is set aside whole "
+                                        "(hetlora study --set-aside-seed, with the reason) and run again in another block; a complete "
+                                        "seed is never set aside; the report lists the set-aside runs and their compute",
+                "plan_rule": "this plan is written and committed before any v4 run (tuning included) and never edited after"}
 
     def plan(self) -> dict[str, Any]:
         """The registered plan (``plan.json``), written before the first run; refuses a design changed since."""
@@ -223,6 +271,10 @@ class Study:
                 raise ValueError(f"the study's design differs from its pre-registered plan {path} in {', '.join(changed)}; "
                                  "a registered plan is not changed after runs were seen: start a new results directory")
             return registered
+        if self.preset.version >= 4:
+            plan = self.plan_v4(design)
+            write_json_atomic(path, plan)
+            return plan
         # each source is paired within itself: the first (the earlier study) sizes C1–C7, and C8 takes each label
         # from the first source that ran it beside hetlora (the variants from the validation-split pilot)
         sources = [by_label(load_runs(self.results_root / d)) for d in self.preset.sized_from if (self.results_root / d / "runs").is_dir()]
@@ -238,9 +290,107 @@ class Study:
         write_json_atomic(path, plan)
         return plan
 
+    def plan_v4(self, design: dict[str, Any]) -> dict[str, Any]:
+        """v4's plan: the one family sized from the earlier study's paired effects; refuses a preset whose n is not the rule's."""
+        from .family import comparisons
+        from .plan import size_family
+
+        p = self.preset
+        source = self.results_root / p.sized_from[0]
+        prior_runs = load_runs(source)
+        sizing = size_family(comparisons(by_label(prior_runs), p.labels, p.base["r_min"]))
+        if sizing["n"] != len(p.seeds):
+            raise ValueError(f"the plan's rule gives n = {sizing['n']} seeds from {source}, the preset has {len(p.seeds)}: "
+                             "set the preset's seeds to the rule's n before registering")
+        self.results.mkdir(parents=True, exist_ok=True)
+        return {"design": design, "core_labels": list(p.labels), "n": sizing["n"], "sized_from": str(source), "sizing": sizing,
+                "rule": sizing["rule"], "compute": self.compute_v4(prior_runs), "registered": utc_timestamp()}
+
+    def compute_v4(self, prior_runs: list[dict[str, Any]]) -> dict[str, Any]:
+        """The plan's compute: runs × rounds × the earlier study's seconds per round on each machine class, + ROUGE-L per run."""
+        from .plan import compute_plan, seconds_per_round
+
+        p = self.preset
+        long_labels = len(p.long_labels) + (1 if p.long_best_of else 0)
+        sections = {"tuning, first grids (each ladder step adds one run per tuning seed)":
+                    (len(p.labels) * len(p.lr_grid) * len(p.tune_seeds), p.tune_rounds, False),
+                    "core": (len(p.labels) * len(p.seeds), p.base["rounds"], True),
+                    "long": (long_labels * len(p.long_seeds), p.long_rounds or p.base["rounds"], True)}
+        return compute_plan(sections, seconds_per_round(prior_runs), ROUGE_SECONDS_PER_RUN)
+
     # -------------------------------------------------------------- learning rates
+    def rate(self, tuning: dict[str, Any], label: str) -> float:
+        """The learning rate a label runs at: v4 its own tuned rate, v3 the shared LoRA rate or FFT's."""
+        if self.preset.version >= 4:
+            return tuning["labels"][label]["chosen"]
+        return tuning["fft_lr"] if label == "fft" else tuning["lora_lr"]
+
     def tune(self, block: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The shared LoRA rate and FFT's own, chosen on the validation split (resumable)."""
+        """The learning rates, chosen on the validation split (resumable): v4 per label, v3 shared."""
+        return self.tune_v4(block) if self.preset.version >= 4 else self.tune_shared(block)
+
+    def tune_v4(self, block: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Every label its own rate from a grid that brackets its optimum (study/tuning.py), label by label."""
+        from .tuning import rate_key
+
+        p = self.preset
+        labels: dict[str, dict[str, Any]] = {}
+        provenance: dict[str, Any] = {}
+        for label in p.labels:
+            labels[label] = self.tune_label(label, block, provenance)
+            if self.out_of_time():
+                break
+        complete = len(labels) == len(p.labels) and all(t["complete"] for t in labels.values())
+        best_new = (min(p.long_best_of, key=lambda lab: labels[lab]["scores"][rate_key(labels[lab]["chosen"])])
+                    if complete and p.long_best_of else None)
+        out = {"version": 4, "split": "validation", "split_seed": p.base.get("split_seed"), "seeds": list(p.tune_seeds),
+               "rounds": p.tune_rounds, "complete": complete, "labels": labels, "long_best_new": best_new,
+               "score": "geometric mean of the tuning seeds' validation perplexities", "provenance": provenance}
+        self.results.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.results / "tuning.json", out)
+        return out
+
+    def tune_label(self, label: str, block: dict[str, Any] | None, provenance: dict[str, Any]) -> dict[str, Any]:
+        """One label's tuning table: run what it owes (kept runs are read back) until it is bracketed or time is up."""
+        from .tuning import label_table, rate_key
+
+        p = self.preset
+        first = p.fft_lr_grid if label == "fft" else p.lr_grid
+        per_rate: dict[float, list[float]] = {}
+        held = {block_key(read_json(f)) for f in (self.results / "tuning").glob(f"{label}-lr*-s*/block.json")}
+        if block is not None and held - {block_key(block)}:
+            # a label's rates are compared within one seed block: one started elsewhere waits for a machine of its block
+            self.log(f"tuning {label}: started in block {sorted(map(str, held))}; this machine is {block_key(block)}: left for that block")
+            return {"complete": False, "waiting_for_block": sorted(map(str, held))}
+        while not (table := label_table(first, per_rate, len(p.tune_seeds)))["complete"]:
+            for lr in table["owed"]:
+                for seed in p.tune_seeds[len(per_rate.get(lr, [])):]:
+                    name = f"{label}-lr{rate_key(lr)}-s{seed}"
+                    summary = self.tuning_run(label, lr, seed, name, block)
+                    if summary is None:
+                        return label_table(first, per_rate, len(p.tune_seeds))
+                    per_rate.setdefault(lr, []).append(summary["full_eval_ppl"])
+                    provenance[name] = summary.get("provenance")
+        return table
+
+    def tuning_run(self, label: str, lr: float, seed: int, name: str, block: dict[str, Any] | None) -> dict[str, Any] | None:
+        """One tuning run's summary, run now unless kept already (None: the time budget is used up)."""
+        p = self.preset
+        kept = self.results / "tuning" / name
+        base = self.base(lr=lr, rounds=p.tune_rounds, eval_split="validation", tier_eval="off", rouge_size=None)
+        cfg = run_label(label, seed, base, self.work / "tuning" / name)
+        if not finished_as_asked(kept, cfg):
+            if self.out_of_time():
+                return None
+            self.wait_while_paused()
+            t = time.perf_counter()
+            execute(cfg, kept, block)
+            self.log(f"tuning {name}: validation ppl {json.loads((kept / 'summary.json').read_text())['full_eval_ppl']:.2f} "
+                     f"({time.perf_counter() - t:.0f}s)")
+        return json.loads((kept / "summary.json").read_text())
+
+    def tune_shared(self, block: dict[str, Any] | None = None) -> dict[str, Any]:
+        """v3: the shared LoRA rate and FFT's own, chosen on the validation split (resumable)."""
         tuning_file = self.results / "tuning.json"
         p = self.preset
         scores: dict[str, dict[str, float]] = {}
@@ -283,10 +433,18 @@ class Study:
         """(where, seeds, labels, config changes) in the order they run: the core set's first ten seeds, seed by
         seed, then the references and the long regime, then the core set's other seeds."""
         p = self.preset
-        long = {"local_steps": p.base["local_steps"] * p.long_steps_factor}
+        long = {"rounds": p.long_rounds} if p.long_rounds else {"local_steps": p.base["local_steps"] * p.long_steps_factor}
         first, rest = p.seeds[:FIRST_CORE_SEEDS], p.seeds[FIRST_CORE_SEEDS:]
         return [("runs", first, p.labels, {}), ("runs", p.reference_seeds, p.reference_labels, {}),
-                ("long/runs", p.long_seeds, p.long_labels, long), ("runs", rest, p.labels, {})]
+                ("long/runs", p.long_seeds, self.long_labels(), long), ("runs", rest, p.labels, {})]
+
+    def long_labels(self) -> tuple[str, ...]:
+        """The long regime's labels; v4 adds the best new method once tuning has named it (tuning.json)."""
+        p = self.preset
+        if not p.long_best_of:
+            return p.long_labels
+        best = (read_json(self.results / "tuning.json") or {}).get("long_best_new")
+        return p.long_labels + ((best,) if best else ())
 
     def seed_block(self, where: str, seed: int) -> tuple | None:
         """The block of a seed's finished runs in one pairing group (``runs`` or ``long/runs``), None when it has none."""
@@ -356,7 +514,7 @@ class Study:
     def run_one(self, where: str, label: str, seed: int, tuning: dict, changes: dict, block: dict) -> bool:
         """Run one (label, seed) unless it is kept already; False when the time budget is used up."""
         kept = self.results / where / f"{label}-s{seed}"
-        lr = tuning["fft_lr"] if label == "fft" else tuning["lora_lr"]
+        lr = self.rate(tuning, label)
         cfg = run_label(label, seed, self.base(lr=lr, **changes), self.work / where / f"{label}-s{seed}")
         if finished_as_asked(kept, cfg):
             return True

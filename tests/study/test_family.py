@@ -1,0 +1,78 @@
+"""Study v4's one Holm family: effects as % of HetLoRA's perplexity, C4's trade, C6 against a fixed HomLoRA, C7's tier."""
+
+import pytest
+
+from hetlora.study.family import C4_RATE, comparisons, family_size, pct
+from hetlora.study.plan import N_MAX, N_MIN, power, seeds_needed, size_family
+from hetlora.study.stats import holm, t_test
+
+
+def run(ppl, **kw):
+    return {"final_eval_ppl": ppl, "bytes_up_total": 1000.0, "tier_ppl": {}} | kw
+
+
+def test_each_row_is_the_per_seed_relative_difference_and_the_whole_family_is_adjusted_once():
+    het = [50.0, 40.0, 60.0]
+    runs = {"hetlora": {s: run(p, tier_ppl={"5": p * 1.2}) for s, p in enumerate(het)},
+            "fedavg-rmin": {s: run(p * f) for s, (p, f) in enumerate(zip(het, [1.10, 1.12, 1.08]))},  # ~10 % worse
+            "fslora": {s: run(p * f) for s, (p, f) in enumerate(zip(het, [0.97, 0.98, 0.99]))},  # 1–3 % better
+            "fedex-lora": {0: run(51.0)}}  # one seed: no p
+    rows = {r["id"]: r for r in comparisons(runs, ["hetlora", "fedavg-rmin", "fslora", "fedex-lora"], r_min=5)}
+    assert set(rows) == {"C1", "vs:fslora", "vs:fedex-lora", "C7"}
+    assert rows["C1"]["effects_pct"] == pytest.approx([10.0, 12.0, 8.0]) and rows["C1"]["effect_pct"] == pytest.approx(10.0)
+    assert rows["C1"]["paper_effect_pct"] == pytest.approx(100 * (80.51 - 53.93) / 53.93)
+    assert rows["vs:fslora"]["effect_pct"] == pytest.approx(-2.0) and rows["vs:fedex-lora"]["p"] is None
+    # C7: HomLoRA r = 5 (1.08–1.12 × hetlora) against hetlora truncated to r = 5 (1.2 × hetlora): HomLoRA better
+    assert rows["C7"]["effects_pct"] == pytest.approx([100 * (1.10 / 1.2 - 1), 100 * (1.12 / 1.2 - 1), 100 * (1.08 / 1.2 - 1)])
+    raw = {k: t_test(r["effects_pct"]) for k, r in rows.items() if r["n"] > 1}
+    assert {k: rows[k]["p_holm"] for k in raw} == pytest.approx(holm(raw))  # one family: C1, fslora, C7 together
+    assert all(r["family_size"] == 4 for r in rows.values())
+    assert rows["C1"]["verdict"] == ("reproduced" if rows["C1"]["p_holm"] < 0.05 else "inconclusive")
+    assert rows["vs:fslora"]["verdict"] in ("fslora better", "inconclusive")
+
+
+def test_verdict_words_follow_the_adjusted_p_and_the_side():
+    het = [50.0 + s for s in range(6)]
+    runs = {"hetlora": {s: run(p) for s, p in enumerate(het)},
+            "fslora": {s: run(p * (0.9 + 0.001 * s)) for s, p in enumerate(het)},  # ~10 % better every seed
+            "fedavg-rmax": {s: run(p * (1.2 + 0.001 * s)) for s, p in enumerate(het)}}  # ~20 % worse every seed
+    rows = {r["label"]: r for r in comparisons(runs, ["hetlora", "fslora", "fedavg-rmax"], r_min=5)}
+    assert rows["fslora"]["verdict"] == "fslora better" and rows["fedavg-rmax"]["verdict"] == "reproduced"
+
+
+def test_c4_is_the_trade_of_upload_saved_against_perplexity_at_the_registered_rate():
+    # hetlora uploads 900 vs noprune's 1000 (10 % saved) and costs 0.5 % perplexity: 0.1 · 10 − 0.5 = +0.5 per seed
+    runs = {"hetlora": {s: run(50.25, bytes_up_total=900.0) for s in range(3)},
+            "hetlora-noprune": {s: run(50.0, bytes_up_total=1000.0) for s in range(3)}}
+    (c4,) = comparisons(runs, ["hetlora", "hetlora-noprune"], r_min=5)
+    assert c4["id"] == "C4" and C4_RATE == 0.1
+    assert c4["upload_saved_pct"] == pytest.approx(10.0) and c4["ppl_cost_pct"] == pytest.approx(0.5)
+    assert c4["effects_pct"] == pytest.approx([0.5, 0.5, 0.5]) and c4["verdict"] == "reproduced"  # sd 0: rejected
+    assert c4["upload_saved_pct_per_0_1_pct_ppl"] == pytest.approx(10.0 / 5.0)  # 2 % of upload per 0.1 % perplexity
+    # the same saving at a 2 % cost: 1 − 2 = −1, the trade is refused
+    runs["hetlora"] = {s: run(51.0, bytes_up_total=900.0) for s in range(3)}
+    (c4,) = comparisons(runs, ["hetlora", "hetlora-noprune"], r_min=5)
+    assert c4["effects_pct"] == pytest.approx([-1.0] * 3) and c4["verdict"] == "not reproduced"
+
+
+def test_c6_uses_the_homlora_fixed_in_advance_not_the_better_one():
+    runs = {"hetlora": {s: run(50.0 + s) for s in range(3)}, "fft": {s: run(30.0 + s) for s in range(3)},
+            "fedavg-rmin": {s: run(80.0 + s) for s in range(3)}, "fedavg-rmax": {s: run(40.0 + s) for s in range(3)}}
+    rows = {r["id"]: r for r in comparisons(runs, ["hetlora", "fedavg-rmin", "fedavg-rmax", "fft"], r_min=5)}
+    # midpoint of r_min (80+s) and FFT (30+s) = 55+s, against hetlora 50+s: +5 / (50+s) %; fedavg-rmax (better) is not used
+    assert rows["C6"]["effects_pct"] == pytest.approx([pct(55.0 + s, 50.0 + s) for s in range(3)]) and rows["C6"]["homlora"] == "fedavg-rmin"
+    assert family_size(["hetlora", "fedavg-rmin", "fedavg-rmax", "fft"]) == len(rows) == 5  # 3 rows + C6 + C7
+
+
+def test_the_family_is_sized_by_the_median_need_within_the_bounds():
+    rows = [{"id": "a", "label": "a", "effects_pct": [1.0, 2.0, 3.0, 2.0]},  # mean 2, sd 0.816
+            {"id": "b", "label": "b", "effects_pct": [0.1, -0.1, 0.2, 0.0]},  # tiny effect: needs a lot
+            {"id": "c", "label": "c", "effects_pct": [5.0, 6.0, 4.0, 5.0]},
+            {"id": "d", "label": "d", "effects_pct": []}]  # no prior: not counted
+    sized = size_family(rows)
+    need = sorted(seeds_needed(m, sd, 0.05 / 4) or 10**6 for m, sd in ((2.0, 0.816496580927726), (0.05, 0.1290994448735806), (5.0, 0.816496580927726)))
+    assert sized["family_size"] == 4 and sized["median_seeds_needed"] == need[1]
+    assert sized["n"] == min(N_MAX, max(N_MIN, need[1]))
+    a = next(c for c in sized["comparisons"] if c["id"] == "a")
+    assert a["power_at_n"] == pytest.approx(power(2.0, 0.816496580927726, sized["n"], 0.05 / 4))
+    assert "note" in sized["comparisons"][3]
