@@ -10,7 +10,11 @@ aggregates a module at a time; others aggregate a list) or ``list`` (every metho
 reference, and the server before #43). ``plain``
 rows: hetlora's weighted padded sum as a bare fp32 loop over the same updates (the time goal's yardstick).
 
-    python benchmarks/server_scale.py [--clients 4 16 64 256] [--methods ...] [--bound 1.5] [--json FILE]
+    python benchmarks/server_scale.py [--clients 4 16 64 256] [--methods ...] [--engines in-process serverapp] [--bound 1.5] [--json FILE]
+
+``--engines serverapp``: the same round through the Flower ServerApp's own path (:func:`serverapp_round`): each client's
+train message pushed, the replies pulled one at a time as Flower ``Message`` s and decoded by the strategy, then the same
+aggregation; a streamed method only (the ServerApp takes every method's replies one at a time).
 """
 
 from __future__ import annotations
@@ -55,6 +59,81 @@ class Replies:
             yield update
 
 
+class ReplyGrid:
+    """A Flower Grid whose nodes answer at once with ready updates: each pull hands back one reply ``Message``, made at
+    the pull (as a ClientApp would send it: the adapter as an ArrayRecord, the result and metrics records), so the
+    ServerApp's own path is measured, message decoding included, without a transport. The pushed train messages are
+    let go as a SuperLink would (it, not the ServerApp, holds them)."""
+
+    def __init__(self, ranks: list[int], layers: int, node_of: dict[str, int]):
+        self.ranks, self.layers, self.making = ranks, layers, 0.0
+        self.client_of = {node: cid for cid, node in node_of.items()}
+        self._pushed: dict[str, tuple[int, "object"]] = {}
+
+    def push_messages(self, messages):
+        from uuid import uuid4
+
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())
+            self._pushed[message.metadata.message_id] = message
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+        wanted = set(message_ids)
+        for message_id in [i for i in self._pushed if i in wanted]:
+            sent = self._pushed.pop(message_id)
+            t0 = time.perf_counter()
+            cid = self.client_of[sent.metadata.dst_node_id]
+            k = int(cid[1:])
+            adapter = make_adapter(self.ranks[k], 1000 + k, self.layers)
+            reply = Message(RecordDict({"adapter": ArrayRecord(adapter), "metrics": MetricRecord({"rank_in": float(self.ranks[k])}),
+                                        "result": ConfigRecord({"client-id": cid, "num-examples": 20 + k % 7, "rank": self.ranks[k],
+                                                                "round": 0})}), reply_to=sent)
+            del adapter, sent
+            self.making += time.perf_counter() - t0
+            return [reply]
+        return []
+
+
+def serverapp_round(spec: dict, ranks: list[int], ctx, previous: dict) -> tuple:
+    """One round through the ServerApp's own path: its train messages pushed (each client's truncated global adapter),
+    the replies pulled one at a time (:func:`hetlora.flower.server_app.arriving`), decoded by the strategy
+    (:meth:`HetLoRAStrategy.decoded`, the reply checks included) and fed to the aggregation path both engines take."""
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from hetlora.core.adapter import num_bytes, truncate_adapter
+    from hetlora.flower.common import to_array_record
+    from hetlora.flower.server_app import HetLoRAStrategy, arriving
+    from hetlora.methods import get_method
+    from hetlora.server.aggregation import aggregate_replies
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # what Flower sets in a ServerApp's process
+    clients = [f"c{k:04d}" for k in range(len(ranks))]
+    fed = SimpleNamespace(cfg=SimpleNamespace(round_timeout=None, secure_aggregation=False, secure_clip=None),
+                          delays=None, state={"global": previous})  # what the strategy reads of its Federation here
+    strategy = HetLoRAStrategy(fed)
+    strategy.node_of = {cid: 1000 + k for k, cid in enumerate(clients)}
+    strategy.examples_of = {cid: 20 + k % 7 for k, cid in enumerate(clients)}
+    strategy.sent = dict(zip(clients, ranks))
+    grid = ReplyGrid(ranks, spec["layers"], strategy.node_of)
+    messages = [Message(RecordDict({"adapter": to_array_record(truncate_adapter(previous, rank)), "task": ConfigRecord({"client-id": cid})}),
+                        dst_node_id=strategy.node_of[cid], message_type="train") for cid, rank in zip(clients, ranks)]
+    failed: list = []
+    updates = strategy.decoded(arriving(grid, messages, timeout=3600.0), failed, 0)
+    done = aggregate_replies(get_method(spec["method"]), ctx, updates, assigned_ranks=ctx.ranks, exact_rank=False,
+                             min_clients=1, upload_bytes=lambda u: num_bytes(u.adapter), stream=True)
+    assert done.new is not None and not failed, (done.dropped, failed)
+    return done, grid.making
+
+
 def plain_loop(replies: Replies, r_max: int) -> dict:
     """HetLoRA's arithmetic as one bare fp32 loop: ‖ΔW_k‖ by the trace trick, w_k pad(x_k) added, divided by Σ w_k."""
     import torch
@@ -93,11 +172,17 @@ def child(spec: dict) -> None:
     ctx = AggregationContext(r_max=R_MAX, previous=previous, norm_bound=spec["bound"], shapes=layer_shapes(previous),
                              seed=spec["seed"], round_index=0, ranks={f"c{k:04d}": r for k, r in enumerate(ranks)})
     replies = Replies(ranks, spec["layers"])
+    if spec["engine"] == "serverapp":  # the ServerApp's imports are in its resident memory before a round, not in its time
+        import flwr.app  # noqa: F401
+        import hetlora.flower.server_app  # noqa: F401
     baseline = rss_mb()
     t0 = time.perf_counter()
     if spec["path"] == "plain":
         plain_loop(replies, R_MAX)
         kept, dropped = spec["clients"], 0
+    elif spec["engine"] == "serverapp":
+        done, replies.making = serverapp_round(spec, ranks, ctx, previous)
+        kept, dropped = len(done.kept), len(done.dropped)
     else:
         done = aggregate_replies(get_method(spec["method"]), ctx, replies, assigned_ranks=ctx.ranks, exact_rank=False,
                                  min_clients=1, upload_bytes=lambda u: num_bytes(u.adapter), stream=spec["path"] == "stream")
@@ -135,6 +220,9 @@ def main() -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[4, 16, 64, 256])
     p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--paths", nargs="+", default=["stream", "list"], help="stream (today's server), list (every method holds the replies)")
+    p.add_argument("--engines", nargs="+", default=["in-process"], choices=["in-process", "serverapp"],
+                   help="in-process (the aggregation path alone), serverapp (Flower's ServerApp path: messages pushed, replies "
+                        "pulled one at a time and decoded; streamed methods only)")
     p.add_argument("--bound", type=float, default=1.5, help="the norm bound (the run default); 0: off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
@@ -152,7 +240,7 @@ def main() -> None:
     layers = 2 if args.smoke else 30
     clients = [2, 4] if args.smoke else args.clients
     if args.smoke:
-        args.methods = ["hetlora", "fedex-lora"]
+        args.methods, args.engines = ["hetlora", "fedex-lora"], ["in-process", "serverapp"]
     bound = args.bound or None
     rows = []
 
@@ -166,23 +254,25 @@ def main() -> None:
                                              "layers": layers, "memory_limit_gb": MEMORY_LIMIT_GB, "rows": rows,
                                              "goals": goals([r for r in rows if "failed" not in r])}, indent=1))
 
-    print(f"{'method':>14} {'path':>6} {'K':>5} {'peak MB':>9} {'base MB':>8} {'s/round':>8} {'ms/update':>9}")
+    print(f"{'method':>14} {'engine':>10} {'path':>6} {'K':>5} {'peak MB':>9} {'base MB':>8} {'s/round':>8} {'ms/update':>9}")
     for method in args.methods:
         streams = one_at_a_time(REGISTRY[method], AggregationContext(r_max=R_MAX))
         paths = [p for p in args.paths if streams or p == "list"] + (["plain"] if method == "hetlora" else [])
-        for path in paths:
+        runs = [(engine, path) for engine in args.engines for path in paths
+                if engine == "in-process" or (path == "stream" and streams)]  # the ServerApp takes replies one at a time
+        for engine, path in runs:
             for k in clients:
                 if method == "flora" and k > FLORA_MAX_CLIENTS:
                     continue
-                row = measure({"method": method, "path": path, "engine": "in-process", "clients": k, "layers": layers,
+                row = measure({"method": method, "path": path, "engine": engine, "clients": k, "layers": layers,
                                "bound": bound, "seed": args.seed})
                 row["clients_per_round"] = row.pop("clients")
                 rows.append(row)
                 write()
                 if "failed" in row:
-                    print(f"{method:>14} {path:>6} {k:>5} failed: {row['failed']}")
+                    print(f"{method:>14} {engine:>10} {path:>6} {k:>5} failed: {row['failed']}")
                     continue
-                print(f"{method:>14} {path:>6} {k:>5} {row['peak_rss_mb']:>9.0f} {row['baseline_mb']:>8.0f} {row['seconds']:>8.2f} "
+                print(f"{method:>14} {engine:>10} {path:>6} {k:>5} {row['peak_rss_mb']:>9.0f} {row['baseline_mb']:>8.0f} {row['seconds']:>8.2f} "
                       f"{1000 * row['seconds_per_update']:>9.1f}")
     for line in goals([r for r in rows if "failed" not in r])["lines"]:
         print(line)
@@ -194,13 +284,13 @@ def goals(rows: list[dict]) -> dict:
     out: dict = {"lines": []}
     by = {}
     for r in rows:
-        by.setdefault((r["method"], r["path"]), []).append(r)
+        by.setdefault((r["method"], r["path"] if r.get("engine", "in-process") == "in-process" else f"{r['path']} serverapp"), []).append(r)
     for (method, path), mine in by.items():
         mine.sort(key=lambda r: r["clients_per_round"])
         low, high = mine[0], mine[-1]
         ratio = high["peak_rss_mb"] / low["peak_rss_mb"]
         out[f"{method} {path} peak_ratio"] = ratio
-        goal = " (goal ≤ 1.5)" if method in ("hetlora", "hetlora-naive", "fedavg", "fedex-lora") and path == "stream" else ""
+        goal = " (goal ≤ 1.5)" if method in ("hetlora", "hetlora-naive", "fedavg", "fedex-lora") and path.startswith("stream") else ""
         per_update = ", ".join(f"{1000 * r['seconds_per_update']:.0f}" for r in mine)
         out["lines"].append(f"{method} {path}: peak at K={high['clients_per_round']} / K={low['clients_per_round']} = {ratio:.2f}{goal}; "
                             f"ms per update {per_update}")

@@ -50,8 +50,9 @@ TUNE_SEED = 100  # tuning runs use a seed no study run uses
 # one readable rule is rb-lora's: docs/algorithm.md).
 V4_LABELS = CLAIM_LABELS + ["hetlora-svd-revive", "fedex-lora", "fslora", "flexlora", "fed-plora", "florist", "rb-lora"]
 V4_SEEDS = 20  # what plan.size_family's rule gives from v3's runs (Study.plan refuses a preset that disagrees)
-# One v4 run's ROUGE-L (64 greedy responses of ≤ 48 tokens), measured on the slowest class at hand (AVX2 fp32, 2 threads:
-# the final evaluation took 69.5 s with ROUGE-L against ≈ 36 s for the 256 examples and the r_min tier alone).
+# One v4 run's ROUGE-L (64 greedy responses of ≤ 48 tokens), measured once before registering (AMD EPYC AVX512-BF16, bf16,
+# 2 threads: the final evaluation took 69.5 s with ROUGE-L against ≈ 36 s for the 256 examples and the r_min tier alone);
+# the plan adds it to every class, an overestimate on faster ones.
 ROUGE_SECONDS_PER_RUN = 33.0
 V4_SPLIT_SEED = 2026  # the one data split of every v4 run, tuning included (no run seed is 2026)
 
