@@ -173,8 +173,9 @@ def child(spec: dict) -> None:
                              seed=spec["seed"], round_index=0, ranks={f"c{k:04d}": r for k, r in enumerate(ranks)})
     replies = Replies(ranks, spec["layers"])
     if spec["engine"] == "serverapp":  # the ServerApp's imports are in its resident memory before a round, not in its time
-        import flwr.app  # noqa: F401
-        import hetlora.flower.server_app  # noqa: F401
+        import importlib
+
+        importlib.import_module("hetlora.flower.server_app")
     baseline = rss_mb()
     t0 = time.perf_counter()
     if spec["path"] == "plain":
