@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hetlora import METHODS
+from hetlora.core.adapter import adapter_rank
 from hetlora.core.validation import split_valid
 from hetlora.methods import aggregate_round
 from hetlora.methods.base import AggregationContext
@@ -38,7 +39,7 @@ R_MAX = 8
 
 def test_the_weighted_sum_family_streams_and_the_others_do_not():
     # hetlora's re-factoring variants finish the same sum (their finish needs only the aggregate)
-    assert sorted(STREAMING) == ["fedavg", "fedex-lora", "hetlora", "hetlora-naive", "hetlora-revive", "hetlora-svd",
+    assert sorted(STREAMING) == ["fedavg", "fedex-lora", "hetlora", "hetlora-keep", "hetlora-naive", "hetlora-revive", "hetlora-svd",
                                  "hetlora-svd-revive"]
     assert not streams(METHODS["hetlora"], AggregationContext(r_max=R_MAX, options={"per_layer": True}))
 
@@ -92,6 +93,26 @@ def test_a_streamed_round_is_the_list_rounds_aggregate(method, bound, case):
     if case == "attacker" and bound is not None:  # the bound was at work: unbounded, the attacker moves the result
         unbounded, _ = aggregate_round(METHODS[method], updates, replace(ctx, norm_bound=None))
         assert any(not torch.allclose(unbounded[k], expected[k], rtol=1e-3) for k in expected)
+
+
+@pytest.mark.parametrize("bound", [None, 1.5])
+@pytest.mark.parametrize("case", ["honest", "attacker", "first round"])
+def test_hetlora_keeps_streamed_slice_average_keeps_the_components_no_client_reached(bound, case):
+    """No client of the round reaches rank 7 or 8 of r_max 8: those components keep the previous global's values, the
+    others are each averaged over the clients that reached them, as the list rule does (masses of the client weights,
+    not of a bound's scales)."""
+    updates = [u for u in a_round("hetlora-keep", attacker=case == "attacker", zero_b=case == "first round") if adapter_rank(u.adapter) != 8]
+    previous = make_update(R_MAX, seed=99).adapter
+    ctx = AggregationContext(r_max=R_MAX, norm_bound=bound, shapes=SHAPES, previous=previous)
+    expected, _ = aggregate_round(METHODS["hetlora-keep"], updates, ctx)
+    got, _ = streamed("hetlora-keep", updates, ctx)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-6 * float(expected[key].abs().max()))
+        kept = got[key][6:] if key.endswith("lora_A.weight") else got[key][:, 6:]
+        old = previous[key][6:] if key.endswith("lora_A.weight") else previous[key][:, 6:]
+        assert torch.equal(kept, old.float())  # rank 7 and 8: nobody reached them (fp32, as every aggregate)
+    hetlora, _ = streamed("hetlora", updates, replace(ctx, previous=None))
+    assert any(not torch.allclose(hetlora[k], got[k]) for k in got)  # not the zero-padded mean
 
 
 @pytest.mark.parametrize("bound", [None, 1.5])
@@ -215,15 +236,15 @@ def test_a_product_sum_of_256_clients_in_fp32_stays_within_fp32_rounding_of_the_
 
 def test_the_list_rules_that_run_a_module_at_a_time():
     """A rule is module-wise when module ℓ's aggregate needs only module ℓ of each update and per-client scalars;
-    hetlora-keep (‖ΔW_k‖ over every module), fslora (its sketches' change) and fft (dense weights) are not."""
+    fslora (its sketches' change, bounded as a change) and fft (dense weights) are not."""
     ctx = AggregationContext(r_max=R_MAX, shapes=SHAPES)
     assert sorted(MODULEWISE) == ["fed-plora", "ffa", "flexlora", "flora", "florist", "rb-lora", "rbla", "recon-svd"]
     assert not any(modulewise(METHODS[m], ctx) for m in STREAMING)
-    assert sorted(m for m in METHODS if m not in STREAMING + MODULEWISE) == ["fft", "fslora", "hetlora-keep"]
+    assert sorted(m for m in METHODS if m not in STREAMING + MODULEWISE) == ["fft", "fslora"]
     with pytest.raises(ValueError, match="needs a ReplyStore"):
         ModulewiseRound(METHODS["recon-svd"], ctx, checker(ctx))
     with pytest.raises(ValueError, match="a module at a time"):
-        ModulewiseRound(METHODS["hetlora-keep"], ctx, checker(ctx), MemoryStore())
+        ModulewiseRound(METHODS["fslora"], ctx, checker(ctx), MemoryStore())
 
 
 def modulewise_round(method, updates, ctx):

@@ -38,12 +38,13 @@ class PaddedSum:
         self.count = 0
 
     def add(self, adapter: Mapping[str, Tensor], weight: float | Mapping[str, float] = 1.0,
-            indices: Tensor | Sequence[int] | None = None, a_weight: float | None = None) -> None:
+            indices: Tensor | Sequence[int] | None = None, a_weight: float | None = None, mass: float | None = None) -> None:
         """Fold one update in: each factor × its weight (one per client, or one per module) into its components
         (the leading ones, or ``indices``: which of the r_max components the update's components are).
-        ``a_weight``: the A factors' own weight (one weight for B): a bounded update's scales, not a scaled copy."""
+        ``a_weight``: the A factors' own weight (one weight for B): a bounded update's scales, not a scaled copy;
+        ``mass``: then the client's own weight, which its components' mass counts (a bound's scales are not weights)."""
         if a_weight is not None:
-            self._add_by_factor(adapter, float(weight), float(a_weight))
+            self._add_by_factor(adapter, float(weight), float(a_weight), float(weight if mass is None else mass))
             return
         keys = list(adapter)
         where = None if indices is None else torch.as_tensor(indices)
@@ -62,7 +63,7 @@ class PaddedSum:
         self.reached.append((components, weight if isinstance(weight, Mapping) else float(weight)))
         self.count += 1
 
-    def _add_by_factor(self, adapter: Mapping[str, Tensor], b_weight: float, a_weight: float) -> None:
+    def _add_by_factor(self, adapter: Mapping[str, Tensor], b_weight: float, a_weight: float, mass: float) -> None:
         keys = list(adapter)
         components = self._rank(adapter, keys)
         for key in keys:
@@ -71,7 +72,7 @@ class PaddedSum:
             for is_a, alpha in ((False, b_weight), (True, a_weight)):
                 mine = [key for key in keys if (self.layout[key][0] == 0) == is_a]  # A's rank axis is 0, B's is 1
                 torch._foreach_add_([self._components(key, adapter[key]) for key in mine], [adapter[key] for key in mine], alpha=alpha)
-        self.reached.append((components, b_weight))
+        self.reached.append((components, mass))
         self.count += 1
 
     def add_all(self, adapters: Sequence[Mapping[str, Tensor]], weights: Sequence[float | Mapping[str, float]]) -> None:

@@ -76,6 +76,10 @@ class AggregationMethod:
     #: the weight rule of a rule Σ_k w_k pad(x_k) / Σ_k w_k whose w_k is client k's alone (``update_norm``,
     #: ``examples``): a server folds each reply in as it arrives (hetlora.methods.streaming); None: a list.
     stream_weight: str | None = None
+    #: how a streamed sum is finished: ``mean`` Σ_k w_k pad(x_k) / Σ_k w_k; ``slices`` each rank component over the
+    #: clients that reached it, Σ_{k: r_k > j} w_k x_{k,j} / Σ_{k: r_k > j} w_k, one no client reached keeping its
+    #: previous value (hetlora-keep's slice average, from the same accumulator's masses).
+    stream_finish: str = "mean"
     #: whether a streamed round also keeps Σ w_k B_k A_k (hetlora.core.accumulate.ProductSum) for a base update
     #: R = Σ w_k B_k A_k / Σ w_k − B̄ Ā (FedEx-LoRA's residual; docs/algorithm.md §7.2).
     stream_residual: bool = False

@@ -22,6 +22,8 @@ class HetLoRAKeep(AggregationMethod):
     name = "hetlora-keep"
     prunes = True
     options = ("per_layer",)
+    stream_weight = "update_norm"  # p_k ∝ ‖ΔW_k‖: client k's alone, so a server folds each reply in as it arrives
+    stream_finish = "slices"  # the slice average: each component over the clients that reached it (docs/algorithm.md §7.2)
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         weigh = per_layer_sparsity_weights if ctx.options.get("per_layer", False) else sparsity_weights

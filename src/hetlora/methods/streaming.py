@@ -147,7 +147,7 @@ class StreamedRound(_Intake):
             return None
         if self.bounded:
             self._second_pass()
-        return self.method.finish(self._fold.total(), self.ctx)
+        return self.method.finish(self._fold.total(self.method.stream_finish, self.ctx.previous), self.ctx)
 
     def _second_pass(self) -> None:
         scales = bound_scales(self._norms, self.ctx.norm_bound)
@@ -284,19 +284,23 @@ class _WeightedFold:
 
     def add_scaled(self, adapter: Adapter, weight: float, scales: BoundScales) -> None:
         """A bounded update: B × weight·β and A × weight·α folded in, no scaled copy made."""
-        self.sum.add(adapter, weight * scales.b, a_weight=weight * scales.a)
+        self.sum.add(adapter, weight * scales.b, a_weight=weight * scales.a, mass=weight)
         self.weight += weight
 
     def add_weighted(self, adapter: Adapter, weight: float) -> None:
         self.sum.add(adapter, weight)
         self.weight += weight
 
-    def total(self) -> Adapter:
-        if self.weight > 0.0:
-            return self.sum.total(scale=1.0 / self.weight)
-        if self.fallback is not None and self.fallback_weight > 0.0:
-            return self.fallback.total(scale=1.0 / self.fallback_weight)
-        return self.sum.total()  # every weight zero and no fallback: the zero sum, as the list rule gives
+    def total(self, finish: str = "mean", previous: Adapter | None = None) -> Adapter:
+        """The rule's result (:attr:`AggregationMethod.stream_finish`): the weighted mean, or the slice average
+        (a component no client reached keeps ``previous``)."""
+        summed, weight = self.sum, self.weight
+        if weight <= 0.0 and self.fallback is not None and self.fallback_weight > 0.0:
+            summed, weight = self.fallback, self.fallback_weight
+        if finish == "slices":
+            return summed.slice_average(previous)
+        # every weight zero and no fallback: the zero sum, as the list rule gives
+        return summed.total(scale=1.0 / weight) if weight > 0.0 else summed.total()
 
 
 def stream_round(method: AggregationMethod, ctx: AggregationContext, replies: Iterable[ClientUpdate],
