@@ -236,11 +236,15 @@ def test_a_product_sum_of_256_clients_in_fp32_stays_within_fp32_rounding_of_the_
 
 def test_the_list_rules_that_run_a_module_at_a_time():
     """A rule is module-wise when module ℓ's aggregate needs only module ℓ of each update and per-client scalars;
-    fslora (its sketches' change, bounded as a change) and fft (dense weights) are not."""
+    fslora (its sketches' changes, bounded as changes) streams its changes instead, and only fft (dense weights) takes
+    a list."""
     ctx = AggregationContext(r_max=R_MAX, shapes=SHAPES)
     assert sorted(MODULEWISE) == ["fed-plora", "ffa", "flexlora", "flora", "florist", "rb-lora", "rbla", "recon-svd"]
     assert not any(modulewise(METHODS[m], ctx) for m in STREAMING)
     assert sorted(m for m in METHODS if m not in STREAMING + MODULEWISE) == ["fft", "fslora"]
+    from hetlora.methods.streaming import one_at_a_time
+
+    assert [m for m in METHODS if not one_at_a_time(METHODS[m], ctx)] == ["fft"]
     with pytest.raises(ValueError, match="needs a ReplyStore"):
         ModulewiseRound(METHODS["recon-svd"], ctx, checker(ctx))
     with pytest.raises(ValueError, match="a module at a time"):
@@ -278,3 +282,55 @@ def test_a_modulewise_round_is_the_list_rounds_aggregate_and_base_update(method,
         unbounded, _ = aggregate_round(METHODS[method], updates, replace(ctx, norm_bound=None))
         assert any(unbounded[k].shape != expected[k].shape or not torch.allclose(unbounded[k], expected[k], rtol=1e-3)
                    for k in expected)
+
+
+def fslora_round(attacker: bool = False):
+    """Seven clients each sent its FSLoRA sketch of the previous global (its rank budget of R_MAX components) and
+    returning it changed; the attacker's change is 1e3 × an honest one."""
+    from hetlora.core.sketch import gather, sketch_indices
+
+    previous = make_update(R_MAX, seed=50).adapter
+    ranks = [2, 8, 5, 3, 6, 4, 8]
+    updates = []
+    for k, rank in enumerate(ranks):
+        sent = gather(previous, sketch_indices(7, 2, f"c{k}", rank, R_MAX))
+        noise = make_update(rank, seed=k).adapter
+        grow = 1e3 if attacker and k == 2 else 1.0
+        updates.append(replace(make_update(rank, seed=k, n=10 + k), adapter={key: sent[key] + 0.01 * grow * noise[key] for key in sent}))
+    ctx = AggregationContext(r_max=R_MAX, shapes=SHAPES, previous=previous, seed=7, round_index=2,
+                             ranks={f"c{k}": r for k, r in enumerate(ranks)})
+    return updates, ctx
+
+
+@pytest.mark.parametrize("bound", [None, 1.5])
+@pytest.mark.parametrize("case", ["honest", "attacker"])
+def test_fsloras_changes_stream_into_the_list_rounds_server_step(bound, case):
+    """FSLoRA is previous + (1/K) Σ_k Δ_k on each client's sketch: folded as the replies arrive (in reverse order
+    here), bounded on the change in a second pass, it equals the list round's step."""
+    from hetlora.methods.streaming import ChangeRound, one_at_a_time
+
+    updates, ctx = fslora_round(attacker=case == "attacker")
+    ctx = replace(ctx, norm_bound=bound)
+    assert one_at_a_time(METHODS["fslora"], ctx) and not modulewise(METHODS["fslora"], ctx)
+    expected, _ = aggregate_round(METHODS["fslora"], updates, ctx)
+    store = MemoryStore()
+    round_ = stream_round(METHODS["fslora"], ctx, iter(updates[::-1]), checker(ctx), store)
+    assert isinstance(round_, ChangeRound) and bool(store._held) == (bound is not None)  # bounded: kept for pass 2
+    got = round_.result()
+    assert not store._held and all(u.adapter == {} for u in round_.kept) and round_.base_update(got) is None
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-6 * float(expected[key].abs().max()))
+    if case == "attacker" and bound is not None:  # the bound scaled the attacker's change
+        unbounded, _ = aggregate_round(METHODS["fslora"], updates, replace(ctx, norm_bound=None))
+        assert any(not torch.allclose(unbounded[k], expected[k], rtol=1e-3) for k in expected)
+
+
+def test_an_fslora_reply_of_another_size_than_it_was_sent_is_dropped_by_name_not_the_round():
+    updates, ctx = fslora_round()
+    wrong = replace(updates[1], adapter=make_update(3, seed=1).adapter)  # c1 was sent 8 components, returns 3
+    round_ = stream_round(METHODS["fslora"], ctx, iter([updates[0], wrong] + updates[2:]), checker(ctx), MemoryStore())
+    assert round_.dropped == [("c1", "sent a sketch of 3 components, but was sent 8")]
+    expected, _ = aggregate_round(METHODS["fslora"], [updates[0]] + updates[2:], ctx)
+    got = round_.result()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-6 * float(expected[key].abs().max()))

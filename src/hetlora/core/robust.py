@@ -140,15 +140,27 @@ def bound_changes(updates: Sequence[ClientUpdate], changes: Sequence[Mapping[str
     """
     if bound <= 0:
         raise ValueError(f"norm_bound must be positive, got {bound}")
-    roots = [math.sqrt(max(1, adapter_rank(u.adapter))) if _is_lora(u.adapter) else 1.0 for u in updates]
     names = sorted({group(k) for change in changes for k in change})
-    norms = {g: [math.sqrt(sum(float(v.double().pow(2).sum()) for k, v in change.items() if group(k) == g)) / s
-                 for change, s in zip(changes, roots)] for g in names}
+    norms = {g: [change_norm(u.adapter, {k: v for k, v in change.items() if group(k) == g}) for u, change in zip(updates, changes)]
+             for g in names}
     for g, values in norms.items():
         require_finite_norms(updates, values, f"‖Δ‖ of {g or 'the update'}")
-    factors = {g: [_clip_factor(v, median(values), bound) for v in values] for g, values in norms.items()}
+    factors = {g: change_factors(values, bound) for g, values in norms.items()}
     return [{k: v * factors[group(k)][i] if factors[group(k)][i] != 1.0 else v for k, v in change.items()}
             for i, change in enumerate(changes)]
+
+
+def change_norm(adapter: Mapping[str, Tensor], change: Mapping[str, Tensor]) -> float:
+    """‖Δ‖ over ``change``'s tensors in float64, divided by √rank for a LoRA update (sketches of different sizes
+    compare): what :func:`bound_changes` holds against the round's median, one client at a time."""
+    root = math.sqrt(max(1, adapter_rank(adapter))) if _is_lora(adapter) else 1.0
+    return math.sqrt(sum(float(v.double().pow(2).sum()) for v in change.values())) / root
+
+
+def change_factors(norms: Sequence[float], bound: float) -> list[float]:
+    """Each change's multiplier: 1, or what brings a norm above ``bound`` × the round's lower median down to it."""
+    reference = median(norms)
+    return [_clip_factor(v, reference, bound) for v in norms]
 
 
 def _is_lora(adapter: Mapping[str, Tensor]) -> bool:

@@ -33,12 +33,10 @@ import torch
 
 from ..core.adapter import Adapter, ClientUpdate, adapter_rank
 from ..core.accumulate import PaddedSum
-from ..core.robust import bound_changes
+from ..core.robust import change_factors, change_norm, require_finite_norms
 from ..core.validation import InvalidUpdate
 from ..core.sketch import gather, sketch_indices
 from .base import AggregationContext, AggregationMethod
-
-
 
 
 class FSLoRA(AggregationMethod):
@@ -46,6 +44,7 @@ class FSLoRA(AggregationMethod):
     needs_round = True
     client_kind = "fslora"
     options = ("server_lr",)
+    stream_change = True  # previous + η/K Σ_k Δ_k: each change is its client's alone (streaming.ChangeRound)
 
     @staticmethod
     def sketch(u: ClientUpdate, ctx: AggregationContext) -> list[int]:
@@ -57,29 +56,44 @@ class FSLoRA(AggregationMethod):
             raise InvalidUpdate(u.client_id, f"sent a sketch of {rank} components, but was sent {sent}")
         return sketch_indices(ctx.seed, ctx.round_index, str(u.client_id), sent or rank, ctx.r_max)
 
-    def changes(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> list[tuple[list[int], Adapter, Adapter]]:
-        """(I_k, what client k was sent, its change Δ_k on the sketch) for every update."""
+    def sent_and_change(self, u: ClientUpdate, ctx: AggregationContext) -> tuple[list[int], Adapter, Adapter]:
+        """(I_k, what client k was sent, its change Δ_k on the sketch, float64)."""
         if ctx.previous is None:
             raise ValueError("fslora aggregates changes: it needs the previous global adapter")
-        out = []
-        for u in updates:
-            indices = self.sketch(u, ctx)
-            sent = gather(ctx.previous, indices)
-            out.append((indices, sent, {k: u.adapter[k].double() - sent[k].double() for k in sent}))
-        return out
+        indices = self.sketch(u, ctx)
+        sent = gather(ctx.previous, indices)
+        return indices, sent, {k: u.adapter[k].double() - sent[k].double() for k in sent}
+
+    def change_norm(self, u: ClientUpdate, ctx: AggregationContext) -> float:
+        """The bound's norm of client k's change (core.robust.change_norm)."""
+        return change_norm(u.adapter, self.sent_and_change(u, ctx)[2])
+
+    def bound_one(self, u: ClientUpdate, factor: float, ctx: AggregationContext) -> ClientUpdate:
+        """Client k's update with its change × ``factor``: what it was sent plus the scaled change, in fp32."""
+        if factor == 1.0:
+            return u
+        _, sent, change = self.sent_and_change(u, ctx)
+        return replace(u, adapter={k: (sent[k].double() + change[k] * factor).float() for k in sent})
 
     def bound(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> list[ClientUpdate]:
         """Bound each client's change on its sketch (its pseudo-gradient), not the sketch itself."""
-        triples = self.changes(updates, ctx)
-        bounded = bound_changes(updates, [change for _, _, change in triples], ctx.norm_bound)
-        return [replace(u, adapter={k: (sent[k].double() + change[k]).float() for k in sent})
-                for u, (_, sent, _), change in zip(updates, triples, bounded)]
+        norms = [self.change_norm(u, ctx) for u in updates]
+        require_finite_norms(updates, norms, "‖Δ‖ of the update")
+        return [self.bound_one(u, factor, ctx) for u, factor in zip(updates, change_factors(norms, ctx.norm_bound))]
+
+    def fold_change(self, acc: PaddedSum, u: ClientUpdate, ctx: AggregationContext) -> None:
+        """Δ_k added onto the components of its sketch."""
+        indices, _, change = self.sent_and_change(u, ctx)
+        acc.add(change, 1.0, indices=indices)
+
+    def finish_changes(self, acc: PaddedSum, clients: int, ctx: AggregationContext) -> Adapter:
+        """The server step: previous + η · (Σ_k Δ_k) / K."""
+        lr = float(ctx.options.get("server_lr", 1.0))
+        step = acc.total(torch.float64)
+        return {key: (ctx.previous[key].double() + lr * step[key] / clients).float() for key in ctx.previous}
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
-        lr = float(ctx.options.get("server_lr", 1.0))
         acc = PaddedSum(ctx.r_max)
-        for indices, _, change in self.changes(updates, ctx):  # each change lands on the components of its sketch
-            acc.add(change, 1.0, indices=indices)
-        step = acc.total(torch.float64)
-        k = len(updates)
-        return {key: (ctx.previous[key].double() + lr * step[key] / k).float() for key in ctx.previous}
+        for u in updates:  # each change lands on the components of its sketch
+            self.fold_change(acc, u, ctx)
+        return self.finish_changes(acc, len(updates), ctx)

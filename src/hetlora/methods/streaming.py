@@ -27,7 +27,7 @@ from torch import Tensor
 from ..core.accumulate import PaddedSum, ProductSum
 from ..core.adapter import A_SUFFIX, B_SUFFIX, Adapter, ClientUpdate, adapter_rank, lora_pairs, scale_adapter, update_norm
 from ..core.base_delta import DENSE_SUFFIX
-from ..core.robust import BoundScales, UpdateNorms, bound_scales, cap_weights
+from ..core.robust import BoundScales, UpdateNorms, bound_scales, cap_weights, change_factors
 from ..core.validation import DUPLICATE, InvalidUpdate
 from . import as_fp32
 from .base import AggregationContext, AggregationMethod
@@ -51,12 +51,12 @@ def streams(method: AggregationMethod, ctx: AggregationContext) -> bool:
 
 def modulewise(method: AggregationMethod, ctx: AggregationContext) -> bool:
     """Whether ``method``'s list rule can run a module at a time over spilled replies (:class:`ModulewiseRound`)."""
-    return method.module_separable and not streams(method, ctx)
+    return method.module_separable and not streams(method, ctx) and not method.stream_change
 
 
 def one_at_a_time(method: AggregationMethod, ctx: AggregationContext) -> bool:
     """Whether a server takes ``method``'s replies one at a time (:func:`stream_round`), never holding K of them."""
-    return streams(method, ctx) or modulewise(method, ctx)
+    return streams(method, ctx) or method.stream_change or modulewise(method, ctx)
 
 
 @dataclass
@@ -234,6 +234,58 @@ class ModulewiseRound(_Intake):
         return self._base
 
 
+@dataclass(frozen=True)
+class ChangeNorm:
+    """All a bounded change round keeps of a client until the second pass: its id and ‖Δ_k‖ (core.robust.change_norm)."""
+
+    client: str | None
+    norm: float
+
+
+@dataclass
+class ChangeRound(_Intake):
+    """A rule previous + F(Σ_k Δ_k) over each client's change on what it was sent (FSLoRA: Δ_k on its sketch,
+    F(s) = η s / K), taken one reply at a time (docs/algorithm.md §7.2). Unbounded, each change is folded into a
+    float64 padded sum on its components as it arrives. Bounded (the bound scales a change, not the update), the
+    first pass keeps ‖Δ_k‖ and stores the update; once every reply is in, the factors are fixed from the round's
+    median and the second pass folds each scaled change in, in client order. The server holds the global adapter,
+    one accumulator of rank r_max and O(K) scalars; the result is the list round's (tested, bound on and off)."""
+
+    _sum: PaddedSum | None = None
+
+    def __post_init__(self) -> None:
+        if not self.method.stream_change:
+            raise ValueError(f"method {self.method.name!r} does not aggregate changes one at a time")
+        if self.bounded and self.store is None:
+            raise ValueError("a bounded round needs a ReplyStore for its second pass")
+        self._sum = PaddedSum(self.ctx.r_max)
+
+    def _accept(self, update: ClientUpdate) -> tuple[ClientUpdate, ChangeNorm | None]:
+        update = self._validated(update)
+        if not self.bounded:
+            self.method.fold_change(self._sum, update, self.ctx)
+            return update, None
+        norm = self.method.change_norm(update, self.ctx)
+        if not math.isfinite(norm):
+            raise InvalidUpdate(update.client_id, f"‖Δ‖ of the update is not finite ({norm})")
+        return update, ChangeNorm(update.client_id, norm)
+
+    def result(self) -> Adapter | None:
+        """The round's aggregate (None with no kept update); bounded: the second pass runs here."""
+        if not self.kept:
+            return None
+        if self.bounded:
+            factors = change_factors([n.norm for n in self._norms], self.ctx.norm_bound)
+            for index in sorted(range(len(factors)), key=lambda i: str(self._norms[i].client)):  # the list's order
+                update = self.method.bound_one(self.store.take(index), factors[index], self.ctx)
+                self.method.fold_change(self._sum, update, self.ctx)
+                del update
+        return self.method.finish(self.method.finish_changes(self._sum, len(self.kept), self.ctx), self.ctx)
+
+    def base_update(self, aggregated: Adapter) -> Adapter | None:
+        return None
+
+
 def finite_norms(update: ClientUpdate) -> UpdateNorms:
     """The update's norms, refused (InvalidUpdate) when ‖B‖·‖A‖ or ‖ΔW‖ is not finite: finite factors can still
     overflow fp32 in their product, and the aggregation would drop such a reply later."""
@@ -305,10 +357,11 @@ class _WeightedFold:
 
 def stream_round(method: AggregationMethod, ctx: AggregationContext, replies: Iterable[ClientUpdate],
                  check: Callable[[ClientUpdate], ClientUpdate], store: ReplyStore | None = None,
-                 upload_bytes: Callable[[ClientUpdate], int] = lambda u: 0) -> StreamedRound | ModulewiseRound:
+                 upload_bytes: Callable[[ClientUpdate], int] = lambda u: 0) -> StreamedRound | ChangeRound | ModulewiseRound:
     """Every reply offered as it comes; the returned round's ``result()`` is the aggregate (a weighted-sum method's
-    :class:`StreamedRound`, or a :class:`ModulewiseRound`)."""
-    streamed = (StreamedRound if streams(method, ctx) else ModulewiseRound)(method, ctx, check, store, upload_bytes)
+    :class:`StreamedRound`, a change rule's :class:`ChangeRound`, or a :class:`ModulewiseRound`)."""
+    kind = StreamedRound if streams(method, ctx) else ChangeRound if method.stream_change else ModulewiseRound
+    streamed = kind(method, ctx, check, store, upload_bytes)
     for reply in replies:
         streamed.offer(reply)
     return streamed
