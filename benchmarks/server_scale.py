@@ -73,9 +73,12 @@ class ReplyGrid:
     def push_messages(self, messages):
         from uuid import uuid4
 
+        from flwr.app import RecordDict
+
         ids = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = str(uuid4())
+            message.content = RecordDict()  # the payload is the SuperLink's to hold now; the envelope is kept to reply to
             self._pushed[message.metadata.message_id] = message
             ids.append(message.metadata.message_id)
         return ids
@@ -124,8 +127,8 @@ def serverapp_round(spec: dict, ranks: list[int], ctx, previous: dict) -> tuple:
     strategy.examples_of = {cid: 20 + k % 7 for k, cid in enumerate(clients)}
     strategy.sent = dict(zip(clients, ranks))
     grid = ReplyGrid(ranks, spec["layers"], strategy.node_of)
-    messages = [Message(RecordDict({"adapter": to_array_record(truncate_adapter(previous, rank)), "task": ConfigRecord({"client-id": cid})}),
-                        dst_node_id=strategy.node_of[cid], message_type="train") for cid, rank in zip(clients, ranks)]
+    messages = (Message(RecordDict({"adapter": to_array_record(truncate_adapter(previous, rank)), "task": ConfigRecord({"client-id": cid})}),
+                        dst_node_id=strategy.node_of[cid], message_type="train") for cid, rank in zip(clients, ranks))  # made as pushed, as the ServerApp's
     failed: list = []
     updates = strategy.decoded(arriving(grid, messages, timeout=3600.0), failed, 0)
     done = aggregate_replies(get_method(spec["method"]), ctx, updates, assigned_ranks=ctx.ranks, exact_rank=False,

@@ -195,6 +195,41 @@ def test_replies_are_taken_as_they_arrive_and_a_silent_node_costs_only_the_deadl
     assert 0.5 <= time.monotonic() - start < 3
 
 
+def test_the_serverapp_pushes_each_train_message_as_it_is_made_and_holds_no_other():
+    """A round's train messages carry each client's own copy of the truncated global adapter: K of them held together
+    were the ServerApp's peak (8.6 GB at K = 256, benchmarks/server_scale.py --engines serverapp). Each is pushed as it
+    is made; when the grid takes one, no other made message is alive outside the grid."""
+    import gc
+    import weakref
+
+    from flwr.app import Message, RecordDict
+
+    from hetlora.flower.server_app import arriving
+
+    alive: weakref.WeakSet = weakref.WeakSet()
+    held_at_push: list[int] = []
+
+    class Counting(LoopbackGrid):
+        def deliver(self, message):
+            return Message(RecordDict(), reply_to=message)
+
+        def push_messages(self, messages):
+            messages = list(messages)
+            gc.collect()
+            held_at_push.append(len([m for m in alive if all(m is not kept for kept in self._pushed.values())]))
+            return super().push_messages(messages)
+
+    def made():
+        for node in (100, 101, 102, 103):
+            message = Message(RecordDict(), dst_node_id=node, message_type="train")
+            alive.add(message)
+            yield message
+
+    replies = list(arriving(Counting(partitions=4, fresh_process=False), made(), timeout=5.0))
+    assert sorted(r.metadata.src_node_id for r in replies) == [100, 101, 102, 103]
+    assert held_at_push == [1, 1, 1, 1]  # the one being pushed, nothing else
+
+
 def test_a_silent_node_leaves_the_round_at_its_deadline_and_the_others_are_aggregated(tmp_path):
     """Deployed (no delay model): node 101 never answers; the round closes --round-timeout seconds after it opened,
     with the other two replies aggregated and the silent client named."""

@@ -152,10 +152,15 @@ class HetLoRAStrategy(Strategy):
         return self.opening
 
     def messages(self, clients: Iterable[str]) -> list[Message]:
-        """One train message per client: its own truncated adapter, its task and the run's config."""
+        """One train message per client (:meth:`message`), all of them: what a secure round hands its protocol."""
+        return list(self.outgoing(clients))
+
+    def outgoing(self, clients: Iterable[str]) -> Iterator[Message]:
+        """The clients' train messages, each made when it is asked for: its own truncated adapter (and base delta),
+        its task and the run's config. Pushed one at a time (:func:`arriving`), so the server never holds the
+        round's payloads together (K copies of the truncated global adapter)."""
         t = self.opening.round_index
         run_config = ConfigRecord({"hetlora-config": encode_config(self.fed.cfg)})
-        messages = []
         for cid in clients:
             job = self._jobs.pop(cid, None) or self.fed.job(cid, t)
             records = {
@@ -165,8 +170,8 @@ class HetLoRAStrategy(Strategy):
             }
             if job.base:
                 records["base"] = to_array_record(job.base)
-            messages.append(Message(RecordDict(records), dst_node_id=self.node_of[cid], message_type="train"))
-        return messages
+            del job
+            yield Message(RecordDict(records), dst_node_id=self.node_of[cid], message_type="train")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Complete the round from its replies. A weighted-sum method takes them as they arrive (``replies`` may be
@@ -187,13 +192,13 @@ class HetLoRAStrategy(Strategy):
         opening, close = self.opening, self.opening.close
         deadline = time.monotonic() + self.timeout
         if self.fed.delays is None:
-            yield from arriving(grid, self.messages(opening.order), self.timeout)
+            yield from arriving(grid, self.outgoing(opening.order), self.timeout)
             return
         queue = list(opening.order)
         while queue and not close.full and time.monotonic() < deadline:
             n = close.missing or len(queue)
             wave, queue = queue[:n], queue[n:]
-            yield from arriving(grid, self.messages(wave), deadline - time.monotonic())
+            yield from arriving(grid, self.outgoing(wave), deadline - time.monotonic())
 
     def decoded(self, replies: Iterable[Message], failed: list[tuple[str, str]], t: int) -> Iterator[ClientUpdate]:
         """Each reply as a :class:`ClientUpdate`, decoded when it is asked for; a failed or refused reply goes to ``failed``."""
@@ -303,14 +308,12 @@ class HetLoRAStrategy(Strategy):
         return flower_round
 
 
-def arriving(grid: Grid, messages: list[Message], timeout: float) -> Iterator[Message]:
+def arriving(grid: Grid, messages: Iterable[Message], timeout: float) -> Iterator[Message]:
     """The replies to ``messages`` as they arrive, until every one is in or ``timeout`` seconds have passed:
     Flower's push, then pulls in a loop (what ``send_and_receive`` does, without gathering the replies).
-    The list is emptied once pushed: the server keeps none of the round's payloads."""
-    outgoing = list(messages)
-    messages.clear()
-    pending = {i for i in grid.push_messages(outgoing) if i}
-    del outgoing
+    Each message is pushed on its own and let go (a list is emptied as it goes): the server never holds the
+    round's payloads together."""
+    pending = _push_each(grid, messages)
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         pulled = list(grid.pull_messages(pending))
@@ -320,6 +323,16 @@ def arriving(grid: Grid, messages: list[Message], timeout: float) -> Iterator[Me
         pending.difference_update(m.metadata.reply_to_message_id for m in pulled)
         while pulled:
             yield pulled.pop(0)
+
+
+def _push_each(grid: Grid, messages: Iterable[Message]) -> set[str]:
+    """Push every message on its own, as it comes (a list is popped from the front); the ids to pull replies for.
+    Nothing here outlives its push: the server holds one outgoing payload at a time."""
+    pending: set[str] = set()
+    source = (messages.pop(0) for _ in range(len(messages))) if isinstance(messages, list) else iter(messages)
+    for message in source:
+        pending.update(i for i in grid.push_messages([message]) if i)
+    return pending
 
 
 def serve(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
