@@ -232,9 +232,18 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--smoke", action="store_true", help="hetlora and fedex-lora, 2 layers, 2 and 4 clients: seconds, for the test suite")
     p.add_argument("--child", default=None)
+    p.add_argument("--plot", type=Path, default=None, help="also draw peak RSS and seconds per round against K (a PNG)")
+    p.add_argument("--plot-from", type=Path, nargs="+", default=None,
+                   help="draw --plot from these result files (one machine class: their rows are compared) and exit")
+    p.add_argument("--plot-note", default=None, help="what the title adds of the machine class (e.g. its CPU capability)")
     args = p.parse_args()
     if args.child:
         child(json.loads(args.child))
+        return
+    if args.plot_from:
+        rows = [r | {"source": f.stem} for f in args.plot_from for r in json.loads(f.read_text())["rows"] if "failed" not in r]
+        devices = sorted({json.loads(f.read_text())["provenance"]["device"] for f in args.plot_from})
+        plot(rows, args.plot or Path("server_scale.png"), devices + ([args.plot_note] if args.plot_note else []))
         return
     from hetlora import METHODS as REGISTRY
     from hetlora.methods import AggregationContext
@@ -245,6 +254,7 @@ def main() -> None:
     clients = [2, 4] if args.smoke else args.clients
     if args.smoke:
         args.methods, args.engines = ["hetlora", "fedex-lora"], ["in-process", "serverapp"]
+        args.plot = args.plot or (args.json.with_suffix(".png") if args.json else None)
     bound = args.bound or None
     rows = []
 
@@ -280,6 +290,49 @@ def main() -> None:
                       f"{1000 * row['seconds_per_update']:>9.1f}")
     for line in goals([r for r in rows if "failed" not in r])["lines"]:
         print(line)
+    if args.plot:
+        plot([r for r in rows if "failed" not in r], args.plot, [provenance["device"]])
+
+
+def plot(rows: list[dict], path: Path, devices: list[str]) -> None:
+    """Peak RSS and seconds per round against the clients per round, a line per (method, engine, path), log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def name(r: dict) -> str:
+        engine = "" if r.get("engine", "in-process") == "in-process" else " (ServerApp)"
+        return f"{r['method']} {r['path']}{engine}{'' if r.get('bound') else ', unbounded'}"
+
+    sources: dict[str, set] = {}
+    for r in rows:
+        sources.setdefault(name(r), set()).add(r.get("source"))
+    lines: dict[str, list[dict]] = {}
+    for r in rows:  # a line measured in two files (before and after a change) is told apart by its file
+        lines.setdefault(name(r) + (f" [{r['source']}]" if len(sources[name(r)]) > 1 else ""), []).append(r)
+    fig, (mem, sec) = plt.subplots(1, 2, figsize=(15, 5.5))
+    for ax in (mem, sec):
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)  # more lines than ten colours
+    for label, mine in sorted(lines.items()):
+        mine.sort(key=lambda r: r["clients_per_round"])
+        ks = [r["clients_per_round"] for r in mine]
+        style = "--" if "list" in label or "plain" in label else "-"
+        mem.plot(ks, [r["peak_rss_mb"] for r in mine], style, marker="o", label=label)
+        sec.plot(ks, [r["seconds"] for r in mine], style, marker="o", label=label)
+    for ax, what in ((mem, "server peak RSS (MB)"), (sec, "server seconds per round")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("clients per round K")
+        ax.set_ylabel(what)
+        ax.grid(True, which="both", alpha=0.3)
+    sec.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(f"Server memory and time against K (SmolLM2-shaped updates, ranks 5–50) — {'; '.join(devices)}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"plot: {path}")
 
 
 def goals(rows: list[dict]) -> dict:
