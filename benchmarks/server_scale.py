@@ -103,15 +103,17 @@ class ReplyGrid:
 
 
 def serverapp_round(spec: dict, ranks: list[int], ctx, previous: dict) -> tuple:
-    """One round through the ServerApp's own path: its train messages pushed (each client's truncated global adapter),
-    the replies pulled one at a time (:func:`hetlora.flower.server_app.arriving`), decoded by the strategy
-    (:meth:`HetLoRAStrategy.decoded`, the reply checks included) and fed to the aggregation path both engines take."""
+    """One round through the ServerApp's own path: its train messages made and pushed one at a time by the strategy
+    (:meth:`HetLoRAStrategy.outgoing`, each client's job made as its message is: here the LoRA kind's job, the
+    truncated global adapter), the replies pulled one at a time (:func:`hetlora.flower.server_app.arriving`), decoded
+    by the strategy (:meth:`HetLoRAStrategy.decoded`, the reply checks included) and fed to the aggregation path both
+    engines take. What is not the ServerApp's is a stand-in: the Federation (its config, its jobs, no model) and the
+    grid (:class:`ReplyGrid`)."""
     from types import SimpleNamespace
 
-    from flwr.app import ConfigRecord, Message, RecordDict
-
+    from hetlora.clients import Job
+    from hetlora.config import RunConfig
     from hetlora.core.adapter import num_bytes, truncate_adapter
-    from hetlora.flower.common import to_array_record
     from hetlora.flower.server_app import HetLoRAStrategy, arriving
     from hetlora.methods import get_method
     from hetlora.server.aggregation import aggregate_replies
@@ -120,17 +122,17 @@ def serverapp_round(spec: dict, ranks: list[int], ctx, previous: dict) -> tuple:
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # what Flower sets in a ServerApp's process
     clients = [f"c{k:04d}" for k in range(len(ranks))]
-    fed = SimpleNamespace(cfg=SimpleNamespace(round_timeout=None, secure_aggregation=False, secure_clip=None),
-                          delays=None, state={"global": previous})  # what the strategy reads of its Federation here
+    rank_of = dict(zip(clients, ranks))
+    fed = SimpleNamespace(cfg=RunConfig(model="tiny", round_timeout=None), delays=None, state={"global": previous},
+                          job=lambda cid, t: Job(cid, rank_of[cid], t, truncate_adapter(previous, rank_of[cid]), {}, 0))
     strategy = HetLoRAStrategy(fed)
     strategy.node_of = {cid: 1000 + k for k, cid in enumerate(clients)}
     strategy.examples_of = {cid: 20 + k % 7 for k, cid in enumerate(clients)}
-    strategy.sent = dict(zip(clients, ranks))
+    strategy.sent = dict(rank_of)
+    strategy.opening = SimpleNamespace(round_index=0)
     grid = ReplyGrid(ranks, spec["layers"], strategy.node_of)
-    messages = (Message(RecordDict({"adapter": to_array_record(truncate_adapter(previous, rank)), "task": ConfigRecord({"client-id": cid})}),
-                        dst_node_id=strategy.node_of[cid], message_type="train") for cid, rank in zip(clients, ranks))  # made as pushed, as the ServerApp's
     failed: list = []
-    updates = strategy.decoded(arriving(grid, messages, timeout=3600.0), failed, 0)
+    updates = strategy.decoded(arriving(grid, strategy.outgoing(clients), timeout=3600.0), failed, 0)
     done = aggregate_replies(get_method(spec["method"]), ctx, updates, assigned_ranks=ctx.ranks, exact_rank=False,
                              min_clients=1, upload_bytes=lambda u: num_bytes(u.adapter), stream=True)
     assert done.new is not None and not failed, (done.dropped, failed)

@@ -230,6 +230,35 @@ def test_the_serverapp_pushes_each_train_message_as_it_is_made_and_holds_no_othe
     assert held_at_push == [1, 1, 1, 1]  # the one being pushed, nothing else
 
 
+def test_the_strategy_makes_each_clients_payload_when_it_sends_it_and_keeps_none(tmp_path, monkeypatch):
+    """Opening a round counts its download from jobs made and let go; each train message's job is made as the message
+    is, and no client's payload is alive once its message is made (before: every asked client's job was made when the
+    round opened and held until sent)."""
+    import gc
+    import weakref
+
+    strategy = HetLoRAStrategy(Federation(tiny(tmp_path / "run", clients_per_round=3)))
+    strategy.discover(LoopbackGrid(partitions=3, fresh_process=False))
+    alive: weakref.WeakSet = weakref.WeakSet()
+    made = strategy.fed.job
+
+    def job(cid, t):
+        j = made(cid, t)
+        alive.update(j.payload.values())
+        return j
+
+    monkeypatch.setattr(strategy.fed, "job", job)
+    opening = strategy.open_round(0)
+    gc.collect()
+    assert len(opening.order) == 3 and strategy.bytes_down > 0 and len(alive) == 0
+    messages = strategy.outgoing(opening.order)
+    for _ in opening.order:
+        message = next(messages)
+        gc.collect()
+        assert len(alive) == 0 and message.content.array_records["adapter"]  # the payload went into the message
+        del message
+
+
 def test_a_silent_node_leaves_the_round_at_its_deadline_and_the_others_are_aggregated(tmp_path):
     """Deployed (no delay model): node 101 never answers; the round closes --round-timeout seconds after it opened,
     with the other two replies aggregated and the silent client named."""

@@ -24,8 +24,12 @@ def test_each_row_is_the_per_seed_relative_difference_and_the_whole_family_is_ad
     assert rows["vs:fslora"]["effect_pct"] == pytest.approx(-2.0) and rows["vs:fedex-lora"]["p"] is None
     # C7: HomLoRA r = 5 (1.08–1.12 × hetlora) against hetlora truncated to r = 5 (1.2 × hetlora): HomLoRA better
     assert rows["C7"]["effects_pct"] == pytest.approx([100 * (1.10 / 1.2 - 1), 100 * (1.12 / 1.2 - 1), 100 * (1.08 / 1.2 - 1)])
-    raw = {k: t_test(r["effects_pct"]) for k, r in rows.items() if r["n"] > 1}
-    assert {k: rows[k]["p_holm"] for k in raw} == pytest.approx(holm(raw))  # one family: C1, fslora, C7 together
+    raw = {k: t_test(r["effects_pct"]) if r["n"] > 1 else 1.0 for k, r in rows.items()}
+    # one family of the four registered rows: fedex-lora, with one seed, counts as p = 1 so m stays 4
+    assert {k: rows[k]["p_holm"] for k in raw} == pytest.approx(holm(raw))
+    smallest = min(raw, key=raw.get)
+    assert rows[smallest]["p_holm"] == pytest.approx(min(1.0, 4 * raw[smallest]))  # × m = 4, not the 3 rows with a p
+    assert rows["vs:fedex-lora"]["p"] is None and rows["vs:fedex-lora"]["p_holm"] == 1.0
     assert all(r["family_size"] == 4 for r in rows.values())
     assert rows["C1"]["verdict"] == ("reproduced" if rows["C1"]["p_holm"] < 0.05 else "inconclusive")
     assert rows["vs:fslora"]["verdict"] in ("fslora better", "inconclusive")

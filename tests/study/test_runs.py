@@ -356,6 +356,7 @@ def test_a_v4_study_tunes_each_label_until_bracketed_and_judges_one_family(tmp_p
                 assert (cfg["eval_split"], cfg["split_seed"], cfg["lr"], cfg["seed"], cfg["rouge_size"]) == ("validation", 7, float(k), seed, None)
         run_cfg = json.loads((results / "runs" / f"{label}-s1" / "summary.json").read_text())["config"]
         assert run_cfg["lr"] == table["chosen"] and run_cfg["split_seed"] == 7 and run_cfg["eval_split"] == "test"
+    block = json.loads((results / "runs" / "hetlora-s0" / "block.json").read_text())
     long_cfg = json.loads((results / "long" / "runs" / "fedavg-rmin-s0" / "summary.json").read_text())["config"]
     assert long_cfg["rounds"] == 2 and long_cfg["local_steps"] == PRESETS["smoke"].base["local_steps"]
     report = json.loads((write_report(s).parent / "study.json").read_text())
@@ -373,6 +374,22 @@ def test_a_v4_study_tunes_each_label_until_bracketed_and_judges_one_family(tmp_p
     log.clear()
     Study("unit4", tmp_path / "results", tmp_path / "work", log=log.append).run_all()
     assert not [m for m in log if m.startswith("tuning ") or "seed" in m and "block" not in m], log
+    # tuning done on another machine class is complete here: this class goes on to the core runs it can make
+    for f in (results / "tuning").glob("*/block.json"):
+        b = json.loads(f.read_text())
+        f.write_text(json.dumps(b | {"precision": {"fp32": "bf16", "bf16": "fp32"}[b["precision"]]}))
+    log.clear()
+    assert Study("unit4", tmp_path / "results", tmp_path / "work", log=log.append).tune(block)["complete"]
+    assert not [m for m in log if m.startswith("tuning ")], log
+    # a label still owing a rate, begun on another class, waits for that class: nothing is run for it here
+    import shutil
+
+    owed = sorted((results / "tuning").glob("hetlora-lr*-s101"))[0]
+    shutil.rmtree(owed)
+    log.clear()
+    t = Study("unit4", tmp_path / "results", tmp_path / "work", log=log.append).tune(block)
+    assert not t["complete"] and t["labels"]["hetlora"]["waiting_for_block"] and t["labels"]["fedavg-rmin"]["complete"]
+    assert not owed.exists() and any("tuning hetlora: begun in block" in m for m in log), log
 
 
 def test_a_v4_plan_refuses_a_preset_whose_n_is_not_the_rules(tmp_path, monkeypatch):

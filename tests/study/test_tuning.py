@@ -43,3 +43,13 @@ def test_a_labels_table_owes_its_first_grid_then_the_extensions_then_chooses():
     assert t["scores"]["0.003"] == pytest.approx(math.sqrt(50 * 49)) and t["perplexities"]["0.01"] == [52, 53]
     t = label_table((LADDER[0], LADDER[1]), {LADDER[0]: [40, 40], LADDER[1]: [50, 50]}, seeds=2)
     assert t["complete"] and t["chosen"] == LADDER[0] and t["bracketed"] is False  # the ladder's end: an edge, said so
+
+
+def test_a_run_with_a_round_rolled_back_counts_as_diverged():
+    """The runner rolls back a round whose aggregate is not finite, so a diverging run ends at an earlier model's finite
+    perplexity; it still scores +inf (and a missing or non-finite perplexity too)."""
+    from hetlora.study.tuning import validation_score
+
+    assert validation_score({"full_eval_ppl": 48.5, "rejected_rounds": []}) == 48.5
+    assert validation_score({"full_eval_ppl": 48.5, "rejected_rounds": [3]}) == math.inf
+    assert validation_score({"full_eval_ppl": math.nan}) == math.inf and validation_score({}) == math.inf

@@ -46,6 +46,8 @@ class PaddedSum:
         if a_weight is not None:
             self._add_by_factor(adapter, float(weight), float(a_weight), float(weight if mass is None else mass))
             return
+        if mass is not None:
+            raise ValueError("mass is a bounded update's own weight: give it with a_weight (one weight is its own mass)")
         keys = list(adapter)
         where = None if indices is None else torch.as_tensor(indices)
         components = self._rank(adapter, keys) if where is None else where  # checked before anything is added

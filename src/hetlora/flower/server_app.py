@@ -49,7 +49,6 @@ class HetLoRAStrategy(Strategy):
         self.refused: list[dict[str, Any]] = []  # claims refused at discovery (node, client, reason)
         self.sent: dict[str, int] = {}  # client id -> the rank sent to it this round
         self.opening = None  # this round's RoundOpening (who is asked, how the round closes)
-        self._jobs: dict = {}  # this round's jobs not yet sent (client id -> Job)
         self.last_row: dict[str, Any] = {}
         self.bytes_down = 0
         # the fixed bound every secure client applies (mandatory; public): the config's, else from the initial global
@@ -148,7 +147,7 @@ class HetLoRAStrategy(Strategy):
         if self.fed.delays is None:  # the real clock closes the round: its deadline is the one named
             self.opening.deadline = self.timeout
         self.sent = {cid: self.fed.ranks[cid] for cid in self.opening.asked}
-        self._jobs, self.bytes_down = self.fed.round_jobs(self.opening)  # made once: counted here, sent later
+        self.bytes_down = self.fed.round_download(self.opening)  # counted here; each job made again as it is sent
         return self.opening
 
     def messages(self, clients: Iterable[str]) -> list[Message]:
@@ -156,22 +155,27 @@ class HetLoRAStrategy(Strategy):
         return list(self.outgoing(clients))
 
     def outgoing(self, clients: Iterable[str]) -> Iterator[Message]:
-        """The clients' train messages, each made when it is asked for: its own truncated adapter (and base delta),
-        its task and the run's config. Pushed one at a time (:func:`arriving`), so the server never holds the
-        round's payloads together (K copies of the truncated global adapter)."""
-        t = self.opening.round_index
+        """The clients' train messages, each made (its job too) when it is asked for and let go once taken: pushed one
+        at a time (:func:`arriving`), so the server never holds the round's payloads together (K copies of the
+        truncated global adapter, and of a folding method's base delta)."""
         run_config = ConfigRecord({"hetlora-config": encode_config(self.fed.cfg)})
         for cid in clients:
-            job = self._jobs.pop(cid, None) or self.fed.job(cid, t)
-            records = {
-                "adapter": to_array_record(job.payload),
-                "task": ConfigRecord({"client-id": cid, "rank": job.rank, "round": t, "base-version": job.base_version}),
-                "config": run_config,
-            }
-            if job.base:
-                records["base"] = to_array_record(job.base)
-            del job
-            yield Message(RecordDict(records), dst_node_id=self.node_of[cid], message_type="train")
+            message = self.message(cid, run_config)
+            yield message
+            del message
+
+    def message(self, cid: str, run_config: ConfigRecord) -> Message:
+        """One client's train message: its own truncated adapter (and base delta), its task and the run's config."""
+        t = self.opening.round_index
+        job = self.fed.job(cid, t)
+        records = {
+            "adapter": to_array_record(job.payload),
+            "task": ConfigRecord({"client-id": cid, "rank": job.rank, "round": t, "base-version": job.base_version}),
+            "config": run_config,
+        }
+        if job.base:
+            records["base"] = to_array_record(job.base)
+        return Message(RecordDict(records), dst_node_id=self.node_of[cid], message_type="train")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Complete the round from its replies. A weighted-sum method takes them as they arrive (``replies`` may be
@@ -198,7 +202,7 @@ class HetLoRAStrategy(Strategy):
         while queue and not close.full and time.monotonic() < deadline:
             n = close.missing or len(queue)
             wave, queue = queue[:n], queue[n:]
-            yield from arriving(grid, self.outgoing(wave), deadline - time.monotonic())
+            yield from arriving(grid, self.outgoing(wave), until=deadline)
 
     def decoded(self, replies: Iterable[Message], failed: list[tuple[str, str]], t: int) -> Iterator[ClientUpdate]:
         """Each reply as a :class:`ClientUpdate`, decoded when it is asked for; a failed or refused reply goes to ``failed``."""
@@ -308,13 +312,15 @@ class HetLoRAStrategy(Strategy):
         return flower_round
 
 
-def arriving(grid: Grid, messages: Iterable[Message], timeout: float) -> Iterator[Message]:
-    """The replies to ``messages`` as they arrive, until every one is in or ``timeout`` seconds have passed:
-    Flower's push, then pulls in a loop (what ``send_and_receive`` does, without gathering the replies).
-    Each message is pushed on its own and let go (a list is emptied as it goes): the server never holds the
-    round's payloads together."""
+def arriving(grid: Grid, messages: Iterable[Message], timeout: float | None = None, *, until: float | None = None) -> Iterator[Message]:
+    """The replies to ``messages`` as they arrive, until every one is in or ``timeout`` seconds have passed since they
+    were pushed (or the monotonic clock reaches ``until``, a round's own deadline): Flower's push, then pulls in a loop
+    (what ``send_and_receive`` does, without gathering the replies). Each message is pushed on its own and let go (a
+    list is emptied as it goes): the server never holds the round's payloads together."""
+    if (timeout is None) == (until is None):
+        raise ValueError("arriving needs a timeout or a deadline (until), one of them")
     pending = _push_each(grid, messages)
-    deadline = time.monotonic() + timeout
+    deadline = until if until is not None else time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         pulled = list(grid.pull_messages(pending))
         if not pulled:  # nothing in yet: wait before asking again (a pull that brought replies is followed at once)
@@ -332,6 +338,7 @@ def _push_each(grid: Grid, messages: Iterable[Message]) -> set[str]:
     source = (messages.pop(0) for _ in range(len(messages))) if isinstance(messages, list) else iter(messages)
     for message in source:
         pending.update(i for i in grid.push_messages([message]) if i)
+        del message  # not kept while the next one is made
     return pending
 
 

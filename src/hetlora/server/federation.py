@@ -180,6 +180,12 @@ class Federation:
         late = sum(self.download_bytes(self.job(c, t)) for c, _ in opening.late)
         return jobs, sum(map(self.download_bytes, jobs.values())) + late
 
+    def round_download(self, opening: RoundOpening) -> int:
+        """The round's download (:meth:`round_jobs`'s count) without holding its jobs: each asked client's job is made,
+        counted and let go; a server that sends them one at a time makes each again when it sends it."""
+        t = opening.round_index
+        return sum(self.download_bytes(self.job(c, t)) for c in [*opening.order, *(c for c, _ in opening.late)])
+
     def train(self, jobs: Sequence[Job]) -> list[ClientUpdate]:
         """Train clients in this process, together (the in-process engine's client side)."""
         return self.kind.train(self.host, jobs, prune=self.cfg.prunes)

@@ -18,6 +18,7 @@ twice, and it tested absolute perplexity differences. v4, as registered before i
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any, Callable, Mapping
 
@@ -122,8 +123,10 @@ def comparisons(runs: Mapping, labels: tuple[str, ...] | list[str], r_min: int) 
         family.append(c6_row(runs))
     if "fedavg-rmin" in labels:
         family.append(c7_row(runs, r_min))
-    adjusted = holm({c["id"]: c["p"] for c in family if c.get("p") is not None})
-    return [c | {"p_holm": adjusted.get(c["id"]), "family_size": len(family), "verdict": words(c, adjusted.get(c["id"]))} for c in family]
+    # Holm over the whole registered family: a row without a p-value yet (fewer than two seeds, no tier perplexity) or
+    # with one that is not a number counts as p = 1, so m is never smaller than registered
+    adjusted = holm({c["id"]: c["p"] if c.get("p") is not None and math.isfinite(c["p"]) else 1.0 for c in family})
+    return [c | {"p_holm": adjusted[c["id"]], "family_size": len(family), "verdict": words(c, adjusted[c["id"]])} for c in family]
 
 
 def words(c: Mapping[str, Any], p_holm: float | None) -> str:

@@ -352,36 +352,39 @@ class Study:
         return out
 
     def tune_label(self, label: str, block: dict[str, Any] | None, provenance: dict[str, Any]) -> dict[str, Any]:
-        """One label's tuning table: run what it owes (kept runs are read back) until it is bracketed or time is up."""
-        from .tuning import label_table, rate_key
+        """One label's tuning table: its kept runs read back, then (on a machine of the label's block) what it still owes
+        run until it is bracketed or time is up. A label's rates are compared inside one seed block: one begun on another
+        machine class is complete if its runs are, and otherwise waits for that class (``waiting_for_block``)."""
+        from .tuning import label_table, rate_key, validation_score
 
         p = self.preset
         first = p.fft_lr_grid if label == "fft" else p.lr_grid
         per_rate: dict[float, list[float]] = {}
         held = {block_key(read_json(f)) for f in (self.results / "tuning").glob(f"{label}-lr*-s*/block.json")}
-        if block is not None and held - {block_key(block)}:
-            # a label's rates are compared within one seed block: one started elsewhere waits for a machine of its block
-            self.log(f"tuning {label}: started in block {sorted(map(str, held))}; this machine is {block_key(block)}: left for that block")
-            return {"complete": False, "waiting_for_block": sorted(map(str, held))}
+        foreign = sorted(map(str, held - {block_key(block)})) if block is not None else []
         while not (table := label_table(first, per_rate, len(p.tune_seeds)))["complete"]:
             for lr in table["owed"]:
                 for seed in p.tune_seeds[len(per_rate.get(lr, [])):]:
                     name = f"{label}-lr{rate_key(lr)}-s{seed}"
-                    summary = self.tuning_run(label, lr, seed, name, block)
+                    summary = self.tuning_run(label, lr, seed, name, block, may_run=not foreign)
                     if summary is None:
-                        return label_table(first, per_rate, len(p.tune_seeds))
-                    per_rate.setdefault(lr, []).append(summary["full_eval_ppl"])
+                        if foreign:
+                            self.log(f"tuning {label}: begun in block {foreign}; this machine is {block_key(block)}: left for that block")
+                        return label_table(first, per_rate, len(p.tune_seeds)) | ({"waiting_for_block": foreign} if foreign else {})
+                    per_rate.setdefault(lr, []).append(validation_score(summary))
                     provenance[name] = summary.get("provenance")
         return table
 
-    def tuning_run(self, label: str, lr: float, seed: int, name: str, block: dict[str, Any] | None) -> dict[str, Any] | None:
-        """One tuning run's summary, run now unless kept already (None: the time budget is used up)."""
+    def tuning_run(self, label: str, lr: float, seed: int, name: str, block: dict[str, Any] | None,
+                   may_run: bool = True) -> dict[str, Any] | None:
+        """One tuning run's summary, run now unless kept already (None: not kept and not to be run here, or the time
+        budget is used up)."""
         p = self.preset
         kept = self.results / "tuning" / name
         base = self.base(lr=lr, rounds=p.tune_rounds, eval_split="validation", tier_eval="off", rouge_size=None)
         cfg = run_label(label, seed, base, self.work / "tuning" / name)
         if not finished_as_asked(kept, cfg):
-            if self.out_of_time():
+            if not may_run or self.out_of_time():
                 return None
             self.wait_while_paused()
             t = time.perf_counter()

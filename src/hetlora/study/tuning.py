@@ -5,7 +5,8 @@ Pure arithmetic over the tuning runs' validation perplexities; the runs themselv
 
 * a label starts from its first grid (three neighbouring rates of :data:`LADDER`) and runs every rate on
   every tuning seed;
-* a rate's score is the geometric mean of its seeds' validation perplexities (a diverged run scores +inf);
+* a rate's score is the geometric mean of its seeds' validation perplexities (a diverged run, one with a round
+  rolled back for a non-finite aggregate, scores +inf: :func:`validation_score`);
 * the chosen rate is the lowest score (a tie goes to the smaller rate);
 * while the chosen rate is the grid's smallest or largest and the ladder goes further on that side, the
   next rate of the ladder on that side is added and run. So the chosen rate is never the grid's edge
@@ -33,6 +34,16 @@ def score(perplexities: Sequence[float]) -> float:
     if any(not math.isfinite(p) or p <= 0 for p in perplexities):
         return math.inf
     return math.exp(math.fsum(math.log(p) for p in perplexities) / len(perplexities))
+
+
+def validation_score(summary: Mapping) -> float:
+    """What one tuning run counts for: its final validation perplexity, or +inf when it diverged. A run whose aggregate
+    was not finite in some round had that round rolled back (server.runner) and ends with a finite perplexity of an
+    earlier model; it diverged all the same (``rejected_rounds``)."""
+    ppl = summary.get("full_eval_ppl")
+    if summary.get("rejected_rounds") or ppl is None or not math.isfinite(ppl):
+        return math.inf
+    return float(ppl)
 
 
 def chosen(scores: Mapping[float, float]) -> float:
