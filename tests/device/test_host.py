@@ -132,7 +132,9 @@ def test_a_device_client_applies_the_base_delta_in_place_without_pristine_copies
 
 def test_a_device_client_of_a_gguf_model_trains_over_its_blocks_as_over_the_dense_weights(gguf_model_file):
     """auto: a device client (a ClientApp) holds the GGUF's blocks, an in-process host the dense weights; one client's
-    round on either base gives the same adapter within 1e-5 (fp32 sums in another order)."""
+    round on either base gives the same adapter within 1e-4 of its largest entry: the same weights, with fp32 sums in
+    another order (chunked dequantisation, the chunked loss) that three Adam steps amplify. It held within 1e-5 on the
+    AVX2 machines; an AVX512 EPYC, whose kernels order their sums otherwise, gave 2.7e-5 (layer 1's q_proj B)."""
     from hetlora.clients import Job, get_kind
     from hetlora.models.quantised import QuantisedLinear
 
@@ -150,7 +152,7 @@ def test_a_device_client_of_a_gguf_model_trains_over_its_blocks_as_over_the_dens
     updates = [get_kind("lora").train(host, [Job(cid, 8, 1, adapter)], prune=False)[0] for host in (device, in_process)]
     for key, dense in updates[1].adapter.items():
         assert not torch.equal(dense, adapter[key])  # it trained
-        assert torch.allclose(updates[0].adapter[key], dense, rtol=0, atol=1e-5 * float(dense.abs().max())), key
+        assert torch.allclose(updates[0].adapter[key], dense, rtol=0, atol=1e-4 * float(dense.abs().max())), key
 
 
 def test_base_weights_gguf_is_refused_where_the_base_is_not_frozen_or_not_from_a_gguf():
