@@ -267,7 +267,8 @@ def study(
     budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Start no new run after this long"),
     report_only: bool = typer.Option(False, "--report-only", help="Rebuild the report from the finished runs"),
     set_aside_seed: Optional[int] = typer.Option(None, "--set-aside-seed", help="Move an unfinished seed's runs to set-aside/ so this machine's block can run the whole seed again (needs --why), then exit"),
-    why: str = typer.Option("", "--why", help="The reason recorded with --set-aside-seed"),
+    set_aside_tuning: Optional[str] = typer.Option(None, "--set-aside-tuning", help="v4: move an unfinished label's tuning runs to set-aside/ so this machine's block can tune it whole (needs --why), then exit"),
+    why: str = typer.Option("", "--why", help="The reason recorded with --set-aside-seed or --set-aside-tuning"),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks"),
 ) -> None:
     """The reproduction study of HetLoRA's claims (C1–C8): a pre-registered plan, paired 95 % intervals, verdicts."""
@@ -282,6 +283,9 @@ def study(
 
     if set_aside_seed is not None:
         typer.echo(f"set aside in: {_guard(debug, lambda: s.set_aside(set_aside_seed, why))}")
+        return
+    if set_aside_tuning is not None:
+        typer.echo(f"set aside in: {_guard(debug, lambda: s.set_aside_tuning(set_aside_tuning, why))}")
         return
 
     def work_():

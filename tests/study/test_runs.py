@@ -418,3 +418,32 @@ def test_the_v4_plan_is_sized_from_the_committed_v3_runs(tmp_path):
     if committed.is_file():
         registered = json.loads(committed.read_text())
         assert registered["design"] == plan["design"] and registered["sizing"] == plan["sizing"]
+
+
+def test_an_unfinished_labels_tuning_is_set_aside_whole_and_a_complete_one_is_refused(tmp_path, monkeypatch):
+    """v4: a label begun on a machine class that cannot be had again would hold every core run back; its tuning (only
+    while it still owes a run) moves to set-aside/ with the reason, and the label is tuned whole here."""
+    from hetlora.study import tuning
+
+    monkeypatch.setitem(study.PRESETS, "unit4", v4_preset(labels=("hetlora",), long_labels=(), long_best_of=(), long_seeds=()))
+    monkeypatch.setattr(tuning, "LADDER", (1e-3, 3e-3, 1e-2, 3e-2))
+    s = Study("unit4", tmp_path / "results", tmp_path / "work", log=lambda m: None)
+    table = s.tune_label("hetlora", None, {})
+    assert table["complete"]
+    with pytest.raises(ValueError, match="complete; a complete label is never set aside"):
+        s.set_aside_tuning("hetlora", "the class is gone")
+    tuned = tmp_path / "results" / "unit4" / "tuning"
+    import shutil
+
+    shutil.rmtree(sorted(tuned.glob("hetlora-lr*-s101"))[0])  # now it owes a run
+    with pytest.raises(ValueError, match="needs a reason"):
+        s.set_aside_tuning("hetlora", " ")
+    kept = sorted(p.name for p in tuned.glob("hetlora-*"))
+    target = s.set_aside_tuning("hetlora", "no AVX512 machine was drawn again")
+    assert not list(tuned.glob("hetlora-*")) and sorted(p.name for p in target.iterdir() if p.is_dir()) == kept
+    record = json.loads((target / "set-aside.json").read_text())
+    assert record["where"] == "tuning" and record["label"] == "hetlora" and record["reason"] == "no AVX512 machine was drawn again"
+    from hetlora.study.report import set_aside_groups
+
+    (group,) = set_aside_groups(tmp_path / "results" / "unit4")
+    assert group["where"] == "tuning" and len(group["finished"]) == len(kept) and group["seconds"] > 0

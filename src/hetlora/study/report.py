@@ -46,11 +46,23 @@ def set_aside_groups(results: Path) -> list[dict[str, Any]]:
     """Runs set aside when their unfinished seed started again in another block (``Study.set_aside``): a record, never paired."""
     groups = []
     for record in sorted((results / "set-aside").glob("*/set-aside.json")):
+        if json.loads(record.read_text()).get("where") == "tuning":  # a label's tuning runs (v4), not a seed's
+            groups.append(tuning_group(record, results))
+            continue
         runs = load_runs(record.parent, ".")
         groups.append(json.loads(record.read_text()) | {
             "directory": str(record.parent.relative_to(results)), "seconds": sum(r["seconds"] for r in runs),
             "finished": [{"label": r["label"], "seed": r["seed"], "final_eval_ppl": r["final_eval_ppl"], "seconds": r["seconds"]} for r in runs]})
     return groups
+
+
+def tuning_group(record: Path, results: Path) -> dict[str, Any]:
+    """A label's tuning runs set aside (``Study.set_aside_tuning``): listed with their compute, never used."""
+    summaries = {f.parent.name: json.loads(f.read_text()) for f in sorted(record.parent.glob("*/summary.json"))}
+    return json.loads(record.read_text()) | {
+        "directory": str(record.parent.relative_to(results)), "seconds": sum(s.get("seconds_total", 0.0) for s in summaries.values()),
+        "finished": [{"label": name, "seed": s["config"]["seed"], "final_eval_ppl": s.get("full_eval_ppl"),
+                      "seconds": s.get("seconds_total", 0.0)} for name, s in summaries.items()]}
 
 
 def read_json(path: Path) -> Any:
@@ -350,11 +362,13 @@ def set_aside_section(report: dict) -> list[str]:
     groups = report.get("set_aside") or []
     if not groups:
         return []
-    lines = ["## Runs set aside (their seed started again in another block; a record, never paired)", "",
+    lines = ["## Runs set aside (their seed, or a label's tuning, started again in another block; a record, never used)", "",
              "| seed | group | block | runs kept aside | compute | set aside | reason |", "|---:|---|---|---|---:|---|---|"]
     for g in groups:
         block = block_label(g.get("block") or {})
         runs = ", ".join(f"{r['label']} ({_fmt(r['final_eval_ppl'])})" for r in g["finished"])
-        lines.append(f"| {g['seed']} | {g['where']} | {block} | {runs} | {g['seconds'] / 60:.1f} min | {g['set_aside_at']} | {g['reason']} |")
+        seed = "—" if g.get("seed") is None else g["seed"]
+        lines.append(f"| {seed} | {g['where']} | {block} | {runs} | {g['seconds'] / 60:.1f} min | {g['set_aside_at']} | {g['reason']} |")
     return lines + ["", "Only a seed still owing a planned run can be set aside (`hetlora study --set-aside-seed N --why ...`), "
-                        "so results never choose which seeds count; the runs stay in the directory named in study.json.", ""]
+                        "and only a label still owing a tuning run (`--set-aside-tuning LABEL --why ...`, v4), so results never "
+                        "choose which seeds or rates count; the runs stay in the directory named in study.json.", ""]

@@ -495,6 +495,44 @@ class Study:
         self.log(f"seed {seed} ({where}): {len(runs)} runs of block {held} set aside in {target}; {len(missing)} were still missing")
         return target
 
+    def set_aside_tuning(self, label: str, reason: str) -> Path:
+        """Move an unfinished label's v4 tuning runs out of the way, so a machine of another block can tune it whole.
+
+        A label's rates are compared inside one seed block, so one begun on a machine class that can no longer be had
+        would hold every core run back. As for a seed (:meth:`set_aside`), only an *unfinished* label (one still owing
+        a tuning run) may be set aside, so results never choose which tuning counts; its runs and the reason are kept
+        under ``set-aside/`` and the report lists them.
+        """
+        from .tuning import label_table, validation_score
+
+        if not reason.strip():
+            raise ValueError("setting a label's tuning aside needs a reason (--why)")
+        p = self.preset
+        if p.version < 4 or label not in p.labels:
+            raise ValueError(f"{label!r} is not a label tuned by preset {self.preset_name!r}")
+        runs = sorted(d for d in (self.results / "tuning").glob(f"{label}-lr*-s*") if (d / "summary.json").is_file())
+        if not runs:
+            raise ValueError(f"{label} has no finished tuning runs under {self.results / 'tuning'}: nothing to set aside")
+        per_rate: dict[float, list[float]] = {}
+        for run in runs:
+            summary = json.loads((run / "summary.json").read_text())
+            per_rate.setdefault(float(summary["config"]["lr"]), []).append(validation_score(summary))
+        if label_table(p.fft_lr_grid if label == "fft" else p.lr_grid, per_rate, len(p.tune_seeds))["complete"]:
+            raise ValueError(f"{label}'s tuning is complete; a complete label is never set aside (that would let results "
+                             "choose its rate)")
+        block = read_json(runs[0] / "block.json")
+        target = self.results / "set-aside" / f"tuning-{label}-{(block or {}).get('behaviour', 'no-block')}"
+        if target.exists():
+            raise ValueError(f"{target} exists already: a label's tuning of one block is set aside once")
+        target.mkdir(parents=True)
+        for run in runs:
+            shutil.move(str(run), str(target / run.name))
+        write_json_atomic(target / "set-aside.json", {"label": label, "where": "tuning", "seed": None, "block": block,
+                                                      "reason": reason.strip(), "set_aside_at": utc_timestamp(),
+                                                      "runs": [run.name for run in runs]})
+        self.log(f"tuning of {label}: {len(runs)} runs set aside in {target}")
+        return target
+
     def run_all(self) -> None:
         if self.preset.superseded:
             raise ValueError(f"preset {self.preset_name!r} is a record, not run again: {self.preset.superseded} (--report-only rebuilds its report)")
