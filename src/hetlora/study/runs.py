@@ -482,17 +482,21 @@ class Study:
                              "(that would let results choose the seeds)")
         held = self.seed_block(where, seed)
         block = read_json(runs[0] / "block.json")
-        target = self.results / "set-aside" / f"{where.replace('/', '-')}-seed-{seed}-{(block or {}).get('behaviour', 'no-block')}"
+        target = self.move_aside(runs, f"{where.replace('/', '-')}-seed-{seed}", block, {
+            "seed": seed, "where": where, "reason": reason.strip(), "missing_when_set_aside": missing})
+        self.log(f"seed {seed} ({where}): {len(runs)} runs of block {held} set aside in {target}; {len(missing)} were still missing")
+        return target
+
+    def move_aside(self, runs: list[Path], name: str, block: dict | None, record: dict[str, Any]) -> Path:
+        """Move finished runs of one block to ``set-aside/<name>-<behaviour>/`` with their record (once per block)."""
+        target = self.results / "set-aside" / f"{name}-{(block or {}).get('behaviour', 'no-block')}"
         if target.exists():
-            raise ValueError(f"{target} exists already: a seed of one block is set aside once")
+            raise ValueError(f"{target} exists already: runs of one block are set aside once")
         target.mkdir(parents=True)
         for run in runs:
             shutil.move(str(run), str(target / run.name))
-        write_json_atomic(target / "set-aside.json", {
-            "seed": seed, "where": where, "block": block, "reason": reason.strip(),
-            "set_aside_at": utc_timestamp(),
-            "runs": [run.name for run in runs], "missing_when_set_aside": missing})
-        self.log(f"seed {seed} ({where}): {len(runs)} runs of block {held} set aside in {target}; {len(missing)} were still missing")
+        write_json_atomic(target / "set-aside.json", record | {"block": block, "set_aside_at": utc_timestamp(),
+                                                               "runs": [run.name for run in runs]})
         return target
 
     def set_aside_tuning(self, label: str, reason: str) -> Path:
@@ -520,16 +524,8 @@ class Study:
         if label_table(p.fft_lr_grid if label == "fft" else p.lr_grid, per_rate, len(p.tune_seeds))["complete"]:
             raise ValueError(f"{label}'s tuning is complete; a complete label is never set aside (that would let results "
                              "choose its rate)")
-        block = read_json(runs[0] / "block.json")
-        target = self.results / "set-aside" / f"tuning-{label}-{(block or {}).get('behaviour', 'no-block')}"
-        if target.exists():
-            raise ValueError(f"{target} exists already: a label's tuning of one block is set aside once")
-        target.mkdir(parents=True)
-        for run in runs:
-            shutil.move(str(run), str(target / run.name))
-        write_json_atomic(target / "set-aside.json", {"label": label, "where": "tuning", "seed": None, "block": block,
-                                                      "reason": reason.strip(), "set_aside_at": utc_timestamp(),
-                                                      "runs": [run.name for run in runs]})
+        target = self.move_aside(runs, f"tuning-{label}", read_json(runs[0] / "block.json"),
+                                 {"label": label, "where": "tuning", "seed": None, "reason": reason.strip()})
         self.log(f"tuning of {label}: {len(runs)} runs set aside in {target}")
         return target
 
