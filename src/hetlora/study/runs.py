@@ -35,6 +35,8 @@ from ..data.chitchat import SPLIT_VERSION
 from .stats import ALPHA
 from .claims import EQUIVALENCE_MARGIN_PCT, block_key, by_label, claims, load_runs, paired
 from .report import read_json
+from .family import C4_RATE, C6_HOMLORA, comparisons
+from .tuning import LADDER, label_table, rate_key, validation_score
 
 # Methods in the order they run for each seed: the claims' methods first, then the chosen variants and the challengers.
 CLAIM_LABELS = ["hetlora", "fedavg-rmin", "fedavg-rmax", "recon-svd", "hetlora-noprune", "hetlora-naive", "fft"]
@@ -238,9 +240,6 @@ class Study:
 
     def design_v4(self) -> dict[str, Any]:
         """What v4 registers beside v3's design (docs/algorithm.md §10): tuning, the one family, the long regime, the seed rule."""
-        from .family import C4_RATE, C6_HOMLORA
-        from .tuning import LADDER
-
         p = self.preset
         return {"version": 4, "tune_seeds": list(p.tune_seeds), "tuning_ladder": list(LADDER),
                 "tuning_rule": "every label its own rate: its first grid on every tuning seed, on the validation split of the one data "
@@ -293,7 +292,6 @@ class Study:
 
     def plan_v4(self, design: dict[str, Any]) -> dict[str, Any]:
         """v4's plan: the one family sized from the earlier study's paired effects; refuses a preset whose n is not the rule's."""
-        from .family import comparisons
         from .plan import size_family
 
         p = self.preset
@@ -332,8 +330,6 @@ class Study:
 
     def tune_v4(self, block: dict[str, Any] | None = None) -> dict[str, Any]:
         """Every label its own rate from a grid that brackets its optimum (study/tuning.py), label by label."""
-        from .tuning import rate_key
-
         p = self.preset
         labels: dict[str, dict[str, Any]] = {}
         provenance: dict[str, Any] = {}
@@ -355,8 +351,6 @@ class Study:
         """One label's tuning table: its kept runs read back, then (on a machine of the label's block) what it still owes
         run until it is bracketed or time is up. A label's rates are compared inside one seed block: one begun on another
         machine class is complete if its runs are, and otherwise waits for that class (``waiting_for_block``)."""
-        from .tuning import label_table, rate_key, validation_score
-
         p = self.preset
         first = p.fft_lr_grid if label == "fft" else p.lr_grid
         per_rate: dict[float, list[float]] = {}
@@ -507,8 +501,6 @@ class Study:
         a tuning run) may be set aside, so results never choose which tuning counts; its runs and the reason are kept
         under ``set-aside/`` and the report lists them.
         """
-        from .tuning import label_table, validation_score
-
         if not reason.strip():
             raise ValueError("setting a label's tuning aside needs a reason (--why)")
         p = self.preset
