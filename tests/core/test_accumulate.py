@@ -92,3 +92,24 @@ def test_an_a_weight_of_its_own_is_the_scaled_copy_added():
     got, expected = by_factor.total(torch.float64), by_copy.total(torch.float64)
     assert all(torch.allclose(got[k], expected[k], rtol=1e-15, atol=0) for k in expected)
     assert by_factor.count == 2
+
+
+def test_a_spent_sum_gives_the_same_numbers_and_can_be_used_no_more():
+    """``total(spend=True)`` (a streamed round's end: each float64 accumulator scaled in place and let go) gives
+    the bits the non-spending total gives; afterwards the sum refuses to be added to or read, rather than read
+    accumulators it no longer holds."""
+    g = torch.Generator().manual_seed(3)
+    updates = [({"m" + B_SUFFIX: torch.randn(5, r, generator=g), "m" + A_SUFFIX: torch.randn(r, 4, generator=g)}, w)
+               for r, w in [(2, 0.3), (4, 1.7), (1, 0.05)]]
+    for scale in (1.0, 1.0 / 2.05):
+        kept, spent = PaddedSum(4), PaddedSum(4)
+        for adapter, w in updates:
+            kept.add(adapter, w)
+            spent.add(adapter, w)
+        expected = kept.total(scale=scale)
+        got = spent.total(scale=scale, spend=True)
+        assert list(got) == list(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+        assert spent.sums == {}
+        for use in (lambda: spent.total(), lambda: spent.slice_average(), lambda: spent.add(updates[0][0], 1.0)):
+            with pytest.raises(ValueError, match="spent"):
+                use()

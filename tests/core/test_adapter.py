@@ -128,3 +128,19 @@ def test_gram_norms_are_the_factor_and_product_norms(dtype, scale):
     rel = 1e-12 if dtype == torch.float64 or scale != 1.0 else 1e-6
     assert nb == pytest.approx(dense_b, rel=rel) and na == pytest.approx(dense_a, rel=rel) and np_ == pytest.approx(dense_p, rel=max(rel, 1e-6))
     assert np_ == update_norm(adapter)
+
+
+def test_the_norms_sum_each_modules_float64_term_exactly_rounded():
+    """update_norm and gram_norms read every module's term back at once: the result is still math.fsum of the
+    per-module float64 terms, each formed as product_norm_sq forms it (the same bits), and 0 for no module."""
+    import math
+
+    from hetlora.core.adapter import gram_norms, lora_pairs
+
+    adapter = make_adapter(3, seed=11)
+    terms = [float(product_norm_sq(b, a)) for _, b, a in lora_pairs(adapter)]
+    assert update_norm(adapter) == math.sqrt(math.fsum(terms))
+    assert gram_norms(adapter)[2] == update_norm(adapter)
+    b_sq = math.fsum(float((b.T @ b).diagonal().sum(dtype=torch.float64)) for _, b, _ in lora_pairs(adapter))
+    assert gram_norms(adapter)[0] == math.sqrt(b_sq)
+    assert update_norm({}) == 0.0 and gram_norms({}) == (0.0, 0.0, 0.0)

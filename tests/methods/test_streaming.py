@@ -334,3 +334,40 @@ def test_an_fslora_reply_of_another_size_than_it_was_sent_is_dropped_by_name_not
     got = round_.result()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-6 * float(expected[key].abs().max()))
+
+
+@pytest.mark.parametrize("order", ["client order", "reversed"])
+def test_dp_fedavg_streams_its_clipped_changes_into_the_list_rounds_noised_release(order):
+    """DP-FedAvg (docs/algorithm.md "Privacy") is global + (Σ_k clip(δ_k, C) + noise) / K: each clipped change
+    is its client's alone, so the server folds it in as it arrives and holds no update. With the same seeded
+    generator the streamed release is the list round's (the noise drawn once, at the end, for the whole sum);
+    a NaN reply is dropped by name; the clipping is at work (a client 10³ × larger moves the release no more
+    than C / K allows)."""
+    from hetlora.core.dp import flat_norm
+    from hetlora.methods.dp import DPFedAvg
+    from hetlora.methods.streaming import ChangeRound, one_at_a_time
+
+    dp = DPFedAvg(METHODS["hetlora"], clip_norm=0.5, noise_multiplier=0.7, expected_clients=6)
+    previous = make_update(R_MAX, seed=99).adapter
+    updates = [make_update(r, seed=s, n=10 + s) for s, r in enumerate([2, 8, 5, 3, 6])]
+    updates[1] = replace(updates[1], adapter={k: v * 1e3 for k, v in updates[1].adapter.items()})
+    nan = replace(make_update(4, seed=7), client_id="nan")
+    nan.adapter[next(iter(nan.adapter))][0, 0] = float("nan")
+
+    def ctx():
+        return AggregationContext(r_max=R_MAX, previous=previous, shapes=SHAPES, norm_bound=1.5,
+                                  generator=torch.Generator().manual_seed(5))
+
+    assert one_at_a_time(dp, ctx())
+    expected, _ = aggregate_round(dp, updates, ctx())
+    arriving = updates if order == "client order" else updates[::-1]
+    round_ = stream_round(dp, ctx(), iter(arriving[:2] + [nan] + arriving[2:]), checker(ctx()), MemoryStore())
+    assert isinstance(round_, ChangeRound) and [c for c, _ in round_.dropped] == ["nan"]
+    got = round_.result()
+    assert all(u.adapter == {} for u in round_.kept)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7)
+    noiseless = DPFedAvg(METHODS["hetlora"], 0.5, 0.0, 6)
+    moved = aggregate_round(noiseless, updates, ctx())[0]
+    step = {k: moved[k] - previous[k] for k in moved}
+    assert flat_norm(step) <= 0.5 * len(updates) / 6 + 1e-6  # each client moved it by at most C / K

@@ -36,6 +36,7 @@ class PaddedSum:
         self.layout: dict[str, tuple[int, str]] = {}  # key -> (rank axis, module)
         self.reached: list[tuple[Tensor | int, float | Mapping[str, float]]] = []  # (components, weight) per update
         self.count = 0
+        self.spent = False  # total(spend=True) has consumed the accumulators
 
     def add(self, adapter: Mapping[str, Tensor], weight: float | Mapping[str, float] = 1.0,
             indices: Tensor | Sequence[int] | None = None, a_weight: float | None = None, mass: float | None = None) -> None:
@@ -43,6 +44,7 @@ class PaddedSum:
         (the leading ones, or ``indices``: which of the r_max components the update's components are).
         ``a_weight``: the A factors' own weight (one weight for B): a bounded update's scales, not a scaled copy;
         ``mass``: then the client's own weight, which its components' mass counts (a bound's scales are not weights)."""
+        self._unspent()
         if a_weight is not None:
             self._add_by_factor(adapter, float(weight), float(a_weight), float(weight if mass is None else mass))
             return
@@ -83,6 +85,10 @@ class PaddedSum:
             raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
         for adapter, weight in zip(adapters, weights):
             self.add(adapter, weight)
+
+    def _unspent(self) -> None:
+        if self.spent:
+            raise ValueError("this sum was spent by total(spend=True): nothing more can be added or read")
 
     def _rank(self, adapter: Mapping[str, Tensor], keys: list[str]) -> int:
         """How many leading components the update reaches: one rank, at most r_max, for all its factors
@@ -126,11 +132,18 @@ class PaddedSum:
                 out.index_add_(0, reached, torch.full((len(reached),), w, dtype=torch.float64))
         return out
 
-    def total(self, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> Adapter:
+    def total(self, dtype: torch.dtype = torch.float32, scale: float = 1.0, spend: bool = False) -> Adapter:
         """``scale`` × Σ_k w_k pad(x_k), keys sorted (fp32 unless asked otherwise; scaled in float64: a streamed
-        round divides by Σ_k w_k here)."""
+        round divides by Σ_k w_k here). ``spend``: the sum's last use (a round's end), so each float64 accumulator is
+        scaled in place and let go once converted: no float64 copy of the sum, and the server's peak holds the result
+        beside what is left of the sum, not the sum twice. The same numbers either way."""
         if not self.count:
             raise ValueError("nothing was added to the sum")
+        self._unspent()
+        if spend:
+            self.spent = True
+            return {key: (acc if scale == 1.0 else acc.mul_(scale)).to(dtype)
+                    for key in sorted(self.sums) for acc in (self.sums.pop(key),)}
         if scale == 1.0:
             return {key: self.sums[key].to(dtype) for key in sorted(self.sums)}
         return {key: (self.sums[key] * scale).to(dtype) for key in sorted(self.sums)}
@@ -140,6 +153,7 @@ class PaddedSum:
         ``previous`` (zero without one). fp32."""
         if not self.count:
             raise ValueError("nothing was added to the sum")
+        self._unspent()
         masses = {module: self.mass(module) for module in {m for _, m in self.layout.values()}}
         out: Adapter = {}
         for key in sorted(self.sums):

@@ -37,6 +37,37 @@ def client_delta(update: ClientUpdate, global_adapter: Mapping[str, Tensor], r_m
     return zero_pad_adapter({k: update.adapter[k] - received[k] for k in received}, r_max)
 
 
+def clipped_change(update: ClientUpdate, global_adapter: Mapping[str, Tensor], clip_norm: float) -> Adapter:
+    """clip(δ_k, C) at the client's own rank: its change on the slice it received, scaled to norm ≤ C. The padding
+    of δ_k is zeros, which add nothing to its norm or to a padded sum, so it is never made."""
+    received = truncate_adapter(global_adapter, adapter_rank(update.adapter))
+    return clip_to_norm({k: update.adapter[k] - received[k] for k in received}, clip_norm)
+
+
+def _check_dp(clip_norm: float, noise_multiplier: float, expected_clients: int) -> None:
+    if clip_norm <= 0 or noise_multiplier < 0 or expected_clients < 1:
+        raise ValueError("dp needs clip_norm > 0, noise_multiplier ≥ 0 and expected_clients ≥ 1")
+
+
+def dp_fold(acc: PaddedSum, update: ClientUpdate, global_adapter: Mapping[str, Tensor], clip_norm: float) -> None:
+    """Add one client's clipped change into the round's sum: its own alone, so a server folds each reply in as it
+    arrives (docs/algorithm.md §7.2) and never holds K of them."""
+    acc.add(clipped_change(update, global_adapter, clip_norm))
+
+
+def dp_finish(acc: PaddedSum, global_adapter: Mapping[str, Tensor], *, clip_norm: float, noise_multiplier: float,
+              expected_clients: int, generator: torch.Generator) -> Adapter:
+    """global + (Σ_k clip(δ_k, C) + N(0, (σC)²)) / K from the round's sum of clipped changes (spent here)."""
+    _check_dp(clip_norm, noise_multiplier, expected_clients)
+    total = acc.total(spend=True)
+    std = noise_multiplier * clip_norm
+    out: Adapter = {}
+    for k in sorted(total):
+        noise = torch.randn(total[k].shape, generator=generator) * std
+        out[k] = (global_adapter[k].float() + (total[k] + noise) / expected_clients).to(global_adapter[k].dtype)
+    return out
+
+
 def dp_aggregate(
     global_adapter: Mapping[str, Tensor],
     updates: Sequence[ClientUpdate],
@@ -47,16 +78,11 @@ def dp_aggregate(
     expected_clients: int,
     generator: torch.Generator,
 ) -> Adapter:
-    """global + (Σ_k clip(δ_k, C) + N(0, (σC)²)) / K, with K the expected clients per round."""
-    if clip_norm <= 0 or noise_multiplier < 0 or expected_clients < 1:
-        raise ValueError("dp needs clip_norm > 0, noise_multiplier ≥ 0 and expected_clients ≥ 1")
+    """global + (Σ_k clip(δ_k, C) + N(0, (σC)²)) / K, with K the expected clients per round (the list form of
+    :func:`dp_fold` then :func:`dp_finish`)."""
+    _check_dp(clip_norm, noise_multiplier, expected_clients)
     acc = PaddedSum(r_max)
     for u in updates:
-        acc.add(clip_to_norm(client_delta(u, global_adapter, r_max), clip_norm))
-    total = acc.total()
-    std = noise_multiplier * clip_norm
-    out: Adapter = {}
-    for k in sorted(total):
-        noise = torch.randn(total[k].shape, generator=generator) * std
-        out[k] = (global_adapter[k].float() + (total[k] + noise) / expected_clients).to(global_adapter[k].dtype)
-    return out
+        dp_fold(acc, u, global_adapter, clip_norm)
+    return dp_finish(acc, global_adapter, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
+                     expected_clients=expected_clients, generator=generator)

@@ -5,6 +5,10 @@ is replaced by DP-FedAvg's (McMahan et al., ICLR 2018, docs/algorithm.md "Privac
 each client's change on its own slice is clipped to L2 norm C, the clipped changes are
 summed, Gaussian noise N(0, σ²C²) is added and the sum divided by the expected number of
 clients. Weights must not depend on the data, so **sparsity weighting is off under DP**.
+
+Each clipped change is its client's alone, so a server folds each reply in as it arrives (``stream_change``,
+:class:`hetlora.methods.streaming.ChangeRound`): it holds the global adapter and one float64 sum, never K updates,
+and draws the noise once, for the whole sum, when the round closes.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from ..core.adapter import Adapter, ClientUpdate
-from ..core.dp import dp_aggregate
+from ..core.accumulate import PaddedSum
+from ..core.dp import dp_aggregate, dp_finish, dp_fold
 from .base import AggregationContext, AggregationMethod
 
 
 class DPFedAvg(AggregationMethod):
     bounded = False  # clipping replaces the norm bound
+    stream_change = True  # Σ_k clip(δ_k, C): each term its client's alone, folded as it arrives (streaming.ChangeRound)
 
     def __init__(self, inner: AggregationMethod, clip_norm: float, noise_multiplier: float, expected_clients: int):
         if not inner.dp_capable:
@@ -30,6 +36,25 @@ class DPFedAvg(AggregationMethod):
     def split_valid(self, updates: Sequence[ClientUpdate], ctx: AggregationContext,
                     assigned_ranks: Mapping[str, int] | None = None, round_index: int | None = None, exact_rank: bool = False):
         return self.inner.split_valid(updates, ctx, assigned_ranks, round_index, exact_rank)
+
+    def fold_change(self, acc: PaddedSum, u: ClientUpdate, ctx: AggregationContext) -> None:
+        """clip(δ_k, C) added into the round's sum."""
+        dp_fold(acc, u, self._global(ctx), self.clip_norm)
+
+    def finish_changes(self, acc: PaddedSum, clients: int, ctx: AggregationContext) -> Adapter:
+        """The noised mean over the *expected* clients (not the ``clients`` that replied: the release's sensitivity
+        is fixed in advance, docs/algorithm.md "Privacy")."""
+        if ctx.generator is None:
+            raise ValueError("DP aggregation needs the previous global adapter and a seeded generator")
+        released = dp_finish(acc, self._global(ctx), clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier,
+                             expected_clients=self.expected_clients, generator=ctx.generator)
+        return {k: v.float() for k, v in released.items()}  # fp32, like every aggregate (methods.aggregate_round)
+
+    @staticmethod
+    def _global(ctx: AggregationContext) -> Mapping:
+        if ctx.previous is None:
+            raise ValueError("DP aggregation needs the previous global adapter and a seeded generator")
+        return ctx.previous
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         if ctx.previous is None or ctx.generator is None:

@@ -352,7 +352,7 @@ class _WeightedFold:
         if finish == "slices":
             return summed.slice_average(previous)
         # every weight zero and no fallback: the zero sum, as the list rule gives
-        return summed.total(scale=1.0 / weight) if weight > 0.0 else summed.total()
+        return summed.total(scale=1.0 / weight, spend=True) if weight > 0.0 else summed.total(spend=True)
 
 
 def stream_round(method: AggregationMethod, ctx: AggregationContext, replies: Iterable[ClientUpdate],
