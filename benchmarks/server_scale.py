@@ -28,7 +28,21 @@ from pathlib import Path
 
 from aggregation import MODULES, make_adapter  # SmolLM2's module shapes and a seeded adapter of them (this directory)
 
-METHODS = ["hetlora", "hetlora-naive", "fedavg", "fedex-lora", "recon-svd", "flexlora", "flora", "florist", "rb-lora", "fslora"]
+METHODS = ["hetlora", "hetlora-naive", "fedavg", "fedex-lora", "recon-svd", "flexlora", "flora", "florist", "rb-lora", "fslora",
+           "dp-fedavg"]
+DP_CLIP, DP_NOISE = 1.0, 1.0  # "dp-fedavg": user-level DP-FedAvg wrapping hetlora (--dp-clip 1 --noise-multiplier 1)
+
+
+def method_of(name: str, clients: int):
+    """The aggregation method a row measures: a registered one, or ``dp-fedavg`` (hetlora wrapped in DP-FedAvg,
+    its expected clients the round's K)."""
+    from hetlora.methods import get_method
+
+    if name == "dp-fedavg":
+        from hetlora.methods.dp import DPFedAvg
+
+        return DPFedAvg(get_method("hetlora"), DP_CLIP, DP_NOISE, clients)
+    return get_method(name)
 R_MIN, R_MAX, FEDAVG_RANK = 5, 50, 27
 FLORA_MAX_CLIENTS = 64  # FLoRA's aggregate stacks every client: rank Σ r_k, ~8.5 GB at 256 clients (stated, not run)
 
@@ -115,7 +129,6 @@ def serverapp_round(spec: dict, ranks: list[int], ctx, previous: dict) -> tuple:
     from hetlora.config import RunConfig
     from hetlora.core.adapter import num_bytes, truncate_adapter
     from hetlora.flower.server_app import HetLoRAStrategy, arriving
-    from hetlora.methods import get_method
     from hetlora.server.aggregation import aggregate_replies
 
     from flwr.supercore.task_identity import TaskIdentity
@@ -133,7 +146,7 @@ def serverapp_round(spec: dict, ranks: list[int], ctx, previous: dict) -> tuple:
     grid = ReplyGrid(ranks, spec["layers"], strategy.node_of)
     failed: list = []
     updates = strategy.decoded(arriving(grid, strategy.outgoing(clients), timeout=3600.0), failed, 0)
-    done = aggregate_replies(get_method(spec["method"]), ctx, updates, assigned_ranks=ctx.ranks, exact_rank=False,
+    done = aggregate_replies(method_of(spec["method"], len(ranks)), ctx, updates, assigned_ranks=ctx.ranks, exact_rank=False,
                              min_clients=1, upload_bytes=lambda u: num_bytes(u.adapter), stream=True)
     assert done.new is not None and not failed, (done.dropped, failed)
     return done, grid.making
@@ -169,13 +182,15 @@ def child(spec: dict) -> None:
     from hetlora.core.adapter import num_bytes
     from hetlora.core.validation import layer_shapes
     from hetlora.device.memory import peak_rss_mb, rss_mb
-    from hetlora.methods import AggregationContext, get_method
+    from hetlora.methods import AggregationContext
     from hetlora.server.aggregation import aggregate_replies
+    import torch
 
     ranks = client_ranks(spec["clients"], spec["method"], spec["seed"])
     previous = make_adapter(R_MAX, 0, spec["layers"])
     ctx = AggregationContext(r_max=R_MAX, previous=previous, norm_bound=spec["bound"], shapes=layer_shapes(previous),
-                             seed=spec["seed"], round_index=0, ranks={f"c{k:04d}": r for k, r in enumerate(ranks)})
+                             seed=spec["seed"], round_index=0, ranks={f"c{k:04d}": r for k, r in enumerate(ranks)},
+                             generator=torch.Generator().manual_seed(spec["seed"]))
     replies = Replies(ranks, spec["layers"])
     if spec["engine"] == "serverapp":  # the ServerApp's imports are in its resident memory before a round, not in its time
         import importlib
@@ -190,7 +205,7 @@ def child(spec: dict) -> None:
         done, replies.making = serverapp_round(spec, ranks, ctx, previous)
         kept, dropped = len(done.kept), len(done.dropped)
     else:
-        done = aggregate_replies(get_method(spec["method"]), ctx, replies, assigned_ranks=ctx.ranks, exact_rank=False,
+        done = aggregate_replies(method_of(spec["method"], spec["clients"]), ctx, replies, assigned_ranks=ctx.ranks, exact_rank=False,
                                  min_clients=1, upload_bytes=lambda u: num_bytes(u.adapter), stream=spec["path"] == "stream")
         assert done.new is not None, done.dropped
         kept, dropped = len(done.kept), len(done.dropped)
@@ -247,7 +262,6 @@ def main() -> None:
         devices = sorted({json.loads(f.read_text())["provenance"]["device"] for f in args.plot_from})
         plot(rows, args.plot or Path("server_scale.png"), devices + ([args.plot_note] if args.plot_note else []))
         return
-    from hetlora import METHODS as REGISTRY
     from hetlora.methods import AggregationContext
     from hetlora.methods.streaming import one_at_a_time
     from hetlora.provenance import environment
@@ -272,7 +286,7 @@ def main() -> None:
 
     print(f"{'method':>14} {'engine':>10} {'path':>6} {'K':>5} {'peak MB':>9} {'base MB':>8} {'s/round':>8} {'ms/update':>9}")
     for method in args.methods:
-        streams = one_at_a_time(REGISTRY[method], AggregationContext(r_max=R_MAX))
+        streams = one_at_a_time(method_of(method, 1), AggregationContext(r_max=R_MAX))
         paths = [p for p in args.paths if streams or p == "list"] + (["plain"] if method == "hetlora" else [])
         runs = [(engine, path) for engine in args.engines for path in paths
                 if engine == "in-process" or (path == "stream" and streams)]  # the ServerApp takes replies one at a time
