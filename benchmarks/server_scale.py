@@ -10,7 +10,7 @@ aggregates a module at a time; others aggregate a list) or ``list`` (every metho
 reference, and the server before #43). ``plain``
 rows: hetlora's weighted padded sum as a bare fp32 loop over the same updates (the time goal's yardstick).
 
-    python benchmarks/server_scale.py [--clients 4 16 64 256] [--methods ...] [--engines in-process serverapp] [--bound 1.5] [--json FILE]
+    python benchmarks/server_scale.py [--clients 4 16 64 256] [--methods ...] [--engines in-process serverapp] [--bound 1.5] [--repeats N] [--json FILE]
 
 ``--engines serverapp``: the same round through the Flower ServerApp's own path (:func:`serverapp_round`): each client's
 train message pushed, the replies pulled one at a time as Flower ``Message`` s and decoded by the strategy, then the same
@@ -236,6 +236,21 @@ def measure(spec: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def combined(tries: list[dict]) -> dict:
+    """One row from its repeats: the median seconds, the largest peak, every try's seconds and peak kept."""
+    import statistics
+
+    failed = [t for t in tries if "failed" in t]
+    if failed or len(tries) == 1:
+        return failed[0] if failed else tries[0]
+    seconds = [t["seconds"] for t in tries]
+    row = dict(tries[0])
+    row.update(seconds=statistics.median(seconds), seconds_per_update=statistics.median(seconds) / row["clients"],
+               peak_rss_mb=max(t["peak_rss_mb"] for t in tries), seconds_all=seconds,
+               peak_rss_mb_all=[t["peak_rss_mb"] for t in tries])
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--clients", type=int, nargs="+", default=[4, 16, 64, 256])
@@ -246,6 +261,9 @@ def main() -> None:
                         "pulled one at a time and decoded; streamed methods only)")
     p.add_argument("--bound", type=float, default=1.5, help="the norm bound (the run default); 0: off")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure each row this many times, each in a fresh process, interleaved across paths so a slow "
+                        "spell of the machine hits both: seconds = the median, peak_rss_mb = the largest, all kept")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--smoke", action="store_true", help="hetlora and fedex-lora, 2 layers, 2 and 4 clients: seconds, for the test suite")
     p.add_argument("--child", default=None)
@@ -290,20 +308,21 @@ def main() -> None:
         paths = [p for p in args.paths if streams or p == "list"] + (["plain"] if method == "hetlora" else [])
         runs = [(engine, path) for engine in args.engines for path in paths
                 if engine == "in-process" or (path == "stream" and streams)]  # the ServerApp takes replies one at a time
-        for engine, path in runs:
-            for k in clients:
-                if method == "flora" and k > FLORA_MAX_CLIENTS:
-                    continue
-                row = measure({"method": method, "path": path, "engine": engine, "clients": k, "layers": layers,
-                               "bound": bound, "seed": args.seed})
+        for k in clients:
+            if method == "flora" and k > FLORA_MAX_CLIENTS:
+                continue
+            specs = [{"method": method, "path": path, "engine": engine, "clients": k, "layers": layers, "bound": bound,
+                      "seed": args.seed} for engine, path in runs]
+            tries = [[measure(spec) for spec in specs] for _ in range(args.repeats)]  # a repeat measures every path
+            for row in (combined([t[i] for t in tries]) for i in range(len(specs))):
                 row["clients_per_round"] = row.pop("clients")
                 rows.append(row)
                 write()
                 if "failed" in row:
-                    print(f"{method:>14} {engine:>10} {path:>6} {k:>5} failed: {row['failed']}")
+                    print(f"{method:>14} {row['engine']:>10} {row['path']:>6} {k:>5} failed: {row['failed']}")
                     continue
-                print(f"{method:>14} {engine:>10} {path:>6} {k:>5} {row['peak_rss_mb']:>9.0f} {row['baseline_mb']:>8.0f} {row['seconds']:>8.2f} "
-                      f"{1000 * row['seconds_per_update']:>9.1f}")
+                print(f"{method:>14} {row['engine']:>10} {row['path']:>6} {k:>5} {row['peak_rss_mb']:>9.0f} {row['baseline_mb']:>8.0f} "
+                      f"{row['seconds']:>8.2f} {1000 * row['seconds_per_update']:>9.1f}")
     for line in goals([r for r in rows if "failed" not in r])["lines"]:
         print(line)
     if args.plot:
