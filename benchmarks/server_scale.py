@@ -8,7 +8,8 @@ round (imports and the global adapter). ``seconds`` is the server's time only (m
 counted). ``path``: ``stream`` (a weighted-sum method folds each reply in; a module-wise one spills each reply and
 aggregates a module at a time; others aggregate a list) or ``list`` (every method holds the round's replies: the
 reference, and the server before #43). ``plain``
-rows: hetlora's weighted padded sum as a bare fp32 loop over the same updates (the time goal's yardstick).
+rows: hetlora's weighted padded sum as a bare fp32 loop over the same updates (the time goal's yardstick). ``dp-fedavg``:
+hetlora wrapped in DP-FedAvg (its list row at K = 256 holds ~8.7 GB, under the rows' 21 GB limit).
 
     python benchmarks/server_scale.py [--clients 4 16 64 256] [--methods ...] [--engines in-process serverapp] [--bound 1.5] [--repeats N] [--json FILE]
 

@@ -44,3 +44,36 @@ def test_a_spilled_modulewise_round_is_the_list_round(method, open_readers, monk
         for key in want:
             torch.testing.assert_close(have[key], want[key], rtol=1e-6, atol=1e-6 * float(want[key].abs().max()))
     assert not glob.glob(os.path.join(tmp_path, "hetlora-spill-*"))  # the round's files went with it
+
+
+def test_a_dp_round_streams_through_the_servers_path_and_draws_no_noise_for_a_round_it_does_not_release(monkeypatch):
+    """DP-FedAvg through :func:`aggregate_replies`: the change round (no update kept, nothing spilled: DP has no
+    norm bound) gives the list round's release from identically seeded generators; a round below its minimum of
+    clients releases nothing and leaves the server's generator untouched (no noise drawn that nothing used)."""
+    from hetlora.methods import streaming
+    from hetlora.methods.dp import DPFedAvg
+
+    dp = DPFedAvg(METHODS["hetlora"], clip_norm=0.5, noise_multiplier=0.8, expected_clients=5)
+    previous = make_adapter(8, seed=99)
+    updates = [make_update(r, seed=s, n=10 + s) for s, r in enumerate([2, 8, 5, 3])]
+    kinds, result = [], streaming.ChangeRound.result
+    monkeypatch.setattr(streaming.ChangeRound, "result", lambda self: kinds.append(type(self).__name__) or result(self))
+
+    def round_(replies, stream, min_clients=1):
+        gen = torch.Generator().manual_seed(11)
+        ctx = AggregationContext(r_max=8, norm_bound=1.5, shapes=SHAPES, previous=previous, generator=gen)
+        done = aggregate_replies(dp, ctx, iter(replies), assigned_ranks=None, exact_rank=False, min_clients=min_clients,
+                                 upload_bytes=lambda u: num_bytes(u.adapter), stream=stream)
+        return done, gen
+
+    listed, _ = round_(updates, stream=False)
+    streamed, _ = round_(updates[::-1], stream=True)
+    assert kinds == ["ChangeRound"] and all(u.adapter == {} for u in streamed.kept)
+    for key in listed.new:
+        torch.testing.assert_close(streamed.new[key], listed.new[key], rtol=1e-6, atol=1e-7)
+    untouched = torch.Generator().manual_seed(11).get_state()
+    for stream in (True, False):
+        short, gen = round_(updates[:2], stream=stream, min_clients=3)
+        assert short.new is None and torch.equal(gen.get_state(), untouched)
+    with pytest.raises(ValueError, match="clip_norm > 0"):
+        DPFedAvg(METHODS["hetlora"], clip_norm=0.0, noise_multiplier=0.8, expected_clients=5)

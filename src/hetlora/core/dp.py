@@ -44,7 +44,7 @@ def clipped_change(update: ClientUpdate, global_adapter: Mapping[str, Tensor], c
     return clip_to_norm({k: update.adapter[k] - received[k] for k in received}, clip_norm)
 
 
-def _check_dp(clip_norm: float, noise_multiplier: float, expected_clients: int) -> None:
+def check_dp(clip_norm: float, noise_multiplier: float, expected_clients: int) -> None:
     if clip_norm <= 0 or noise_multiplier < 0 or expected_clients < 1:
         raise ValueError("dp needs clip_norm > 0, noise_multiplier ≥ 0 and expected_clients ≥ 1")
 
@@ -58,7 +58,7 @@ def dp_fold(acc: PaddedSum, update: ClientUpdate, global_adapter: Mapping[str, T
 def dp_finish(acc: PaddedSum, global_adapter: Mapping[str, Tensor], *, clip_norm: float, noise_multiplier: float,
               expected_clients: int, generator: torch.Generator) -> Adapter:
     """global + (Σ_k clip(δ_k, C) + N(0, (σC)²)) / K from the round's sum of clipped changes (spent here)."""
-    _check_dp(clip_norm, noise_multiplier, expected_clients)
+    check_dp(clip_norm, noise_multiplier, expected_clients)
     total = acc.total(spend=True)
     std = noise_multiplier * clip_norm
     out: Adapter = {}
@@ -80,7 +80,7 @@ def dp_aggregate(
 ) -> Adapter:
     """global + (Σ_k clip(δ_k, C) + N(0, (σC)²)) / K, with K the expected clients per round (the list form of
     :func:`dp_fold` then :func:`dp_finish`)."""
-    _check_dp(clip_norm, noise_multiplier, expected_clients)
+    check_dp(clip_norm, noise_multiplier, expected_clients)
     acc = PaddedSum(r_max)
     for u in updates:
         dp_fold(acc, u, global_adapter, clip_norm)

@@ -80,9 +80,10 @@ class AggregationMethod:
     #: clients that reached it, Σ_{k: r_k > j} w_k x_{k,j} / Σ_{k: r_k > j} w_k, one no client reached keeping its
     #: previous value (hetlora-keep's slice average, from the same accumulator's masses).
     stream_finish: str = "mean"
-    #: whether the rule is previous + F(Σ_k Δ_k) over each client's change Δ_k on what it was sent (FSLoRA), bounded on
-    #: the change: a server folds each change in as it arrives (streaming.ChangeRound; the method gives
-    #: ``change_norm``, ``bound_one``, ``fold_change`` and ``finish_changes``).
+    #: whether the rule is previous + F(Σ_k Δ_k) over each client's change Δ_k on what it was sent (FSLoRA; DP-FedAvg's
+    #: clipped changes): a server folds each change in as it arrives (streaming.ChangeRound; the method gives
+    #: ``fold_change`` and ``finish_changes``, and, if the norm bound applies to it (bounded on the change),
+    #: ``change_norm`` and ``bound_one``).
     stream_change: bool = False
     #: whether a streamed round also keeps Σ w_k B_k A_k (hetlora.core.accumulate.ProductSum) for a base update
     #: R = Σ w_k B_k A_k / Σ w_k − B̄ Ā (FedEx-LoRA's residual; docs/algorithm.md §7.2).

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 from ..core.adapter import Adapter, ClientUpdate
 from ..core.accumulate import PaddedSum
-from ..core.dp import dp_aggregate, dp_finish, dp_fold
+from ..core.dp import check_dp, dp_aggregate, dp_finish, dp_fold
 from .base import AggregationContext, AggregationMethod
 
 
@@ -28,6 +28,7 @@ class DPFedAvg(AggregationMethod):
     def __init__(self, inner: AggregationMethod, clip_norm: float, noise_multiplier: float, expected_clients: int):
         if not inner.dp_capable:
             raise ValueError(f"DP mode supports the LoRA methods with a persistent global adapter, not {inner.name}")
+        check_dp(clip_norm, noise_multiplier, expected_clients)  # refused before any round, not after its replies
         self.inner = inner
         self.name, self.client_kind, self.uniform_rank = inner.name, inner.client_kind, inner.uniform_rank
         self.prunes = False  # a pruned rank is a data-dependent release the accountant does not cover
@@ -38,7 +39,9 @@ class DPFedAvg(AggregationMethod):
         return self.inner.split_valid(updates, ctx, assigned_ranks, round_index, exact_rank)
 
     def fold_change(self, acc: PaddedSum, u: ClientUpdate, ctx: AggregationContext) -> None:
-        """clip(δ_k, C) added into the round's sum."""
+        """clip(δ_k, C) added into the round's sum (a round that could not release is refused at its first reply)."""
+        if ctx.generator is None:
+            raise ValueError("DP aggregation needs the previous global adapter and a seeded generator")
         dp_fold(acc, u, self._global(ctx), self.clip_norm)
 
     def finish_changes(self, acc: PaddedSum, clients: int, ctx: AggregationContext) -> Adapter:

@@ -245,7 +245,7 @@ class ChangeNorm:
 @dataclass
 class ChangeRound(_Intake):
     """A rule previous + F(Σ_k Δ_k) over each client's change on what it was sent (FSLoRA: Δ_k on its sketch,
-    F(s) = η s / K), taken one reply at a time (docs/algorithm.md §7.2). Unbounded, each change is folded into a
+    F(s) = η s / K; DP-FedAvg: Δ_k = clip(δ_k, C), F(s) = (s + noise) / K̄, never bounded), taken one reply at a time (docs/algorithm.md §7.2). Unbounded, each change is folded into a
     float64 padded sum on its components as it arrives. Bounded (the bound scales a change, not the update), the
     first pass keeps ‖Δ_k‖ and stores the update; once every reply is in, the factors are fixed from the round's
     median and the second pass folds each scaled change in, in client order. The server holds the global adapter,
@@ -258,6 +258,8 @@ class ChangeRound(_Intake):
             raise ValueError(f"method {self.method.name!r} does not aggregate changes one at a time")
         if self.bounded and self.store is None:
             raise ValueError("a bounded round needs a ReplyStore for its second pass")
+        if self.bounded and not (hasattr(self.method, "change_norm") and hasattr(self.method, "bound_one")):
+            raise ValueError(f"method {self.method.name!r} is bounded but gives no change_norm / bound_one for its changes")
         self._sum = PaddedSum(self.ctx.r_max)
 
     def _accept(self, update: ClientUpdate) -> tuple[ClientUpdate, ChangeNorm | None]:

@@ -209,8 +209,8 @@ class Federation:
                        opening: RoundOpening | None = None) -> dict[str, Any]:
         """Validate, aggregate, update ranks; returns the round's metrics (without eval).
 
-        ``updates`` may be a stream (replies as they arrive): a weighted-sum method folds each in and lets it
-        go (hetlora.server.aggregation); the others aggregate the list. With ``opening`` the round takes replies
+        ``updates`` may be a stream (replies as they arrive): a method that can folds each in and lets it go, or
+        spills it for a module-wise rule (hetlora.server.aggregation, docs/algorithm.md §7.2); fft aggregates the list. With ``opening`` the round takes replies
         until it has the K it wants and names every asked client it closed without (§7.3)."""
         ctx = self.context(round_index)
         done = aggregate_replies(self.method, ctx, updates, assigned_ranks=self.ranks, exact_rank=not self.cfg.prunes,
