@@ -1,6 +1,7 @@
 """The study: claim arithmetic on hand-made numbers, and a resumable end-to-end run on the tiny model."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -214,6 +215,25 @@ def test_the_fingerprint_changes_when_the_training_computes_other_numbers(tmp_pa
     assert study.behaviour_fingerprint("fp32", tmp_path) == a  # deterministic
     monkeypatch.setitem(study.PRESETS, "smoke", Preset(seeds=(0,), base=PRESETS["smoke"].base | {"local_steps": 2}))
     assert study.behaviour_fingerprint("fp32", tmp_path) != a
+
+
+def test_a_fingerprint_of_every_label_notices_a_change_to_any_labels_arithmetic(tmp_path, monkeypatch):
+    """v4's block fingerprint ran hetlora and fft only, so a commit changing fslora's server arithmetic kept the block
+    (why v4 runs pinned). From version 5 a study fingerprints every one of its labels: the attack, a server step off
+    by one part in 10⁴ in fslora alone, must change the fingerprint that includes fslora, and not the one that doesn't."""
+    from hetlora.methods.fslora import FSLoRA
+
+    labels = ("hetlora", "fslora")
+    plain_two, with_fslora = study.behaviour_fingerprint("fp32", tmp_path), study.behaviour_fingerprint("fp32", tmp_path, labels)
+    finish = FSLoRA.finish_changes
+    monkeypatch.setattr(FSLoRA, "finish_changes", lambda self, acc, clients, ctx: {
+        k: v * (1 + 1e-4) for k, v in finish(self, acc, clients, ctx).items()})
+    assert study.behaviour_fingerprint("fp32", tmp_path) == plain_two
+    assert study.behaviour_fingerprint("fp32", tmp_path, labels) != with_fslora
+    v5 = study.Study("cpu-v4", tmp_path / "results", tmp_path / "work")
+    assert v5.fingerprint_labels() == study.FINGERPRINT_LABELS  # the registered v4 keeps the block it was made with
+    monkeypatch.setitem(study.PRESETS, "cpu-v5", replace(PRESETS["cpu-v4"], version=5))
+    assert set(study.Study("cpu-v5", tmp_path / "results", tmp_path / "work").fingerprint_labels()) == set(PRESETS["cpu-v4"].labels)
 
 
 def test_an_unfinished_seed_is_set_aside_and_run_again_whole_in_this_block(tmp_path, monkeypatch):

@@ -142,22 +142,30 @@ def execute(cfg: RunConfig, results: Path, block: dict[str, Any] | None = None) 
     return summary
 
 
-def behaviour_fingerprint(precision: str, work: Path) -> str:
-    """A hash of what the training code computes here: two tiny runs (hetlora, fft), timings left out.
+FINGERPRINT_LABELS = ("hetlora", "fft")  # what a study of version < 5 fingerprints (the blocks of v3 and v4 were made so)
+
+
+def behaviour_fingerprint(precision: str, work: Path, labels: tuple[str, ...] = FINGERPRINT_LABELS) -> str:
+    """A hash of what the training code computes here: one tiny round of each of ``labels``, timings left out.
 
     Two machines, precisions or commits with the same fingerprint train alike; a commit that changes a
-    run's numbers changes it, and so starts a new seed block (the seeds run before it must be re-run).
+    run's numbers changes it, and so starts a new seed block (the seeds run before it must be re-run). It sees
+    only the labels it runs: a study whose labels are not all in it (v4 runs 14; its block was fingerprinted
+    with hetlora and fft) would not notice a commit that changes another label's arithmetic (fslora's streamed
+    server changed after v4 was registered), which is why v4 runs from a pinned commit, and why a study of
+    version 5 or later fingerprints every one of its labels (:meth:`Study.fingerprint_labels`).
     """
     import hashlib
 
     from ..server.runner import run
 
     digest = hashlib.sha256()
-    for method in ("hetlora", "fft"):
-        out = work / f"fingerprint-{method}"
+    for label in labels:
+        out = work / f"fingerprint-{label}"
         shutil.rmtree(out, ignore_errors=True)
-        cfg = RunConfig(**(PRESETS["smoke"].base | dict(method=method, seed=0, rounds=1, precision=precision, lr=1e-3,
-                                                         tier_eval="off", out=str(out))))
+        base = RunConfig(**(PRESETS["smoke"].base | dict(seed=0, rounds=1, precision=precision, lr=1e-3, tier_eval="off",
+                                                          out=str(out))))
+        cfg = dataclasses.replace(variant(label, base), out=str(out))
         run(cfg, progress=False)
         for row in read_metrics(out):
             digest.update(json.dumps([row.get("train_loss"), row.get("eval_loss"), row.get("bytes_up")]).encode())
@@ -167,8 +175,8 @@ def behaviour_fingerprint(precision: str, work: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def machine_block(precision: str, device: str, work: Path) -> dict[str, Any]:
-    """The seed block this machine runs in: device class, resolved precision and training behaviour."""
+def machine_block(precision: str, device: str, work: Path, labels: tuple[str, ...] = FINGERPRINT_LABELS) -> dict[str, Any]:
+    """The seed block this machine runs in: device class, resolved precision and training behaviour (of ``labels``)."""
     import torch
 
     from ..device.host import resolve_precision
@@ -177,7 +185,7 @@ def machine_block(precision: str, device: str, work: Path) -> dict[str, Any]:
     resolved = resolve_precision(precision, device)
     device_class = (f"cuda: {torch.cuda.get_device_name(0)}" if device.startswith("cuda") else
                     f"cpu {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
-    return {"device_class": device_class, "precision": resolved, "behaviour": behaviour_fingerprint(resolved, work),
+    return {"device_class": device_class, "precision": resolved, "behaviour": behaviour_fingerprint(resolved, work, labels),
             "device": device_name(device)}
 
 
@@ -521,11 +529,20 @@ class Study:
         self.log(f"tuning of {label}: {len(runs)} runs set aside in {target}")
         return target
 
+    def fingerprint_labels(self) -> tuple[str, ...]:
+        """What this study's block fingerprint runs: hetlora and fft for the registered v3 and v4 (their blocks were
+        made so); every label of the study (core, references, long regime) from version 5 on."""
+        p = self.preset
+        if p.version < 5:
+            return FINGERPRINT_LABELS
+        return tuple(dict.fromkeys(("hetlora",) + p.labels + p.reference_labels + p.long_labels + p.long_best_of))
+
     def run_all(self) -> None:
         if self.preset.superseded:
             raise ValueError(f"preset {self.preset_name!r} is a record, not run again: {self.preset.superseded} (--report-only rebuilds its report)")
         self.plan()
-        block = machine_block(self.preset.base["precision"], self.preset.base.get("device", "cpu"), self.work)
+        block = machine_block(self.preset.base["precision"], self.preset.base.get("device", "cpu"), self.work,
+                              self.fingerprint_labels())
         self.log(f"seed block here: {block['device_class']}, {block['precision']}, behaviour {block['behaviour']}")
         tuning = self.tune(block)
         if not tuning["complete"]:
