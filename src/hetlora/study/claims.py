@@ -12,10 +12,13 @@ import logging
 import re
 import statistics
 from pathlib import Path
-from typing import Any, Callable, Collection
+from typing import TYPE_CHECKING, Any, Callable, Collection
 
 from ..server.outputs import read_metrics
 from .stats import ALPHA, holm, t_interval, t_test, verdict
+
+if TYPE_CHECKING:  # runs imports this module: the annotation only
+    from .runs import Preset
 
 log = logging.getLogger(__name__)
 
