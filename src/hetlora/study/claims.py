@@ -12,13 +12,10 @@ import logging
 import re
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Collection
+from typing import Any, Callable, Collection
 
 from ..server.outputs import read_metrics
 from .stats import ALPHA, holm, t_interval, t_test, verdict
-
-if TYPE_CHECKING:  # runs imports this module: the annotation only
-    from .runs import Preset
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +219,7 @@ def judge(family: list[dict]) -> list[dict]:
     return out
 
 
-def claims(runs: dict, preset: Preset) -> list[dict]:
+def claims(runs: dict, preset: Any) -> list[dict]:  # preset: a study.runs.Preset (runs imports this module)
     r_min = preset.base["r_min"]
     return judge([
         diff_claim("C1", "HetLoRA beats HomLoRA at r_min", "fedavg-rmin", "53.93 vs 80.51 (HomLoRA r = 5)", runs),
