@@ -44,6 +44,27 @@ def test_verdict_words_follow_the_adjusted_p_and_the_side():
     assert rows["fslora"]["verdict"] == "fslora better" and rows["fedavg-rmax"]["verdict"] == "reproduced"
 
 
+def test_a_diverged_run_leaves_its_comparison_untested_and_counts_as_p_1_without_crashing_the_family():
+    """A core run whose perplexity is not finite (NaN, ∞) has no mean, interval or test: its row says so and is
+    counted as p = 1, so the other rows keep the family's m; statistics.stdev raised on it before (the report crashed)."""
+    import math
+
+    from hetlora.study.stats import t_interval
+
+    het = [50.0 + s for s in range(5)]
+    runs = {"hetlora": {s: run(p) for s, p in enumerate(het)},
+            "fslora": {s: run(float("nan") if s == 3 else p * 1.1) for s, p in enumerate(het)},
+            "fedavg-rmax": {s: run(math.inf if s == 1 else p * (1.2 + 0.001 * s)) for s, p in enumerate(het)},
+            "fedavg-rmin": {s: run(p * (1.3 + 0.001 * s)) for s, p in enumerate(het)}}
+    rows = {r["label"]: r for r in comparisons(runs, ["hetlora", "fslora", "fedavg-rmax", "fedavg-rmin"], r_min=5)}
+    assert rows["fslora"]["not_finite_seeds"] == [3] and rows["fedavg-rmax"]["not_finite_seeds"] == [1]
+    for label in ("fslora", "fedavg-rmax"):
+        assert rows[label]["p"] is None and rows[label]["p_holm"] == 1.0 and rows[label]["verdict"].startswith("not tested")
+    raw = t_test(rows["fedavg-rmin"]["effects_pct"])
+    assert rows["fedavg-rmin"]["p_holm"] == pytest.approx(min(1.0, rows["fedavg-rmin"]["family_size"] * raw))  # m unchanged
+    assert t_interval([1.0, math.nan])[1] is None and math.isnan(t_test([1.0, math.inf, 2.0]))
+
+
 def test_c4_is_the_trade_of_upload_saved_against_perplexity_at_the_registered_rate():
     # hetlora uploads 900 vs noprune's 1000 (10 % saved) and costs 0.5 % perplexity: 0.1 · 10 − 0.5 = +0.5 per seed
     runs = {"hetlora": {s: run(50.25, bytes_up_total=900.0) for s in range(3)},

@@ -388,8 +388,17 @@ def test_a_v4_study_tunes_each_label_until_bracketed_and_judges_one_family(tmp_p
     assert c1["effects_pct"] == pytest.approx([100 * (by["fedavg-rmin", s]["final_eval_ppl"] / by["hetlora", s]["final_eval_ppl"] - 1) for s in (0, 1)])
     assert all(0.0 <= r["rouge_l"] <= 1.0 for r in report["runs"])
     assert report["tuning"]["hetlora"]["chosen"] == t["labels"]["hetlora"]["chosen"]
+    # the long regime's runs of the best new method are reported with the preset's own (dropped before: not in long_labels)
+    assert set(report["long"]["methods"]) == {"hetlora", "fedavg-rmin"} and "fedavg-rmin" in report["long"]["paired"]
+    assert not [i for i in report["ignored_runs"] if i["run"].startswith("fedavg-rmin")]
     text = (results / "study.md").read_text()
     assert "## Every comparison with HetLoRA" in text and "## Learning rates (each label's own" in text
+    assert "## The long regime (2 rounds at the core set's per-round budget)" in text and "unadjusted 95 % CI" in text
+    # the report is built for the registered design only
+    monkeypatch.setitem(study.PRESETS, "unit4", v4_preset(lr_grid=(1e-3, 3e-3)))
+    with pytest.raises(ValueError, match="pre-registered plan"):
+        write_report(Study("unit4", tmp_path / "results", tmp_path / "work"))
+    monkeypatch.setitem(study.PRESETS, "unit4", v4_preset())
     # a second sitting runs nothing: every tuning and study run is kept
     log.clear()
     Study("unit4", tmp_path / "results", tmp_path / "work", log=log.append).run_all()

@@ -84,6 +84,7 @@ def load_runs(results: Path, where: str = "runs", *, seeds: Collection[int] | No
             "pruning_events": summary.get("pruning_events"), "visits": summary.get("visits"),
             "lr": summary["config"]["lr"], "provenance": summary.get("provenance"),
             "rouge_l": rows[-1].get("rouge_l") if rows else None,
+            "rejected_rounds": summary.get("rejected_rounds") or [],
         })
     check_blocks(runs, results / where)
     return runs
@@ -281,8 +282,8 @@ def long_regime(runs: list[dict]) -> dict:
         overfit = [s["turns_up"] and bool(s["train_loss_falls_after_best"]) for s in shapes]
         out["methods"][label] = {"n": len(shapes), "final_eval_ppl_mean": mean, "final_eval_ppl_ci95": list(ci) if ci else None,
                                  "seeds": shapes, "overfitting_seeds": sum(overfit)}
-    for other in ("fedavg-rmin", "fedavg-rmax"):
-        if other in grouped and "hetlora" in grouped:
+    for other in grouped:  # every long label against hetlora (v3: the two HomLoRAs; v4 adds fslora and the best new method)
+        if other != "hetlora" and "hetlora" in grouped:
             out["paired"][other] = diff_claim("long", "", other, "", grouped)
     return out
 

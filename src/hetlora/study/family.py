@@ -64,6 +64,10 @@ def row(cid: str, label: str, claim: str, seeds: list[int], values: list[float],
     base = {"id": cid, "label": label, "claim": claim, "n": len(values), "seeds": seeds, "effects_pct": values} | extra
     if not values:
         return base | {"effect_pct": None, "ci95_pct": None, "p": None, "note": "no paired runs yet"}
+    diverged = [s for s, v in zip(seeds, values) if not math.isfinite(v)]
+    if diverged:  # a perplexity that is not finite has no mean or test: the row is not tested, p = 1 in the family
+        return base | {"effect_pct": None, "ci95_pct": None, "p": None, "not_finite_seeds": diverged,
+                       "note": f"a perplexity that is not finite on seed(s) {diverged}: not tested"}
     mean, ci = t_interval(values)
     return base | {"effect_pct": mean, "ci95_pct": list(ci) if ci else None, "p": t_test(values) if len(values) > 1 else None}
 
@@ -112,7 +116,8 @@ def c7_row(runs: Mapping, r_min: int) -> dict[str, Any]:
         return None if truncated is None else pct(o["final_eval_ppl"], truncated)
 
     seeds, values = paired_values(runs, ("fedavg-rmin",), tier)
-    return row("C7", "fedavg-rmin", f"The global adapter truncated to r = {r_min} serves that tier at least as well as HomLoRA at r = {r_min}",
+    return row("C7", "fedavg-rmin", f"The global adapter truncated to r = {r_min} serves that tier better than HomLoRA at r = {r_min} "
+                                    "(two-sided; the paper's 'at least as well' read as superiority, the stricter reading)",
                seeds, values, paper_effect_pct=None, basis=f"hetlora truncated to r = {r_min} vs HomLoRA trained at r = {r_min}")
 
 
@@ -130,7 +135,10 @@ def comparisons(runs: Mapping, labels: tuple[str, ...] | list[str], r_min: int) 
 
 
 def words(c: Mapping[str, Any], p_holm: float | None) -> str:
-    """A paper claim (C1–C7) is reproduced / not reproduced / inconclusive; any other row says which side is better."""
+    """A paper claim (C1–C7) is reproduced / not reproduced / inconclusive; any other row says which side is better; a
+    row with a non-finite perplexity is not tested (docs/algorithm.md §10, added before any core run)."""
+    if c.get("not_finite_seeds"):
+        return f"not tested (non-finite perplexity, seed(s) {', '.join(map(str, c['not_finite_seeds']))})"
     v = verdict(c.get("effect_pct"), p_holm)
     if c["id"].startswith("C"):
         return v

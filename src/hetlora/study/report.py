@@ -74,12 +74,14 @@ def write_report(study, wall_seconds: float | None = None) -> Path:
     from .plots import plot_study
 
     results, preset = study.results, study.preset
+    if preset.version >= 4 and (results / "plan.json").is_file():
+        study.plan()  # refuses a design changed since registration: the report is built only for the registered one
     ignored: list[dict[str, str]] = []
     registered = dict(seeds=set(preset.seeds) | set(preset.reference_seeds), labels=set(preset.labels) | set(preset.reference_labels))
     runs = load_runs(results, ignored=ignored, **registered) if (results / "runs").is_dir() else []
     if not runs:
         raise ValueError(f"nothing to report: no finished runs under {results / 'runs'} (run the study first)")
-    long_runs = (load_runs(results, "long/runs", seeds=set(preset.long_seeds), labels=set(preset.long_labels), ignored=ignored)
+    long_runs = (load_runs(results, "long/runs", seeds=set(preset.long_seeds), labels=set(study.long_labels()), ignored=ignored)
                  if (results / "long" / "runs").is_dir() else [])
     grouped = by_label(runs)
     order = list(preset.labels) + list(preset.reference_labels)
@@ -96,7 +98,10 @@ def write_report(study, wall_seconds: float | None = None) -> Path:
         **({"comparisons": comparisons(grouped, preset.labels, preset.base["r_min"]), "tuning": tuning_rows(read_json(results / "tuning.json"))}
            if v4 else {"claims": claims(grouped, preset), "c8": beats_hetlora(grouped, preset.labels)}),
         "variants": variant_rows(grouped, study.design()["variant_labels"], preset.base["r_min"]),
-        "long": long_regime(long_runs),
+        "long": long_regime(long_runs) | ({"design": f"{preset.long_rounds} rounds at the core set's per-round budget"}
+                                          if preset.long_rounds else {"design": f"{preset.long_steps_factor}× the local steps per visit"}),
+        "noted_runs": [{"label": r["label"], "seed": r["seed"], "rejected_rounds": r["rejected_rounds"], "final_eval_ppl": r["final_eval_ppl"]}
+                       for r in runs + long_runs if r["rejected_rounds"] or not _finite(r["final_eval_ppl"])],
         "seed_blocks": {"runs": seed_blocks(runs), "long": seed_blocks(long_runs)},
         "set_aside": set_aside,
         "ignored_runs": ignored,  # directories under runs/ that are not the plan's runs (left out, with the reason)
@@ -108,6 +113,10 @@ def write_report(study, wall_seconds: float | None = None) -> Path:
     plots = plot_study(runs, results / "plots", preset.base["r_min"], order=order, long_runs=long_runs)
     (results / "study.md").write_text(render_markdown(report, plots, results))
     return results / "study.md"
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def tuning_rows(tuning: dict | None) -> dict[str, dict[str, Any]]:
@@ -176,8 +185,8 @@ def comparisons_section(report: dict) -> list[str]:
     """v4: every comparison with hetlora, one Holm family, effects as % of hetlora's perplexity beside the paper's."""
     rows = report.get("comparisons") or []
     planned = len(report["config"]["seeds"])
-    lines = ["## Every comparison with HetLoRA (one Holm family; effect = % of HetLoRA's perplexity, > 0: HetLoRA better)", "",
-             "| id | versus | claim | effect % (95 % CI) | the paper's % | n | p | Holm p | verdict |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["## Every comparison with HetLoRA (one Holm family; effect = % of HetLoRA's perplexity, C4: the trade; > 0: HetLoRA better)", "",
+             "| id | versus | claim | effect % (unadjusted 95 % CI) | the paper's % | n | p | Holm p | verdict |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for c in rows:
         interim = f" (interim: {c['n']} of {planned})" if c["n"] < planned else ""
         lines.append(f"| {c['id']} | {c['label']} | {c['claim']} | {_fmt(c.get('effect_pct'))} {_ci(c.get('ci95_pct'))} | "
@@ -189,10 +198,18 @@ def comparisons_section(report: dict) -> list[str]:
                       f"{_fmt(trade['ppl_cost_pct'])} % perplexity {_ci(trade['ppl_cost_pct_ci95'])}: "
                       + (f"{_fmt(per)} % of upload per 0.1 % of perplexity" if per is not None else "no perplexity cost on average")
                       + f" (registered rate: ≥ 1 % of upload per {trade['rate_pct_ppl_per_pct_upload']:g} %)."]
+    noted = report.get("noted_runs") or []
+    if noted:
+        lines += ["", "Runs to note: " + "; ".join(
+            f"{n['label']} seed {n['seed']}" + (f", round(s) {n['rejected_rounds']} rolled back" if n["rejected_rounds"] else "")
+            + ("" if _finite(n["final_eval_ppl"]) else f", final perplexity {n['final_eval_ppl']}") for n in noted)
+            + " (a rolled-back round keeps the previous model: the run counts, as registered; a non-finite perplexity leaves its "
+              "comparison untested, p = 1 in the family: a rule added before any core run, docs/algorithm.md §10)."]
     return lines + ["", "Rule: per seed, the relative difference to hetlora; two-sided paired t-test; the family's p-values Holm-adjusted "
                         "together (registered in plan.json before any run). A paper claim is *reproduced* when the adjusted p < 0.05 on "
                         "the paper's side, *not reproduced* on the other, *inconclusive* otherwise; another method is *better* on the side "
-                        "the adjusted test rejects.", ""]
+                        "the adjusted test rejects. The intervals are unadjusted 95 % t-intervals: one can exclude 0 while its row, "
+                        "judged at the Holm-adjusted level, is inconclusive.", ""]
 
 
 def tuning_section(report: dict) -> list[str]:
@@ -240,7 +257,7 @@ def long_section(report: dict) -> list[str]:
     long = report.get("long") or {}
     if not long.get("methods"):
         return []
-    lines = ["## The long regime (3× the local steps per visit)", "",
+    lines = [f"## The long regime ({long.get('design', '3× the local steps per visit')})", "",
              "| method | final test ppl (mean, 95 % CI) | n | best round per seed | seeds whose curve turns up while train loss falls |",
              "|---|---:|---:|---|---:|"]
     for label, m in long["methods"].items():

@@ -1,16 +1,18 @@
 """The reproduction study: HetLoRA's claims as a checklist, with seeds, intervals and provenance.
 
-``hetlora study --preset cpu|gpu`` (or ``python benchmarks/reproduce.py``) runs every method
-on the same seeds, clients, ranks and budget, then answers the paper's claims one by one
-(:data:`CLAIMS`): each gets the per-seed **paired** difference to ``hetlora``, its mean and 95 %
-t-interval, and a verdict — *reproduced* when the interval lies on the paper's side of zero,
-*not reproduced* when it lies on the other side, *inconclusive* otherwise.
+``hetlora study --preset cpu-v4|cpu|gpu`` (or ``python benchmarks/reproduce.py``) runs every method
+on the same seeds, clients, ranks and budget, then judges each comparison with ``hetlora`` on the per-seed
+**paired** differences: v3 (``cpu``) its claims C1–C8 (study/claims.py); v4 (``cpu-v4``) one Holm family of
+relative differences, every label at its own tuned rate (study/family.py, study/tuning.py; docs/algorithm.md §10).
+A verdict is *reproduced* when the test rejects on the paper's side of zero, *not reproduced* when on the other
+side, *inconclusive* otherwise.
 
 A study continues across sittings and machines: every finished run's ``metrics.jsonl`` and
 ``summary.json`` land under ``<results>/<preset>/runs/<label>-s<seed>/``, finished runs are
 skipped, and the report (``study.json``, ``study.md``, plots) is rebuilt from whatever is
 there. Learning rates are tuned first on the validation half of the held-out pool (never the
-test half): one shared rate for the LoRA methods, a grid of its own for full fine-tuning.
+test half): v3 one shared rate for the LoRA methods and a grid of its own for full fine-tuning; v4 every label its
+own bracketed rate.
 """
 
 from __future__ import annotations

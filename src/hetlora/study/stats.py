@@ -23,9 +23,10 @@ def t_quantile(p: float, df: int) -> float:
 
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, tuple[float, float] | None]:
-    """Mean and its two-sided ``level`` t-interval (None with fewer than two values)."""
+    """Mean and its two-sided ``level`` t-interval (None with fewer than two values, or with a value that is not finite:
+    a diverged run's perplexity has no interval, and must not crash the report)."""
     mean = statistics.fmean(values)
-    if len(values) < 2:
+    if len(values) < 2 or not all(math.isfinite(v) for v in values):
         return mean, None
     half = t_quantile(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     return mean, (mean - half, mean + half)
@@ -35,6 +36,8 @@ def t_test(values: Sequence[float], null: float = 0.0, alternative: str = "two-s
     """p-value of the one-sample t-test of mean = ``null`` (``greater``: mean > null; ``less``: mean < null)."""
     if len(values) < 2:
         return 1.0
+    if not all(math.isfinite(v) for v in values):
+        return math.nan  # no test of a mean that is not a number (a Holm family counts it as p = 1)
     sd = statistics.stdev(values)
     mean = statistics.fmean(values)
     if sd == 0:
