@@ -419,6 +419,11 @@ def test_a_v4_study_tunes_each_label_until_bracketed_and_judges_one_family(tmp_p
     t = Study("unit4", tmp_path / "results", tmp_path / "work", log=log.append).tune(block)
     assert not t["complete"] and t["labels"]["hetlora"]["waiting_for_block"] and t["labels"]["fedavg-rmin"]["complete"]
     assert not owed.exists() and any("tuning hetlora: begun in block" in m for m in log), log
+    # a label whose rates came from two blocks (two machines tuning it at once) is refused, not compared across them
+    one = sorted((results / "tuning").glob("fedavg-rmin-lr*-s100"))[0] / "block.json"
+    one.write_text(json.dumps(json.loads(one.read_text()) | {"behaviour": "another"}))
+    with pytest.raises(ValueError, match="fedavg-rmin's tuning runs come from 2 seed blocks"):
+        Study("unit4", tmp_path / "results", tmp_path / "work", log=log.append).tune(block)
 
 
 def test_a_v4_plan_refuses_a_preset_whose_n_is_not_the_rules(tmp_path, monkeypatch):

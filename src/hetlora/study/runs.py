@@ -365,6 +365,9 @@ class Study:
         first = p.fft_lr_grid if label == "fft" else p.lr_grid
         per_rate: dict[float, list[float]] = {}
         held = {block_key(read_json(f)) for f in (self.results / "tuning").glob(f"{label}-lr*-s*/block.json")}
+        if len(held) > 1:  # two machines tuned it at once: its rates would be compared across blocks
+            raise ValueError(f"{label}'s tuning runs come from {len(held)} seed blocks {sorted(map(str, held))}; its rates are "
+                             f"compared inside one: keep one block's runs and move the others under set-aside/ with the reason")
         foreign = sorted(map(str, held - {block_key(block)})) if block is not None else []
         while not (table := label_table(first, per_rate, len(p.tune_seeds)))["complete"]:
             for lr in table["owed"]:
