@@ -236,6 +236,23 @@ def test_a_fingerprint_of_every_label_notices_a_change_to_any_labels_arithmetic(
     assert set(study.Study("cpu-v5", tmp_path / "results", tmp_path / "work").fingerprint_labels()) == set(PRESETS["cpu-v4"].labels)
 
 
+def test_a_presets_auto_device_is_the_blocks_device_on_a_gpu_machine(tmp_path, monkeypatch):
+    """A preset leaves the device at "auto", so on a GPU machine its runs train on cuda: its block must say so (it
+    said "cpu ..." with the CPU's precision, and fingerprinted on whatever "auto" picked)."""
+    import torch
+
+    seen = []
+    monkeypatch.setattr(study, "behaviour_fingerprint", lambda precision, work, labels, device: seen.append((precision, device)) or "x")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Fake GPU")
+    block = study.machine_block("auto", Study("cpu-v4", tmp_path, tmp_path / "work").base().device, tmp_path)
+    assert block["device_class"] == "cuda: Fake GPU" and block["precision"] == "bf16" and seen == [("bf16", "cuda")]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    block = study.machine_block("auto", "auto", tmp_path)
+    assert block["device_class"].startswith("cpu ") and seen[-1][1] == "cpu"
+
+
 def test_an_unfinished_seed_is_set_aside_and_run_again_whole_in_this_block(tmp_path, monkeypatch):
     """No machine of a seed's block to finish it: the seed's runs go aside (a record) and this block runs it whole.
 

@@ -147,7 +147,7 @@ def execute(cfg: RunConfig, results: Path, block: dict[str, Any] | None = None) 
 FINGERPRINT_LABELS = ("hetlora", "fft")  # what a study of version < 5 fingerprints (the blocks of v3 and v4 were made so)
 
 
-def behaviour_fingerprint(precision: str, work: Path, labels: tuple[str, ...] = FINGERPRINT_LABELS) -> str:
+def behaviour_fingerprint(precision: str, work: Path, labels: tuple[str, ...] = FINGERPRINT_LABELS, device: str = "auto") -> str:
     """A hash of what the training code computes here: one tiny round of each of ``labels``, timings left out.
 
     Two machines, precisions or commits with the same fingerprint train alike; a commit that changes a
@@ -166,7 +166,7 @@ def behaviour_fingerprint(precision: str, work: Path, labels: tuple[str, ...] = 
         out = work / f"fingerprint-{label}"
         shutil.rmtree(out, ignore_errors=True)
         base = RunConfig(**(PRESETS["smoke"].base | dict(seed=0, rounds=1, precision=precision, lr=1e-3, tier_eval="off",
-                                                          out=str(out))))
+                                                          device=device, out=str(out))))
         cfg = dataclasses.replace(variant(label, base), out=str(out))
         run(cfg, progress=False)
         for row in read_metrics(out):
@@ -181,13 +181,14 @@ def machine_block(precision: str, device: str, work: Path, labels: tuple[str, ..
     """The seed block this machine runs in: device class, resolved precision and training behaviour (of ``labels``)."""
     import torch
 
-    from ..device.host import resolve_precision
+    from ..device.host import pick_device, resolve_precision
     from ..provenance import device_name
 
+    device = pick_device(device)  # where the runs train: a preset's "auto" is cuda on a GPU machine, and so is its block
     resolved = resolve_precision(precision, device)
     device_class = (f"cuda: {torch.cuda.get_device_name(0)}" if device.startswith("cuda") else
                     f"cpu {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
-    return {"device_class": device_class, "precision": resolved, "behaviour": behaviour_fingerprint(resolved, work, labels),
+    return {"device_class": device_class, "precision": resolved, "behaviour": behaviour_fingerprint(resolved, work, labels, device),
             "device": device_name(device)}
 
 
@@ -546,7 +547,7 @@ class Study:
         if self.preset.superseded:
             raise ValueError(f"preset {self.preset_name!r} is a record, not run again: {self.preset.superseded} (--report-only rebuilds its report)")
         self.plan()
-        block = machine_block(self.preset.base["precision"], self.preset.base.get("device", "cpu"), self.work,
+        block = machine_block(self.preset.base["precision"], self.base().device, self.work,
                               self.fingerprint_labels())
         self.log(f"seed block here: {block['device_class']}, {block['precision']}, behaviour {block['behaviour']}")
         tuning = self.tune(block)
