@@ -31,17 +31,21 @@ def clip_to_norm(adapter: Mapping[str, Tensor], clip_norm: float) -> Adapter:
     return {k: v * factor for k, v in adapter.items()}
 
 
+def own_change(update: ClientUpdate, global_adapter: Mapping[str, Tensor]) -> Adapter:
+    """δ_k at the client's own rank: what it returned minus the slice of the global adapter it received."""
+    received = truncate_adapter(global_adapter, adapter_rank(update.adapter))
+    return {k: update.adapter[k] - received[k] for k in received}
+
+
 def client_delta(update: ClientUpdate, global_adapter: Mapping[str, Tensor], r_max: int) -> Adapter:
     """δ_k on the client's own slice, zero-padded to r_max (untouched components stay 0)."""
-    received = truncate_adapter(global_adapter, adapter_rank(update.adapter))
-    return zero_pad_adapter({k: update.adapter[k] - received[k] for k in received}, r_max)
+    return zero_pad_adapter(own_change(update, global_adapter), r_max)
 
 
 def clipped_change(update: ClientUpdate, global_adapter: Mapping[str, Tensor], clip_norm: float) -> Adapter:
     """clip(δ_k, C) at the client's own rank: its change on the slice it received, scaled to norm ≤ C. The padding
     of δ_k is zeros, which add nothing to its norm or to a padded sum, so it is never made."""
-    received = truncate_adapter(global_adapter, adapter_rank(update.adapter))
-    return clip_to_norm({k: update.adapter[k] - received[k] for k in received}, clip_norm)
+    return clip_to_norm(own_change(update, global_adapter), clip_norm)
 
 
 def check_dp(clip_norm: float, noise_multiplier: float, expected_clients: int) -> None:

@@ -40,29 +40,24 @@ class DPFedAvg(AggregationMethod):
 
     def fold_change(self, acc: PaddedSum, u: ClientUpdate, ctx: AggregationContext) -> None:
         """clip(δ_k, C) added into the round's sum (a round that could not release is refused at its first reply)."""
-        if ctx.generator is None:
-            raise ValueError("DP aggregation needs the previous global adapter and a seeded generator")
         dp_fold(acc, u, self._global(ctx), self.clip_norm)
 
     def finish_changes(self, acc: PaddedSum, clients: int, ctx: AggregationContext) -> Adapter:
         """The noised mean over the *expected* clients (not the ``clients`` that replied: the release's sensitivity
         is fixed in advance, docs/algorithm.md "Privacy")."""
-        if ctx.generator is None:
-            raise ValueError("DP aggregation needs the previous global adapter and a seeded generator")
         released = dp_finish(acc, self._global(ctx), clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier,
                              expected_clients=self.expected_clients, generator=ctx.generator)
         return {k: v.float() for k, v in released.items()}  # fp32, like every aggregate (methods.aggregate_round)
 
     @staticmethod
     def _global(ctx: AggregationContext) -> Mapping:
-        if ctx.previous is None:
+        """The previous global adapter, refused (before any work on a reply) without it or a seeded generator."""
+        if ctx.previous is None or ctx.generator is None:
             raise ValueError("DP aggregation needs the previous global adapter and a seeded generator")
         return ctx.previous
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
-        if ctx.previous is None or ctx.generator is None:
-            raise ValueError("DP aggregation needs the previous global adapter and a seeded generator")
         return dp_aggregate(
-            ctx.previous, updates, ctx.r_max, clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier,
+            self._global(ctx), updates, ctx.r_max, clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier,
             expected_clients=self.expected_clients, generator=ctx.generator,
         )
