@@ -1,0 +1,150 @@
+"""The registered study v4's report, rehearsed before its core runs exist: the committed plan.json, every one of its 14
+core labels on its 20 seeds and its long regime, from synthetic runs with planted effects in the real runs' file format.
+
+The tiny-model end-to-end test (test_runs.py) covers two labels; this one makes sure the report the 21-hour study will
+end with builds for the whole registered family, judges exactly the comparisons the plan sized, and reads back effects
+that were planted (hand-computed here, not taken from the code under test)."""
+
+import json
+import math
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+
+from hetlora.study.report import write_report
+from hetlora.study.runs import PRESETS, Study
+from hetlora.study.stats import holm, t_test
+
+COMMITTED = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "cpu-v4"
+TEMPLATE = COMMITTED / "tuning" / "hetlora-lr0.001-s100"  # a real run's files: the format the report reads
+
+# per-seed ratio ppl(label) / ppl(hetlora): a planted effect with a small per-seed jitter
+RATIO = {"fedavg-rmin": 1.05, "fedavg-rmax": 1.02, "recon-svd": 1.08, "hetlora-noprune": 0.995, "hetlora-naive": 1.0,
+         "fft": 0.80, "hetlora-svd-revive": 1.0, "fedex-lora": 1.0, "fslora": 0.97, "flexlora": 1.0, "fed-plora": 1.0,
+         "florist": 1.01, "rb-lora": 1.0}
+JITTER = (-0.002, 0.0, 0.002)  # symmetric, so a ratio of 1.0 stays centred on zero
+
+
+def hetlora_ppl(seed: int) -> float:
+    return 50.0 + (seed % 7) - 0.3 * (seed % 3)
+
+
+def ppl_of(label: str, seed: int) -> float:
+    if label == "hetlora":
+        return hetlora_ppl(seed)
+    if label == "fed-plora" and seed == 3:
+        return math.inf  # a diverged run: its row is "not tested", p = 1 in the family
+    return hetlora_ppl(seed) * (RATIO[label] + JITTER[seed % 3])
+
+
+def write_run(directory: Path, label: str, seed: int, ppl: float, rounds: int, block: dict, *, overfit: bool = False,
+              rejected: tuple[int, ...] = ()) -> None:
+    directory.mkdir(parents=True)
+    summary = json.loads((TEMPLATE / "summary.json").read_text())
+    summary["config"] |= {"seed": seed, "eval_split": "test", "rouge_size": 64, "rounds": rounds}
+    bytes_up = 1_000_000 * (1.1 if label == "hetlora-noprune" else 1.0)
+    summary |= {"method": label, "full_eval_ppl": ppl, "final_eval_ppl": ppl, "initial_eval_ppl": 70.0, "bytes_up_total": bytes_up,
+                "final_tier_eval_ppl": {"5": hetlora_ppl(seed) * 1.2} if label == "hetlora" else {}, "seconds_total": 100.0,
+                "rejected_rounds": list(rejected)}
+    (directory / "summary.json").write_text(json.dumps(summary))
+    rows = []
+    for r in range(1, rounds + 1):
+        # a curve that falls to round 10 and, when overfitting, turns up while the train loss keeps falling
+        eval_ppl = ppl + (max(0, 10 - r) if not overfit else abs(10 - r)) if math.isfinite(ppl) else math.inf
+        rows.append({"round": r, "eval_ppl": eval_ppl, "train_loss": 4.0 - 0.05 * r, "live_rank": 20, "trainable_rank": 20})
+    rows[-1]["rouge_l"] = 0.1 + 0.001 * seed
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (directory / "block.json").write_text(json.dumps(block))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    preset = PRESETS["cpu-v4"]
+    results_root = tmp_path_factory.mktemp("results")
+    results = results_root / preset.results_dir
+    results.mkdir()
+    shutil.copy(COMMITTED / "plan.json", results / "plan.json")
+    block = json.loads((TEMPLATE / "block.json").read_text())
+    labels = list(preset.labels)
+    tuning = {"complete": True, "seeds": list(preset.tune_seeds), "rounds": preset.tune_rounds, "long_best_new": "florist",
+              "labels": {label: {"grid": [3e-4, 1e-3, 3e-3], "chosen": 1e-3, "bracketed": True, "complete": True,
+                                 "scores": {"0.0003": 50.0, "0.001": 48.0, "0.003": 52.0}} for label in labels}}
+    (results / "tuning.json").write_text(json.dumps(tuning))
+    for label in labels:
+        for seed in preset.seeds:
+            write_run(results / "runs" / f"{label}-s{seed}", label, seed, ppl_of(label, seed), preset.base["rounds"], block,
+                      rejected=(4,) if (label, seed) == ("flexlora", 7) else ())
+    for label in preset.long_labels + ("florist",):
+        for seed in preset.long_seeds:
+            write_run(results / "long" / "runs" / f"{label}-s{seed}", label, seed, ppl_of(label, seed), preset.long_rounds, block,
+                      overfit=label == "fedavg-rmax")
+    write_run(results / "runs" / "hetlora-s20", "hetlora", 20, 1.0, 9, block)  # not a registered seed: left out, named
+    study = Study("cpu-v4", results_root, tmp_path_factory.mktemp("work"))
+    md = write_report(study)
+    return json.loads((results / "study.json").read_text()), md.read_text(), results
+
+
+def test_the_report_judges_exactly_the_family_the_plan_registered(report):
+    data, _, results = report
+    plan = json.loads((results / "plan.json").read_text())
+    registered = [(c["id"], c["label"]) for c in plan["sizing"]["comparisons"]]
+    assert sorted((c["id"], c["label"]) for c in data["comparisons"]) == sorted(registered)
+    assert {c["family_size"] for c in data["comparisons"]} == {plan["sizing"]["family_size"]} == {15}
+    assert all(c["n"] == 20 for c in data["comparisons"] if c["label"] != "fed-plora")
+    assert data["plan"]["n"] == 20 and data["plan"]["core_labels"] == list(PRESETS["cpu-v4"].labels)
+    assert [i["run"] for i in data["ignored_runs"]] == ["hetlora-s20"]
+
+
+def test_the_planted_effects_are_read_back_as_percent_of_hetloras_perplexity(report):
+    data, _, _ = report
+    rows = {c["id"]: c for c in data["comparisons"]}
+    seeds = range(20)
+    for cid, label in (("C1", "fedavg-rmin"), ("vs:fslora", "fslora"), ("vs:fedex-lora", "fedex-lora")):
+        expected = [100 * (ppl_of(label, s) / hetlora_ppl(s) - 1) for s in seeds]
+        assert rows[cid]["effect_pct"] == pytest.approx(statistics.fmean(expected), abs=1e-9)
+        assert rows[cid]["p"] == pytest.approx(t_test(expected), rel=1e-9)
+    assert rows["C1"]["effect_pct"] == pytest.approx(5.0, abs=0.02) and rows["C1"]["verdict"] == "reproduced"
+    assert rows["vs:fslora"]["effect_pct"] == pytest.approx(-3.0, abs=0.02) and rows["vs:fslora"]["verdict"] == "fslora better"
+    assert rows["vs:fedex-lora"]["verdict"] == "inconclusive"
+    assert rows["C3"]["paper_effect_pct"] == pytest.approx(100 * (323.89 / 53.93 - 1))
+    # C4: noprune uploads 10 % more and is 0.5 % better: 0.1 · 9.09 % saved − 0.50 % cost = +0.406 % per seed (mean)
+    saved, cost = 100 * 0.1 / 1.1, statistics.fmean(100 * (1 / (0.995 + JITTER[s % 3]) - 1) for s in seeds)
+    assert rows["C4"]["upload_saved_pct"] == pytest.approx(saved) and rows["C4"]["ppl_cost_pct"] == pytest.approx(cost, rel=1e-9)
+    assert rows["C4"]["effect_pct"] == pytest.approx(0.1 * saved - cost, abs=1e-3) and rows["C4"]["verdict"] == "reproduced"
+    # C6: (ppl(fedavg-rmin) + ppl(fft)) / 2 against hetlora: (1.05 + 0.80) / 2 − 1 = −7.5 % (HetLoRA does not close half the gap)
+    assert rows["C6"]["effect_pct"] == pytest.approx(-7.5, abs=0.02) and rows["C6"]["verdict"] == "not reproduced"
+    # C7: HomLoRA r_min (1.05 h) against hetlora truncated to r_min (1.2 h): 1.05 / 1.2 − 1 = −12.5 %
+    assert rows["C7"]["effect_pct"] == pytest.approx(-12.5, abs=0.02) and rows["C7"]["verdict"] == "not reproduced"
+
+
+def test_a_diverged_seed_leaves_its_row_untested_and_counts_as_p_one_in_holm(report):
+    data, _, _ = report
+    rows = {c["id"]: c for c in data["comparisons"]}
+    assert rows["vs:fed-plora"]["verdict"].startswith("not tested") and rows["vs:fed-plora"]["not_finite_seeds"] == [3]
+    raw = {c["id"]: (c["p"] if c["p"] is not None else 1.0) for c in data["comparisons"]}
+    assert {cid: c["p_holm"] for cid, c in rows.items()} == pytest.approx(holm(raw))
+    noted = {(n["label"], n["seed"]) for n in data["noted_runs"]}
+    assert noted == {("fed-plora", 3), ("flexlora", 7)}
+
+
+def test_the_long_regime_reports_the_best_new_method_and_the_overfitting_homlora(report):
+    data, md, _ = report
+    long = data["long"]
+    assert set(long["methods"]) == {"hetlora", "fedavg-rmin", "fedavg-rmax", "fslora", "florist"}
+    assert set(long["paired"]) == {"fedavg-rmin", "fedavg-rmax", "fslora", "florist"}
+    assert long["methods"]["fedavg-rmax"]["overfitting_seeds"] == 5 and long["methods"]["hetlora"]["overfitting_seeds"] == 0
+    assert all(s["best_round"] == 10 for s in long["methods"]["fedavg-rmax"]["seeds"])
+    assert "## The long regime (30 rounds at the core set's per-round budget)" in md
+
+
+def test_the_markdown_names_every_label_tuning_rate_and_rouge(report):
+    data, md, results = report
+    for label in PRESETS["cpu-v4"].labels:
+        assert f"| {label} |" in md
+    assert "## Every comparison with HetLoRA" in md and "## Learning rates (each label's own" in md and "C4's trade" in md
+    assert "interim" not in md  # every registered seed is in
+    rouge = {r["label"]: r["rouge_l"] for r in data["table"]}
+    assert rouge["hetlora"] == pytest.approx(statistics.fmean(0.1 + 0.001 * s for s in range(20)))
+    assert list((results / "plots").glob("*.png"))
