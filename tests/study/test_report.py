@@ -136,6 +136,10 @@ def test_the_long_regime_reports_the_best_new_method_and_the_overfitting_homlora
     assert set(long["paired"]) == {"fedavg-rmin", "fedavg-rmax", "fslora", "florist"}
     assert long["methods"]["fedavg-rmax"]["overfitting_seeds"] == 5 and long["methods"]["hetlora"]["overfitting_seeds"] == 0
     assert all(s["best_round"] == 10 for s in long["methods"]["fedavg-rmax"]["seeds"])
+    # the long regime's paired rows also read as % of hetlora's perplexity, like the family's (descriptive)
+    florist = [100 * (ppl_of("florist", s) / hetlora_ppl(s) - 1) for s in range(5)]
+    assert long["paired"]["florist"]["effect_pct"] == pytest.approx(statistics.fmean(florist), abs=1e-9)
+    assert long["paired"]["florist"]["n"] == 5 and "% of hetlora's" in md
     assert "## The long regime (30 rounds at the core set's per-round budget)" in md
 
 

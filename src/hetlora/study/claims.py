@@ -284,7 +284,10 @@ def long_regime(runs: list[dict]) -> dict:
                                  "seeds": shapes, "overfitting_seeds": sum(overfit)}
     for other in grouped:  # every long label against hetlora (v3: the two HomLoRAs; v4 adds fslora and the best new method)
         if other != "hetlora" and "hetlora" in grouped:
-            out["paired"][other] = diff_claim("long", "", other, "", grouped)
+            _, rel = relative_pct(grouped, other)
+            mean_pct, ci_pct = t_interval(rel) if rel else (None, None)
+            out["paired"][other] = diff_claim("long", "", other, "", grouped) | {
+                "effect_pct": mean_pct, "ci95_pct": list(ci_pct) if ci_pct else None}  # as the core family's (family.pct)
     return out
 
 

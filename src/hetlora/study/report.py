@@ -265,7 +265,8 @@ def long_section(report: dict) -> list[str]:
         lines.append(f"| {label} | {_fmt(m['final_eval_ppl_mean'])} {_ci(m['final_eval_ppl_ci95'])} | {m['n']} | {best} | "
                      f"{m['overfitting_seeds']} of {m['n']} |")
     for other, c in long.get("paired", {}).items():
-        lines.append(f"\nppl({other}) − ppl(hetlora) in this regime: {_fmt(c.get('mean_diff'))} {_ci(c.get('ci95'))}, n = {c.get('n', 0)} "
+        lines.append(f"\nppl({other}) − ppl(hetlora) in this regime: {_fmt(c.get('mean_diff'))} {_ci(c.get('ci95'))}, "
+                     f"{_fmt(c.get('effect_pct'))} % of hetlora's {_ci(c.get('ci95_pct'))}, n = {c.get('n', 0)} "
                      "(descriptive: not part of a Holm family).")
     return lines + [""]
 
