@@ -72,6 +72,7 @@ def report(tmp_path_factory):
               "labels": {label: {"grid": [3e-4, 1e-3, 3e-3], "chosen": 1e-3, "bracketed": True, "complete": True,
                                  "scores": {"0.0003": 50.0, "0.001": 48.0, "0.003": 52.0}} for label in labels}}
     (results / "tuning.json").write_text(json.dumps(tuning))
+    shutil.copytree(COMMITTED / "tuning", results / "tuning")  # the real tuning runs: their compute goes to their block
     for label in labels:
         for seed in preset.seeds:
             write_run(results / "runs" / f"{label}-s{seed}", label, seed, ppl_of(label, seed), preset.base["rounds"], block,
@@ -152,3 +153,17 @@ def test_the_markdown_names_every_label_tuning_rate_and_rouge(report):
     rouge = {r["label"]: r["rouge_l"] for r in data["table"]}
     assert rouge["hetlora"] == pytest.approx(statistics.fmean(0.1 + 0.001 * s for s in range(20)))
     assert list((results / "plots").glob("*.png"))
+
+
+def test_the_compute_per_block_counts_core_long_and_tuning_runs(report):
+    from hetlora.study.report import compute_per_block
+
+    data, md, results = report
+    here = json.loads((TEMPLATE / "block.json").read_text())  # the synthetic runs' block; tuning may hold other classes' runs
+    tuned = [json.loads(f.read_text()) for f in (results / "tuning").glob("*/summary.json")
+             if json.loads((f.parent / "block.json").read_text()) == here]
+    (row,) = [r for r in compute_per_block(data) if r["block"] == "cpu AVX512, 2 threads / bf16 / 0c6bf5a4c9b1f6ac"]
+    assert row["runs"] == 14 * 20 + 5 * 5 + len(tuned)
+    assert row["seconds"] == pytest.approx(100.0 * (14 * 20 + 5 * 5) + sum(t["seconds_total"] for t in tuned))
+    assert row["seeds"].endswith(f"tuning ({len(tuned)} runs)") and row["block"] == "cpu AVX512, 2 threads / bf16 / 0c6bf5a4c9b1f6ac"
+    assert f"tuning ({len(tuned)} runs)" in md

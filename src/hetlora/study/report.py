@@ -56,6 +56,17 @@ def set_aside_groups(results: Path) -> list[dict[str, Any]]:
     return groups
 
 
+def tuning_blocks(results: Path) -> dict[str, dict[str, Any]]:
+    """The tuning runs' compute per seed block (each tuning run records its block like a study run)."""
+    out: dict[str, dict[str, Any]] = {}
+    for f in sorted((results / "tuning").glob("*/summary.json")):
+        block = read_json(f.parent / "block.json") or {}
+        entry = out.setdefault(block_label(block), {"block": block, "runs": 0, "seconds": 0.0})
+        entry["runs"] += 1
+        entry["seconds"] += json.loads(f.read_text()).get("seconds_total", 0.0)
+    return out
+
+
 def tuning_group(record: Path, results: Path) -> dict[str, Any]:
     """A label's tuning runs set aside (``Study.set_aside_tuning``): listed with their compute, never used."""
     summaries = {f.parent.name: json.loads(f.read_text()) for f in sorted(record.parent.glob("*/summary.json"))}
@@ -103,6 +114,7 @@ def write_report(study, wall_seconds: float | None = None) -> Path:
         "noted_runs": [{"label": r["label"], "seed": r["seed"], "rejected_rounds": r["rejected_rounds"], "final_eval_ppl": r["final_eval_ppl"]}
                        for r in runs + long_runs if r["rejected_rounds"] or not _finite(r["final_eval_ppl"])],
         "seed_blocks": {"runs": seed_blocks(runs), "long": seed_blocks(long_runs)},
+        "tuning_blocks": tuning_blocks(results),
         "set_aside": set_aside,
         "ignored_runs": ignored,  # directories under runs/ that are not the plan's runs (left out, with the reason)
         "table": summarise(grouped, order),
@@ -351,7 +363,7 @@ def blocks_section(report: dict) -> list[str]:
         b = e["block"] or {}
         lines.append(f"| {seed} | {e['runs']} | {b.get('device_class', 'not recorded')} | {b.get('precision', '—')} | "
                      f"{b.get('behaviour', '—')} | {e.get('seconds', 0.0) / 60:.1f} min | {', '.join(e['commits'])} |")
-    lines += ["", "Compute per block (sum of the runs' wall times; the long regime included, tuning and set-aside runs not):", "",
+    lines += ["", "Compute per block (sum of the runs' wall times: core, long regime and tuning; set-aside runs apart):", "",
               "| device | device class / precision / behaviour | seeds | runs | compute |", "|---|---|---|---:|---:|"]
     for row in compute_per_block(report):
         lines.append(f"| {row['device']} | {row['block']} | {row['seeds']} | {row['runs']} | {row['seconds'] / 60:.1f} min |")
@@ -363,7 +375,7 @@ def block_label(block: dict) -> str:
 
 
 def compute_per_block(report: dict) -> list[dict[str, Any]]:
-    """The compute each seed block (so each machine class) spent, over the core, reference and long-regime runs."""
+    """The compute each seed block (so each machine class) spent, over the core, reference, long-regime and tuning runs."""
     totals: dict[str, dict[str, Any]] = {}
     for where, blocks in (report.get("seed_blocks") or {}).items():
         for seed, e in blocks.items():
@@ -373,6 +385,11 @@ def compute_per_block(report: dict) -> list[dict[str, Any]]:
             row["seeds"].append(f"{seed}{' (long)' if where == 'long' else ''}")
             row["runs"] += e["runs"]
             row["seconds"] += e.get("seconds", 0.0)
+    for key, e in (report.get("tuning_blocks") or {}).items():
+        row = totals.setdefault(key, {"device": e["block"].get("device", "not recorded"), "block": key, "seeds": [], "runs": 0, "seconds": 0.0})
+        row["seeds"].append(f"tuning ({e['runs']} runs)")
+        row["runs"] += e["runs"]
+        row["seconds"] += e["seconds"]
     return [row | {"seeds": ", ".join(row["seeds"])} for row in totals.values()]
 
 
