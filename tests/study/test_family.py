@@ -65,6 +65,28 @@ def test_a_diverged_run_leaves_its_comparison_untested_and_counts_as_p_1_without
     assert t_interval([1.0, math.nan])[1] is None and math.isnan(t_test([1.0, math.inf, 2.0]))
 
 
+def test_a_diverged_hetlora_run_is_named_in_every_row_it_voids_and_c4s_trade_is_not_computed_from_it():
+    """From a review: one non-finite hetlora run voids every row on that seed, and the verdicts said only "seed(s) 4",
+    as if the other method had diverged; C4's trade sentence was built from the infinite cost ("0.00 % of upload")."""
+    import math
+
+    het = [50.0 + s for s in range(5)]
+    runs = {"hetlora": {s: run(math.inf if s == 4 else p, bytes_up_total=900.0) for s, p in enumerate(het)},
+            "hetlora-noprune": {s: run(p * 0.99, bytes_up_total=1000.0) for s, p in enumerate(het)},
+            "fslora": {s: run(math.nan if s == 2 else p * 0.97) for s, p in enumerate(het)}}
+    rows = {r["id"]: r for r in comparisons(runs, ["hetlora", "hetlora-noprune", "fslora"], r_min=5)}
+    assert rows["C4"]["verdict"] == "not tested (non-finite perplexity: hetlora seed 4)"
+    assert rows["vs:fslora"]["verdict"] == "not tested (non-finite perplexity: fslora seed 2, hetlora seed 4)"
+    assert "upload_saved_pct" not in rows["C4"] and "ppl_cost_pct" not in rows["C4"]  # no trade from a diverged run
+
+
+def test_c7_names_the_seeds_whose_hetlora_run_has_no_tier_perplexity():
+    runs = {"hetlora": {s: run(50.0, tier_ppl={} if s == 1 else {"5": 60.0}) for s in range(3)},
+            "fedavg-rmin": {s: run(55.0) for s in range(3)}}
+    c7 = next(r for r in comparisons(runs, ["hetlora", "fedavg-rmin"], r_min=5) if r["id"] == "C7")
+    assert c7["seeds"] == [0, 2] and c7["lacking_seeds"] == [1] and "tier perplexity" in c7["lacking"]
+
+
 def test_c4_is_the_trade_of_upload_saved_against_perplexity_at_the_registered_rate():
     # hetlora uploads 900 vs noprune's 1000 (10 % saved) and costs 0.5 % perplexity: 0.1 · 10 − 0.5 = +0.5 per seed
     runs = {"hetlora": {s: run(50.25, bytes_up_total=900.0) for s in range(3)},
@@ -87,6 +109,9 @@ def test_c6_uses_the_homlora_fixed_in_advance_not_the_better_one():
     # midpoint of r_min (80+s) and FFT (30+s) = 55+s, against hetlora 50+s: +5 / (50+s) %; fedavg-rmax (better) is not used
     assert rows["C6"]["effects_pct"] == pytest.approx([pct(55.0 + s, 50.0 + s) for s in range(3)]) and rows["C6"]["homlora"] == "fedavg-rmin"
     assert family_size(["hetlora", "fedavg-rmin", "fedavg-rmax", "fft"]) == len(rows) == 5  # 3 rows + C6 + C7
+    # beside it, the gap C6 is about: HomLoRA − FFT = 50 points, as % of hetlora's perplexity per seed
+    assert rows["C6"]["gap_pct"] == pytest.approx(sum(100 * 50.0 / (50.0 + s) for s in range(3)) / 3)
+    assert rows["C6"]["paper_gap_pct"] == pytest.approx(100 * (80.51 - 32.70) / 53.93)
 
 
 def test_the_family_is_sized_by_the_median_need_within_the_bounds():

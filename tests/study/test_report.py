@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hetlora.study.report import write_report
-from hetlora.study.runs import PRESETS, Study
+from hetlora.study.runs import PRESETS, Study, run_label
 from hetlora.study.stats import holm, t_test
 
 COMMITTED = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "cpu-v4"
@@ -39,11 +39,12 @@ def ppl_of(label: str, seed: int) -> float:
     return hetlora_ppl(seed) * (RATIO[label] + JITTER[seed % 3])
 
 
-def write_run(directory: Path, label: str, seed: int, ppl: float, rounds: int, block: dict, *, overfit: bool = False,
+def write_run(directory: Path, label: str, seed: int, ppl: float, config: dict, block: dict, *, overfit: bool = False,
               rejected: tuple[int, ...] = ()) -> None:
+    rounds = config["rounds"]
     directory.mkdir(parents=True)
     summary = json.loads((TEMPLATE / "summary.json").read_text())
-    summary["config"] |= {"seed": seed, "eval_split": "test", "rouge_size": 64, "rounds": rounds}
+    summary["config"] = config
     bytes_up = 1_000_000 * (1.1 if label == "hetlora-noprune" else 1.0)
     summary |= {"method": label, "full_eval_ppl": ppl, "final_eval_ppl": ppl, "initial_eval_ppl": 70.0, "bytes_up_total": bytes_up,
                 "final_tier_eval_ppl": {"5": hetlora_ppl(seed) * 1.2} if label == "hetlora" else {}, "seconds_total": 100.0,
@@ -54,7 +55,7 @@ def write_run(directory: Path, label: str, seed: int, ppl: float, rounds: int, b
         # a curve that falls to round 10 and, when overfitting, turns up while the train loss keeps falling
         eval_ppl = ppl + (max(0, 10 - r) if not overfit else abs(10 - r)) if math.isfinite(ppl) else math.inf
         rows.append({"round": r, "eval_ppl": eval_ppl, "train_loss": 4.0 - 0.05 * r, "live_rank": 20, "trainable_rank": 20})
-    rows[-1]["rouge_l"] = 0.1 + 0.001 * seed
+    rows[-1] |= {"rouge_l": 0.1 + 0.001 * seed, "rouge_size": 64}
     (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (directory / "block.json").write_text(json.dumps(block))
 
@@ -73,16 +74,21 @@ def report(tmp_path_factory):
                                  "scores": {"0.0003": 50.0, "0.001": 48.0, "0.003": 52.0}} for label in labels}}
     (results / "tuning.json").write_text(json.dumps(tuning))
     shutil.copytree(COMMITTED / "tuning", results / "tuning")  # the real tuning runs: their compute goes to their block
+    study = Study("cpu-v4", results_root, tmp_path_factory.mktemp("work"))
+
+    def config(label, seed, lr=1e-3, **changes):  # the settings the plan asks of (label, seed), as a run records them
+        return run_label(label, seed, study.base(lr=lr, **changes), Path("unused")).settings()
+
     for label in labels:
         for seed in preset.seeds:
-            write_run(results / "runs" / f"{label}-s{seed}", label, seed, ppl_of(label, seed), preset.base["rounds"], block,
-                      rejected=(4,) if (label, seed) == ("flexlora", 7) else ())
+            stale = (label, seed) == ("rb-lora", 19)  # made at another rate than its tuned one: left out, named
+            write_run(results / "runs" / f"{label}-s{seed}", label, seed, ppl_of(label, seed), config(label, seed, lr=3e-3 if stale else 1e-3),
+                      block, rejected=(4,) if (label, seed) == ("flexlora", 7) else ())
     for label in preset.long_labels + ("florist",):
         for seed in preset.long_seeds:
-            write_run(results / "long" / "runs" / f"{label}-s{seed}", label, seed, ppl_of(label, seed), preset.long_rounds, block,
-                      overfit=label == "fedavg-rmax")
-    write_run(results / "runs" / "hetlora-s20", "hetlora", 20, 1.0, 9, block)  # not a registered seed: left out, named
-    study = Study("cpu-v4", results_root, tmp_path_factory.mktemp("work"))
+            write_run(results / "long" / "runs" / f"{label}-s{seed}", label, seed, ppl_of(label, seed),
+                      config(label, seed, rounds=preset.long_rounds), block, overfit=label == "fedavg-rmax")
+    write_run(results / "runs" / "hetlora-s20", "hetlora", 20, 1.0, config("hetlora", 20), block)  # not a registered seed
     md = write_report(study)
     return json.loads((results / "study.json").read_text()), md.read_text(), results
 
@@ -93,9 +99,25 @@ def test_the_report_judges_exactly_the_family_the_plan_registered(report):
     registered = [(c["id"], c["label"]) for c in plan["sizing"]["comparisons"]]
     assert sorted((c["id"], c["label"]) for c in data["comparisons"]) == sorted(registered)
     assert {c["family_size"] for c in data["comparisons"]} == {plan["sizing"]["family_size"]} == {15}
-    assert all(c["n"] == 20 for c in data["comparisons"] if c["label"] != "fed-plora")
+    assert all(c["n"] == 20 for c in data["comparisons"] if c["label"] not in ("fed-plora", "rb-lora"))
     assert data["plan"]["n"] == 20 and data["plan"]["core_labels"] == list(PRESETS["cpu-v4"].labels)
-    assert [i["run"] for i in data["ignored_runs"]] == ["hetlora-s20"]
+    # a run whose recorded settings are not the plan's is left out and named, whatever its directory says
+    reasons = {i["run"]: i["reason"] for i in data["ignored_runs"]}
+    assert set(reasons) == {"hetlora-s20", "rb-lora-s19"}
+    assert reasons["rb-lora-s19"] == "its recorded settings are not the plan's: lr 0.003 (the plan's 0.001)"
+    rb = next(c for c in data["comparisons"] if c["label"] == "rb-lora")
+    assert rb["n"] == 19 and 19 not in rb["seeds"]
+
+
+def test_study_json_is_strict_json_with_a_diverged_run_written_as_a_string(report):
+    _, _, results = report
+
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    data = json.loads((results / "study.json").read_text(), parse_constant=refuse)
+    (diverged,) = [r for r in data["runs"] if r["label"] == "fed-plora" and r["seed"] == 3]
+    assert diverged["final_eval_ppl"] == "inf"
 
 
 def test_the_planted_effects_are_read_back_as_percent_of_hetloras_perplexity(report):
@@ -149,7 +171,9 @@ def test_the_markdown_names_every_label_tuning_rate_and_rouge(report):
     for label in PRESETS["cpu-v4"].labels:
         assert f"| {label} |" in md
     assert "## Every comparison with HetLoRA" in md and "## Learning rates (each label's own" in md and "C4's trade" in md
-    assert "interim" not in md  # every registered seed is in
+    assert md.count("interim") == 2 and "(interim: 19 of 20)" in md  # only rb-lora's row (its seed 19 left out); the footer's rule
+    assert "every run has a score" in md and "fewest prompts in any run: 64" in md
+    assert "C6's gap, ppl(fedavg-rmin) − ppl(fft) as % of HetLoRA's: 25.0" in md and "< 0.001" in md
     rouge = {r["label"]: r["rouge_l"] for r in data["table"]}
     assert rouge["hetlora"] == pytest.approx(statistics.fmean(0.1 + 0.001 * s for s in range(20)))
     assert list((results / "plots").glob("*.png"))
@@ -163,7 +187,8 @@ def test_the_compute_per_block_counts_core_long_and_tuning_runs(report):
     tuned = [json.loads(f.read_text()) for f in (results / "tuning").glob("*/summary.json")
              if json.loads((f.parent / "block.json").read_text()) == here]
     (row,) = [r for r in compute_per_block(data) if r["block"] == "cpu AVX512, 2 threads / bf16 / 0c6bf5a4c9b1f6ac"]
-    assert row["runs"] == 14 * 20 + 5 * 5 + len(tuned)
-    assert row["seconds"] == pytest.approx(100.0 * (14 * 20 + 5 * 5) + sum(t["seconds_total"] for t in tuned))
+    counted = 14 * 20 - 1 + 5 * 5  # the core runs but the one left out (rb-lora-s19), and the long ones
+    assert row["runs"] == counted + len(tuned)
+    assert row["seconds"] == pytest.approx(100.0 * counted + sum(t["seconds_total"] for t in tuned))
     assert row["seeds"].endswith(f"tuning ({len(tuned)} runs)") and row["block"] == "cpu AVX512, 2 threads / bf16 / 0c6bf5a4c9b1f6ac"
     assert f"tuning ({len(tuned)} runs)" in md

@@ -50,15 +50,20 @@ def run_problem(path: Path, summary: dict[str, Any], seeds: Collection[int] | No
 
 
 def load_runs(results: Path, where: str = "runs", *, seeds: Collection[int] | None = None, labels: Collection[str] | None = None,
-              ignored: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
-    """Every finished run under ``results/where`` that is one of the study's (:func:`run_problem`; any other is
-    left out with a warning and listed in ``ignored``); a seed whose runs come from two seed blocks is refused."""
+              ignored: list[dict[str, str]] | None = None,
+              check: Callable[[str, int, dict[str, Any]], str | None] | None = None) -> list[dict[str, Any]]:
+    """Every finished run under ``results/where`` that is one of the study's (:func:`run_problem`, then ``check(label,
+    seed, its recorded config)`` when given; any other is left out with a warning and listed in ``ignored``); a seed
+    whose runs come from two seed blocks is refused."""
     runs = []
     for path in sorted((results / where).glob("*-s*")):
         if not (path / "summary.json").is_file():
             continue
         summary = json.loads((path / "summary.json").read_text())
         problem = run_problem(path, summary, seeds, labels)
+        if problem is None and check is not None:
+            label, _, seed = path.name.rpartition("-s")
+            problem = check(label, int(seed), summary.get("config") or {})
         if problem:
             log.warning("study: %s left out: %s", path, problem)
             if ignored is not None:
@@ -84,6 +89,7 @@ def load_runs(results: Path, where: str = "runs", *, seeds: Collection[int] | No
             "pruning_events": summary.get("pruning_events"), "visits": summary.get("visits"),
             "lr": summary["config"]["lr"], "provenance": summary.get("provenance"),
             "rouge_l": rows[-1].get("rouge_l") if rows else None,
+            "rouge_size": rows[-1].get("rouge_size") if rows else None,  # the prompts it was scored on
             "rejected_rounds": summary.get("rejected_rounds") or [],
         })
     check_blocks(runs, results / where)
@@ -319,6 +325,8 @@ def summarise(runs: dict, order: list[str] | tuple[str, ...] = ()) -> list[dict]
             "pruning_events": statistics.fmean(r["pruning_events"] or 0 for r in seeds.values()),
             "seconds": statistics.fmean(r["seconds"] for r in seeds.values()), "lr": any_run["lr"],
             "rouge_l": statistics.fmean(rouge) if (rouge := [r["rouge_l"] for r in seeds.values() if r.get("rouge_l") is not None]) else None,
+            "rouge_n": len(rouge),  # runs with a score (ROUGE-L is a secondary outcome: a run without one is still paired)
+            "rouge_prompts_min": min((r["rouge_size"] for r in seeds.values() if r.get("rouge_size")), default=None),
         })
     rank = {label: i for i, label in enumerate(order)}
     return sorted(rows, key=lambda r: rank.get(r["label"], len(rank)))

@@ -31,7 +31,8 @@ C6_HOMLORA = "fedavg-rmin"  # the paper's best HomLoRA (80.51 at r = 5), fixed b
 # FFT 32.70 (so C6's midpoint (80.51 + 32.70) / 2 = 56.61).
 PAPER_HETLORA_PPL = 53.93
 PAPER_PPL = {"fedavg-rmin": 80.51, "fedavg-rmax": 307.96, "recon-svd": 323.89}
-PAPER_C6_MIDPOINT = (80.51 + 32.70) / 2
+PAPER_FFT_PPL = 32.70
+PAPER_C6_MIDPOINT = (80.51 + PAPER_FFT_PPL) / 2
 
 CLAIM_OF_LABEL = {"fedavg-rmin": ("C1", "HetLoRA beats HomLoRA at r_min"), "fedavg-rmax": ("C2", "HetLoRA beats HomLoRA at r_max"),
                   "recon-svd": ("C3", "HetLoRA beats reconstruction + SVD"),
@@ -67,15 +68,22 @@ def row(cid: str, label: str, claim: str, seeds: list[int], values: list[float],
     diverged = [s for s, v in zip(seeds, values) if not math.isfinite(v)]
     if diverged:  # a perplexity that is not finite has no mean or test: the row is not tested, p = 1 in the family
         return base | {"effect_pct": None, "ci95_pct": None, "p": None, "not_finite_seeds": diverged,
-                       "note": f"a perplexity that is not finite on seed(s) {diverged}: not tested"}
+                       "note": f"a perplexity that is not finite on seed(s) {diverged}"
+                               + (f" ({', '.join(extra['diverged_runs'])})" if extra.get("diverged_runs") else "") + ": not tested"}
     mean, ci = t_interval(values)
     return base | {"effect_pct": mean, "ci95_pct": list(ci) if ci else None, "p": t_test(values) if len(values) > 1 else None}
+
+
+def diverged_runs(runs: Mapping, labels: tuple[str, ...], seeds: list[int]) -> list[str]:
+    """Which of a row's runs have a final perplexity that is not finite (hetlora's or the other's), named in its verdict."""
+    return [f"{label} seed {s}" for s in seeds for label in ("hetlora", *labels)
+            if not math.isfinite(runs[label][s]["final_eval_ppl"])]
 
 
 def plain_row(runs: Mapping, label: str) -> dict[str, Any]:
     cid, claim = CLAIM_OF_LABEL.get(label, (f"vs:{label}", f"{label} vs hetlora"))
     seeds, values = paired_values(runs, (label,), lambda h, o: pct(o["final_eval_ppl"], h["final_eval_ppl"]))
-    return row(cid, label, claim, seeds, values, paper_effect_pct=paper_effect_pct(label))
+    return row(cid, label, claim, seeds, values, paper_effect_pct=paper_effect_pct(label), diverged_runs=diverged_runs(runs, (label,), seeds))
 
 
 def trade_row(runs: Mapping) -> dict[str, Any]:
@@ -92,8 +100,9 @@ def trade_row(runs: Mapping) -> dict[str, Any]:
     seeds, values = paired_values(runs, (TRADE_LABEL,), trade)
     _, saved_pct = paired_values(runs, (TRADE_LABEL,), saved)
     _, cost_pct = paired_values(runs, (TRADE_LABEL,), cost)
-    extra: dict[str, Any] = {"rate_pct_ppl_per_pct_upload": C4_RATE, "paper_effect_pct": None}
-    if values:
+    extra: dict[str, Any] = {"rate_pct_ppl_per_pct_upload": C4_RATE, "paper_effect_pct": None,
+                             "diverged_runs": diverged_runs(runs, (TRADE_LABEL,), seeds)}
+    if values and all(map(math.isfinite, values)):  # the trade's parts only where the trade itself is tested
         s_mean, c_mean = statistics.fmean(saved_pct), statistics.fmean(cost_pct)
         extra |= {"upload_saved_pct": s_mean, "upload_saved_pct_ci95": list(t_interval(saved_pct)[1] or []) or None,
                   "ppl_cost_pct": c_mean, "ppl_cost_pct_ci95": list(t_interval(cost_pct)[1] or []) or None,
@@ -104,10 +113,17 @@ def trade_row(runs: Mapping) -> dict[str, Any]:
 
 
 def c6_row(runs: Mapping) -> dict[str, Any]:
+    """C6, with the gap it is about beside it: 100 · (ppl(HomLoRA) − ppl(fft)) / ppl(hetlora) per seed. When full
+    fine-tuning is not better than the HomLoRA there is no gap to close, and C6's verdict says little (descriptive)."""
     seeds, values = paired_values(runs, (C6_HOMLORA, "fft"), lambda h, hom, fft: pct((hom["final_eval_ppl"] + fft["final_eval_ppl"]) / 2,
                                                                                     h["final_eval_ppl"]))
+    _, gaps = paired_values(runs, (C6_HOMLORA, "fft"), lambda h, hom, fft: 100.0 * (hom["final_eval_ppl"] - fft["final_eval_ppl"]) / h["final_eval_ppl"])
+    gap_mean, gap_ci = t_interval(gaps) if gaps else (None, None)
     return row("C6", "fft", f"HetLoRA closes at least half the gap from HomLoRA ({C6_HOMLORA}) to full fine-tuning", seeds, values,
-               homlora=C6_HOMLORA, paper_effect_pct=pct(PAPER_C6_MIDPOINT, PAPER_HETLORA_PPL))
+               homlora=C6_HOMLORA, paper_effect_pct=pct(PAPER_C6_MIDPOINT, PAPER_HETLORA_PPL),
+               gap_pct=gap_mean if gap_mean is not None and math.isfinite(gap_mean) else None, gap_pct_ci95=list(gap_ci) if gap_ci else None,
+               paper_gap_pct=100.0 * (PAPER_PPL[C6_HOMLORA] - PAPER_FFT_PPL) / PAPER_HETLORA_PPL,
+               diverged_runs=diverged_runs(runs, (C6_HOMLORA, "fft"), seeds))
 
 
 def c7_row(runs: Mapping, r_min: int) -> dict[str, Any]:
@@ -116,9 +132,13 @@ def c7_row(runs: Mapping, r_min: int) -> dict[str, Any]:
         return None if truncated is None else pct(o["final_eval_ppl"], truncated)
 
     seeds, values = paired_values(runs, ("fedavg-rmin",), tier)
+    both = sorted(set(runs.get("hetlora", {})) & set(runs.get("fedavg-rmin", {})))
+    lacking = [s for s in both if s not in seeds]  # finished, but hetlora's run has no r_min tier perplexity: named, not "interim"
     return row("C7", "fedavg-rmin", f"The global adapter truncated to r = {r_min} serves that tier better than HomLoRA at r = {r_min} "
                                     "(two-sided; the paper's 'at least as well' read as superiority, the stricter reading)",
-               seeds, values, paper_effect_pct=None, basis=f"hetlora truncated to r = {r_min} vs HomLoRA trained at r = {r_min}")
+               seeds, values, paper_effect_pct=None, basis=f"hetlora truncated to r = {r_min} vs HomLoRA trained at r = {r_min}",
+               diverged_runs=diverged_runs(runs, ("fedavg-rmin",), seeds),
+               **({"lacking_seeds": lacking, "lacking": f"hetlora's r = {r_min} tier perplexity"} if lacking else {}))
 
 
 def comparisons(runs: Mapping, labels: tuple[str, ...] | list[str], r_min: int) -> list[dict[str, Any]]:
@@ -138,7 +158,8 @@ def words(c: Mapping[str, Any], p_holm: float | None) -> str:
     """A paper claim (C1–C7) is reproduced / not reproduced / inconclusive; any other row says which side is better; a
     row with a non-finite perplexity is not tested (docs/algorithm.md §10, added before any core run)."""
     if c.get("not_finite_seeds"):
-        return f"not tested (non-finite perplexity, seed(s) {', '.join(map(str, c['not_finite_seeds']))})"
+        which = ", ".join(c.get("diverged_runs") or []) or f"seed(s) {', '.join(map(str, c['not_finite_seeds']))}"
+        return f"not tested (non-finite perplexity: {which})"
     v = verdict(c.get("effect_pct"), p_holm)
     if c["id"].startswith("C"):
         return v

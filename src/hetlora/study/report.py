@@ -89,10 +89,11 @@ def write_report(study, wall_seconds: float | None = None) -> Path:
         study.plan()  # refuses a design changed since registration: the report is built only for the registered one
     ignored: list[dict[str, str]] = []
     registered = dict(seeds=set(preset.seeds) | set(preset.reference_seeds), labels=set(preset.labels) | set(preset.reference_labels))
-    runs = load_runs(results, ignored=ignored, **registered) if (results / "runs").is_dir() else []
+    runs = load_runs(results, ignored=ignored, check=study.config_check("runs"), **registered) if (results / "runs").is_dir() else []
     if not runs:
         raise ValueError(f"nothing to report: no finished runs under {results / 'runs'} (run the study first)")
-    long_runs = (load_runs(results, "long/runs", seeds=set(preset.long_seeds), labels=set(study.long_labels()), ignored=ignored)
+    long_runs = (load_runs(results, "long/runs", seeds=set(preset.long_seeds), labels=set(study.long_labels()), ignored=ignored,
+                           check=study.config_check("long/runs"))
                  if (results / "long" / "runs").is_dir() else [])
     grouped = by_label(runs)
     order = list(preset.labels) + list(preset.reference_labels)
@@ -121,10 +122,22 @@ def write_report(study, wall_seconds: float | None = None) -> Path:
         "runs": runs,
         "long_runs": long_runs,
     }
-    write_json_atomic(results / "study.json", report)
+    write_json_atomic(results / "study.json", strict_json(report))
     plots = plot_study(runs, results / "plots", preset.base["r_min"], order=order, long_runs=long_runs)
     (results / "study.md").write_text(render_markdown(report, plots, results))
     return results / "study.md"
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float written as the string "inf", "-inf" or "nan": study.json stays JSON that
+    any reader parses (Python's json would write Infinity / NaN, which JavaScript's JSON.parse and others refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def _finite(x) -> bool:
@@ -136,6 +149,10 @@ def tuning_rows(tuning: dict | None) -> dict[str, dict[str, Any]]:
     labels = (tuning or {}).get("labels") or {}
     return {label: {"grid": t.get("grid"), "chosen": t.get("chosen"), "bracketed": t.get("bracketed"), "scores": t.get("scores"),
                     "complete": t.get("complete")} for label, t in labels.items()}
+
+
+def _p(x) -> str:
+    return "< 0.001" if isinstance(x, float) and 0 <= x < 0.001 else _fmt(x, 3)
 
 
 def _fmt(x, digits=2):
@@ -197,12 +214,16 @@ def comparisons_section(report: dict) -> list[str]:
     """v4: every comparison with hetlora, one Holm family, effects as % of hetlora's perplexity beside the paper's."""
     rows = report.get("comparisons") or []
     planned = len(report["config"]["seeds"])
-    lines = ["## Every comparison with HetLoRA (one Holm family; effect = % of HetLoRA's perplexity, C4: the trade; > 0: HetLoRA better)", "",
+    lines = ["## Every comparison with HetLoRA (one Holm family; effect = % of HetLoRA's perplexity — C4: the trade, in points; "
+             "C7: % of HetLoRA truncated to r_min; > 0: HetLoRA better)", "",
              "| id | versus | claim | effect % (unadjusted 95 % CI) | the paper's % | n | p | Holm p | verdict |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for c in rows:
-        interim = f" (interim: {c['n']} of {planned})" if c["n"] < planned else ""
+        if c.get("lacking_seeds"):
+            interim = f" (seed(s) {', '.join(map(str, c['lacking_seeds']))} lack {c['lacking']})"
+        else:
+            interim = f" (interim: {c['n']} of {planned})" if c["n"] < planned else ""
         lines.append(f"| {c['id']} | {c['label']} | {c['claim']} | {_fmt(c.get('effect_pct'))} {_ci(c.get('ci95_pct'))} | "
-                     f"{_fmt(c.get('paper_effect_pct'), 1)} | {c['n']} | {_fmt(c.get('p'), 3)} | {_fmt(c.get('p_holm'), 3)} | **{c['verdict']}**{interim} |")
+                     f"{_fmt(c.get('paper_effect_pct'), 1)} | {c['n']} | {_p(c.get('p'))} | {_p(c.get('p_holm'))} | **{c['verdict']}**{interim} |")
     trade = next((c for c in rows if c["id"] == "C4" and c.get("upload_saved_pct") is not None), None)
     if trade:
         per = trade.get("upload_saved_pct_per_0_1_pct_ppl")
@@ -210,18 +231,24 @@ def comparisons_section(report: dict) -> list[str]:
                       f"{_fmt(trade['ppl_cost_pct'])} % perplexity {_ci(trade['ppl_cost_pct_ci95'])}: "
                       + (f"{_fmt(per)} % of upload per 0.1 % of perplexity" if per is not None else "no perplexity cost on average")
                       + f" (registered rate: ≥ 1 % of upload per {trade['rate_pct_ppl_per_pct_upload']:g} %)."]
+    c6 = next((c for c in rows if c["id"] == "C6" and c.get("gap_pct") is not None), None)
+    if c6:
+        lines += ["", f"C6's gap, ppl({c6['homlora']}) − ppl(fft) as % of HetLoRA's: {_fmt(c6['gap_pct'])} {_ci(c6['gap_pct_ci95'])} "
+                      f"(the paper's {_fmt(c6['paper_gap_pct'], 1)})"
+                      + (": full fine-tuning is not better than the HomLoRA here, so there is no gap to close and C6's verdict says little."
+                         if c6["gap_pct"] <= 0 else ".")]
     noted = report.get("noted_runs") or []
     if noted:
         lines += ["", "Runs to note: " + "; ".join(
             f"{n['label']} seed {n['seed']}" + (f", round(s) {n['rejected_rounds']} rolled back" if n["rejected_rounds"] else "")
             + ("" if _finite(n["final_eval_ppl"]) else f", final perplexity {n['final_eval_ppl']}") for n in noted)
             + " (a rolled-back round keeps the previous model: the run counts, as registered; a non-finite perplexity leaves its "
-              "comparison untested, p = 1 in the family: a rule added before any core run, docs/algorithm.md §10)."]
+              "comparison untested, p = 1 in the family: a rule added after registration, before any core run, docs/algorithm.md §10)."]
     return lines + ["", "Rule: per seed, the relative difference to hetlora; two-sided paired t-test; the family's p-values Holm-adjusted "
                         "together (registered in plan.json before any run). A paper claim is *reproduced* when the adjusted p < 0.05 on "
                         "the paper's side, *not reproduced* on the other, *inconclusive* otherwise; another method is *better* on the side "
                         "the adjusted test rejects. The intervals are unadjusted 95 % t-intervals: one can exclude 0 while its row, "
-                        "judged at the Holm-adjusted level, is inconclusive.", ""]
+                        "judged at the Holm-adjusted level, is inconclusive. An interim row pairs the seeds both methods have finished.", ""]
 
 
 def tuning_section(report: dict) -> list[str]:
@@ -322,6 +349,13 @@ def methods_section(report: dict) -> list[str]:
         lines.append(f"| {r['label']} | {_fmt(r['final_eval_ppl_mean'])} ({_fmt(ci[0]) if ci else '—'}…{_fmt(ci[1]) if ci else '—'}) | {r['n']} | {_fmt(r.get('rouge_l'), 3)} | "
                      f"{r['bytes_up_total'] / 1e6:.1f} | {r['bytes_down_total'] / 1e6:.1f} | {r['trainable_params']:,} | {_fmt(r['live_rank'], 1)} | "
                      f"{_fmt(r['pruning_events'], 1)} | {r['seconds']:.0f} | {r['lr']:g} |")
+    scored = [r for r in report["table"] if r.get("rouge_n")]
+    if scored:
+        unscored = [f"{r['label']} ({r['n'] - r['rouge_n']} of {r['n']})" for r in report["table"] if r.get("rouge_n", 0) < r["n"]]
+        fewest = min(r["rouge_prompts_min"] for r in scored if r.get("rouge_prompts_min")) if any(r.get("rouge_prompts_min") for r in scored) else None
+        lines += ["", f"ROUGE-L (a secondary outcome, never in the family): the mean over a label's runs of the greedy next-turn "
+                      f"responses' ROUGE-L F-measure on held-out test prompts (fewest prompts in any run: {fewest if fewest is not None else 'not recorded'}); "
+                      + (f"runs without a score: {', '.join(unscored)}." if unscored else "every run has a score.")]
     return lines
 
 

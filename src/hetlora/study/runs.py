@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from .compare import variant
 from ..files import write_json_atomic
-from ..config import RunConfig
+from ..config import FIELDS, RunConfig
 from ..server.outputs import read_metrics
 from ..server.runner import finished_as_asked
 from ..data.chitchat import SPLIT_VERSION
@@ -124,6 +124,14 @@ PAUSE_FILE = "PAUSE"  # in the work root: the study starts no new run while it e
 
 
 # ---------------------------------------------------------------------------------- running
+def recorded(saved: dict[str, Any], key: str) -> Any:
+    """A recorded config's ``key``; a setting added after the run was made reads as its default (what the run did)."""
+    if key in saved:
+        return saved[key]
+    f = FIELDS[key]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
 def run_label(label: str, seed: int, base: RunConfig, out: Path) -> RunConfig:
     cfg = variant(label, dataclasses.replace(base, seed=seed, out=str(out)))
     return dataclasses.replace(cfg, out=str(out))
@@ -449,6 +457,23 @@ class Study:
         first, rest = p.seeds[:FIRST_CORE_SEEDS], p.seeds[FIRST_CORE_SEEDS:]
         return [("runs", first, p.labels, {}), ("runs", p.reference_seeds, p.reference_labels, {}),
                 ("long/runs", p.long_seeds, self.long_labels(), long), ("runs", rest, p.labels, {})]
+
+    def config_check(self, where: str) -> Callable[[str, int, dict[str, Any]], str | None] | None:
+        """v4: why a finished run's recorded settings are not the ones the plan asks of its label and seed (its tuned
+        rate, the registered base, the section's changes), None when they are, for the report's :func:`load_runs`.
+        A run of a label whose rate is not chosen yet is not checked (nothing to check it against); v3 is a record."""
+        if self.preset.version < 4:
+            return None
+        tuning = read_json(self.results / "tuning.json") or {}
+        changes = next(c for w, _, _, c in self.sections() if w == where)
+
+        def problem(label: str, seed: int, saved: dict[str, Any]) -> str | None:
+            if ((tuning.get("labels") or {}).get(label) or {}).get("chosen") is None:
+                return None
+            cfg = run_label(label, seed, self.base(lr=self.rate(tuning, label), **changes), self.work / where / f"{label}-s{seed}")
+            changed = [f"{k} {recorded(saved, k)!r} (the plan's {v!r})" for k, v in cfg.decisive_settings().items() if recorded(saved, k) != v]
+            return f"its recorded settings are not the plan's: {'; '.join(changed)}" if changed else None
+        return problem
 
     def long_labels(self) -> tuple[str, ...]:
         """The long regime's labels; v4 adds the best new method once tuning has named it (tuning.json)."""
