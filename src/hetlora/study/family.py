@@ -14,6 +14,8 @@ twice, and it tested absolute perplexity differences. v4, as registered before i
   ppl(hetlora) > 0 means HetLoRA closes at least half the gap from H to full fine-tuning;
 * C7, the r_min tier: 100 · (ppl(fedavg-rmin) − ppl(hetlora truncated to r_min)) / ppl(hetlora truncated);
 * every p-value above is Holm-adjusted in one family; a row's verdict reads the adjusted p and the sign.
+
+A row's key is its ``id`` (C1–C7, ``vs:<label>``), not its ``label``: C6 names fft and C7 fedavg-rmin, as vs:fft and C1 do.
 """
 
 from __future__ import annotations
