@@ -103,6 +103,20 @@ def test_a_full_disk_is_one_line_and_keeps_the_finished_rounds(tmp_path, monkeyp
     assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
+def test_study_progress_reports_the_committed_v4_runs_without_running_anything(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu-v4"
+    shutil.copytree(committed, tmp_path / "cpu-v4")
+    core = [d for d in (committed / "runs").glob("*-s*") if (d / "summary.json").is_file()] if (committed / "runs").is_dir() else []
+    result = CliRunner().invoke(app, ["study", "--preset", "cpu-v4", "--progress", "--results", str(tmp_path), "--work", str(tmp_path / "work")])
+    assert result.exit_code == 0, result.output
+    tuned = len(list((committed / "tuning").glob("*/summary.json")))
+    assert f"tuning: {tuned} runs, complete" in result.output and f"runs: {len(core)} of 280 runs finished" in result.output
+    assert "long/runs: " in result.output and not (tmp_path / "work").exists()  # nothing run, nothing written
+
+
 def test_study_command_rebuilds_the_committed_cpu_v2_report_from_its_runs(tmp_path):
     """`hetlora study --report-only` on a copy of the committed (superseded) v2 CPU results: the claims it
     recomputes from the runs are the committed ones (verdicts and paired differences); running it is refused."""

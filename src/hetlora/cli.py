@@ -269,6 +269,7 @@ def study(
     set_aside_seed: Optional[int] = typer.Option(None, "--set-aside-seed", help="Move an unfinished seed's runs to set-aside/ so this machine's block can run the whole seed again (needs --why), then exit"),
     set_aside_tuning: Optional[str] = typer.Option(None, "--set-aside-tuning", help="v4: move an unfinished label's tuning runs to set-aside/ so this machine's block can tune it whole (needs --why), then exit"),
     why: str = typer.Option("", "--why", help="The reason recorded with --set-aside-seed or --set-aside-tuning"),
+    progress: bool = typer.Option(False, "--progress", help="Print the runs finished and owed per section, and the hours left at the study's own pace, then exit"),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks"),
 ) -> None:
     """The reproduction study of HetLoRA's claims (C1–C8): a pre-registered plan, paired 95 % intervals, verdicts."""
@@ -281,6 +282,14 @@ def study(
         _fail(ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}"), debug)
     s = Study(preset, results, work, budget_seconds=budget_minutes * 60 if budget_minutes else None, log=typer.echo)
 
+    if progress:
+        p = _guard(debug, s.progress)
+        typer.echo(f"tuning: {p['tuning_runs']} runs, {'complete' if p['tuning_complete'] else 'not complete'}")
+        for where, e in p["sections"].items():
+            typer.echo(f"{where}: {e['finished']} of {e['planned']} runs finished, {e['rounds_owed']} rounds owed")
+        for block, hours in p["hours_left"].items():
+            typer.echo(f"at the pace of {block}: {hours:.1f} h left")
+        return
     if set_aside_seed is not None:
         typer.echo(f"set aside in: {_guard(debug, lambda: s.set_aside(set_aside_seed, why))}")
         return

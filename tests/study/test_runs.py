@@ -443,6 +443,29 @@ def test_a_v4_study_tunes_each_label_until_bracketed_and_judges_one_family(tmp_p
         Study("unit4", tmp_path / "results", tmp_path / "work", log=log.append).tune(block)
 
 
+def test_progress_counts_finished_runs_per_section_and_prices_the_rest_at_the_blocks_own_pace(tmp_path, monkeypatch):
+    monkeypatch.setitem(study.PRESETS, "unit4", v4_preset())
+    s = Study("unit4", tmp_path / "results", tmp_path / "work")
+    rounds = PRESETS["smoke"].base["rounds"]
+    block = {"device_class": "cpu X", "precision": "bf16", "behaviour": "b"}
+
+    def finished(where, name, seconds, done=rounds):
+        d = s.results / where / name
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"rounds": done, "seconds_total": seconds}))
+        (d / "block.json").write_text(json.dumps(block))
+
+    finished("runs", "hetlora-s0", 10.0 * rounds)  # 10 s a round
+    finished("runs", "fedavg-rmin-s0", 20.0 * rounds)  # 20 s a round
+    finished("runs", "hetlora-s1", 99.0, done=rounds - 1)  # interrupted: owed whole
+    p = s.progress()
+    assert p["sections"]["runs"] == {"finished": 2, "planned": 4, "rounds_owed": 2 * rounds}
+    # the long regime: hetlora on seed 0 (the best new method joins once tuning names it), long_rounds = 2
+    assert p["sections"]["long/runs"] == {"finished": 0, "planned": 1, "rounds_owed": 2}
+    assert p["hours_left"] == {"cpu X / bf16 / b": pytest.approx((2 * rounds + 2) * 15.0 / 3600)}  # the median pace
+    assert not p["tuning_complete"] and p["tuning_runs"] == 0
+
+
 def test_a_v4_plan_refuses_a_preset_whose_n_is_not_the_rules(tmp_path, monkeypatch):
     from hetlora.study import plan as plan_module
 

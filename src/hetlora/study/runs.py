@@ -36,7 +36,7 @@ from ..server.runner import finished_as_asked
 from ..data.chitchat import SPLIT_VERSION
 from .stats import ALPHA
 from .claims import EQUIVALENCE_MARGIN_PCT, block_key, by_label, claims, load_runs, paired
-from .report import read_json
+from .report import block_label, read_json
 from .family import C4_RATE, C6_HOMLORA, comparisons
 from .tuning import LADDER, label_table, rate_key, validation_score
 
@@ -494,6 +494,31 @@ class Study:
     def planned_labels(self, where: str, seed: int) -> list[str]:
         """The labels a seed owes in one pairing group, read off :meth:`sections` (the one account of what runs)."""
         return [label for w, seeds, labels, _ in self.sections() if w == where and seed in seeds for label in labels]
+
+    def progress(self) -> dict[str, Any]:
+        """What the study has finished and still owes, per section, and the hours left at its own pace on each block
+        that made runs (median seconds per round of that block's finished runs; the per-run evaluation is spread over
+        the rounds, so a 30-round run is overestimated): for planning the sittings that remain."""
+        tuning = read_json(self.results / "tuning.json") or {}
+        out: dict[str, Any] = {"tuning_complete": bool(tuning.get("complete")),
+                               "tuning_runs": len(list((self.results / "tuning").glob("*/summary.json"))), "sections": {}}
+        pace: dict[str, list[float]] = {}
+        for where, seeds, labels, changes in self.sections():
+            rounds = changes.get("rounds", self.preset.base["rounds"])
+            entry = out["sections"].setdefault(where, {"finished": 0, "planned": 0, "rounds_owed": 0})
+            for seed in seeds:
+                for label in labels:
+                    entry["planned"] += 1
+                    kept = self.results / where / f"{label}-s{seed}"
+                    summary = read_json(kept / "summary.json")
+                    if summary is None or summary.get("rounds") != rounds:
+                        entry["rounds_owed"] += rounds
+                        continue
+                    entry["finished"] += 1
+                    pace.setdefault(block_label(read_json(kept / "block.json") or {}), []).append(summary["seconds_total"] / rounds)
+        owed = sum(e["rounds_owed"] for e in out["sections"].values())
+        out["hours_left"] = {block: owed * statistics.median(v) / 3600 for block, v in pace.items()}
+        return out
 
     def set_aside(self, seed: int, reason: str, where: str = "runs") -> Path:
         """Move an unfinished seed's runs out of the pairing, so a machine of another block can run the whole seed again.
