@@ -284,7 +284,8 @@ def study(
 
     if progress:
         p = _guard(debug, s.progress)
-        typer.echo(f"tuning: {p['tuning_runs']} runs, {'complete' if p['tuning_complete'] else 'not complete'}")
+        typer.echo(f"tuning: {p['tuning_runs']} runs, " + ("complete" if p["tuning_complete"] else
+                   "not complete (the runs it still owes, and the long regime's best new method, are not priced below)"))
         for where, e in p["sections"].items():
             typer.echo(f"{where}: {e['finished']} of {e['planned']} runs finished, {e['rounds_owed']} rounds owed")
         for block, hours in p["hours_left"].items():

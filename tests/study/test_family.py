@@ -78,6 +78,10 @@ def test_a_diverged_hetlora_run_is_named_in_every_row_it_voids_and_c4s_trade_is_
     assert rows["C4"]["verdict"] == "not tested (non-finite perplexity: hetlora seed 4)"
     assert rows["vs:fslora"]["verdict"] == "not tested (non-finite perplexity: fslora seed 2, hetlora seed 4)"
     assert "upload_saved_pct" not in rows["C4"] and "ppl_cost_pct" not in rows["C4"]  # no trade from a diverged run
+    # nor C6's gap: 100 · (hom − fft) / ∞ = 0 on the diverged seed looked finite (a review found it)
+    runs |= {"fft": {s: run(p * 0.8) for s, p in enumerate(het)}, "fedavg-rmin": {s: run(p * 1.1) for s, p in enumerate(het)}}
+    c6 = next(r for r in comparisons(runs, ["hetlora", "fedavg-rmin", "fft"], r_min=5) if r["id"] == "C6")
+    assert c6["verdict"].startswith("not tested") and c6["gap_pct"] is None and c6["gap_pct_ci95"] is None
 
 
 def test_c7_names_the_seeds_whose_hetlora_run_has_no_tier_perplexity():

@@ -119,13 +119,14 @@ def c6_row(runs: Mapping) -> dict[str, Any]:
     fine-tuning is not better than the HomLoRA there is no gap to close, and C6's verdict says little (descriptive)."""
     seeds, values = paired_values(runs, (C6_HOMLORA, "fft"), lambda h, hom, fft: pct((hom["final_eval_ppl"] + fft["final_eval_ppl"]) / 2,
                                                                                     h["final_eval_ppl"]))
+    diverged = diverged_runs(runs, (C6_HOMLORA, "fft"), seeds)
     _, gaps = paired_values(runs, (C6_HOMLORA, "fft"), lambda h, hom, fft: 100.0 * (hom["final_eval_ppl"] - fft["final_eval_ppl"]) / h["final_eval_ppl"])
-    gap_mean, gap_ci = t_interval(gaps) if gaps else (None, None)
+    gap_mean, gap_ci = t_interval(gaps) if gaps and not diverged else (None, None)  # no gap from a diverged run (as C4's trade)
     return row("C6", "fft", f"HetLoRA closes at least half the gap from HomLoRA ({C6_HOMLORA}) to full fine-tuning", seeds, values,
                homlora=C6_HOMLORA, paper_effect_pct=pct(PAPER_C6_MIDPOINT, PAPER_HETLORA_PPL),
                gap_pct=gap_mean if gap_mean is not None and math.isfinite(gap_mean) else None, gap_pct_ci95=list(gap_ci) if gap_ci else None,
                paper_gap_pct=100.0 * (PAPER_PPL[C6_HOMLORA] - PAPER_FFT_PPL) / PAPER_HETLORA_PPL,
-               diverged_runs=diverged_runs(runs, (C6_HOMLORA, "fft"), seeds))
+               diverged_runs=diverged)
 
 
 def c7_row(runs: Mapping, r_min: int) -> dict[str, Any]:

@@ -218,10 +218,10 @@ def comparisons_section(report: dict) -> list[str]:
              "C7: % of HetLoRA truncated to r_min; > 0: HetLoRA better)", "",
              "| id | versus | claim | effect % (unadjusted 95 % CI) | the paper's % | n | p | Holm p | verdict |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for c in rows:
+        finished = c["n"] + len(c.get("lacking_seeds") or [])
+        interim = f" (interim: {finished} of {planned})" if finished < planned else ""
         if c.get("lacking_seeds"):
-            interim = f" (seed(s) {', '.join(map(str, c['lacking_seeds']))} lack {c['lacking']})"
-        else:
-            interim = f" (interim: {c['n']} of {planned})" if c["n"] < planned else ""
+            interim += f" (seed(s) {', '.join(map(str, c['lacking_seeds']))} lack {c['lacking']})"
         lines.append(f"| {c['id']} | {c['label']} | {c['claim']} | {_fmt(c.get('effect_pct'))} {_ci(c.get('ci95_pct'))} | "
                      f"{_fmt(c.get('paper_effect_pct'), 1)} | {c['n']} | {_p(c.get('p'))} | {_p(c.get('p_holm'))} | **{c['verdict']}**{interim} |")
     trade = next((c for c in rows if c["id"] == "C4" and c.get("upload_saved_pct") is not None), None)

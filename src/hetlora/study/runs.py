@@ -498,20 +498,23 @@ class Study:
     def progress(self) -> dict[str, Any]:
         """What the study has finished and still owes, per section, and the hours left at its own pace on each block
         that made runs (median seconds per round of that block's finished runs; the per-run evaluation is spread over
-        the rounds, so a 30-round run is overestimated): for planning the sittings that remain."""
+        the rounds, so a 30-round run is overestimated): for planning the sittings that remain. A run counts as the
+        report counts it (:meth:`config_check`). Not priced: tuning runs still owed, and, until tuning names it, the
+        long regime's best new method (``tuning_complete`` says which)."""
         tuning = read_json(self.results / "tuning.json") or {}
         out: dict[str, Any] = {"tuning_complete": bool(tuning.get("complete")),
                                "tuning_runs": len(list((self.results / "tuning").glob("*/summary.json"))), "sections": {}}
         pace: dict[str, list[float]] = {}
         for where, seeds, labels, changes in self.sections():
             rounds = changes.get("rounds", self.preset.base["rounds"])
+            check = self.config_check(where)
             entry = out["sections"].setdefault(where, {"finished": 0, "planned": 0, "rounds_owed": 0})
             for seed in seeds:
                 for label in labels:
                     entry["planned"] += 1
                     kept = self.results / where / f"{label}-s{seed}"
                     summary = read_json(kept / "summary.json")
-                    if summary is None or summary.get("rounds") != rounds:
+                    if summary is None or summary.get("rounds") != rounds or (check and check(label, seed, summary.get("config") or {})):
                         entry["rounds_owed"] += rounds
                         continue
                     entry["finished"] += 1
