@@ -61,15 +61,14 @@ def load_runs(results: Path, where: str = "runs", *, seeds: Collection[int] | No
             continue
         summary = json.loads((path / "summary.json").read_text())
         problem = run_problem(path, summary, seeds, labels)
+        label, _, seed = path.name.rpartition("-s")
         if problem is None and check is not None:
-            label, _, seed = path.name.rpartition("-s")
             problem = check(label, int(seed), summary.get("config") or {})
         if problem:
             log.warning("study: %s left out: %s", path, problem)
             if ignored is not None:
                 ignored.append({"run": path.name, "reason": problem})
             continue
-        label, _, seed = path.name.rpartition("-s")
         rows = read_metrics(path)
         block = json.loads((path / "block.json").read_text()) if (path / "block.json").is_file() else None
         runs.append({
