@@ -352,7 +352,7 @@ def methods_section(report: dict) -> list[str]:
     scored = [r for r in report["table"] if r.get("rouge_n")]
     if scored:
         unscored = [f"{r['label']} ({r['n'] - r['rouge_n']} of {r['n']})" for r in report["table"] if r.get("rouge_n", 0) < r["n"]]
-        fewest = min(r["rouge_prompts_min"] for r in scored if r.get("rouge_prompts_min")) if any(r.get("rouge_prompts_min") for r in scored) else None
+        fewest = min((r["rouge_prompts_min"] for r in scored if r.get("rouge_prompts_min")), default=None)
         lines += ["", f"ROUGE-L (a secondary outcome, never in the family): the mean over a label's runs of the greedy next-turn "
                       f"responses' ROUGE-L F-measure on held-out test prompts (fewest prompts in any run: {fewest if fewest is not None else 'not recorded'}); "
                       + (f"runs without a score: {', '.join(unscored)}." if unscored else "every run has a score.")]
