@@ -124,7 +124,7 @@ def c6_row(runs: Mapping) -> dict[str, Any]:
     gap_mean, gap_ci = t_interval(gaps) if gaps and not diverged else (None, None)  # no gap from a diverged run (as C4's trade)
     return row("C6", "fft", f"HetLoRA closes at least half the gap from HomLoRA ({C6_HOMLORA}) to full fine-tuning", seeds, values,
                homlora=C6_HOMLORA, paper_effect_pct=pct(PAPER_C6_MIDPOINT, PAPER_HETLORA_PPL),
-               gap_pct=gap_mean if gap_mean is not None and math.isfinite(gap_mean) else None, gap_pct_ci95=list(gap_ci) if gap_ci else None,
+               gap_pct=gap_mean, gap_pct_ci95=list(gap_ci) if gap_ci else None,
                paper_gap_pct=100.0 * (PAPER_PPL[C6_HOMLORA] - PAPER_FFT_PPL) / PAPER_HETLORA_PPL,
                diverged_runs=diverged)
 
