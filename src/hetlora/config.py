@@ -358,9 +358,9 @@ class RunConfig:
         problems = []
         method = METHODS.get(self.method)
         if method is not None and method.secure_weight is None:
+            secure = ", ".join(name for name, m in METHODS.items() if m.secure_weight is not None)
             problems.append(f"secure aggregation needs a rule that is a weighted sum of zero-padded factors with one weight "
-                            f"per client (hetlora, hetlora-naive, fedavg); {self.method}'s is not, so its server would need "
-                            "the individual updates")
+                            f"per client ({secure}); {self.method}'s is not, so its server would need the individual updates")
         if self.per_layer:
             problems.append("per_layer weights are one weight per client and module; secure aggregation carries one per client")
         if self.norm_bound is not None:

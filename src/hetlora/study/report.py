@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import write_json_atomic
+from .constraints import constraint_rows
 from .family import comparisons
 from .claims import (
     EQUIVALENCE_MARGIN_PCT,
@@ -99,6 +100,7 @@ def write_report(study, wall_seconds: float | None = None) -> Path:
     order = list(preset.labels) + list(preset.reference_labels)
     set_aside = set_aside_groups(results)
     v4 = preset.version >= 4
+    family = comparisons(grouped, preset.labels, preset.base["r_min"]) if v4 else []
     report = {
         "provenance": provenance_of(runs + long_runs, results, wall_seconds) | {"wall_seconds_set_aside": sum(g["seconds"] for g in set_aside)},
         "plan": read_json(results / "plan.json"),
@@ -107,7 +109,8 @@ def write_report(study, wall_seconds: float | None = None) -> Path:
                                  "reference_labels": list(preset.reference_labels), "reference_seeds": list(preset.reference_seeds),
                                  "eval_size": preset.base["eval_size"], "final_eval_size": preset.base["final_eval_size"],
                                  "tuning": read_json(results / "tuning.json") or {}},
-        **({"comparisons": comparisons(grouped, preset.labels, preset.base["r_min"]), "tuning": tuning_rows(read_json(results / "tuning.json"))}
+        **({"comparisons": family, "tuning": tuning_rows(read_json(results / "tuning.json")),
+            "constraints": constraint_rows(grouped, study.label_configs(), family)}
            if v4 else {"claims": claims(grouped, preset), "c8": beats_hetlora(grouped, preset.labels)}),
         "variants": variant_rows(grouped, study.design()["variant_labels"], preset.base["r_min"]),
         "long": long_regime(long_runs) | ({"design": f"{preset.long_rounds} rounds at the core set's per-round budget"}
@@ -165,7 +168,7 @@ def render_markdown(report: dict, plots: list[Path], results: Path) -> str:
     model = "SmolLM2-135M-Instruct" if cfg.get("model") == "smollm2" else f"model `{cfg.get('model')}`"
     lines = [f"# HetLoRA's claims on {model} + {cfg.get('data', 'chitchat')} — preset `{cfg['preset']}`", ""]
     if report.get("version", 3) >= 4:
-        lines += comparisons_section(report) + tuning_section(report)
+        lines += comparisons_section(report) + constraints_section(report) + tuning_section(report)
     else:
         lines += claims_section(report) + c8_section(report)
     lines += variants_section(report) + long_section(report)
@@ -249,6 +252,43 @@ def comparisons_section(report: dict) -> list[str]:
                         "the paper's side, *not reproduced* on the other, *inconclusive* otherwise; another method is *better* on the side "
                         "the adjusted test rejects. The intervals are unadjusted 95 % t-intervals: one can exclude 0 while its row, "
                         "judged at the Holm-adjusted level, is inconclusive. An interim row pairs the seeds both methods have finished.", ""]
+
+
+def constraints_section(report: dict) -> list[str]:
+    """Which method for which constraint: each constraint's allowed labels ranked on this study's runs (descriptive)."""
+    rows = report.get("constraints") or []
+    if not rows:
+        return []
+    planned = len(report["config"]["seeds"])
+    lines = ["## Which method for which constraint (descriptive: this study's runs, outside the registered family)", "",
+             "| your constraint | ranked by | the labels it allows, best first (mean on the seeds all of them finished) | n | "
+             "best vs runner-up, paired % (unadjusted 95 % CI) | registered vs hetlora | refused |", "|---|---|---|---:|---|---|---|"]
+    for c in rows:
+        upload = c["key"] == "upload"
+        ranking = ", ".join(f"{r['label']} {_fmt(r['mean'], 0 if upload else 2)}" + (f" (ppl {_fmt(r['final_ppl'])})" if upload else "")
+                            for r in c["ranking"]) or c.get("note", "—")
+        if c["unscored"]:
+            ranking += "; not ranked: " + ", ".join(f"{u['label']} ({u['why']})" for u in c["unscored"])
+        duel = c.get("best_vs_runner_up_pct") or {}
+        duel_text = (f"{c['best']} vs {c['runner_up']}: {_fmt(duel.get('mean'))} % {_ci(duel.get('ci95'))}" if c.get("runner_up") else "—")
+        registered = "; ".join(f"{r['label']} {_fmt(r['effect_pct'])} %, Holm p {_p(r['p_holm'])}, {r['verdict']}"
+                               for r in c.get("registered") or []) or "—"
+        interim = f" (interim: {c['n']} of {planned})" if c["n"] < planned else ""
+        lines.append(f"| {c['need']} | {c['score']} | {ranking} | {c['n']}{interim} | {duel_text} | {registered} | "
+                     f"{', '.join(r['label'] for r in c['refused']) or 'none'} |")
+    lines += ["", "Why a label is refused (its own config, changed as the constraint changes it, fails the run's validation; "
+                  "`<method>` stands for each label's method):"]
+    for c in rows:
+        reasons: dict[str, list[str]] = {}
+        for r in c["refused"]:
+            reasons.setdefault(r["why"].replace(r["method"], "<method>"), []).append(r["label"])
+        lines += [f"* {c['need']}: {', '.join(labels)} — {why}" for why, labels in reasons.items()]
+    return lines + ["", "Each constraint is asked of the code: a label is allowed when its study config so changed validates "
+                        "(secure aggregation: `secure_aggregation` on, the median norm bound off; DP: a clip and noise, no pruning, "
+                        "uniform sampling; GGUF: `base_weights gguf`). Its numbers are the study's, measured *without* the constraint "
+                        "(no noise, no secure sum): they rank what it measured among what the constraint allows. The best is picked "
+                        "on the same runs, so its interval to the runner-up flatters it; the registered column is the family's own "
+                        "Holm-adjusted test of the two leaders against hetlora (docs/algorithm.md §10).", ""]
 
 
 def tuning_section(report: dict) -> list[str]:

@@ -475,6 +475,11 @@ class Study:
             return f"its recorded settings are not the plan's: {'; '.join(changed)}" if changed else None
         return problem
 
+    def label_configs(self) -> dict[str, RunConfig]:
+        """Each core label's config as the study runs it (the registered base; seed and rate do not matter here): what
+        the report asks a deployment constraint of (hetlora.study.constraints)."""
+        return {label: run_label(label, 0, self.base(), self.work / "runs" / label) for label in self.preset.labels}
+
     def long_labels(self) -> tuple[str, ...]:
         """The long regime's labels; v4 adds the best new method once tuning has named it (tuning.json)."""
         p = self.preset
