@@ -344,7 +344,9 @@ class RunConfig:
             problems.append(f"dp_delta must be in (0, 1), got {self.dp_delta}")
         method = METHODS.get(self.method)
         if method is not None and not method.dp_capable:
-            problems.append(f"DP mode supports the LoRA methods with a persistent global adapter, not {self.method}")
+            allowed = ", ".join(name for name, m in METHODS.items() if m.dp_capable)
+            problems.append(f"DP-FedAvg stands in only for a rule that is a weighted sum of zero-padded LoRA factors ({allowed}); "
+                            f"{self.method}'s is not, and would be silently replaced")
         pool = self.client_pool or self.max_clients
         if pool is not None and self.clients_per_round > pool:
             problems.append(f"DP sampling: clients_per_round {self.clients_per_round} exceeds the {pool} registered clients")

@@ -206,10 +206,12 @@ def test_which_method_for_which_constraint_ranks_the_planted_effects_among_what_
     expected = [100 * ((0.97 + JITTER[s % 3]) / (0.995 + JITTER[s % 3]) - 1) for s in range(19)]
     assert own["best_vs_runner_up_pct"]["mean"] == pytest.approx(statistics.fmean(expected), abs=1e-9)
     assert [r["id"] for r in own["registered"]] == ["vs:fslora"]  # noprune's family row is C4's trade, not a perplexity row
-    secagg = rows["secagg"]  # no rb-lora, no fslora: every seed pairs; HetLoRA's family and the HomLoRAs
-    assert secagg["best"] == "hetlora-noprune" and secagg["n"] == 20
+    upload = rows["upload"]  # every label uploads 1 MB but noprune (1.1 MB): the best is tied with twelve others
+    assert upload["ranking"][-1]["label"] == "hetlora-noprune" and len(upload["tied_with_best"]) == 12
     assert rows["gguf"]["best"] == "fslora" and {r["label"] for r in rows["gguf"]["refused"]} == {"fft", "fedex-lora", "fed-plora", "florist"}
-    assert rows["dp"]["best"] == "hetlora-noprune"  # fslora cannot run under DP
     tier = rows["smallest-tier"]  # only hetlora's runs carry a tier perplexity here; HomLoRA r_min is its own
     assert [r["label"] for r in tier["ranking"]] == ["fedavg-rmin", "hetlora"]
-    assert "## Which method for which constraint" in md and "| secure aggregation (SecAgg+" in md
+    assert [r["id"] for r in tier["registered"]] == ["C7"]  # the family's own question for the r_min device
+    assert not rows["dp"]["ranked"] and not rows["secagg"]["ranked"]  # the study ran nothing under DP or SecAgg+
+    assert "hetlora, hetlora-noprune, hetlora-naive → DP-FedAvg at each client's own rank" in md
+    assert "## Which method for which constraint" in md and "| a 4-bit GGUF base on the device" in md

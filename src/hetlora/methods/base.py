@@ -94,9 +94,13 @@ class AggregationMethod:
 
     @property
     def dp_capable(self) -> bool:
-        """Whether DP-FedAvg can wrap it: its clients are plain LoRA clients that train their slice of one
-        persistent global adapter (the "lora" client kind; ffa, flora, fslora and fft clients are not)."""
-        return self.client_kind == "lora"
+        """Whether DP-FedAvg can wrap it without changing what the method is (docs/algorithm.md §6): its clients
+        train their slice of one persistent global adapter (the "lora" client kind; ffa, flora, fslora, plora and
+        fft clients do not) **and** its rule is a weighted sum of zero-padded factors (``secure_weight``), which
+        DP-FedAvg's clipped, equally weighted sum stands in for; whatever it does to the aggregate alone
+        (:meth:`finish`) still runs on the release. A rule that is not such a sum (an SVD of the products, a
+        residual folded into the base, rank-wise renormalisation) would be silently replaced, so it is refused."""
+        return self.client_kind == "lora" and self.secure_weight is not None
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         raise NotImplementedError

@@ -1,7 +1,7 @@
 """User-level DP-FedAvg as a wrapper around a method (as Flower's DP strategies wrap a strategy).
 
-The wrapped method keeps its name, client kind, pruning and validation; its weighting
-is replaced by DP-FedAvg's (McMahan et al., ICLR 2018, docs/algorithm.md "Privacy"):
+The wrapped method keeps its name, client kind, validation and its step on the aggregate alone (``finish``, e.g.
+hetlora-svd's re-factoring: post-processing of the release); its weighting is replaced by DP-FedAvg's (McMahan et al., ICLR 2018, docs/algorithm.md "Privacy"):
 each client's change on its own slice is clipped to L2 norm C, the clipped changes are
 summed, Gaussian noise N(0, σ²C²) is added and the sum divided by the expected number of
 clients. Weights must not depend on the data, so **sparsity weighting is off under DP**.
@@ -27,7 +27,8 @@ class DPFedAvg(AggregationMethod):
 
     def __init__(self, inner: AggregationMethod, clip_norm: float, noise_multiplier: float, expected_clients: int):
         if not inner.dp_capable:
-            raise ValueError(f"DP mode supports the LoRA methods with a persistent global adapter, not {inner.name}")
+            raise ValueError(f"DP-FedAvg stands in only for a rule that is a weighted sum of zero-padded LoRA factors; "
+                             f"{inner.name}'s is not (AggregationMethod.dp_capable)")
         check_dp(clip_norm, noise_multiplier, expected_clients)  # refused before any round, not after its replies
         self.inner = inner
         self.name, self.client_kind, self.uniform_rank = inner.name, inner.client_kind, inner.uniform_rank
@@ -48,6 +49,11 @@ class DPFedAvg(AggregationMethod):
         released = dp_finish(acc, self._global(ctx), clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier,
                              expected_clients=self.expected_clients, generator=ctx.generator)
         return {k: v.float() for k, v in released.items()}  # fp32, like every aggregate (methods.aggregate_round)
+
+    def finish(self, aggregated: Adapter, ctx: AggregationContext) -> Adapter:
+        """The wrapped method's own step on the released aggregate (hetlora-svd's re-factoring, hetlora-revive's fresh
+        rows): it reads nothing of any client, so it is post-processing of the DP release and the guarantee holds."""
+        return self.inner.finish(aggregated, ctx)
 
     @staticmethod
     def _global(ctx: AggregationContext) -> Mapping:

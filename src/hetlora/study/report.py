@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -255,40 +256,64 @@ def comparisons_section(report: dict) -> list[str]:
 
 
 def constraints_section(report: dict) -> list[str]:
-    """Which method for which constraint: each constraint's allowed labels ranked on this study's runs (descriptive)."""
+    """Which method for which constraint: ranked where the study's runs speak to it, grouped where it changes the algorithm."""
     rows = report.get("constraints") or []
     if not rows:
         return []
     planned = len(report["config"]["seeds"])
     lines = ["## Which method for which constraint (descriptive: this study's runs, outside the registered family)", "",
              "| your constraint | ranked by | the labels it allows, best first (mean on the seeds all of them finished) | n | "
-             "best vs runner-up, paired % (unadjusted 95 % CI) | registered vs hetlora | refused |", "|---|---|---|---:|---|---|---|"]
-    for c in rows:
-        upload = c["key"] == "upload"
-        ranking = ", ".join(f"{r['label']} {_fmt(r['mean'], 0 if upload else 2)}" + (f" (ppl {_fmt(r['final_ppl'])})" if upload else "")
-                            for r in c["ranking"]) or c.get("note", "—")
-        if c["unscored"]:
-            ranking += "; not ranked: " + ", ".join(f"{u['label']} ({u['why']})" for u in c["unscored"])
-        duel = c.get("best_vs_runner_up_pct") or {}
-        duel_text = (f"{c['best']} vs {c['runner_up']}: {_fmt(duel.get('mean'))} % {_ci(duel.get('ci95'))}" if c.get("runner_up") else "—")
-        registered = "; ".join(f"{r['label']} {_fmt(r['effect_pct'])} %, Holm p {_p(r['p_holm'])}, {r['verdict']}"
-                               for r in c.get("registered") or []) or "—"
-        interim = f" (interim: {c['n']} of {planned})" if c["n"] < planned else ""
-        lines.append(f"| {c['need']} | {c['score']} | {ranking} | {c['n']}{interim} | {duel_text} | {registered} | "
-                     f"{', '.join(r['label'] for r in c['refused']) or 'none'} |")
+             "best vs runner-up, paired % (unadjusted 95 % CI) | the family's rows on it (unconstrained) | refused |",
+             "|---|---|---|---:|---|---|---|"]
+    lines += [ranked_constraint_line(c, planned) for c in rows if c["ranked"]]
+    changed = [c for c in rows if not c["ranked"]]
+    if changed:
+        lines += ["", "Constraints that change the algorithm (the study ran nothing under them, so they are not ranked; labels "
+                      "that become the same algorithm are listed together):", ""]
+        lines += [f"* **{c['need']}**: " + "; ".join(f"{', '.join(g['labels'])} → {g['runs_as']}" for g in c["becomes"])
+                  + f". Refused: {', '.join(r['label'] for r in c['refused']) or 'none'}." for c in changed]
     lines += ["", "Why a label is refused (its own config, changed as the constraint changes it, fails the run's validation; "
                   "`<method>` stands for each label's method):"]
     for c in rows:
-        reasons: dict[str, list[str]] = {}
-        for r in c["refused"]:
-            reasons.setdefault(r["why"].replace(r["method"], "<method>"), []).append(r["label"])
-        lines += [f"* {c['need']}: {', '.join(labels)} — {why}" for why, labels in reasons.items()]
+        for why, labels in refusal_reasons(c["refused"]).items():
+            lines.append(f"* {c['need']}: {', '.join(labels)} — {why}")
     return lines + ["", "Each constraint is asked of the code: a label is allowed when its study config so changed validates "
                         "(secure aggregation: `secure_aggregation` on, the median norm bound off; DP: a clip and noise, no pruning, "
-                        "uniform sampling; GGUF: `base_weights gguf`). Its numbers are the study's, measured *without* the constraint "
-                        "(no noise, no secure sum): they rank what it measured among what the constraint allows. The best is picked "
-                        "on the same runs, so its interval to the runner-up flatters it; the registered column is the family's own "
-                        "Holm-adjusted test of the two leaders against hetlora (docs/algorithm.md §10).", ""]
+                        "uniform sampling; GGUF: `base_weights gguf`). A ranked row's numbers are the study's, on its dense base; "
+                        "the best is picked on the same runs, so its interval to the runner-up flatters it; the family's column "
+                        "gives the registered Holm-adjusted rows that bear on the row, as measured without the constraint and on "
+                        "their own seeds (docs/algorithm.md §10).", ""]
+
+
+def ranked_constraint_line(c: dict, planned: int) -> str:
+    upload = c["score"].startswith("upload")
+    ranking = ", ".join(f"{r['label']} {_fmt(r['mean'], 0 if upload else 2)}" + (f" (ppl {_fmt(r['final_ppl'])})" if upload else "")
+                        for r in c["ranking"]) or c.get("note", "—")
+    if c["unscored"]:
+        ranking += "; not ranked: " + ", ".join(f"{u['label']} ({u['why']})" for u in c["unscored"])
+    if c.get("caveat"):
+        ranking += f" ({c['caveat']})"
+    duel = c.get("best_vs_runner_up_pct") or {}
+    if c.get("tied_with_best"):
+        duel_text = f"{c['best']} tied with {', '.join(c['tied_with_best'])} on every seed"
+    elif c.get("runner_up"):
+        duel_text = f"{c['best']} vs {c['runner_up']}: {_fmt(duel.get('mean'))} % {_ci(duel.get('ci95'))}"
+    else:
+        duel_text = "—"
+    registered = "; ".join(f"{r['id']} {r['label']} {_fmt(r['effect_pct'])} %, n = {r['n']}, Holm p {_p(r['p_holm'])}, {r['verdict']}"
+                           for r in c.get("registered") or []) or "—"
+    interim = f" (interim: {c['n']} of {planned})" if c["n"] < planned else ""
+    return (f"| {c['need']} | {c['score']} | {ranking} | {c['n']}{interim} | {duel_text} | {registered} | "
+            f"{', '.join(r['label'] for r in c['refused']) or 'none'} |")
+
+
+def refusal_reasons(refused: list[dict]) -> dict[str, list[str]]:
+    """The refused labels grouped by their reason, each label's method name (a whole word) written as <method>."""
+    reasons: dict[str, list[str]] = {}
+    for r in refused:
+        why = re.sub(rf"(?<![\w-]){re.escape(r['method'])}(?![\w-])", "<method>", r["why"])
+        reasons.setdefault(why, []).append(r["label"])
+    return reasons
 
 
 def tuning_section(report: dict) -> list[str]:
