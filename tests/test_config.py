@@ -34,6 +34,17 @@ from hetlora.flower.common import config_from_run_config
         ({"client_delay": "exp:1", "secure_aggregation": True, "norm_bound": None},
          "client_delay with secure aggregation is refused"),
         ({"over_select": 0.5, "sampling": "cyclic"}, "refused with sampling = cyclic"),
+        # an option the method would not honour is refused, not accepted and ignored
+        ({"method": "fedavg", "prune": True}, "fedavg's clients do not self-prune \\(every client trains one rank"),
+        ({"method": "fslora", "prune": True}, r"fslora's clients do not self-prune \(fslora clients never prune\)"),
+        ({"method": "fft", "prune": True}, "fft clients never prune"),
+        ({"method": "fedavg", "per_layer": True}, "per_layer weights are hetlora's"),
+        ({"per_layer": True, "dp_clip": 1.0}, "per_layer weights are refused under DP"),
+        ({"method": "hetlora", "florist_energy": 0.8}, "florist_energy is florist's energy threshold; hetlora has none"),
+        ({"method": "hetlora", "rank": 5}, "rank sets the one rank of a uniform-rank method"),
+        ({"method": "fft", "memory_budget_mb": 2000.0}, r"fft's clients \(fft\) were not calibrated"),
+        ({"method": "fedex-lora", "memory_budget_mb": 2000.0}, "folding into dense fp32 base weights"),
+        ({"method": "flexlora", "dp_clip": 1.0}, "flexlora's is not, and would be silently replaced"),
     ],
 )
 def test_bad_values_are_refused(changes, message):
@@ -136,3 +147,12 @@ def test_the_flower_apps_own_settings_make_a_valid_config():
     settings = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     cfg = config_from_run_config(settings).validate()
     assert (cfg.round_timeout, cfg.over_select, cfg.method) == (600.0, 0.0, "hetlora")
+
+
+def test_the_options_each_method_honours_are_accepted():
+    """The other side of the refusals above: what each method does take still validates."""
+    for changes in ({"method": "hetlora", "prune": True, "per_layer": True}, {"method": "ffa", "prune": True},
+                    {"method": "fedavg", "rank": 5}, {"method": "florist", "florist_energy": 0.8},
+                    {"method": "hetlora-naive", "memory_budget_mb": 2000.0}, {"method": "ffa", "memory_budget_mb": 2000.0},
+                    {"method": "hetlora-svd-revive", "dp_clip": 1.0}):
+        RunConfig(**changes).validate()

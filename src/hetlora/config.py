@@ -158,8 +158,32 @@ class RunConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 problems.append(f"{f.name} must be a finite number, got {value}")
         problems += self._rank_problems() + self._size_problems() + self._training_problems() + self._run_problems()
-        problems += self._dp_problems() + self._secure_problems() + self._data_problems()
+        problems += self._method_option_problems() + self._dp_problems() + self._secure_problems() + self._data_problems()
         return problems + self._closing_problems()
+
+    def _method_option_problems(self) -> list[str]:
+        """Options the method would not honour: refused, never accepted and silently ignored (a run's outputs would
+        name an option it did not run with)."""
+        method = METHODS.get(self.method)
+        if method is None:
+            return []
+        problems = []
+        if self.prune and not method.can_prune:
+            problems.append(f"prune = true: {self.method}'s clients do not self-prune "
+                            + ("(every client trains one rank and must return it)" if method.uniform_rank else
+                               f"({method.client_kind} clients never prune)"))
+        if self.per_layer and "per_layer" not in method.options:
+            problems.append(f"per_layer weights are hetlora's (one weight per client and module); {self.method} has none")
+        if self.florist_energy != FLORIST_ENERGY and "energy" not in method.options:
+            problems.append(f"florist_energy is florist's energy threshold; {self.method} has none")
+        if self.rank is not None and not method.uniform_rank:
+            problems.append(f"rank sets the one rank of a uniform-rank method (fedavg); {self.method} gives each client "
+                            "its own in [r_min, r_max]")
+        if (self.memory_budget_mb is not None or self.memory_budgets) and not method.footprint_calibrated:
+            problems.append(f"memory budgets turn into ranks by a footprint calibrated on LoRA clients over a frozen base; "
+                            f"{self.method}'s clients ({method.client_kind}"
+                            f"{', folding into dense fp32 base weights' if self.folds_into_base else ''}) were not calibrated")
+        return problems
 
     def _closing_problems(self) -> list[str]:
         """Rounds that close (docs/algorithm.md §7.3): a deadline, over-selection, a simulated delay model."""
@@ -338,6 +362,8 @@ class RunConfig:
                             "released in the clear (update shape, ranks), which the DP accountant does not cover")
         if self.sampling != "uniform":
             problems.append("DP accounting assumes uniform sampling without replacement: use sampling = uniform with DP")
+        if self.per_layer:
+            problems.append("per_layer weights are refused under DP: DP-FedAvg weighs every clipped change equally")
         if not self.dp_clip > 0 or not self.noise_multiplier >= 0:
             problems.append(f"dp_clip must be positive and dp_noise ≥ 0, got {self.dp_clip} and {self.dp_noise}")
         if not 0 < self.dp_delta < 1:

@@ -170,6 +170,20 @@ def test_a_node_with_a_nonsense_memory_budget_is_left_out_and_named_not_fatal(tm
     assert refused["node"] == 101 and "states memory-budget-mb" in refused["reason"] and "left out" in refused["reason"]
 
 
+def test_under_dp_a_node_that_states_its_memory_is_left_out_not_fitted(tmp_path):
+    """The config refuses memory budgets with DP; a node's own stated budget must not bring them back (its rank
+    would be refitted from it, outside the seed-assigned ranks DP runs with): that node is left out and named."""
+    grid = LoopbackGrid(partitions=3, fresh_process=False)
+    grid.contexts[101].node_config["memory-budget-mb"] = 4000.0
+    strategy = HetLoRAStrategy(Federation(tiny(tmp_path / "run", dp_clip=1.0, dp_noise=1.0)))
+    ranks = dict(strategy.fed.ranks)
+    strategy.discover(grid)
+    ids = strategy.fed.client_ids
+    assert strategy.node_of == {ids[0]: 100, ids[2]: 102} and strategy.fed.ranks == ranks
+    (refused,) = strategy.refused
+    assert refused["node"] == 101 and "memory budgets and DP together are not supported" in refused["reason"]
+
+
 def test_replies_are_taken_as_they_arrive_and_a_silent_node_costs_only_the_deadline():
     """The ServerApp pushes a round's messages, keeps none of them, and takes each reply as a pull brings it; a node
     that never answers leaves the round when the deadline passes, the others' replies already taken."""

@@ -88,6 +88,18 @@ def test_over_selection_takes_the_first_k_valid_replies_and_never_trains_the_res
     assert summary["visits"] == {ids[1]: 1, ids[2]: 1}
 
 
+def test_over_selection_takes_full_fine_tuning_replies_too(tmp_path, ids):
+    """fft's replies are dense weights, not LoRA factors: the first-K-valid rule used to read their factor norms and
+    crash the round ("adapter has no single rank"); each is checked value by value instead, and the round closes."""
+    table = {ids[0]: 1.0, ids[1]: 2.0, ids[2]: 3.0, ids[3]: 4.0}
+    cfg = tiny(tmp_path / "run", method="fft", lr=1e-4, clients_per_round=2, over_select=1.0, client_delay=delays(tmp_path, table))
+    fed = Watched(cfg)
+    run(cfg, progress=False, federation=fed)
+    assert fed.trained == [ids[0], ids[1]]
+    (row,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert row["clients"] == [ids[0], ids[1]] and row["closed_by"] == "enough valid replies" and row["aggregated"]
+
+
 def test_without_a_delay_model_or_over_selection_a_round_takes_every_sampled_client(tmp_path, ids):
     """The defaults change nothing: K of N asked, all trained, the round closes when every reply is in."""
     fed = Watched(tiny(tmp_path / "run", clients_per_round=3))

@@ -81,7 +81,7 @@ class HetLoRAStrategy(Strategy):
                 continue
             identity = reply.content.config_records["identity"]
             cid = str(identity["client-id"])
-            problem = self.claim_problem(cid, node, registered) or self.budget_problem(identity)
+            problem = self.claim_problem(cid, node, registered) or self.budget_problem(identity, dp=self.fed.cfg.dp_clip is not None)
             if problem:
                 self.refused.append({"node": node, "client": cid, "reason": problem})
                 self.fed.refused_claims.append({"node": int(node), "client": cid, "reason": problem})
@@ -102,11 +102,15 @@ class HetLoRAStrategy(Strategy):
             log.warning("%d of %d clients have no node and will not be sampled", len(missing), len(self.fed.client_ids))
 
     @staticmethod
-    def budget_problem(identity) -> str | None:
+    def budget_problem(identity, dp: bool = False) -> str | None:
         """Why a node's stated memory budget leaves it out (None: no budget, or a valid one): one node's
-        ``memory-budget-mb=nan`` must not stop the federation, so it is named and left out instead."""
+        ``memory-budget-mb=nan`` must not stop the federation, so it is named and left out instead. Under DP a
+        stated budget leaves its node out too: ranks are not fitted to memory under DP (the config refuses budgets),
+        and a seed-assigned rank might not fit the device that said what it can hold."""
         if "memory-budget-mb" not in identity:
             return None
+        if dp:
+            return "memory budgets and DP together are not supported: a node that states its memory is left out under DP"
         problem = budget_problem(identity["memory-budget-mb"])
         return f"states memory-budget-mb {problem}; the node is left out" if problem else None
 

@@ -102,6 +102,19 @@ class AggregationMethod:
         residual folded into the base, rank-wise renormalisation) would be silently replaced, so it is refused."""
         return self.client_kind == "lora" and self.secure_weight is not None
 
+    @property
+    def can_prune(self) -> bool:
+        """Whether its clients can self-prune (docs/algorithm.md §2.2): LoRA clients (the "lora" and "ffa" kinds) that
+        each train a rank of their own. A uniform rank (HomLoRA) must come back at that rank (a pruned reply would be
+        dropped, or zero the adapter's tail), and flora, fslora, plora and fft clients never prune."""
+        return self.client_kind in ("lora", "ffa") and not self.uniform_rank
+
+    @property
+    def footprint_calibrated(self) -> bool:
+        """Whether a memory budget can be turned into a rank for its clients: the footprint model (hetlora.device.
+        footprint) is calibrated on LoRA clients over a frozen base; ffa's (B only) need less, so it is safe for them."""
+        return self.client_kind in ("lora", "ffa") and not (self.folds_into_base or self.client_folds)
+
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         raise NotImplementedError
 

@@ -64,7 +64,7 @@ def aggregate_replies(method: AggregationMethod, ctx: AggregationContext, replie
     refused: list[dict] = []
     checked = close is not None and close.wanted is not None  # then each reply is validated as it is taken
     if checked:
-        replies = _first_valid(replies, check, close, refused)
+        replies = _first_valid(replies, check, close, refused, factors=method.trains_rank_components)
     if stream and one_at_a_time(method, ctx):
         done = _streamed(method, ctx, replies, (lambda u: u) if checked else check, min_clients, upload_bytes)
         done.dropped[:0] = refused
@@ -91,9 +91,10 @@ def _one_check(method, ctx, assigned_ranks, exact_rank) -> Callable[[ClientUpdat
     return check
 
 
-def _first_valid(replies: Iterable[ClientUpdate], check, close: RoundClose, refused: list[dict]) -> Iterator[ClientUpdate]:
+def _first_valid(replies: Iterable[ClientUpdate], check, close: RoundClose, refused: list[dict], factors: bool = True) -> Iterator[ClientUpdate]:
     """The replies until ``close.wanted`` valid ones are taken, each validated here (an invalid one goes to
-    ``refused`` and does not count); the stream is not read past the last one taken."""
+    ``refused`` and does not count); the stream is not read past the last one taken. A reply of LoRA factors
+    (``factors``) must also have finite factor norms; a dense one (fft) is checked value by value by ``check``."""
     seen: set[str] = set()
     if close.full:
         return
@@ -102,7 +103,8 @@ def _first_valid(replies: Iterable[ClientUpdate], check, close: RoundClose, refu
             if update.client_id is not None and update.client_id in seen:
                 raise InvalidUpdate(update.client_id, DUPLICATE)
             update = check(update)  # the checked update (its example count an int), validated here once
-            finite_norms(update)  # a reply that counts toward K must survive the aggregation's own drops
+            if factors:
+                finite_norms(update)  # a reply that counts toward K must survive the aggregation's own drops
         except InvalidUpdate as err:
             refused.append({"client": err.client, "reason": err.problem})
             continue
