@@ -33,8 +33,9 @@ def test_each_constraint_allows_exactly_the_labels_whose_methods_can_meet_it(con
     assert allowed("dp", configs) == allowed("secagg", configs)
     # a frozen 4-bit base: nothing that folds into it or trains it
     assert labels - allowed("gguf", configs) == {"fft", "fedex-lora", "fed-plora", "florist"}
-    # each client at its own rank: not the HomLoRAs, not FFT; the r_min device may also take HomLoRA at r_min
-    assert labels - allowed("own-rank", configs) == {"fedavg-rmin", "fedavg-rmax", "fft"}
+    # each client at the rank its memory affords: not the HomLoRAs, not FFT, and not clients whose memory the footprint
+    # never calibrated (fslora's kind; those that fold into a dense fp32 base); the r_min device may take HomLoRA at r_min
+    assert labels - allowed("own-rank", configs) == {"fedavg-rmin", "fedavg-rmax", "fft", "fslora", "fedex-lora", "fed-plora", "florist"}
     assert labels - allowed("smallest-tier", configs) == {"fedavg-rmax", "fft"}
     assert allowed("upload", configs) == labels
 
@@ -83,36 +84,36 @@ def test_a_constraint_that_changes_the_algorithm_is_not_ranked_but_says_what_eac
 
 
 def test_ranking_pairs_on_common_seeds_and_compares_the_best_with_the_runner_up(configs):
-    cfgs = {k: configs[k] for k in ("hetlora", "fslora", "fedex-lora", "fedavg-rmin", "fed-plora")}
+    cfgs = {k: configs[k] for k in ("hetlora", "flexlora", "rb-lora", "fedavg-rmin", "hetlora-naive")}
     runs = {
         "hetlora": {0: run(50.0, tier=60.0, up=9e6), 1: run(52.0, tier=66.0, up=9e6), 2: run(51.0, tier=61.0, up=9e6)},
-        "fslora": {0: run(48.0, tier=70.0), 1: run(51.0, tier=75.0), 2: run(40.0, tier=71.0)},  # seed 2 unpaired: fedex lacks it
-        "fedex-lora": {0: run(49.0, tier=55.0), 1: run(50.5, tier=58.0)},
+        "flexlora": {0: run(48.0, tier=70.0), 1: run(51.0, tier=75.0), 2: run(40.0, tier=71.0)},  # seed 2 unpaired: rb-lora lacks it
+        "rb-lora": {0: run(49.0, tier=55.0), 1: run(50.5, tier=58.0)},
         "fedavg-rmin": {0: run(53.0, up=1e6), 1: run(54.0, up=1e6)},
-        # fed-plora: no run yet
+        # hetlora-naive: no run yet
     }
-    family = [{"id": "vs:fslora", "label": "fslora", "effect_pct": -2.0, "p_holm": 0.01, "verdict": "fslora better", "n": 2},
+    family = [{"id": "vs:flexlora", "label": "flexlora", "effect_pct": -2.0, "p_holm": 0.01, "verdict": "flexlora better", "n": 2},
               {"id": "C1", "label": "fedavg-rmin", "effect_pct": 5.0, "p_holm": 0.2, "verdict": "inconclusive", "n": 2}]
     rows = {r["key"]: r for r in constraint_rows(runs, cfgs, family)}
     own = rows["own-rank"]
     assert own["seeds"] == [0, 1] and own["n"] == 2  # seed 2 is not shared by every ranked label
-    assert [(r["label"], r["mean"]) for r in own["ranking"]] == [("fslora", 49.5), ("fedex-lora", 49.75), ("hetlora", 51.0)]
-    assert own["unscored"] == [{"label": "fed-plora", "why": "no finished run yet"}]
+    assert [(r["label"], r["mean"]) for r in own["ranking"]] == [("flexlora", 49.5), ("rb-lora", 49.75), ("hetlora", 51.0)]
+    assert own["unscored"] == [{"label": "hetlora-naive", "why": "no finished run yet"}]
     expected = [100 * (48.0 - 49.0) / 49.0, 100 * (51.0 - 50.5) / 50.5]
     mean, ci = t_interval(expected)
     assert own["best_vs_runner_up_pct"]["mean"] == pytest.approx(statistics.fmean(expected))
     assert own["best_vs_runner_up_pct"]["ci95"] == pytest.approx(list(ci))
-    assert [r["id"] for r in own["registered"]] == ["vs:fslora"]  # the leaders' registered rows; fedex-lora has none here
+    assert [r["id"] for r in own["registered"]] == ["vs:flexlora"]  # the leaders' registered rows; rb-lora has none here
     # the smallest tier: a heterogeneous adapter truncated to r_min, HomLoRA at r_min as itself
     tier = rows["smallest-tier"]
-    assert [(r["label"], r["mean"]) for r in tier["ranking"]] == [("fedavg-rmin", 53.5), ("fedex-lora", 56.5), ("hetlora", 63.0),
-                                                                  ("fslora", 72.5)]
+    assert [(r["label"], r["mean"]) for r in tier["ranking"]] == [("fedavg-rmin", 53.5), ("rb-lora", 56.5), ("hetlora", 63.0),
+                                                                  ("flexlora", 72.5)]
     assert tier["registered"] == []  # C7 is the family's row on it; none in this family
     # the thinnest uplink ranks by megabytes and shows each label's perplexity beside them
     up = rows["upload"]
     assert up["ranking"][-1] == {"label": "hetlora", "mean": 9.0, "final_ppl": 51.0}
-    assert up["best"] == "fslora" and up["tied_with_best"] == ["fedex-lora", "fedavg-rmin"]  # 1 MB each on every seed: a tie
-    assert {r["label"] for r in rows["secagg"]["refused"]} == {"fslora", "fedex-lora", "fed-plora"}
+    assert up["best"] == "flexlora" and up["tied_with_best"] == ["rb-lora", "fedavg-rmin"]  # 1 MB each on every seed: a tie
+    assert {r["label"] for r in rows["secagg"]["refused"]} == {"flexlora", "rb-lora"}
 
 
 def test_a_label_whose_runs_do_not_measure_the_score_is_named_not_ranked(configs):
@@ -124,17 +125,17 @@ def test_a_label_whose_runs_do_not_measure_the_score_is_named_not_ranked(configs
 
 
 def test_no_common_seed_yet_gives_no_ranking(configs):
-    cfgs = {k: configs[k] for k in ("hetlora", "fslora")}
-    runs = {"hetlora": {0: run(50.0)}, "fslora": {1: run(49.0)}}
+    cfgs = {k: configs[k] for k in ("hetlora", "flexlora")}
+    runs = {"hetlora": {0: run(50.0)}, "flexlora": {1: run(49.0)}}
     (own,) = [r for r in constraint_rows(runs, cfgs) if r["key"] == "own-rank"]
     assert own["ranking"] == [] and own["best"] is None and own["n"] == 0
 
 
 def test_a_diverged_run_ranks_last_and_its_comparison_has_no_interval(configs):
-    cfgs = {k: configs[k] for k in ("hetlora", "fslora")}
-    runs = {"hetlora": {0: run(50.0), 1: run(51.0)}, "fslora": {0: run(float("inf")), 1: run(49.0)}}
+    cfgs = {k: configs[k] for k in ("hetlora", "flexlora")}
+    runs = {"hetlora": {0: run(50.0), 1: run(51.0)}, "flexlora": {0: run(float("inf")), 1: run(49.0)}}
     (own,) = [r for r in constraint_rows(runs, cfgs) if r["key"] == "own-rank"]
-    assert [r["label"] for r in own["ranking"]] == ["hetlora", "fslora"]
+    assert [r["label"] for r in own["ranking"]] == ["hetlora", "flexlora"]
     assert own["best_vs_runner_up_pct"]["mean"] is None
 
 

@@ -34,6 +34,7 @@ from .stats import t_interval
 FINAL_PPL = "final test perplexity"
 Runs = Mapping[str, Mapping[int, Mapping[str, Any]]]  # label → seed → a loaded run (claims.load_runs)
 Family = Sequence[Mapping[str, Any]]  # the registered comparisons with hetlora (family.comparisons)
+PROBE_BUDGET_MB = 4096.0  # any valid budget: the constraint asks whether budgets are taken at all
 NOT_PLAIN = ("C4", "C6", "C7")  # family rows that are not ppl(label) vs ppl(hetlora): the trade, the gap, the tier
 
 
@@ -79,14 +80,19 @@ def refused_by(**changes: Any) -> Callable[[RunConfig], str | None]:
 
 
 def own_rank(cfg: RunConfig) -> str | None:
-    """Each client trains the rank its tier affords: not one rank for all (HomLoRA), not the whole model (FFT). (The
-    base a device holds is the GGUF row's question: fedex-lora, fed-plora and florist need it dense, in fp32.)"""
+    """Each client trains a rank of its own: not one rank for all (HomLoRA), not the whole model (FFT)."""
     method = METHODS[cfg.method]
     if method.client_kind == "fft":
         return "every client trains the whole model"
     if method.uniform_rank:
         return f"every client trains rank {cfg.global_rank}"
     return None
+
+
+def rank_from_memory(cfg: RunConfig) -> str | None:
+    """Each device at the rank its memory affords: its own rank (:func:`own_rank`), fitted from a memory budget, which
+    the config refuses for clients the footprint never calibrated (those that fold into a dense fp32 base)."""
+    return own_rank(cfg) or refused_by(memory_budget_mb=PROBE_BUDGET_MB)(cfg)
 
 
 def smallest_tier(cfg: RunConfig) -> str | None:
@@ -138,7 +144,7 @@ def under_secagg(cfg: RunConfig) -> str:
 
 
 CONSTRAINTS = (
-    Constraint("own-rank", "devices of mixed memory, each training the rank it affords", own_rank),
+    Constraint("own-rank", "devices of mixed memory, each training the rank it affords", rank_from_memory),
     Constraint("smallest-tier", "a device that holds only the smallest tier's rank (r_min)", smallest_tier,
                score="the r_min model's test perplexity (the global adapter truncated to r_min; a HomLoRA at r_min its own)",
                measure=smallest_tier_ppl, registered=c7_row),
