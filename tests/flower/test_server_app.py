@@ -184,6 +184,19 @@ def test_under_dp_a_node_that_states_its_memory_is_left_out_not_fitted(tmp_path)
     assert refused["node"] == 101 and "memory budgets and DP together are not supported" in refused["reason"]
 
 
+def test_a_node_cannot_bring_back_a_budget_its_runs_method_has_no_footprint_for(tmp_path):
+    """fft's clients train every weight: no LoRA footprint predicts them, so the config refuses budgets for it, and a
+    node's own stated budget is not fitted either: that node is left out and named, the others keep their ranks."""
+    grid = LoopbackGrid(partitions=3, fresh_process=False)
+    grid.contexts[100].node_config["memory-budget-mb"] = 4000.0
+    strategy = HetLoRAStrategy(Federation(tiny(tmp_path / "run", method="fft", lr=1e-4)))
+    strategy.discover(grid)
+    ids = strategy.fed.client_ids
+    assert strategy.node_of == {ids[1]: 101, ids[2]: 102}
+    (refused,) = strategy.refused
+    assert refused["node"] == 100 and "fft's clients' memory footprint was never calibrated" in refused["reason"]
+
+
 def test_replies_are_taken_as_they_arrive_and_a_silent_node_costs_only_the_deadline():
     """The ServerApp pushes a round's messages, keeps none of them, and takes each reply as a pull brings it; a node
     that never answers leaves the round when the deadline passes, the others' replies already taken."""

@@ -140,8 +140,9 @@ def test_every_method_is_registered_once_with_a_client_kind():
 def test_which_methods_clients_can_prune_and_have_a_memory_footprint():
     """Listed by hand from the client kinds: LoRA clients at their own rank prune (ffa trains B of such an adapter);
     HomLoRA's one rank, flora / fslora / plora / fft clients do not. The footprint is calibrated on LoRA clients over
-    a frozen base, so methods that fold into the base (or whose clients do) get no rank from a memory budget."""
+    a frozen base (fslora's train a LoRA of their sketch's rank over one), so methods that fold into the base (or whose
+    clients do) and fft get no rank from a memory budget."""
     own_rank_lora = {"hetlora", "hetlora-naive", "recon-svd", "flexlora", "rbla", "hetlora-keep", "rb-lora", "fedex-lora",
                      "hetlora-svd", "hetlora-revive", "hetlora-svd-revive", "ffa"}
     assert {n for n, m in METHODS.items() if m.can_prune} == own_rank_lora
-    assert {n for n, m in METHODS.items() if m.footprint_calibrated} == (own_rank_lora - {"fedex-lora"}) | {"fedavg"}
+    assert {n for n, m in METHODS.items() if m.footprint_calibrated} == (own_rank_lora - {"fedex-lora"}) | {"fedavg", "fslora"}

@@ -24,6 +24,20 @@ def test_variant_labels():
         variant("nope", b)
 
 
+def test_a_shared_option_applies_where_the_method_takes_it_and_is_reset_where_not():
+    """compare shares one base across methods: --florist-energy reaches florist only, per_layer and prune the methods
+    that take them, budgets the clients with a calibrated footprint; each other run records the default it ran with
+    (a lone `hetlora run` refuses such an option instead of ignoring it)."""
+    b = base("/tmp/x", florist_energy=0.8, per_layer=True, prune=True, memory_budget_mb=4000.0)
+    assert variant("florist", b).florist_energy == 0.8 and variant("hetlora", b).florist_energy != 0.8
+    assert variant("hetlora", b).per_layer and not variant("fedavg", b).per_layer
+    assert variant("hetlora", b).prune is True and variant("fedavg:3", b).prune is None and variant("fslora", b).prune is None
+    assert variant("fslora", b).memory_budget_mb == 4000.0 and variant("fft", b).memory_budget_mb is None
+    assert variant("fedex-lora", b).memory_budget_mb is None
+    with pytest.raises(ValueError, match="florist_energy is florist's"):
+        b.validate()
+
+
 TINY_FLAGS = ["--model", "tiny", "--rounds", "2", "--clients-per-round", "2", "--local-steps", "1", "--batch-size", "4",
               "--max-length", "48", "--lr", "5e-3", "--r-min", "2", "--r-max", "6", "--eval-size", "8",
               "--min-examples", "400", "--max-clients", "8", "--seed", "5"]

@@ -34,8 +34,8 @@ def test_each_constraint_allows_exactly_the_labels_whose_methods_can_meet_it(con
     # a frozen 4-bit base: nothing that folds into it or trains it
     assert labels - allowed("gguf", configs) == {"fft", "fedex-lora", "fed-plora", "florist"}
     # each client at the rank its memory affords: not the HomLoRAs, not FFT, and not clients whose memory the footprint
-    # never calibrated (fslora's kind; those that fold into a dense fp32 base); the r_min device may take HomLoRA at r_min
-    assert labels - allowed("own-rank", configs) == {"fedavg-rmin", "fedavg-rmax", "fft", "fslora", "fedex-lora", "fed-plora", "florist"}
+    # never calibrated (those that fold into a dense fp32 base); the r_min device may take HomLoRA at r_min
+    assert labels - allowed("own-rank", configs) == {"fedavg-rmin", "fedavg-rmax", "fft", "fedex-lora", "fed-plora", "florist"}
     assert labels - allowed("smallest-tier", configs) == {"fedavg-rmax", "fft"}
     assert allowed("upload", configs) == labels
 

@@ -25,6 +25,7 @@ from ..server.federation import Federation
 from ..server.runner import Progress, check_resumable, run
 from ..core.secure_sum import auto_clip, min_holders
 from ..core.ranks import budget_problem
+from ..methods import get_method
 from .common import config_from_run_config, encode_config, from_array_record, to_array_record
 
 from .secure_round import contribution_bytes, reports_as_updates, secure_round, sums_to_tensors
@@ -81,7 +82,7 @@ class HetLoRAStrategy(Strategy):
                 continue
             identity = reply.content.config_records["identity"]
             cid = str(identity["client-id"])
-            problem = self.claim_problem(cid, node, registered) or self.budget_problem(identity, dp=self.fed.cfg.dp_clip is not None)
+            problem = self.claim_problem(cid, node, registered) or self.budget_problem(identity)
             if problem:
                 self.refused.append({"node": node, "client": cid, "reason": problem})
                 self.fed.refused_claims.append({"node": int(node), "client": cid, "reason": problem})
@@ -101,16 +102,19 @@ class HetLoRAStrategy(Strategy):
         if missing:
             log.warning("%d of %d clients have no node and will not be sampled", len(missing), len(self.fed.client_ids))
 
-    @staticmethod
-    def budget_problem(identity, dp: bool = False) -> str | None:
+    def budget_problem(self, identity) -> str | None:
         """Why a node's stated memory budget leaves it out (None: no budget, or a valid one): one node's
-        ``memory-budget-mb=nan`` must not stop the federation, so it is named and left out instead. Under DP a
-        stated budget leaves its node out too: ranks are not fitted to memory under DP (the config refuses budgets),
-        and a seed-assigned rank might not fit the device that said what it can hold."""
+        ``memory-budget-mb=nan`` must not stop the federation, so it is named and left out instead. A budget the run's
+        config would refuse leaves its node out too, named: under DP (ranks are seed-assigned there, and one might not
+        fit the device that said what it can hold) and for a method whose clients' footprint was never calibrated."""
         if "memory-budget-mb" not in identity:
             return None
-        if dp:
+        cfg = self.fed.cfg
+        if cfg.dp_clip is not None:
             return "memory budgets and DP together are not supported: a node that states its memory is left out under DP"
+        if not get_method(cfg.method).footprint_calibrated:
+            return (f"states memory-budget-mb, but {cfg.method}'s clients' memory footprint was never calibrated (no rank "
+                    "can be fitted to it); the node is left out")
         problem = budget_problem(identity["memory-budget-mb"])
         return f"states memory-budget-mb {problem}; the node is left out" if problem else None
 

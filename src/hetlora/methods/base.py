@@ -112,8 +112,9 @@ class AggregationMethod:
     @property
     def footprint_calibrated(self) -> bool:
         """Whether a memory budget can be turned into a rank for its clients: the footprint model (hetlora.device.
-        footprint) is calibrated on LoRA clients over a frozen base; ffa's (B only) need less, so it is safe for them."""
-        return self.client_kind in ("lora", "ffa") and not (self.folds_into_base or self.client_folds)
+        footprint) is calibrated on LoRA clients over a frozen base. ffa's clients (B only) need less, and fslora's
+        train a LoRA of their sketch's rank over a frozen base (hetlora.clients.fslora), so it holds for them too."""
+        return self.client_kind in ("lora", "ffa", "fslora") and not (self.folds_into_base or self.client_folds)
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         raise NotImplementedError
