@@ -173,7 +173,11 @@ def resume_config(out: Path, given: Mapping[str, Any] | None = None) -> RunConfi
                     "client_delay_sha256": f"client delay table {saved.client_delay}"}[key]
             raise ValueError(f"--resume: the {name} is not the one this run started with "
                              f"(SHA-256 {current or 'missing'}, recorded {recorded})")
-    return saved
+    try:
+        return saved.validate()
+    except ValueError as err:  # settings a later rule refuses (an option its method never honoured): say so
+        raise ValueError(f"--resume: the saved settings of {out} are refused now ({err}); they were accepted when the run "
+                         "started, but this version refuses them: start a new run with settings it accepts") from None
 
 
 def finished_as_asked(summary_dir: Path, cfg: RunConfig) -> bool:
