@@ -184,6 +184,17 @@ def test_under_dp_a_node_that_states_its_memory_is_left_out_not_fitted(tmp_path)
     assert refused["node"] == 101 and "memory budgets and DP together are not supported" in refused["reason"]
 
 
+def test_when_every_node_is_refused_the_federation_stops_at_discovery_naming_why(tmp_path):
+    """A DP run whose every node states its memory: each is left out, and the ServerApp says so before any round
+    (it used to go on and fail rounds later for too few clients)."""
+    grid = LoopbackGrid(partitions=3, fresh_process=False)
+    for node in (100, 101, 102):
+        grid.contexts[node].node_config["memory-budget-mb"] = 4000.0
+    strategy = HetLoRAStrategy(Federation(tiny(tmp_path / "run", dp_clip=1.0, dp_noise=1.0)))
+    with pytest.raises(ValueError, match=r"every node that answered was refused \(3\): memory budgets and DP together"):
+        strategy.discover(grid)
+
+
 def test_a_node_cannot_bring_back_a_budget_its_runs_method_has_no_footprint_for(tmp_path):
     """fft's clients train every weight: no LoRA footprint predicts them, so the config refuses budgets for it, and a
     node's own stated budget is not fitted either: that node is left out and named, the others keep their ranks."""

@@ -98,6 +98,9 @@ class HetLoRAStrategy(Strategy):
             self.fed.fit_ranks_to_memory({c: budgets.get(c, default) for c in held})
             for cid, why in self.fed.left_out.items():
                 log.warning("client %s (node %s) left out: %s", cid, self.node_of.get(cid), why)
+        if self.refused and not self.node_of:  # nothing can run: say why now, not rounds later as "too few clients"
+            reasons = sorted({r["reason"] for r in self.refused})
+            raise ValueError(f"every node that answered was refused ({len(self.refused)}): " + "; ".join(reasons))
         missing = [c for c in self.fed.client_ids if c not in self.node_of]
         if missing:
             log.warning("%d of %d clients have no node and will not be sampled", len(missing), len(self.fed.client_ids))
