@@ -215,3 +215,6 @@ def test_which_method_for_which_constraint_ranks_the_planted_effects_among_what_
     assert not rows["dp"]["ranked"] and not rows["secagg"]["ranked"]  # the study ran nothing under DP or SecAgg+
     assert "hetlora, hetlora-noprune, hetlora-naive → DP-FedAvg at each client's own rank" in md
     assert "## Which method for which constraint" in md and "| a 4-bit GGUF base on the device" in md
+    # rows not ranked by final perplexity show it beside their own score (MB without decimals for the uplink)
+    upload_line = next(line for line in md.splitlines() if line.startswith("| the thinnest uplink"))
+    assert "hetlora-noprune 1 (ppl " in upload_line and "hetlora-noprune 1.10" not in upload_line

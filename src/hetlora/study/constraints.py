@@ -66,6 +66,7 @@ class Constraint:
     registered: Callable[[Family, Sequence[str]], list[Mapping[str, Any]]] = leaders_rows
     becomes: Callable[[RunConfig], str] | None = None  # set: the study's numbers do not speak to it (not ranked)
     caveat: str = ""
+    digits: int = 2  # how the score is printed
 
 
 def refused_by(**changes: Any) -> Callable[[RunConfig], str | None]:
@@ -151,7 +152,7 @@ CONSTRAINTS = (
     Constraint("gguf", "a 4-bit GGUF base on the device (frozen, never dense)", refused_by(base_weights="gguf"),
                caveat="measured on the study's dense base"),
     Constraint("upload", "the thinnest uplink", any_label, score="upload per run (MB)", measure=upload_mb,
-               registered=lambda family, leaders: []),
+               registered=lambda family, leaders: [], digits=0),
     Constraint("secagg", "secure aggregation (SecAgg+: the server sees only the sum)",
                refused_by(secure_aggregation=True, norm_bound=None), becomes=under_secagg),
     Constraint("dp", "differential privacy (DP-FedAvg, client-level)",
@@ -168,6 +169,7 @@ def constraint_row(constraint: Constraint, runs: Runs, configs: Mapping[str, Run
     reasons = {label: constraint.allows(cfg) for label, cfg in configs.items()}
     allowed = [label for label, why in reasons.items() if why is None]
     row = {"key": constraint.key, "need": constraint.need, "score": constraint.score, "caveat": constraint.caveat,
+           "digits": constraint.digits, "by_final_ppl": constraint.score == FINAL_PPL,
            "allowed": allowed, "ranked": constraint.becomes is None,
            "refused": [{"label": label, "method": configs[label].method, "why": why} for label, why in reasons.items() if why is not None]}
     if constraint.becomes is not None:

@@ -286,8 +286,7 @@ def constraints_section(report: dict) -> list[str]:
 
 
 def ranked_constraint_line(c: dict, planned: int) -> str:
-    upload = c["score"].startswith("upload")
-    ranking = ", ".join(f"{r['label']} {_fmt(r['mean'], 0 if upload else 2)}" + (f" (ppl {_fmt(r['final_ppl'])})" if upload else "")
+    ranking = ", ".join(f"{r['label']} {_fmt(r['mean'], c['digits'])}" + ("" if c["by_final_ppl"] else f" (ppl {_fmt(r['final_ppl'])})")
                         for r in c["ranking"]) or c.get("note", "—")
     if c["unscored"]:
         ranking += "; not ranked: " + ", ".join(f"{u['label']} ({u['why']})" for u in c["unscored"])
