@@ -161,29 +161,35 @@ class RunConfig:
         problems += self._method_option_problems() + self._dp_problems() + self._secure_problems() + self._data_problems()
         return problems + self._closing_problems()
 
-    def _method_option_problems(self) -> list[str]:
-        """Options the method would not honour: refused, never accepted and silently ignored (a run's outputs would
-        name an option it did not run with)."""
+    def unhonoured_options(self) -> dict[str, str]:
+        """Each option set here that the method would not honour (field name → why). A lone run refuses them
+        (:meth:`_method_option_problems`); ``hetlora compare`` resets them to their defaults per method."""
         method = METHODS.get(self.method)
         if method is None:
-            return []
-        problems = []
+            return {}
+        out: dict[str, str] = {}
         if self.prune and not method.can_prune:
-            problems.append(f"prune = true: {self.method}'s clients do not self-prune "
+            out["prune"] = (f"prune = true: {self.method}'s clients do not self-prune "
                             + ("(every client trains one rank and must return it)" if method.uniform_rank else
                                f"({method.client_kind} clients never prune)"))
         if self.per_layer and "per_layer" not in method.options:
-            problems.append(f"per_layer weights are hetlora's (one weight per client and module); {self.method} has none")
+            out["per_layer"] = f"per_layer weights are hetlora's (one weight per client and module); {self.method} has none"
         if self.florist_energy != FLORIST_ENERGY and "energy" not in method.options:
-            problems.append(f"florist_energy is florist's energy threshold; {self.method} has none")
+            out["florist_energy"] = f"florist_energy is florist's energy threshold; {self.method} has none"
         if self.rank is not None and not method.uniform_rank:
-            problems.append(f"rank sets the one rank of a uniform-rank method (fedavg); {self.method} gives each client "
-                            "its own in [r_min, r_max]")
+            out["rank"] = (f"rank sets the one rank of a uniform-rank method (fedavg); {self.method} gives each client "
+                           "its own in [r_min, r_max]")
         if (self.memory_budget_mb is not None or self.memory_budgets) and not method.footprint_calibrated:
-            problems.append(f"memory budgets turn into ranks by a footprint calibrated on LoRA clients over a frozen base; "
-                            f"{self.method}'s clients ({method.client_kind}"
-                            f"{', folding into dense fp32 base weights' if self.folds_into_base else ''}) were not calibrated")
-        return problems
+            why = (f"memory budgets turn into ranks by a footprint calibrated on LoRA clients over a frozen base; "
+                   f"{self.method}'s clients ({method.client_kind}"
+                   f"{', folding into dense fp32 base weights' if self.folds_into_base else ''}) were not calibrated")
+            out |= {"memory_budget_mb": why, "memory_budgets": why}
+        return out
+
+    def _method_option_problems(self) -> list[str]:
+        """Options the method would not honour: refused, never accepted and silently ignored (a run's outputs would
+        name an option it did not run with)."""
+        return list(dict.fromkeys(self.unhonoured_options().values()))
 
     def _closing_problems(self) -> list[str]:
         """Rounds that close (docs/algorithm.md §7.3): a deadline, over-selection, a simulated delay model."""
@@ -440,6 +446,14 @@ def _cuda_available() -> bool:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def default_of(name: str) -> Any:
+    """A RunConfig field's default value (its factory's, for a list or dict)."""
+    f = FIELDS[name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 ALIASES = {"lambda": "lam"}
 _HINTS = typing.get_type_hints(RunConfig)
 

@@ -8,9 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig
-from ..methods import METHODS
-from ..methods.florist import DEFAULT_ENERGY as FLORIST_ENERGY
+from ..config import RunConfig, default_of
 from ..server.outputs import read_metrics
 from .plots import plot_comparison
 
@@ -45,22 +43,11 @@ def variant(label: str, base: RunConfig) -> RunConfig:
 
 
 def shared_options_for(cfg: RunConfig) -> RunConfig:
-    """A compared run's config without the shared options its method does not take, reset to their defaults so its
-    ``config.json`` says what it ran with: ``--florist-energy`` is florist's, ``per_layer`` hetlora's family's, ``prune``
-    for clients that prune, memory budgets for clients whose footprint is calibrated. (A lone run refuses them instead.)"""
-    method = METHODS.get(cfg.method)
-    if method is None:
-        return cfg  # validate() names the unknown method
-    resets: dict[str, Any] = {}
-    if "energy" not in method.options:
-        resets["florist_energy"] = FLORIST_ENERGY
-    if "per_layer" not in method.options:
-        resets["per_layer"] = False
-    if cfg.prune and not method.can_prune:
-        resets["prune"] = None
-    if not method.footprint_calibrated:
-        resets |= {"memory_budget_mb": None, "memory_budgets": None}
-    return dataclasses.replace(cfg, **resets)
+    """A compared run's config without the shared options its method does not take (:meth:`RunConfig.
+    unhonoured_options`), reset to their defaults so its ``config.json`` says what it ran with: ``--florist-energy``
+    is florist's, ``per_layer`` hetlora's family's, ``prune`` for clients that prune, memory budgets for clients whose
+    footprint is calibrated. (A lone run refuses them instead.)"""
+    return dataclasses.replace(cfg, **{name: default_of(name) for name in cfg.unhonoured_options()})
 
 
 def rounds_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:

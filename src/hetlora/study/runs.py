@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from .compare import variant
 from ..files import write_json_atomic
-from ..config import FIELDS, RunConfig
+from ..config import RunConfig, default_of
 from ..server.outputs import read_metrics
 from ..server.runner import finished_as_asked
 from ..data.chitchat import SPLIT_VERSION
@@ -126,10 +126,7 @@ PAUSE_FILE = "PAUSE"  # in the work root: the study starts no new run while it e
 # ---------------------------------------------------------------------------------- running
 def recorded(saved: dict[str, Any], key: str) -> Any:
     """A recorded config's ``key``; a setting added after the run was made reads as its default (what the run did)."""
-    if key in saved:
-        return saved[key]
-    f = FIELDS[key]
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+    return saved[key] if key in saved else default_of(key)
 
 
 def run_label(label: str, seed: int, base: RunConfig, out: Path) -> RunConfig:
