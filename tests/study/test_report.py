@@ -218,3 +218,18 @@ def test_which_method_for_which_constraint_ranks_the_planted_effects_among_what_
     # rows not ranked by final perplexity show it beside their own score (MB without decimals for the uplink)
     upload_line = next(line for line in md.splitlines() if line.startswith("| the thinnest uplink"))
     assert "hetlora-noprune 1 (ppl " in upload_line and "hetlora-noprune 1.10" not in upload_line
+
+
+def test_how_much_each_verdict_rests_on_single_seeds_is_read_off_the_planted_effects(report):
+    data, md, _ = report
+    rows = {r["id"]: r for r in data["sensitivity"]}
+    assert [r["id"] for r in data["sensitivity"]] == [c["id"] for c in data["comparisons"]]
+    # C1 is planted 5 % on every seed (jitter ±0.2 %): all 20 seeds on HetLoRA's side, exact Wilcoxon p = 2 / 2^20, Holm × 15
+    c1 = rows["C1"]
+    assert (c1["seeds_on_hetloras_side"], c1["seeds_on_other_side"]) == (20, 0)
+    assert c1["wilcoxon_p"] == pytest.approx(2 / 2 ** 20) and c1["wilcoxon_p_holm"] == pytest.approx(15 * 2 / 2 ** 20)
+    assert c1["wilcoxon_verdict"] == "reproduced" and c1["verdict_flips_without"] == []
+    assert c1["median_pct"] == pytest.approx(5.0, abs=0.21)
+    # the diverged fed-plora row is not read at all
+    assert rows["vs:fed-plora"]["note"] == "not tested by the registered rule"
+    assert "## How much each verdict rests on single seeds" in md
