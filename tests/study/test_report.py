@@ -178,6 +178,8 @@ def test_the_markdown_names_every_label_tuning_rate_and_rouge(report):
     rouge = {r["label"]: r["rouge_l"] for r in data["table"]}
     assert rouge["hetlora"] == pytest.approx(statistics.fmean(0.1 + 0.001 * s for s in range(20)))
     assert list((results / "plots").glob("*.png"))
+    # every label's tuning planted as 3e-4: 50, 1e-3: 48 (chosen), 3e-3: 52: the runner-up 3e-4 is (50 − 48) / 48 = 4.2 % worse
+    assert "| hetlora | [0.0003, 0.001, 0.003] | 0.0003: 50.00, 0.001: 48.00, 0.003: 52.00 | 0.001 | 0.0003 (+4.2 %) | yes |" in md
 
 
 def test_the_compute_per_block_counts_core_long_and_tuning_runs(report):

@@ -349,12 +349,26 @@ def tuning_section(report: dict) -> list[str]:
         return []
     t = report["config"].get("tuning") or {}
     lines = [f"## Learning rates (each label's own; validation split, seeds {t.get('seeds')}, {t.get('rounds')} rounds)", "",
-             "| label | grid | validation ppl per rate (geometric mean over seeds) | chosen | bracketed |", "|---|---|---|---:|---|"]
+             "| label | grid | validation ppl per rate (geometric mean over seeds) | chosen | runner-up (% worse than the chosen) | bracketed |",
+             "|---|---|---|---:|---|---|"]
     for label, r in rows.items():
-        scores = ", ".join(f"{k}: {_fmt(v)}" for k, v in (r.get("scores") or {}).items())
+        rated = sorted(((float(k), v) for k, v in (r.get("scores") or {}).items()), key=lambda kv: kv[0])  # by rate, not by text
+        scores = ", ".join(f"{k:g}: {_fmt(v)}" for k, v in rated)
         lines.append(f"| {label} | {r.get('grid')} | {scores or '—'} | {r['chosen'] if r.get('chosen') is not None else '—'} | "
-                     f"{'yes' if r.get('bracketed') else 'no' if r.get('bracketed') is False else '—'} |")
-    return lines + ["", f"The long regime's best new method (lowest tuned validation score): {t.get('long_best_new') or 'not yet named'}.", ""]
+                     f"{runner_up(rated, r.get('chosen'))} | {'yes' if r.get('bracketed') else 'no' if r.get('bracketed') is False else '—'} |")
+    return lines + ["", "A runner-up within about 1 % of the chosen rate is a near tie on two tuning seeds: that label's rate could "
+                        "as well have been its neighbour (descriptive).",
+                    "", f"The long regime's best new method (lowest tuned validation score): {t.get('long_best_new') or 'not yet named'}.", ""]
+
+
+def runner_up(rated: list[tuple[float, float]], chosen: float | None) -> str:
+    """The second-best rate of a label's tuning and how much worse its validation perplexity is than the chosen one's."""
+    best = dict(rated).get(chosen) if chosen is not None else None
+    others = sorted((v, k) for k, v in rated if k != chosen and _finite(v))
+    if best is None or not _finite(best) or not others:
+        return "—"
+    score, rate = others[0]
+    return f"{rate:g} (+{100 * (score - best) / best:.1f} %)"
 
 
 def c8_section(report: dict) -> list[str]:
