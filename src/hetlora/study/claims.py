@@ -115,12 +115,12 @@ def by_label(runs: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]
 
 def paired(runs: dict, other: str, key: Callable[[dict], float | None], sign: int = 1) -> tuple[list[int], list[float]]:
     """Seeds both ``hetlora`` and ``other`` finished, and sign·(key(other) − key(hetlora)) on each."""
-    seeds = sorted(set(runs.get("hetlora", {})) & set(runs.get(other, {})))
-    diffs = []
-    for s in seeds:
+    seeds, diffs = [], []
+    for s in sorted(set(runs.get("hetlora", {})) & set(runs.get(other, {}))):
         a, b = key(runs["hetlora"][s]), key(runs[other][s])
         if a is None or b is None:
-            continue
+            continue  # a seed without the measure on either side is not a pair (nor listed as one)
+        seeds.append(s)
         diffs.append(sign * (b - a))
     return seeds, diffs
 
@@ -260,6 +260,20 @@ def variant_rows(runs: dict, variants: list[str], r_min: int) -> list[dict]:
         tier = diff_claim("tier", "", label, "", runs, key=lambda r: r["tier_ppl"].get(str(r_min)))
         rows.append({"label": label, "n": final["n"], "final_diff": final["mean_diff"], "final_ci95": final["ci95"],
                      "tier": r_min, "tier_n": tier["n"], "tier_diff": tier["mean_diff"], "tier_ci95": tier["ci95"]})
+    return rows
+
+
+def rouge_rows(runs: dict, labels: list[str] | tuple[str, ...]) -> list[dict]:
+    """The paper's second metric against hetlora (a secondary outcome, never in a family): per seed, 100 · (ROUGE-L(hetlora)
+    − ROUGE-L(label)) in F-measure points (> 0: hetlora better, as the perplexity rows read), paired, unadjusted."""
+    rows = []
+    for label in labels:
+        if label == "hetlora":
+            continue
+        seeds, diffs = paired(runs, label, lambda r: None if r.get("rouge_l") is None else 100.0 * r["rouge_l"], sign=-1)
+        mean, ci = t_interval(diffs) if diffs else (None, None)
+        rows.append({"label": label, "n": len(diffs), "seeds": seeds, "diffs_points": diffs, "mean_points": mean,
+                     "ci95_points": list(ci) if ci else None, "p": t_test(diffs) if len(diffs) > 1 else None})
     return rows
 
 

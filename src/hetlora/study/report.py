@@ -21,6 +21,7 @@ from .claims import (
     long_regime,
     seed_blocks,
     summarise,
+    rouge_rows,
     variant_rows,
 )
 
@@ -114,6 +115,7 @@ def write_report(study, wall_seconds: float | None = None) -> Path:
         **({"comparisons": family, "sensitivity": sensitivity(family), "tuning": tuning_rows(read_json(results / "tuning.json")),
             "constraints": constraint_rows(grouped, study.label_configs(), family)}
            if v4 else {"claims": claims(grouped, preset), "c8": beats_hetlora(grouped, preset.labels)}),
+        "rouge_vs_hetlora": rouge_rows(grouped, order),
         "variants": variant_rows(grouped, study.design()["variant_labels"], preset.base["r_min"]),
         "long": long_regime(long_runs) | ({"design": f"{preset.long_rounds} rounds at the core set's per-round budget"}
                                           if preset.long_rounds else {"design": f"{preset.long_steps_factor}× the local steps per visit"}),
@@ -462,6 +464,19 @@ def methods_section(report: dict) -> list[str]:
         lines += ["", f"ROUGE-L (a secondary outcome, never in the family): the mean over a label's runs of the greedy next-turn "
                       f"responses' ROUGE-L F-measure on held-out test prompts (fewest prompts in any run: {fewest if fewest is not None else 'not recorded'}); "
                       + (f"runs without a score: {', '.join(unscored)}." if unscored else "every run has a score.")]
+    return lines + rouge_section(report)
+
+
+def rouge_section(report: dict) -> list[str]:
+    """The paper's second metric, paired with hetlora per seed (secondary, unadjusted: it judges nothing)."""
+    rows = [r for r in report.get("rouge_vs_hetlora") or [] if r["n"]]
+    if not rows:
+        return []
+    lines = ["", "ROUGE-L against hetlora, paired per seed: 100 · (ROUGE-L(hetlora) − ROUGE-L(label)), F-measure points "
+                 "(> 0: hetlora better, as the perplexity rows read; unadjusted 95 % CI and p, a secondary outcome outside "
+                 "the family):", "", "| versus | n | hetlora − label, points (95 % CI) | p |", "|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['n']} | {_fmt(r['mean_points'])} {_ci(r['ci95_points'])} | {_p(r['p'])} |")
     return lines
 
 
