@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hetlora-installed
 LLAMACPP_STAMP := $(VENV)/.hetlora-llamacpp
 
-.PHONY: run test install bench clean
+.PHONY: run test install bench study-report clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +35,11 @@ test: $(STAMP) $(LLAMACPP_STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/aggregation.py
+
+# rebuild study v4's report (study.json, study.md, plots) from the committed runs, and the README's block from study.json
+study-report: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/hetlora study --preset cpu-v4 --report-only --results benchmarks/results \
+		--work $${TMPDIR:-/tmp}/hetlora-study-report --readme README.md
 
 clean:
 	rm -rf $(VENV) runs

@@ -270,6 +270,7 @@ def study(
     set_aside_tuning: Optional[str] = typer.Option(None, "--set-aside-tuning", help="v4: move an unfinished label's tuning runs to set-aside/ so this machine's block can tune it whole (needs --why), then exit"),
     why: str = typer.Option("", "--why", help="The reason recorded with --set-aside-seed or --set-aside-tuning"),
     progress: bool = typer.Option(False, "--progress", help="Print the runs finished and owed per section, and the hours left at the study's own pace, then exit"),
+    readme: Optional[Path] = typer.Option(None, "--readme", help="v4: after the report, rewrite this README's generated study block (between its '<!-- study:<preset> begin' and '<!-- study:<preset> end -->' lines) from study.json"),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks"),
 ) -> None:
     """The reproduction study of HetLoRA's claims (C1–C8): a pre-registered plan, paired 95 % intervals, verdicts."""
@@ -301,7 +302,12 @@ def study(
     def work_():
         if not report_only:
             s.run_all()
-        return write_report(s, wall_seconds=time.perf_counter() - s.started)
+        written = write_report(s, wall_seconds=time.perf_counter() - s.started)
+        if readme is not None:
+            from .study.readme import load_report, readme_block, update_readme
+
+            typer.echo(f"readme: {update_readme(readme, preset, readme_block(load_report(written.with_name('study.json')), preset))}")
+        return written
 
     typer.echo(f"report: {_guard(debug, work_)}")
 

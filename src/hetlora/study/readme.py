@@ -1,0 +1,137 @@
+"""The README's study block, written from study.json alone (docs/algorithm.md §10, "What the report counts").
+
+A number in the README that was copied by hand can drift from the runs it came from; this block is rendered from the
+report (the same dict that study.json holds) and replaces the text between two marker lines of the README, so every
+figure there rebuilds from the committed runs (``hetlora study --preset cpu-v4 --report-only --readme README.md``), and
+a test checks the committed README against the committed study.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from .report import _ci, _fmt, _p
+
+
+def markers(preset: str) -> tuple[str, str]:
+    """The lines that open and close a preset's generated block (the opening one may carry a comment after the name)."""
+    return f"<!-- study:{preset} begin", f"<!-- study:{preset} end -->"
+
+
+def progress_line(report: Mapping[str, Any]) -> tuple[str, bool]:
+    """How many of the plan's runs are in, and whether every core run is (only then is a verdict read)."""
+    sections = (report.get("plan") or {}).get("compute", {}).get("sections", {})
+    core, long = sections.get("core", {}).get("runs"), sections.get("long", {}).get("runs")
+    done_core, done_long = len(report.get("runs") or []), len(report.get("long_runs") or [])
+    tuning = (report.get("config") or {}).get("tuning") or {}
+    complete = core is not None and done_core >= core
+    line = (f"{done_core} of {core} core runs and {done_long} of {long} long-regime runs finished; tuning "
+            f"{'complete' if tuning.get('complete') else 'under way'}.")
+    return line, complete
+
+
+def verdict_rows(report: Mapping[str, Any], complete: bool) -> list[str]:
+    planned = (report.get("plan") or {}).get("n") or len((report.get("config") or {}).get("seeds") or [])
+    lines = ["| id | versus | effect, % of HetLoRA's perplexity (95 % CI; > 0: HetLoRA better) | the paper's % | n | Holm p | verdict |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for c in report.get("comparisons") or []:
+        verdict = (c["verdict"] if complete else f"{c['verdict']} (interim, {c['n']} of {planned} seeds)" if c["n"] < planned
+                   else f"{c['verdict']} (interim: other rows still owe seeds)")
+        lines.append(f"| {c['id']} | {c['label']} | {_fmt(c.get('effect_pct'))} {_ci(c.get('ci95_pct'))} | "
+                     f"{_fmt(c.get('paper_effect_pct'), 1)} | {c['n']} | {_p(c.get('p_holm'))} | {verdict} |")
+    return lines
+
+
+def single_seed_line(report: Mapping[str, Any]) -> str:
+    """The rows whose verdict one seed decides, or whose rank-test reading differs (the sensitivity section's gist)."""
+    notes = []
+    for r in report.get("sensitivity") or []:
+        if "median_pct" not in r:
+            continue
+        parts = []
+        if r["verdict_flips_without"]:
+            parts.append(f"its verdict changes without seed {', '.join(map(str, r['verdict_flips_without']))}")
+        if r["wilcoxon_verdict"] != r["verdict"]:
+            parts.append(f"the rank test reads it {r['wilcoxon_verdict']}")
+        if parts:
+            notes.append(f"{r['id']} ({r['label']}): " + " and ".join(parts)
+                         + f"; the seed that moves it most is {r['most_influential_seed']} ({_fmt(r['effect_without_it_pct'])} % without it)")
+    return ("Resting on single seeds (descriptive, study.md): " + ("; ".join(notes) + "." if notes else
+            "no row's verdict changes with any one seed left out, and the rank test reads every row the same way."))
+
+
+def constraint_rows(report: Mapping[str, Any]) -> list[str]:
+    lines = ["| your constraint | the labels it allows, best first (mean on the seeds all of them finished) | best vs runner-up, paired % (95 % CI), n | refused |",
+             "|---|---|---|---|"]
+    grouped = []
+    for c in report.get("constraints") or []:
+        refused = ", ".join(r["label"] for r in c["refused"]) or "none"
+        if not c.get("ranked"):
+            grouped.append(f"* **{c['need']}** (not ranked: the study ran nothing under it): "
+                           + "; ".join(f"{', '.join(g['labels'])} → {g['runs_as']}" for g in c["becomes"]) + f". Refused: {refused}.")
+            continue
+        ranking = ", ".join(f"{r['label']} {_fmt(r['mean'], c['digits'])}" for r in c["ranking"][:4]) or "—"
+        if len(c["ranking"]) > 4:
+            ranking += f", … ({len(c['ranking'])} in all)"
+        if c.get("caveat"):
+            ranking += f" ({c['caveat']})"
+        duel = c.get("best_vs_runner_up_pct") or {}
+        if c.get("tied_with_best"):
+            duel_text = f"{c['best']} tied with {', '.join(c['tied_with_best'])}"
+        elif c.get("runner_up"):
+            duel_text = f"{c['best']} vs {c['runner_up']}: {_fmt(duel.get('mean'))} % {_ci(duel.get('ci95'))}, n = {c['n']}"
+        else:
+            duel_text = "—"
+        by = "" if c.get("by_final_ppl") else f"; ranked by {c['score']}"
+        lines.append(f"| {c['need']}{by} | {ranking} | {duel_text} | {refused} |")
+    return lines + ([""] + grouped if grouped else [])
+
+
+def readme_block(report: Mapping[str, Any], preset: str) -> str:
+    """The block between the README's markers: where the study stands, its family's rows, what rests on one seed, and
+    which method fits which constraint — every figure read off ``report``."""
+    if (report.get("version") or 3) < 4:
+        raise ValueError("the README block is written for a v4 report (one Holm family); this report is v3")
+    progress, complete = progress_line(report)
+    begin, end = markers(preset)
+    head = (f"**Where study v4 stands** (rebuilt from its runs): {progress} "
+            + ("Every core label has its registered seeds: these are its verdicts (Holm-adjusted, one family)."
+               if complete else "Interim: each row pairs the seeds both methods have finished, and no verdict is read until "
+                                "every core label has its registered seeds."))
+    body = [f"{begin} (generated from study.json by `hetlora study --preset {preset} --report-only --readme README.md`; "
+            "edit hetlora/study/readme.py, not this block) -->", "", head, ""]
+    body += verdict_rows(report, complete) + ["", single_seed_line(report), "",
+                                                "**Which method for which constraint** (these runs; descriptive, outside the "
+                                                "registered family; study.md gives each refusal's reason):", ""]
+    body += constraint_rows(report) + ["", end]
+    return "\n".join(body)
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    """study.json as the report dict it was written from: the strings "inf", "-inf" and "nan" that strict JSON needs
+    (report.strict_json) read back as numbers."""
+    def number(value: Any) -> Any:
+        if isinstance(value, str) and value in ("inf", "-inf", "nan"):
+            return float(value)
+        if isinstance(value, dict):
+            return {k: number(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [number(v) for v in value]
+        return value
+
+    return number(json.loads(path.read_text()))
+
+
+def update_readme(path: Path, preset: str, block: str) -> Path:
+    """Replace the text between ``preset``'s two marker lines of ``path`` with ``block`` (the markers included); the
+    rest of the file is left as it is. A README without both markers is refused, naming them."""
+    text = path.read_text()
+    begin, end = markers(preset)
+    start, stop = text.find(begin), text.find(end)
+    if start < 0 or stop < start:
+        raise ValueError(f"{path} has no generated block for {preset}: add a line starting '{begin}' and, below it, "
+                         f"a line '{end}' where the study's numbers go")
+    path.write_text(text[:start] + block + text[stop + len(end):])
+    return path
