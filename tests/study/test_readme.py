@@ -51,3 +51,47 @@ def test_strict_json_strings_read_back_as_numbers(tmp_path):
 def test_a_v3_report_is_refused():
     with pytest.raises(ValueError, match="v4 report"):
         readme_block({"version": 3}, "cpu")
+
+
+def bare_report(**changes):
+    """A v4 report of a study that has only begun: two seeds of hetlora and fedavg-rmin, C7 lacking a tier perplexity."""
+    report = {"version": 4, "plan": {"n": 20, "compute": {"sections": {"core": {"runs": 280}, "long": {"runs": 25}}}},
+              "config": {"seeds": list(range(20)), "tuning": {"complete": True}}, "runs": [{}] * 4, "long_runs": [],
+              "comparisons": [{"id": "C7", "label": "fedavg-rmin", "n": 1, "lacking_seeds": [1], "lacking": "hetlora's r = 5 tier perplexity",
+                               "effect_pct": -3.0, "ci95_pct": None, "paper_effect_pct": None, "p_holm": 1.0, "verdict": "inconclusive"}],
+              "sensitivity": [{"id": "C2", "label": "fedavg-rmax", "verdict": "inconclusive", "n": 2, "median_pct": 1.5,
+                               "seeds_on_hetloras_side": 2, "seeds_on_other_side": 0, "wilcoxon_p": 0.5, "wilcoxon_p_holm": 1.0,
+                               "wilcoxon_verdict": "reproduced", "leave_one_out_pct": None, "most_influential_seed": None,
+                               "effect_without_it_pct": None, "verdict_flips_without": []}],
+              "constraints": [{"need": "the thinnest uplink", "score": "upload per run (MB)", "by_final_ppl": False, "digits": 0,
+                               "ranked": True, "ranking": [], "unscored": [{"label": "florist", "why": "no finished run yet"}],
+                               "note": "no seed on which every allowed label finished yet", "n": 0, "best": None, "refused": []}]}
+    return report | changes
+
+
+def test_a_study_that_has_only_begun_renders_what_it_has_and_says_what_it_lacks():
+    block = readme_block(bare_report(), "cpu-v4")
+    assert "4 of 280 core runs and 0 of 25 long-regime runs finished; tuning complete." in block
+    # C7's seed 1 lacks hetlora's tier perplexity: finished (2 of 20), and named
+    assert "| C7 | fedavg-rmin | -3.00 (CI —…—) | — | 1 | 1.000 | inconclusive (interim, 2 of 20 seeds) (seed(s) 1 lack hetlora's r = 5 tier perplexity) |" in block
+    # a two-seed row has no seed that moves it most: none is named
+    assert "C2 (fedavg-rmax): the rank test reads it reproduced." in block and "None" not in block
+    assert ("| the thinnest uplink; ranked by upload per run (MB) | no seed on which every allowed label finished yet; "
+            "not ranked: florist (no finished run yet) | — | none |") in block
+
+
+def test_a_report_without_rows_or_sensitivity_says_so_rather_than_claiming_stability():
+    block = readme_block(bare_report(comparisons=[], sensitivity=[]), "cpu-v4")
+    assert "No comparison yet" in block and "Resting on single seeds: no row tested yet." in block
+    older = bare_report()
+    del older["sensitivity"]
+    assert "not computed in this study.json" in readme_block(older, "cpu-v4")
+    assert "(the plan states no totals)" in readme_block(bare_report(plan={"n": 20}), "cpu-v4")
+
+
+def test_the_end_marker_is_looked_for_after_the_begin_marker(tmp_path):
+    begin, end = markers("cpu-v4")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"the block ends at a line `{end}`\n{begin} -->\nold\n{end}\ntail\n")
+    update_readme(readme, "cpu-v4", f"{begin} -->\nnew\n{end}")
+    assert readme.read_text() == f"the block ends at a line `{end}`\n{begin} -->\nnew\n{end}\ntail\n"

@@ -6,7 +6,7 @@ import random
 import pytest
 from scipy import stats as scipy_stats
 
-from hetlora.study.sensitivity import sensitivity, wilcoxon_p
+from hetlora.study.sensitivity import sensitivity, signed_rank_side, wilcoxon_p, without_seed
 
 SEEDS = [0, 1, 2, 3, 4, 5]
 # C1 is carried the wrong way by one seed (5); without it the other five agree tightly
@@ -56,8 +56,8 @@ def test_a_verdict_one_seed_holds_back_is_named_with_that_seed():
     # without seed 5 the five agreeing seeds reject (t ≈ 14, Holm over three rows still < 0.05): reproduced
     assert c1["verdict_flips_without"] == [5]
     assert fslora["verdict_flips_without"] == []
-    assert plora == {"id": "vs:fed-plora", "label": "fed-plora", "verdict": plora["verdict"], "n": 6,
-                     "note": "not tested by the registered rule"}
+    assert plora == {"id": "vs:fed-plora", "label": "fed-plora", "verdict": "not tested (non-finite perplexity: fed-plora seed 5)",
+                     "n": 6, "note": "not tested by the registered rule"}
 
 
 def test_the_rank_tests_are_holm_adjusted_over_the_whole_family_an_untested_row_counting_as_one():
@@ -67,3 +67,29 @@ def test_the_rank_tests_are_holm_adjusted_over_the_whole_family_an_untested_row_
     assert c1["wilcoxon_p_holm"] == pytest.approx(2 * 28 / 64)
     # six seeds cannot reject at 0.05 after Holm over three: the rank test's reading is inconclusive where the t-test's is not
     assert fslora["wilcoxon_verdict"] == "inconclusive" and c1["wilcoxon_verdict"] == "inconclusive"
+
+
+def test_a_row_the_registered_rule_left_untested_stays_untested_when_its_bad_seed_is_left_out():
+    # without seed 5, fed-plora's five remaining effects are finite (and equal: p = 0); counting them would put a p of 0
+    # into every other row's Holm step, a family the registered rule never formed
+    left = without_seed(family(), 5)
+    assert left["vs:fed-plora"]["effect_pct"] is None
+    assert left["vs:fed-plora"]["verdict"] == "not tested (non-finite perplexity: fed-plora seed 5)"
+
+
+def test_the_rank_tests_side_is_the_signed_rank_sum_not_the_median():
+    # C4's trade is exactly 0 on the seeds where pruning never fired: the median is 0, yet every nonzero seed is on
+    # HetLoRA's side, so the rank reading must not say "not reproduced"
+    trade = [0.0] * 9 + [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert signed_rank_side(trade) == pytest.approx(sum(range(1, 9)))
+    row = {"id": "C4", "label": "hetlora-noprune", "seeds": list(range(17)), "effects_pct": trade, "verdict": "inconclusive", "n": 17}
+    (c4,) = sensitivity([row])
+    assert c4["median_pct"] == 0.0 and c4["wilcoxon_p"] == pytest.approx(2 / 2 ** 8)
+    assert c4["wilcoxon_verdict"] == "reproduced"
+
+
+def test_a_two_seed_row_left_one_seed_short_is_not_tested_and_names_no_seed():
+    row = {"id": "C2", "label": "fedavg-rmax", "seeds": [0, 1], "effects_pct": [1.0, 2.0], "verdict": "inconclusive", "n": 2}
+    (c2,) = sensitivity([row])
+    assert c2["leave_one_out_pct"] is None and c2["most_influential_seed"] is None
+    assert c2["verdict_flips_without"] == [] and c2["wilcoxon_p"] == pytest.approx(0.5)

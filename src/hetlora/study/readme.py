@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from .report import _ci, _fmt, _p
+from .report import best_vs_runner_up, ci_text, fmt, p_text, ranking_text
 
 
 def markers(preset: str) -> tuple[str, str]:
@@ -26,43 +26,58 @@ def progress_line(report: Mapping[str, Any]) -> tuple[str, bool]:
     core, long = sections.get("core", {}).get("runs"), sections.get("long", {}).get("runs")
     done_core, done_long = len(report.get("runs") or []), len(report.get("long_runs") or [])
     tuning = (report.get("config") or {}).get("tuning") or {}
-    complete = core is not None and done_core >= core
+    if core is None:  # a plan without its compute sections: say what is in, never "of None"
+        return f"{done_core} core runs and {done_long} long-regime runs finished (the plan states no totals).", False
     line = (f"{done_core} of {core} core runs and {done_long} of {long} long-regime runs finished; tuning "
             f"{'complete' if tuning.get('complete') else 'under way'}.")
-    return line, complete
+    return line, done_core >= core
 
 
 def verdict_rows(report: Mapping[str, Any], complete: bool) -> list[str]:
+    """The family's rows; until the study is complete each says interim, and how many seeds its row has finished (a
+    C7 seed lacking hetlora's r_min tier perplexity is finished, and named, as study.md counts it)."""
+    rows = report.get("comparisons") or []
+    if not rows:
+        return ["No comparison yet: hetlora and another core label have no seed in common."]
     planned = (report.get("plan") or {}).get("n") or len((report.get("config") or {}).get("seeds") or [])
     lines = ["| id | versus | effect, % of HetLoRA's perplexity (95 % CI; > 0: HetLoRA better) | the paper's % | n | Holm p | verdict |",
              "|---|---|---:|---:|---:|---:|---|"]
-    for c in report.get("comparisons") or []:
-        verdict = (c["verdict"] if complete else f"{c['verdict']} (interim, {c['n']} of {planned} seeds)" if c["n"] < planned
+    for c in rows:
+        finished = c["n"] + len(c.get("lacking_seeds") or [])
+        verdict = (c["verdict"] if complete else f"{c['verdict']} (interim, {finished} of {planned} seeds)" if finished < planned
                    else f"{c['verdict']} (interim: other rows still owe seeds)")
-        lines.append(f"| {c['id']} | {c['label']} | {_fmt(c.get('effect_pct'))} {_ci(c.get('ci95_pct'))} | "
-                     f"{_fmt(c.get('paper_effect_pct'), 1)} | {c['n']} | {_p(c.get('p_holm'))} | {verdict} |")
+        if c.get("lacking_seeds"):
+            verdict += f" (seed(s) {', '.join(map(str, c['lacking_seeds']))} lack {c['lacking']})"
+        lines.append(f"| {c['id']} | {c['label']} | {fmt(c.get('effect_pct'))} {ci_text(c.get('ci95_pct'))} | "
+                     f"{fmt(c.get('paper_effect_pct'), 1)} | {c['n']} | {p_text(c.get('p_holm'))} | {verdict} |")
     return lines
 
 
 def single_seed_line(report: Mapping[str, Any]) -> str:
     """The rows whose verdict one seed decides, or whose rank-test reading differs (the sensitivity section's gist)."""
+    if "sensitivity" not in report:
+        return "Resting on single seeds: not computed in this study.json (rebuild it with `make study-report`)."
+    rows = [r for r in report["sensitivity"] if "median_pct" in r]
+    if not rows:
+        return "Resting on single seeds: no row tested yet."
     notes = []
-    for r in report.get("sensitivity") or []:
-        if "median_pct" not in r:
-            continue
+    for r in rows:
         parts = []
         if r["verdict_flips_without"]:
             parts.append(f"its verdict changes without seed {', '.join(map(str, r['verdict_flips_without']))}")
         if r["wilcoxon_verdict"] != r["verdict"]:
             parts.append(f"the rank test reads it {r['wilcoxon_verdict']}")
+        if parts and r["most_influential_seed"] is not None:
+            parts.append(f"the seed that moves it most is {r['most_influential_seed']} ({fmt(r['effect_without_it_pct'])} % without it)")
         if parts:
-            notes.append(f"{r['id']} ({r['label']}): " + " and ".join(parts)
-                         + f"; the seed that moves it most is {r['most_influential_seed']} ({_fmt(r['effect_without_it_pct'])} % without it)")
-    return ("Resting on single seeds (descriptive, study.md): " + ("; ".join(notes) + "." if notes else
+            notes.append(f"{r['id']} ({r['label']}): " + "; ".join(parts))
+    return ("Resting on single seeds (descriptive, study.md): " + (". ".join(notes) + "." if notes else
             "no row's verdict changes with any one seed left out, and the rank test reads every row the same way."))
 
 
 def constraint_rows(report: Mapping[str, Any]) -> list[str]:
+    """Which method for which constraint, in brief: the ranked constraints as a table (the first four labels), then the
+    ones that change the algorithm, each label with what it runs as there."""
     lines = ["| your constraint | the labels it allows, best first (mean on the seeds all of them finished) | best vs runner-up, paired % (95 % CI), n | refused |",
              "|---|---|---|---|"]
     grouped = []
@@ -72,20 +87,9 @@ def constraint_rows(report: Mapping[str, Any]) -> list[str]:
             grouped.append(f"* **{c['need']}** (not ranked: the study ran nothing under it): "
                            + "; ".join(f"{', '.join(g['labels'])} → {g['runs_as']}" for g in c["becomes"]) + f". Refused: {refused}.")
             continue
-        ranking = ", ".join(f"{r['label']} {_fmt(r['mean'], c['digits'])}" for r in c["ranking"][:4]) or "—"
-        if len(c["ranking"]) > 4:
-            ranking += f", … ({len(c['ranking'])} in all)"
-        if c.get("caveat"):
-            ranking += f" ({c['caveat']})"
-        duel = c.get("best_vs_runner_up_pct") or {}
-        if c.get("tied_with_best"):
-            duel_text = f"{c['best']} tied with {', '.join(c['tied_with_best'])}"
-        elif c.get("runner_up"):
-            duel_text = f"{c['best']} vs {c['runner_up']}: {_fmt(duel.get('mean'))} % {_ci(duel.get('ci95'))}, n = {c['n']}"
-        else:
-            duel_text = "—"
+        duel = best_vs_runner_up(c) + (f", n = {c['n']}" if c.get("runner_up") else "")
         by = "" if c.get("by_final_ppl") else f"; ranked by {c['score']}"
-        lines.append(f"| {c['need']}{by} | {ranking} | {duel_text} | {refused} |")
+        lines.append(f"| {c['need']}{by} | {ranking_text(c, shown=4)} | {duel} | {refused} |")
     return lines + ([""] + grouped if grouped else [])
 
 
@@ -129,7 +133,8 @@ def update_readme(path: Path, preset: str, block: str) -> Path:
     rest of the file is left as it is. A README without both markers is refused, naming them."""
     text = path.read_text()
     begin, end = markers(preset)
-    start, stop = text.find(begin), text.find(end)
+    start = text.find(begin)
+    stop = text.find(end, start) if start >= 0 else -1
     if start < 0 or stop < start:
         raise ValueError(f"{path} has no generated block for {preset}: add a line starting '{begin}' and, below it, "
                          f"a line '{end}' where the study's numbers go")

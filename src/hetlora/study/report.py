@@ -158,11 +158,11 @@ def tuning_rows(tuning: dict | None) -> dict[str, dict[str, Any]]:
                     "complete": t.get("complete")} for label, t in labels.items()}
 
 
-def _p(x) -> str:
-    return "< 0.001" if isinstance(x, float) and 0 <= x < 0.001 else _fmt(x, 3)
+def p_text(x) -> str:
+    return "< 0.001" if isinstance(x, float) and 0 <= x < 0.001 else fmt(x, 3)
 
 
-def _fmt(x, digits=2):
+def fmt(x, digits=2):
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
@@ -184,8 +184,8 @@ def render_markdown(report: dict, plots: list[Path], results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _ci(ci, digits: int = 2) -> str:
-    return f"(CI {_fmt(ci[0], digits) if ci else '—'}…{_fmt(ci[1], digits) if ci else '—'})"
+def ci_text(ci, digits: int = 2) -> str:
+    return f"(CI {fmt(ci[0], digits) if ci else '—'}…{fmt(ci[1], digits) if ci else '—'})"
 
 
 def claims_section(report: dict) -> list[str]:
@@ -194,20 +194,20 @@ def claims_section(report: dict) -> list[str]:
     lines = ["| claim | the paper's evidence | ours (paired, hetlora vs. the other; mean, 95 % CI, seeds) | verdict |", "|---|---|---|---|"]
     for c in report["claims"]:
         ci = c.get("ci95")
-        interval = f"(CI {_fmt(ci[0]) if ci else '—'}…{_fmt(ci[1]) if ci else '—'})"
+        interval = f"(CI {fmt(ci[0]) if ci else '—'}…{fmt(ci[1]) if ci else '—'})"
         if c.get("mean_diff") is None:
             ours = c.get("note", "no data")
         elif c["id"] == "C6":
-            ours = (f"(best HomLoRA + FFT)/2 − ppl(hetlora) = {_fmt(c['mean_diff'])} {interval}; "
+            ours = (f"(best HomLoRA + FFT)/2 − ppl(hetlora) = {fmt(c['mean_diff'])} {interval}; "
                     f"trainable params {100 * c['trainable_params_vs_fft']:.1f} % of FFT, upload {100 * c['bytes_up_vs_fft']:.1f} % of FFT, "
                     f"{100 * c['bytes_up_vs_fedavg_rmax']:.0f} % of HomLoRA r_max")
         elif c["id"] == "C4":
             ours = (f"upload saved {c['bytes_up_saved_mean'] / 1e6:.1f} MB (CI {c['bytes_up_saved_ci95'][0] / 1e6:.1f}…{c['bytes_up_saved_ci95'][1] / 1e6:.1f}), "
-                    f"mean final rank −{_fmt(c['mean_rank_reduction'], 1)}, ppl(noprune) vs ppl(hetlora) {_fmt(c['mean_diff'])} % {interval}, "
+                    f"mean final rank −{fmt(c['mean_rank_reduction'], 1)}, ppl(noprune) vs ppl(hetlora) {fmt(c['mean_diff'])} % {interval}, "
                     f"margin −{c['equivalence_margin_pct']:g} %")
         else:
-            ours = f"ppl({c['versus']}) − ppl(hetlora) = {_fmt(c['mean_diff'])} {interval}"
-        p_text = f", p = {_fmt(c['p'], 3)}, Holm {_fmt(c['p_holm'], 3)}" if c.get("p_holm") is not None else ""
+            ours = f"ppl({c['versus']}) − ppl(hetlora) = {fmt(c['mean_diff'])} {interval}"
+        p_text = f", p = {fmt(c['p'], 3)}, Holm {fmt(c['p_holm'], 3)}" if c.get("p_holm") is not None else ""
         interim = f" (interim: {c.get('n', 0)} of {planned} seeds)" if c.get("n", 0) < planned else ""
         lines.append(f"| **{c['id']}** {c['claim']} | {c['paper']} | {ours}, n = {c.get('n', 0)}{p_text} | **{c['verdict']}**{interim} |")
     return lines + ["", "Verdict rule: each claim's paired per-seed difference is tested (two-sided t-test; C4: upload saved, one-sided, "
@@ -229,19 +229,19 @@ def comparisons_section(report: dict) -> list[str]:
         interim = f" (interim: {finished} of {planned})" if finished < planned else ""
         if c.get("lacking_seeds"):
             interim += f" (seed(s) {', '.join(map(str, c['lacking_seeds']))} lack {c['lacking']})"
-        lines.append(f"| {c['id']} | {c['label']} | {c['claim']} | {_fmt(c.get('effect_pct'))} {_ci(c.get('ci95_pct'))} | "
-                     f"{_fmt(c.get('paper_effect_pct'), 1)} | {c['n']} | {_p(c.get('p'))} | {_p(c.get('p_holm'))} | **{c['verdict']}**{interim} |")
+        lines.append(f"| {c['id']} | {c['label']} | {c['claim']} | {fmt(c.get('effect_pct'))} {ci_text(c.get('ci95_pct'))} | "
+                     f"{fmt(c.get('paper_effect_pct'), 1)} | {c['n']} | {p_text(c.get('p'))} | {p_text(c.get('p_holm'))} | **{c['verdict']}**{interim} |")
     trade = next((c for c in rows if c["id"] == "C4" and c.get("upload_saved_pct") is not None), None)
     if trade:
         per = trade.get("upload_saved_pct_per_0_1_pct_ppl")
-        lines += ["", f"C4's trade: pruning saved {_fmt(trade['upload_saved_pct'])} % of upload {_ci(trade['upload_saved_pct_ci95'])} and cost "
-                      f"{_fmt(trade['ppl_cost_pct'])} % perplexity {_ci(trade['ppl_cost_pct_ci95'])}: "
-                      + (f"{_fmt(per)} % of upload per 0.1 % of perplexity" if per is not None else "no perplexity cost on average")
+        lines += ["", f"C4's trade: pruning saved {fmt(trade['upload_saved_pct'])} % of upload {ci_text(trade['upload_saved_pct_ci95'])} and cost "
+                      f"{fmt(trade['ppl_cost_pct'])} % perplexity {ci_text(trade['ppl_cost_pct_ci95'])}: "
+                      + (f"{fmt(per)} % of upload per 0.1 % of perplexity" if per is not None else "no perplexity cost on average")
                       + f" (registered rate: ≥ 1 % of upload per {trade['rate_pct_ppl_per_pct_upload']:g} %)."]
     c6 = next((c for c in rows if c["id"] == "C6" and c.get("gap_pct") is not None), None)
     if c6:
-        lines += ["", f"C6's gap, ppl({c6['homlora']}) − ppl(fft) as % of HetLoRA's: {_fmt(c6['gap_pct'])} {_ci(c6['gap_pct_ci95'])} "
-                      f"(the paper's {_fmt(c6['paper_gap_pct'], 1)})"
+        lines += ["", f"C6's gap, ppl({c6['homlora']}) − ppl(fft) as % of HetLoRA's: {fmt(c6['gap_pct'])} {ci_text(c6['gap_pct_ci95'])} "
+                      f"(the paper's {fmt(c6['paper_gap_pct'], 1)})"
                       + (": full fine-tuning is not better than the HomLoRA here, so there is no gap to close and C6's verdict says little."
                          if c6["gap_pct"] <= 0 else ".")]
     noted = report.get("noted_runs") or []
@@ -269,16 +269,16 @@ def sensitivity_section(report: dict) -> list[str]:
              "|---|---|---|---:|---|---|---|---|"]
     for r in rows:
         low, high = r["leave_one_out_pct"] or (None, None)
-        most = (f" (seed {r['most_influential_seed']}: {_fmt(r['effect_without_it_pct'])})"
+        most = (f" (seed {r['most_influential_seed']}: {fmt(r['effect_without_it_pct'])})"
                 if r["most_influential_seed"] is not None else "")
         flips = ", ".join(map(str, r["verdict_flips_without"])) or "none"
-        lines.append(f"| {r['id']} | {r['label']} | {r['verdict']} | {_fmt(r['median_pct'])} | "
+        lines.append(f"| {r['id']} | {r['label']} | {r['verdict']} | {fmt(r['median_pct'])} | "
                      f"{r['seeds_on_hetloras_side']} : {r['seeds_on_other_side']} of {r['n']} | "
-                     f"{_p(r['wilcoxon_p'])}, {_p(r['wilcoxon_p_holm'])} → {r['wilcoxon_verdict']} | "
-                     f"{_fmt(low)}…{_fmt(high)}{most} | {flips} |")
+                     f"{p_text(r['wilcoxon_p'])}, {p_text(r['wilcoxon_p_holm'])} → {r['wilcoxon_verdict']} | "
+                     f"{fmt(low)}…{fmt(high)}{most} | {flips} |")
     return lines + ["", "Per row: the median of its per-seed effects and how many seeds fall on each side (> 0: HetLoRA better); "
                         "the two-sided Wilcoxon signed-rank test of the same per-seed effects, Holm-adjusted over the same family "
-                        "and read with the registered rule (side: the median's); and, for each seed, every row recomputed without "
+                        "and read with the registered rule (side: the sign of W+ − W−); and, for each seed, every row recomputed without "
                         "it and the family adjusted again. A verdict that the t-test reaches through one large seed shows here as "
                         "a rank-test reading that differs or a seed whose removal flips it. Added on 2026-12-07, after seeds 0–3 "
                         "had been seen (some of seed 3's runs were rough): it is not part of the registered rule and changes no "
@@ -316,24 +316,33 @@ def constraints_section(report: dict) -> list[str]:
 
 
 def ranked_constraint_line(c: dict, planned: int) -> str:
-    ranking = ", ".join(f"{r['label']} {_fmt(r['mean'], c['digits'])}" + ("" if c["by_final_ppl"] else f" (ppl {_fmt(r['final_ppl'])})")
-                        for r in c["ranking"]) or c.get("note", "—")
-    if c["unscored"]:
-        ranking += "; not ranked: " + ", ".join(f"{u['label']} ({u['why']})" for u in c["unscored"])
-    if c.get("caveat"):
-        ranking += f" ({c['caveat']})"
-    duel = c.get("best_vs_runner_up_pct") or {}
-    if c.get("tied_with_best"):
-        duel_text = f"{c['best']} tied with {', '.join(c['tied_with_best'])} on every seed"
-    elif c.get("runner_up"):
-        duel_text = f"{c['best']} vs {c['runner_up']}: {_fmt(duel.get('mean'))} % {_ci(duel.get('ci95'))}"
-    else:
-        duel_text = "—"
-    registered = "; ".join(f"{r['id']} {r['label']} {_fmt(r['effect_pct'])} %, n = {r['n']}, Holm p {_p(r['p_holm'])}, {r['verdict']}"
+    registered = "; ".join(f"{r['id']} {r['label']} {fmt(r['effect_pct'])} %, n = {r['n']}, Holm p {p_text(r['p_holm'])}, {r['verdict']}"
                            for r in c.get("registered") or []) or "—"
     interim = f" (interim: {c['n']} of {planned})" if c["n"] < planned else ""
-    return (f"| {c['need']} | {c['score']} | {ranking} | {c['n']}{interim} | {duel_text} | {registered} | "
+    return (f"| {c['need']} | {c['score']} | {ranking_text(c)} | {c['n']}{interim} | {best_vs_runner_up(c)} | {registered} | "
             f"{', '.join(r['label'] for r in c['refused']) or 'none'} |")
+
+
+def ranking_text(c: dict, shown: int | None = None) -> str:
+    """A ranked constraint's allowed labels, best first (the first ``shown`` of them; None: all), the ones it could not
+    score, and its caveat."""
+    ranking = ", ".join(f"{r['label']} {fmt(r['mean'], c['digits'])}" + ("" if c["by_final_ppl"] else f" (ppl {fmt(r['final_ppl'])})")
+                        for r in c["ranking"][:shown]) or c.get("note", "—")
+    if shown is not None and len(c["ranking"]) > shown:
+        ranking += f", … ({len(c['ranking'])} in all)"
+    if c.get("unscored"):
+        ranking += "; not ranked: " + ", ".join(f"{u['label']} ({u['why']})" for u in c["unscored"])
+    return ranking + (f" ({c['caveat']})" if c.get("caveat") else "")
+
+
+def best_vs_runner_up(c: dict) -> str:
+    """The best allowed label against the runner-up (paired %, unadjusted), or the labels tied with it on every seed."""
+    duel = c.get("best_vs_runner_up_pct") or {}
+    if c.get("tied_with_best"):
+        return f"{c['best']} tied with {', '.join(c['tied_with_best'])} on every seed"
+    if c.get("runner_up"):
+        return f"{c['best']} vs {c['runner_up']}: {fmt(duel.get('mean'))} % {ci_text(duel.get('ci95'))}"
+    return "—"
 
 
 def refusal_reasons(refused: list[dict]) -> dict[str, list[str]]:
@@ -355,7 +364,7 @@ def tuning_section(report: dict) -> list[str]:
              "|---|---|---|---:|---|---|"]
     for label, r in rows.items():
         rated = sorted(((float(k), v) for k, v in (r.get("scores") or {}).items()), key=lambda kv: kv[0])  # by rate, not by text
-        scores = ", ".join(f"{k:g}: {_fmt(v)}" for k, v in rated)
+        scores = ", ".join(f"{k:g}: {fmt(v)}" for k, v in rated)
         lines.append(f"| {label} | {r.get('grid')} | {scores or '—'} | {r['chosen'] if r.get('chosen') is not None else '—'} | "
                      f"{runner_up(rated, r.get('chosen'))} | {'yes' if r.get('bracketed') else 'no' if r.get('bracketed') is False else '—'} |")
     return lines + ["", "A runner-up within about 1 % of the chosen rate is a near tie on two tuning seeds: that label's rate could "
@@ -383,8 +392,8 @@ def c8_section(report: dict) -> list[str]:
     lines = [f"## C8 — does any method beat HetLoRA? **{c8['verdict']}**{interim}", "",
              "| method | ppl(method) − ppl(hetlora) (mean, 95 % CI) | n | p | Holm p | verdict |", "|---|---:|---:|---:|---:|---|"]
     for r in c8["rows"]:
-        lines.append(f"| {r['versus']} | {_fmt(r.get('mean_diff'))} {_ci(r.get('ci95'))} | {r.get('n', 0)} | {_fmt(r.get('p'), 3)} | "
-                     f"{_fmt(r.get('p_holm'), 3)} | {r['verdict']} |")
+        lines.append(f"| {r['versus']} | {fmt(r.get('mean_diff'))} {ci_text(r.get('ci95'))} | {r.get('n', 0)} | {fmt(r.get('p'), 3)} | "
+                     f"{fmt(r.get('p_holm'), 3)} | {r['verdict']} |")
     return lines + ["", c8["verdict_basis"] + ".", ""]
 
 
@@ -395,8 +404,8 @@ def variants_section(report: dict) -> list[str]:
     lines = ["## HetLoRA's rank-health variants vs hetlora (paired, unadjusted 95 % intervals; < 0: the variant is better)", "",
              "| variant | final test ppl − hetlora's | n | r_min tier's test ppl − hetlora's | n |", "|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['label']} | {_fmt(r['final_diff'])} {_ci(r['final_ci95'])} | {r['n']} | "
-                     f"{_fmt(r['tier_diff'])} {_ci(r['tier_ci95'])} (r = {r['tier']}) | {r['tier_n']} |")
+        lines.append(f"| {r['label']} | {fmt(r['final_diff'])} {ci_text(r['final_ci95'])} | {r['n']} | "
+                     f"{fmt(r['tier_diff'])} {ci_text(r['tier_ci95'])} (r = {r['tier']}) | {r['tier_n']} |")
     return lines + [""]
 
 
@@ -409,11 +418,11 @@ def long_section(report: dict) -> list[str]:
              "|---|---:|---:|---|---:|"]
     for label, m in long["methods"].items():
         best = ", ".join(f"s{s['seed']}: {s['best_round']}" for s in m["seeds"])
-        lines.append(f"| {label} | {_fmt(m['final_eval_ppl_mean'])} {_ci(m['final_eval_ppl_ci95'])} | {m['n']} | {best} | "
+        lines.append(f"| {label} | {fmt(m['final_eval_ppl_mean'])} {ci_text(m['final_eval_ppl_ci95'])} | {m['n']} | {best} | "
                      f"{m['overfitting_seeds']} of {m['n']} |")
     for other, c in long.get("paired", {}).items():
-        lines.append(f"\nppl({other}) − ppl(hetlora) in this regime: {_fmt(c.get('mean_diff'))} {_ci(c.get('ci95'))}, "
-                     f"{_fmt(c.get('effect_pct'))} % of hetlora's {_ci(c.get('ci95_pct'))}, n = {c.get('n', 0)} "
+        lines.append(f"\nppl({other}) − ppl(hetlora) in this regime: {fmt(c.get('mean_diff'))} {ci_text(c.get('ci95'))}, "
+                     f"{fmt(c.get('effect_pct'))} % of hetlora's {ci_text(c.get('ci95_pct'))}, n = {c.get('n', 0)} "
                      "(descriptive: not part of a Holm family).")
     return lines + [""]
 
@@ -432,8 +441,8 @@ def plan_section(report: dict) -> list[str]:
         if mean is None:
             lines.append(f"| {c['id']} | {c['prior_n']} | — | — | — | {c['note']} |")
             continue
-        lines.append(f"| {c['id']} | {c['prior_n']} | {_fmt(mean)} ({_fmt(sd)}) | {c['seeds_needed_80pct'] or '> 200'} | "
-                     f"{_fmt(c['power_at_n'])} | {c['expected']} |")
+        lines.append(f"| {c['id']} | {c['prior_n']} | {fmt(mean)} ({fmt(sd)}) | {c['seeds_needed_80pct'] or '> 200'} | "
+                     f"{fmt(c['power_at_n'])} | {c['expected']} |")
     d = plan["design"]
     if "sizing" in plan:
         hours = "; ".join(f"{cls}: {h:.1f} h" for cls, h in plan["compute"]["hours_by_class"].items())
@@ -454,9 +463,9 @@ def methods_section(report: dict) -> list[str]:
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["table"]:
         ci = r["final_eval_ppl_ci95"]
-        lines.append(f"| {r['label']} | {_fmt(r['final_eval_ppl_mean'])} ({_fmt(ci[0]) if ci else '—'}…{_fmt(ci[1]) if ci else '—'}) | {r['n']} | {_fmt(r.get('rouge_l'), 3)} | "
-                     f"{r['bytes_up_total'] / 1e6:.1f} | {r['bytes_down_total'] / 1e6:.1f} | {r['trainable_params']:,} | {_fmt(r['live_rank'], 1)} | "
-                     f"{_fmt(r['pruning_events'], 1)} | {r['seconds']:.0f} | {r['lr']:g} |")
+        lines.append(f"| {r['label']} | {fmt(r['final_eval_ppl_mean'])} ({fmt(ci[0]) if ci else '—'}…{fmt(ci[1]) if ci else '—'}) | {r['n']} | {fmt(r.get('rouge_l'), 3)} | "
+                     f"{r['bytes_up_total'] / 1e6:.1f} | {r['bytes_down_total'] / 1e6:.1f} | {r['trainable_params']:,} | {fmt(r['live_rank'], 1)} | "
+                     f"{fmt(r['pruning_events'], 1)} | {r['seconds']:.0f} | {r['lr']:g} |")
     scored = [r for r in report["table"] if r.get("rouge_n")]
     if scored:
         unscored = [f"{r['label']} ({r['n'] - r['rouge_n']} of {r['n']})" for r in report["table"] if r.get("rouge_n", 0) < r["n"]]
@@ -476,7 +485,7 @@ def rouge_section(report: dict) -> list[str]:
                  "(> 0: hetlora better, as the perplexity rows read; unadjusted 95 % CI and p, a secondary outcome outside "
                  "the family):", "", "| versus | n | hetlora − label, points (95 % CI) | p |", "|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['n']} | {_fmt(r['mean_points'])} {_ci(r['ci95_points'])} | {_p(r['p'])} |")
+        lines.append(f"| {r['label']} | {r['n']} | {fmt(r['mean_points'])} {ci_text(r['ci95_points'])} | {p_text(r['p'])} |")
     return lines
 
 
@@ -556,7 +565,7 @@ def set_aside_section(report: dict) -> list[str]:
              "| seed | group | block | runs kept aside | compute | set aside | reason |", "|---:|---|---|---|---:|---|---|"]
     for g in groups:
         block = block_label(g.get("block") or {})
-        runs = ", ".join(f"{r['label']} ({_fmt(r['final_eval_ppl'])})" for r in g["finished"])
+        runs = ", ".join(f"{r['label']} ({fmt(r['final_eval_ppl'])})" for r in g["finished"])
         seed = "—" if g.get("seed") is None else g["seed"]
         lines.append(f"| {seed} | {g['where']} | {block} | {runs} | {g['seconds'] / 60:.1f} min | {g['set_aside_at']} | {g['reason']} |")
     return lines + ["", "Only a seed still owing a planned run can be set aside (`hetlora study --set-aside-seed N --why ...`), "

@@ -5,7 +5,7 @@ Pure arithmetic over the Holm family that :func:`family.comparisons` built (each
 reviewer can lean on it when a few seeds are rough (a tuned rate near instability, a run whose curve oscillates):
 
 * **the rank-test reading**: the median per-seed effect, how many seeds fall on HetLoRA's side, and the two-sided
-  Wilcoxon signed-rank p, Holm-adjusted over the same family, read with the same rule (side = the median's sign);
+  Wilcoxon signed-rank p, Holm-adjusted over the same family, read with the same rule (its side: the sign of W+ − W−);
   a verdict the t-test reaches only through one large seed does not survive it;
 * **one seed left out**: for each seed, every row recomputed without it and the family Holm-adjusted again; the row's
   effect range over those, the seed that moves it most, and the seeds whose removal changes its verdict.
@@ -44,6 +44,16 @@ def wilcoxon_p(values: Sequence[float]) -> float | None:
     return min(1.0, 2 * min(below, above))
 
 
+def signed_rank_side(values: Sequence[float]) -> float:
+    """W+ − W− (mid-ranks, zeros dropped): the side the signed-rank test leans to (> 0: HetLoRA's), which a median of 0
+    cannot say (a C4 trade of exactly 0 on the seeds where pruning never fired)."""
+    nonzero = [v for v in values if v != 0]
+    if not nonzero:
+        return 0.0
+    ranks = _scipy.rankdata([abs(v) for v in nonzero])
+    return float(sum(r if v > 0 else -r for r, v in zip(ranks, nonzero)))
+
+
 def tested(row: Mapping[str, Any]) -> bool:
     """A row the registered rule tested: finite per-seed effects on at least two seeds."""
     values = row.get("effects_pct") or []
@@ -64,7 +74,8 @@ def without_seed(family: Sequence[Mapping[str, Any]], seed: int) -> dict[str, di
     kept = {}
     for row in family:
         values = [v for s, v in zip(row.get("seeds") or [], row.get("effects_pct") or []) if s != seed]
-        ok = len(values) >= 2 and all(math.isfinite(v) for v in values)
+        # a row the registered rule left untested stays untested (p = 1), whichever seed is left out
+        ok = tested(row) and len(values) >= 2 and all(math.isfinite(v) for v in values)
         kept[row["id"]] = (statistics.fmean(values) if ok else None, t_test(values) if ok else None)
     adjusted = _adjusted({cid: p for cid, (_, p) in kept.items()})
     return {row["id"]: {"effect_pct": kept[row["id"]][0],
@@ -94,7 +105,7 @@ def sensitivity(family: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "median_pct": median, "seeds_on_hetloras_side": sum(v > 0 for v in values),
             "seeds_on_other_side": sum(v < 0 for v in values),
             "wilcoxon_p": ranks[row["id"]], "wilcoxon_p_holm": ranks_holm[row["id"]],
-            "wilcoxon_verdict": _verdict(row, median, ranks_holm[row["id"]]),
+            "wilcoxon_verdict": _verdict(row, signed_rank_side(values), ranks_holm[row["id"]]),
             "leave_one_out_pct": [min(effects), max(effects)] if effects else None,
             "most_influential_seed": most, "effect_without_it_pct": loo[most]["effect_pct"] if most is not None else None,
             "verdict_flips_without": [s for s, r in loo.items() if r["verdict"] != row["verdict"]],
