@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 $(LLAMACPP_STAMP): $(STAMP)
 	@echo "building llama-cpp-python from source for the llama.cpp check (first time only)"
 	@if CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -e ".[server,test,llamacpp]"; then touch $(LLAMACPP_STAMP); \
-	else echo "WARNING: llama-cpp-python did not build (it needs cmake and a C++ compiler): tests/test_llamacpp.py will be SKIPPED"; fi
+	else echo "WARNING: llama-cpp-python did not build (it needs cmake and a C++ compiler): tests/export/test_llamacpp.py will be SKIPPED"; fi
 
 install: $(STAMP)
 
