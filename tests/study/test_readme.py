@@ -78,6 +78,8 @@ def test_a_study_that_has_only_begun_renders_what_it_has_and_says_what_it_lacks(
     assert "C2 (fedavg-rmax): the rank test reads it reproduced." in block and "None" not in block
     assert ("| the thinnest uplink; ranked by upload per run (MB) | no seed on which every allowed label finished yet; "
             "not ranked: florist (no finished run yet) | — | none |") in block
+    assert "**The long regime** (more rounds): no run finished yet (0 of 25)." in block
+    assert "ROUGE-L (the paper's second metric, secondary): no paired runs yet." in block and "Compute: no run yet." in block
 
 
 def test_a_report_without_rows_or_sensitivity_says_so_rather_than_claiming_stability():

@@ -259,3 +259,10 @@ def test_the_readme_block_reads_the_registered_family_off_study_json(report):
     assert "| devices of mixed memory, each training the rank it affords | fslora " in block
     assert "| fft, fedex-lora, fed-plora, florist |" in block
     assert "no row's verdict changes with any one seed left out" in block
+    # the long regime: fedavg-rmax's curves were planted to turn up on all 5 seeds; ROUGE-L: fedavg-rmax 0.5 points
+    # worse on every seed (the only interval apart from 0); compute: one block, its core, long and tuning runs
+    long = data["long"]["methods"]["fedavg-rmax"]
+    assert f"| fedavg-rmax | {long['final_eval_ppl_mean']:.2f} " in block and "| 5 of 5 |" in block
+    assert "25 of 25 runs" in block
+    assert "fedavg-rmax 0.50 (CI 0.50…0.50); every other label's interval includes 0." in block
+    assert "Compute per machine class" in block and "(seeds 0–19; long 0–4; tuning (" in block

@@ -309,7 +309,13 @@ def test_compute_per_block_adds_each_blocks_seeds_runs_and_seconds():
     assert report["seed_blocks"]["runs"]["0"]["seconds"] == 180.0 and report["seed_blocks"]["runs"]["0"]["runs"] == 2
     rows = {r["device"]: r for r in compute_per_block(report)}
     assert rows["cpu: A"] == {"device": "cpu: A", "block": "cpu AVX2, 2 threads / fp32 / aaaa", "seeds": "0", "runs": 2, "seconds": 180.0}
-    assert rows["cpu: B"]["seeds"] == "1, 0 (long)" and rows["cpu: B"]["runs"] == 2 and rows["cpu: B"]["seconds"] == 120.0
+    assert rows["cpu: B"]["seeds"] == "1; long 0" and rows["cpu: B"]["runs"] == 2 and rows["cpu: B"]["seconds"] == 120.0
+
+
+def test_seed_ranges_merge_consecutive_seeds():
+    from hetlora.study.report import seed_ranges
+
+    assert seed_ranges([6, 0, 2, 1, 4, 7, 2]) == "0–2, 4, 6–7" and seed_ranges([3]) == "3" and seed_ranges([]) == ""
 
 
 def _finished_run(directory, seed, ppl, label_method="hetlora"):

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from .report import best_vs_runner_up, ci_text, fmt, p_text, ranking_text
+from .report import best_vs_runner_up, ci_text, compute_per_block, fmt, p_text, ranking_text
 
 
 def markers(preset: str) -> tuple[str, str]:
@@ -93,6 +93,47 @@ def constraint_rows(report: Mapping[str, Any]) -> list[str]:
     return lines + ([""] + grouped if grouped else [])
 
 
+def long_rows(report: Mapping[str, Any]) -> list[str]:
+    """The long regime in brief: each label's final perplexity, its paired effect against hetlora, its best rounds and
+    how many seeds' curves turn up while the train loss falls (the paper's overfitting)."""
+    long = report.get("long") or {}
+    planned = (report.get("plan") or {}).get("compute", {}).get("sections", {}).get("long", {}).get("runs")
+    if not long.get("methods"):
+        return [f"**The long regime** ({long.get('design', 'more rounds')}): no run finished yet"
+                + (f" (0 of {planned})." if planned else ".")]
+    lines = [f"**The long regime** ({long.get('design')}; descriptive, outside the family; "
+             f"{sum(m['n'] for m in long['methods'].values())} of {planned} runs):", "",
+             "| label | final test ppl (95 % CI) | vs hetlora, % (95 % CI) | best round per seed | curve turns up while train loss falls |",
+             "|---|---:|---:|---|---:|"]
+    for label, m in long["methods"].items():
+        paired = long.get("paired", {}).get(label)
+        versus = f"{fmt(paired.get('effect_pct'))} {ci_text(paired.get('ci95_pct'))}" if paired else "—"
+        best = ", ".join(str(s["best_round"]) for s in m["seeds"])
+        lines.append(f"| {label} | {fmt(m['final_eval_ppl_mean'])} {ci_text(m['final_eval_ppl_ci95'])} | {versus} | {best} | "
+                     f"{m['overfitting_seeds']} of {m['n']} |")
+    return lines
+
+
+def rouge_line(report: Mapping[str, Any]) -> str:
+    """ROUGE-L against hetlora in one line: the labels whose paired interval excludes 0, the rest said together."""
+    rows = [r for r in report.get("rouge_vs_hetlora") or [] if r["n"] > 1 and r.get("ci95_points")]
+    if not rows:
+        return "ROUGE-L (the paper's second metric, secondary): no paired runs yet."
+    apart = [r for r in rows if r["ci95_points"][0] > 0 or r["ci95_points"][1] < 0]
+    named = "; ".join(f"{r['label']} {fmt(r['mean_points'])} {ci_text(r['ci95_points'])}" for r in apart)
+    return ("ROUGE-L (the paper's second metric; secondary, unadjusted; hetlora − label in F-measure points, > 0: hetlora "
+            "better): " + (f"{named}; every other label's interval includes 0." if apart else "every label's interval includes 0."))
+
+
+def compute_line(report: Mapping[str, Any]) -> str:
+    """The compute each machine class spent (core, long-regime and tuning runs), from the report's seed blocks."""
+    rows = compute_per_block(dict(report))
+    if not rows:
+        return "Compute: no run yet."
+    return "Compute per machine class (sum of the runs' own seconds): " + "; ".join(
+        f"{r['block']}: {r['runs']} runs, {r['seconds'] / 3600:.1f} h (seeds {r['seeds']})" for r in rows) + "."
+
+
 def readme_block(report: Mapping[str, Any], preset: str) -> str:
     """The block between the README's markers: where the study stands, its family's rows, what rests on one seed, and
     which method fits which constraint — every figure read off ``report``."""
@@ -109,7 +150,7 @@ def readme_block(report: Mapping[str, Any], preset: str) -> str:
     body += verdict_rows(report, complete) + ["", single_seed_line(report), "",
                                                 "**Which method for which constraint** (these runs; descriptive, outside the "
                                                 "registered family; study.md gives each refusal's reason):", ""]
-    body += constraint_rows(report) + ["", end]
+    body += constraint_rows(report) + [""] + long_rows(report) + ["", rouge_line(report), "", compute_line(report), "", end]
     return "\n".join(body)
 
 

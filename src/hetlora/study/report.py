@@ -539,22 +539,43 @@ def block_label(block: dict) -> str:
 
 
 def compute_per_block(report: dict) -> list[dict[str, Any]]:
-    """The compute each seed block (so each machine class) spent, over the core, reference, long-regime and tuning runs."""
+    """The compute each seed block (so each machine class) spent, over the core, reference, long-regime and tuning runs;
+    ``seeds`` says which, as ranges ("0–4; long 0–2; tuning (96 runs)")."""
     totals: dict[str, dict[str, Any]] = {}
+
+    def row_of(key: str, block: dict) -> dict[str, Any]:
+        return totals.setdefault(key, {"device": block.get("device", "not recorded"), "block": key, "core": [], "long": [],
+                                       "tuning": 0, "runs": 0, "seconds": 0.0})
+
     for where, blocks in (report.get("seed_blocks") or {}).items():
         for seed, e in blocks.items():
             b = e["block"] or {}
-            key = block_label(b)
-            row = totals.setdefault(key, {"device": b.get("device", "not recorded"), "block": key, "seeds": [], "runs": 0, "seconds": 0.0})
-            row["seeds"].append(f"{seed}{' (long)' if where == 'long' else ''}")
+            row = row_of(block_label(b), b)
+            row["long" if where == "long" else "core"].append(int(seed))
             row["runs"] += e["runs"]
             row["seconds"] += e.get("seconds", 0.0)
     for key, e in (report.get("tuning_blocks") or {}).items():
-        row = totals.setdefault(key, {"device": e["block"].get("device", "not recorded"), "block": key, "seeds": [], "runs": 0, "seconds": 0.0})
-        row["seeds"].append(f"tuning ({e['runs']} runs)")
+        row = row_of(key, e["block"])
+        row["tuning"] += e["runs"]
         row["runs"] += e["runs"]
         row["seconds"] += e["seconds"]
-    return [row | {"seeds": ", ".join(row["seeds"])} for row in totals.values()]
+    out = []
+    for row in totals.values():
+        parts = ([seed_ranges(row["core"])] if row["core"] else []) + ([f"long {seed_ranges(row['long'])}"] if row["long"] else [])
+        parts += [f"tuning ({row['tuning']} runs)"] if row["tuning"] else []
+        out.append({k: row[k] for k in ("device", "block", "runs", "seconds")} | {"seeds": "; ".join(parts)})
+    return out
+
+
+def seed_ranges(seeds: list[int]) -> str:
+    """Seeds as sorted ranges: [0, 1, 2, 4, 6, 7] → "0–2, 4, 6–7"."""
+    spans: list[list[int]] = []
+    for s in sorted(set(seeds)):
+        if spans and s == spans[-1][1] + 1:
+            spans[-1][1] = s
+        else:
+            spans.append([s, s])
+    return ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in spans)
 
 
 def set_aside_section(report: dict) -> list[str]:
