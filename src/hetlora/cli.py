@@ -8,6 +8,7 @@ Every run option is declared once, in :data:`RUN_OPTIONS`, with its default read
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, List, Optional
@@ -270,6 +271,8 @@ def study(
     set_aside_tuning: Optional[str] = typer.Option(None, "--set-aside-tuning", help="v4: move an unfinished label's tuning runs to set-aside/ so this machine's block can tune it whole (needs --why), then exit"),
     why: str = typer.Option("", "--why", help="The reason recorded with --set-aside-seed or --set-aside-tuning"),
     progress: bool = typer.Option(False, "--progress", help="Print the runs finished and owed per section, and the hours left at the study's own pace, then exit"),
+    verify: Optional[str] = typer.Option(None, "--verify", help="LABEL:SEED — run that kept run again from this checkout (the plan's settings for it) and compare every round's figures and the summary with the kept ones, exactly; only on a machine of the run's own seed block; exit 1 if they differ"),
+    verify_section: str = typer.Option("runs", "--verify-section", help="Where --verify's run is kept: runs (the core set) or long/runs"),
     readme: Optional[Path] = typer.Option(None, "--readme", help="v4: after the report, rewrite this README's generated study block (between its '<!-- study:<preset> begin' and '<!-- study:<preset> end -->' lines) from study.json"),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks"),
 ) -> None:
@@ -292,6 +295,15 @@ def study(
         for block, hours in p["hours_left"].items():
             typer.echo(f"at the pace of {block}: {hours:.1f} h left")
         return
+    if verify is not None:
+        from .study.verify import verify_run
+
+        label, _, seed = verify.rpartition(":")
+        if not label or not seed.isdigit():
+            _fail(ValueError(f"--verify takes LABEL:SEED (e.g. hetlora:0), got {verify!r}"), debug)
+        result = _guard(debug, lambda: verify_run(s, label, int(seed), verify_section))
+        typer.echo(json.dumps(result, indent=1))
+        raise typer.Exit(0 if result["identical"] else 1)
     if set_aside_seed is not None:
         typer.echo(f"set aside in: {_guard(debug, lambda: s.set_aside(set_aside_seed, why))}")
         return
