@@ -27,7 +27,10 @@ def test_a_kept_run_comes_out_the_same_on_its_own_block(kept, monkeypatch):
     root, preset = kept
     monkeypatch.setitem(study.PRESETS, "unit-verify", preset)
     result = verify_run(Study("unit-verify", root / "results", root / "work"), "hetlora", 0)
-    assert result == {"run": "runs/hetlora-s0", "block": result["block"], "identical": True, "differences": []}
+    record = root / "results" / "unit-verify" / "verified" / "runs-hetlora-s0.json"
+    assert result == {"run": "runs/hetlora-s0", "block": result["block"], "identical": True, "differences": [], "record": str(record)}
+    kept = json.loads(record.read_text())
+    assert kept["identical"] and kept["provenance"]["commit"] and kept["checked_at"] and kept["kept_provenance"]
     assert list((root / "work").rglob("verify/runs")) and not list((root / "work").rglob("verify/runs/hetlora-s0"))  # scratch gone
 
 

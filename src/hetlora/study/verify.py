@@ -6,6 +6,7 @@ and the comparison is exact — every round's training loss, held-out loss and p
 summary's final figures (test perplexity, tier perplexities, upload, ROUGE-L). Only a machine of the run's own seed
 block (device class, resolved precision, training behaviour) is expected to give the same bits; another is refused
 before anything runs, naming both blocks, since its numbers differ by design (docs/algorithm.md §10, seed blocks).
+Each check is recorded under ``<results>/verified/`` (when, on which machine and commit, against which kept run).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..files import write_json_atomic
+from ..provenance import environment
 from ..server.outputs import read_metrics
 from .claims import block_key
 from .report import block_label, read_json
-from .runs import Study, execute, machine_block, run_label
+from .runs import Study, execute, machine_block, run_label, utc_timestamp
 
 #: what is compared, round by round and in the summary (timings and memory are the machine's, not the run's)
 ROUND_FIELDS = ("clients", "ranks", "train_loss", "eval_loss", "eval_ppl", "full_eval_ppl", "tier_eval_ppl", "bytes_up", "bytes_down",
@@ -78,4 +81,9 @@ def verify_run(study: Study, label: str, seed: int, where: str = "runs", block: 
     execute(cfg, scratch / "result")
     found = differences(kept, scratch / "result")
     shutil.rmtree(scratch, ignore_errors=True)
-    return {"run": f"{where}/{kept.name}", "block": block_label(block), "identical": not found, "differences": found}
+    result = {"run": f"{where}/{kept.name}", "block": block_label(block), "identical": not found, "differences": found}
+    record = study.results / "verified" / f"{where.replace('/', '-')}-{kept.name}.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(record, result | {"checked_at": utc_timestamp(), "provenance": environment(study.base().device),
+                                        "kept_provenance": json.loads((kept / "summary.json").read_text()).get("provenance")})
+    return result | {"record": str(record)}
