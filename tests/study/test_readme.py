@@ -82,6 +82,14 @@ def test_a_study_that_has_only_begun_renders_what_it_has_and_says_what_it_lacks(
     assert "ROUGE-L (the paper's second metric, secondary): no paired runs yet." in block and "Compute: no run yet." in block
 
 
+def test_rouge_labels_without_an_interval_are_named_not_counted_as_including_zero():
+    rows = [{"label": "fslora", "n": 4, "mean_points": 1.0, "ci95_points": [0.5, 1.5]},
+            {"label": "florist", "n": 4, "mean_points": 0.1, "ci95_points": [-0.5, 0.7]},
+            {"label": "rb-lora", "n": 1, "mean_points": 2.0, "ci95_points": None}]
+    block = readme_block(bare_report(rouge_vs_hetlora=rows), "cpu-v4")
+    assert ("fslora 1.00 (CI 0.50…1.50); every other label's interval includes 0 (no interval yet: rb-lora (n = 1)).") in block
+
+
 def test_a_report_without_rows_or_sensitivity_says_so_rather_than_claiming_stability():
     block = readme_block(bare_report(comparisons=[], sensitivity=[]), "cpu-v4")
     assert "No comparison yet" in block and "Resting on single seeds: no row tested yet." in block

@@ -263,6 +263,8 @@ def test_the_readme_block_reads_the_registered_family_off_study_json(report):
     # worse on every seed (the only interval apart from 0); compute: one block, its core, long and tuning runs
     long = data["long"]["methods"]["fedavg-rmax"]
     assert f"| fedavg-rmax | {long['final_eval_ppl_mean']:.2f} " in block and "| 5 of 5 |" in block
+    # planted: fedavg-rmax's curves (30 rounds) bottom out at round 10 on every long seed
+    assert "| s0: 10, s1: 10, s2: 10, s3: 10, s4: 10 | 5 of 5 |" in block
     assert "25 of 25 runs" in block
     assert "fedavg-rmax 0.50 (CI 0.50…0.50); every other label's interval includes 0." in block
-    assert "Compute per machine class" in block and "(seeds 0–19; long 0–4; tuning (" in block
+    assert "Compute per machine class" in block and "(0–19; long 0–4; tuning (" in block

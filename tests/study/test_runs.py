@@ -310,6 +310,10 @@ def test_compute_per_block_adds_each_blocks_seeds_runs_and_seconds():
     rows = {r["device"]: r for r in compute_per_block(report)}
     assert rows["cpu: A"] == {"device": "cpu: A", "block": "cpu AVX2, 2 threads / fp32 / aaaa", "seeds": "0", "runs": 2, "seconds": 180.0}
     assert rows["cpu: B"]["seeds"] == "1; long 0" and rows["cpu: B"]["runs"] == 2 and rows["cpu: B"]["seconds"] == 120.0
+    # runs set aside are compute spent, counted in the block that spent it
+    report["set_aside"] = [{"block": avx2, "seconds": 45.0, "finished": [{"label": "hetlora", "seed": 7}]}]
+    rows = {r["device"]: r for r in compute_per_block(report)}
+    assert rows["cpu: A"]["seeds"] == "0; set aside (1 runs)" and rows["cpu: A"]["runs"] == 3 and rows["cpu: A"]["seconds"] == 225.0
 
 
 def test_seed_ranges_merge_consecutive_seeds():

@@ -101,14 +101,15 @@ def long_rows(report: Mapping[str, Any]) -> list[str]:
     if not long.get("methods"):
         return [f"**The long regime** ({long.get('design', 'more rounds')}): no run finished yet"
                 + (f" (0 of {planned})." if planned else ".")]
+    done = sum(m["n"] for m in long["methods"].values())
     lines = [f"**The long regime** ({long.get('design')}; descriptive, outside the family; "
-             f"{sum(m['n'] for m in long['methods'].values())} of {planned} runs):", "",
+             f"{done if planned is None else f'{done} of {planned}'} runs):", "",
              "| label | final test ppl (95 % CI) | vs hetlora, % (95 % CI) | best round per seed | curve turns up while train loss falls |",
              "|---|---:|---:|---|---:|"]
     for label, m in long["methods"].items():
         paired = long.get("paired", {}).get(label)
         versus = f"{fmt(paired.get('effect_pct'))} {ci_text(paired.get('ci95_pct'))}" if paired else "—"
-        best = ", ".join(str(s["best_round"]) for s in m["seeds"])
+        best = ", ".join(f"s{s['seed']}: {s['best_round']}" for s in sorted(m["seeds"], key=lambda s: s["seed"]))
         lines.append(f"| {label} | {fmt(m['final_eval_ppl_mean'])} {ci_text(m['final_eval_ppl_ci95'])} | {versus} | {best} | "
                      f"{m['overfitting_seeds']} of {m['n']} |")
     return lines
@@ -116,13 +117,16 @@ def long_rows(report: Mapping[str, Any]) -> list[str]:
 
 def rouge_line(report: Mapping[str, Any]) -> str:
     """ROUGE-L against hetlora in one line: the labels whose paired interval excludes 0, the rest said together."""
-    rows = [r for r in report.get("rouge_vs_hetlora") or [] if r["n"] > 1 and r.get("ci95_points")]
+    every = [r for r in report.get("rouge_vs_hetlora") or [] if r["n"]]
+    rows = [r for r in every if r.get("ci95_points")]
     if not rows:
         return "ROUGE-L (the paper's second metric, secondary): no paired runs yet."
     apart = [r for r in rows if r["ci95_points"][0] > 0 or r["ci95_points"][1] < 0]
     named = "; ".join(f"{r['label']} {fmt(r['mean_points'])} {ci_text(r['ci95_points'])}" for r in apart)
+    short = [f"{r['label']} (n = {r['n']})" for r in every if not r.get("ci95_points")]
     return ("ROUGE-L (the paper's second metric; secondary, unadjusted; hetlora − label in F-measure points, > 0: hetlora "
-            "better): " + (f"{named}; every other label's interval includes 0." if apart else "every label's interval includes 0."))
+            "better): " + (f"{named}; every other label's interval includes 0" if apart else "every label's interval includes 0")
+            + (f" (no interval yet: {', '.join(short)})." if short else "."))
 
 
 def compute_line(report: Mapping[str, Any]) -> str:
@@ -131,7 +135,7 @@ def compute_line(report: Mapping[str, Any]) -> str:
     if not rows:
         return "Compute: no run yet."
     return "Compute per machine class (sum of the runs' own seconds): " + "; ".join(
-        f"{r['block']}: {r['runs']} runs, {r['seconds'] / 3600:.1f} h (seeds {r['seeds']})" for r in rows) + "."
+        f"{r['block']}: {r['runs']} runs, {r['seconds'] / 3600:.1f} h ({r['seeds']})" for r in rows) + "."
 
 
 def readme_block(report: Mapping[str, Any], preset: str) -> str:

@@ -539,13 +539,13 @@ def block_label(block: dict) -> str:
 
 
 def compute_per_block(report: dict) -> list[dict[str, Any]]:
-    """The compute each seed block (so each machine class) spent, over the core, reference, long-regime and tuning runs;
-    ``seeds`` says which, as ranges ("0–4; long 0–2; tuning (96 runs)")."""
+    """The compute each seed block (so each machine class) spent, over the core, reference, long-regime, tuning and
+    set-aside runs; ``seeds`` says which, as ranges ("0–4; long 0–2; tuning (96 runs); set aside (3 runs)")."""
     totals: dict[str, dict[str, Any]] = {}
 
     def row_of(key: str, block: dict) -> dict[str, Any]:
         return totals.setdefault(key, {"device": block.get("device", "not recorded"), "block": key, "core": [], "long": [],
-                                       "tuning": 0, "runs": 0, "seconds": 0.0})
+                                       "tuning": 0, "set_aside": 0, "runs": 0, "seconds": 0.0})
 
     for where, blocks in (report.get("seed_blocks") or {}).items():
         for seed, e in blocks.items():
@@ -559,10 +559,17 @@ def compute_per_block(report: dict) -> list[dict[str, Any]]:
         row["tuning"] += e["runs"]
         row["runs"] += e["runs"]
         row["seconds"] += e["seconds"]
+    for group in report.get("set_aside") or []:  # spent, never paired: counted where it was spent (docs/algorithm.md §10)
+        block = group.get("block") or {}
+        row = row_of(block_label(block), block)
+        row["set_aside"] += len(group.get("finished") or [])
+        row["runs"] += len(group.get("finished") or [])
+        row["seconds"] += group.get("seconds", 0.0)
     out = []
     for row in totals.values():
         parts = ([seed_ranges(row["core"])] if row["core"] else []) + ([f"long {seed_ranges(row['long'])}"] if row["long"] else [])
         parts += [f"tuning ({row['tuning']} runs)"] if row["tuning"] else []
+        parts += [f"set aside ({row['set_aside']} runs)"] if row["set_aside"] else []
         out.append({k: row[k] for k in ("device", "block", "runs", "seconds")} | {"seeds": "; ".join(parts)})
     return out
 
