@@ -454,6 +454,8 @@ def default_of(name: str) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
 ALIASES = {"lambda": "lam"}
 _HINTS = typing.get_type_hints(RunConfig)
 

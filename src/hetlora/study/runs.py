@@ -129,6 +129,12 @@ def recorded(saved: dict[str, Any], key: str) -> Any:
     return saved[key] if key in saved else default_of(key)
 
 
+def settings_problem(cfg: RunConfig, saved: dict[str, Any]) -> str | None:
+    """Why a run recorded with ``saved`` settings is not the run ``cfg`` asks for (None: it is), by its decisive settings."""
+    changed = [f"{k} {recorded(saved, k)!r} (the plan's {v!r})" for k, v in cfg.decisive_settings().items() if recorded(saved, k) != v]
+    return f"its recorded settings are not the plan's: {'; '.join(changed)}" if changed else None
+
+
 def run_label(label: str, seed: int, base: RunConfig, out: Path) -> RunConfig:
     cfg = variant(label, dataclasses.replace(base, seed=seed, out=str(out)))
     return dataclasses.replace(cfg, out=str(out))
@@ -468,8 +474,7 @@ class Study:
             if ((tuning.get("labels") or {}).get(label) or {}).get("chosen") is None:
                 return None
             cfg = run_label(label, seed, self.base(lr=self.rate(tuning, label), **changes), self.work / where / f"{label}-s{seed}")
-            changed = [f"{k} {recorded(saved, k)!r} (the plan's {v!r})" for k, v in cfg.decisive_settings().items() if recorded(saved, k) != v]
-            return f"its recorded settings are not the plan's: {'; '.join(changed)}" if changed else None
+            return settings_problem(cfg, saved)
         return problem
 
     def label_configs(self) -> dict[str, RunConfig]:

@@ -22,7 +22,7 @@ from ..provenance import environment
 from ..server.outputs import read_metrics
 from .claims import block_key
 from .report import block_label, read_json
-from .runs import Study, execute, machine_block, recorded, run_label, utc_timestamp
+from .runs import Study, execute, machine_block, run_label, settings_problem, utc_timestamp
 
 #: what is compared, round by round and in the summary (timings and memory are the machine's, not the run's)
 ROUND_FIELDS = ("clients", "ranks", "client_ranks_in", "aggregated", "dropped", "train_loss", "eval_loss", "eval_ppl", "full_eval_ppl",
@@ -100,10 +100,9 @@ def planned_run(study: Study, label: str, seed: int, where: str) -> tuple[Path, 
     except (KeyError, TypeError):
         raise ValueError(f"no tuned learning rate for {label} in {study.results / 'tuning.json'}: the plan's run is not known") from None
     cfg = run_label(label, seed, study.base(lr=lr, **changes), study.work / "verify" / where / f"{label}-s{seed}" / "work")
-    saved = json.loads((kept / "summary.json").read_text())["config"]
-    changed = [f"{k} {recorded(saved, k)!r} (the plan's {v!r})" for k, v in cfg.decisive_settings().items() if recorded(saved, k) != v]
-    if changed:
-        raise ValueError(f"{kept.name}: its recorded settings are not the plan's: {'; '.join(changed)}; the plan's run would not be this one")
+    problem = settings_problem(cfg, json.loads((kept / "summary.json").read_text())["config"])
+    if problem:
+        raise ValueError(f"{kept.name}: {problem}; the plan's run would not be this one")
     return kept, cfg
 
 
