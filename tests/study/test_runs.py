@@ -271,9 +271,6 @@ def test_an_unfinished_seed_is_set_aside_and_run_again_whole_in_this_block(tmp_p
     with pytest.raises(ValueError, match="seed 0 under .* is complete in its block; a complete seed is never set aside"):
         s.set_aside(0, "results look bad")
     assert sorted(p.name for p in (results / "runs").iterdir()) == ["fedavg-rmin-s0", "fedavg-rmin-s1", "hetlora-s0", "hetlora-s1"]
-    # a kept run's work directory keeps no checkpoint, adapter or folded delta (they filled the disk), only its small files
-    work_dirs = [d for d in (tmp_path / "work").rglob("*-s[0-9]") if (d / "config.json").is_file()]
-    assert len(work_dirs) >= 5 and not [p for d in work_dirs for p in d.iterdir() if p.name in study.HEAVY_OUTPUTS]
     mine = json.loads((results / "runs" / "hetlora-s1" / "block.json").read_text())
     other = mine | {"precision": {"fp32": "bf16", "bf16": "fp32"}[mine["precision"]]}  # as if run on another machine
     (results / "runs" / "hetlora-s1" / "block.json").write_text(json.dumps(other))
