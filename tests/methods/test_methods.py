@@ -137,12 +137,15 @@ def test_every_method_is_registered_once_with_a_client_kind():
     assert aggregate("hetlora-keep", ups, r_max=4)  # runs on any valid round, trailing zero components included
 
 
-def test_which_methods_clients_can_prune_and_have_a_memory_footprint():
+def test_which_methods_clients_can_prune_and_which_footprint_they_have():
     """Listed by hand from the client kinds: LoRA clients at their own rank prune (ffa trains B of such an adapter);
-    HomLoRA's one rank, flora / fslora / plora / fft clients do not. The footprint is calibrated on LoRA clients over
-    a frozen base (fslora's train a LoRA of their sketch's rank over one), so methods that fold into the base (or whose
-    clients do) and fft get no rank from a memory budget."""
+    HomLoRA's one rank, flora / fslora / plora / fft clients do not. Footprints: a LoRA over a frozen base (fslora's
+    clients train one of their sketch's rank), the same over dense weights a base delta is folded into (the methods
+    that fold), Fed-PLoRA's client (receives every module, folds the unselected); fft's rank does not set its memory."""
     own_rank_lora = {"hetlora", "hetlora-naive", "recon-svd", "flexlora", "rbla", "hetlora-keep", "rb-lora", "fedex-lora",
                      "hetlora-svd", "hetlora-revive", "hetlora-svd-revive", "ffa"}
     assert {n for n, m in METHODS.items() if m.can_prune} == own_rank_lora
-    assert {n for n, m in METHODS.items() if m.footprint_calibrated} == (own_rank_lora - {"fedex-lora"}) | {"fedavg", "fslora"}
+    folding = {"fedex-lora", "flora", "florist"}
+    expected = {n: "lora" for n in (own_rank_lora - folding) | {"fedavg", "fslora"}} | {n: "folding" for n in folding} | {"fed-plora": "plora", "fft": None}
+    assert {n: m.footprint_client for n, m in METHODS.items()} == expected
+    assert {n for n, m in METHODS.items() if not m.footprint_calibrated} == {"fft"}

@@ -33,9 +33,9 @@ def test_each_constraint_allows_exactly_the_labels_whose_methods_can_meet_it(con
     assert allowed("dp", configs) == allowed("secagg", configs)
     # a frozen 4-bit base: nothing that folds into it or trains it
     assert labels - allowed("gguf", configs) == {"fft", "fedex-lora", "fed-plora", "florist"}
-    # each client at the rank its memory affords: not the HomLoRAs, not FFT, and not clients whose memory the footprint
-    # never calibrated (those that fold into a dense fp32 base); the r_min device may take HomLoRA at r_min
-    assert labels - allowed("own-rank", configs) == {"fedavg-rmin", "fedavg-rmax", "fft", "fedex-lora", "fed-plora", "florist"}
+    # each client at the rank its memory affords: not the HomLoRAs (one rank), not FFT (its rank does not set its memory);
+    # the methods that fold have footprints of their own; the r_min device may take HomLoRA at r_min
+    assert labels - allowed("own-rank", configs) == {"fedavg-rmin", "fedavg-rmax", "fft"}
     assert labels - allowed("smallest-tier", configs) == {"fedavg-rmax", "fft"}
     assert allowed("upload", configs) == labels
 

@@ -5,7 +5,8 @@ does not depend on its rank, plus its LoRA state, which grows linearly with it: 
 gradients and two AdamW moments, 16 bytes per element of (out + in)·r per adapted module. The
 fixed part is measured: ``benchmarks/footprint.py`` runs real device processes at several ranks
 and fits ``peak = fixed + per_rank · r`` per setting (model, base weights, precision, checkpointing, batch,
-length); the fits ship in ``footprint_calibration.json``. A setting without a fit is refused,
+length, and the method's kind of client: a plain LoRA client, one that folds a base delta into its weights,
+Fed-PLoRA's); the fits ship in ``footprint_calibration.json``. A setting without a fit is refused,
 never guessed.
 """
 
@@ -19,13 +20,18 @@ from typing import Iterable, Mapping
 
 from ..config import read_budgets
 from ..core.ranks import ranks_from_budgets
+from ..methods import get_method
 from ..models.loading import from_gguf
 
 CALIBRATION = Path(__file__).with_name("footprint_calibration.json")
 
 
-def setting_key(model: str, base: str, precision: str, checkpointing: bool, batch_size: int, max_length: int) -> str:
-    return f"{model}|base={base}|{precision}|checkpointing={'on' if checkpointing else 'off'}|batch={batch_size}|length={max_length}"
+def setting_key(model: str, base: str, precision: str, checkpointing: bool, batch_size: int, max_length: int,
+                client: str = "lora") -> str:
+    """The setting a fit belongs to; ``client`` is the method's footprint client (hetlora.methods.base.Method.
+    footprint_client), named only when it is not a plain LoRA client (the keys of before it stay valid)."""
+    key = f"{model}|base={base}|{precision}|checkpointing={'on' if checkpointing else 'off'}|batch={batch_size}|length={max_length}"
+    return key if client == "lora" else f"{key}|client={client}"
 
 
 @dataclass(frozen=True)
@@ -58,11 +64,12 @@ def fit(points: Iterable[tuple[int, float]]) -> FootprintModel:
 
 def calibrate(rows: Iterable[Mapping], model: str = "smollm2") -> dict[str, dict]:
     """The fits of a footprint benchmark's LoRA ClientApp rows, per setting (a row without ``model`` is ``model``'s,
-    without ``base`` dense: the rows of before the GGUF base)."""
+    without ``base`` dense, without ``client`` a plain LoRA client's: the rows of before those were measured)."""
     groups: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
         if r["kind"] == "lora" and r["engine"] == "clientapp":
-            key = setting_key(r.get("model", model), r.get("base", "dense"), r["precision"], r["checkpointing"], r["batch"], r["length"])
+            key = setting_key(r.get("model", model), r.get("base", "dense"), r["precision"], r["checkpointing"], r["batch"], r["length"],
+                              r.get("client", "lora"))
             groups.setdefault(key, []).append((r["rank"], r["peak_rss_mb"]))
     # a line needs two ranks: one point would predict every rank's peak to be that rank's (a guess, refused)
     return {k: vars(fit(points)) | {"points": sorted(points)} for k, points in groups.items() if len({r for r, _ in points}) >= 2}
@@ -93,8 +100,12 @@ def fit_ranks(cfg, ranks: Mapping[str, int], precision: str, device_clients: boo
         if missing:
             raise ValueError(f"memory budgets {cfg.memory_budgets} name no budget for {len(missing)} client(s) "
                              f"(e.g. {missing[0]}) and no --memory-budget is given for the rest")
+    client = get_method(cfg.method).footprint_client
+    if client is None:
+        raise ValueError(f"{cfg.method}'s clients have no rank-dependent memory footprint: a memory budget cannot give them a rank")
     base = cfg.base_for(device_clients, from_gguf(cfg.model))
-    model = footprint_model(setting_key(cfg.model, base, precision, cfg.checkpointing(device_clients), cfg.batch_size, cfg.max_length))
+    model = footprint_model(setting_key(cfg.model, base, precision, cfg.checkpointing(device_clients), cfg.batch_size, cfg.max_length,
+                                        client))
     fitted, left_out = ranks_from_budgets(budgets, model.largest_rank, low, cfg.global_rank)
     kept = {c: fitted.get(c, r) for c, r in ranks.items() if c not in left_out}
     if not kept:

@@ -110,11 +110,29 @@ class AggregationMethod:
         return self.client_kind in ("lora", "ffa") and not self.uniform_rank
 
     @property
+    def footprint_client(self) -> str | None:
+        """Which memory footprint its clients have (hetlora.device.footprint; docs/algorithm.md §7), each calibrated
+        apart, since a budget becomes a rank only through measured peaks of such clients:
+
+        * ``"lora"``: a LoRA of the client's rank over a frozen base (ffa's clients train B of one, fslora's a LoRA of
+          their sketch's rank);
+        * ``"folding"``: the same LoRA over dense fp32 weights that a base delta the server sends is folded into
+          (fedex-lora, flora, florist; measured with the delta dense on every adapted module, its largest form);
+        * ``"plora"``: Fed-PLoRA's client, which receives every rank-1 module of the global adapter, folds the
+          unselected ones into dense fp32 weights and trains its rank's worth;
+        * None: full fine-tuning (the rank does not set its memory).
+        """
+        if self.client_kind == "fft":
+            return None
+        if self.client_folds:
+            return "plora"
+        return "folding" if self.folds_into_base else "lora"
+
+    @property
     def footprint_calibrated(self) -> bool:
-        """Whether a memory budget can be turned into a rank for its clients: the footprint model (hetlora.device.
-        footprint) is calibrated on LoRA clients over a frozen base. ffa's clients (B only) need less, and fslora's
-        train a LoRA of their sketch's rank over a frozen base (hetlora.clients.fslora), so it holds for them too."""
-        return self.client_kind in ("lora", "ffa", "fslora") and not (self.folds_into_base or self.client_folds)
+        """Whether a memory budget can turn into a rank for its clients at all (whether a calibration exists for the
+        run's setting is asked when ranks are fitted: hetlora.device.footprint.footprint_model)."""
+        return self.footprint_client is not None
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: AggregationContext) -> Adapter:
         raise NotImplementedError
