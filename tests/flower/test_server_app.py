@@ -309,7 +309,7 @@ def test_a_silent_node_leaves_the_round_at_its_deadline_and_the_others_are_aggre
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.ready: dict[str, Message] = {}
+            self.ready: dict = {}  # message id -> the reply its node computed at push
 
         def send_and_receive(self, messages, *, timeout=None):
             return [self.deliver(message) for message in messages]
