@@ -253,6 +253,8 @@ def main() -> None:
     p.add_argument("--release-rows", action="store_true", help="also measure --release-memory (the fixed mmap threshold)")
     p.add_argument("--calibrate", action="store_true", help="write the fits to hetlora/device/footprint_calibration.json")
     p.add_argument("--child", default=None)
+    p.add_argument("--refit", type=Path, nargs="+", default=None, help="fit the shipped calibration again from these "
+                   "benchmark jsons' rows (measures nothing)")
     p.add_argument("--device-venv", type=Path, default=None, help="measure with that venv's python: a device install "
                    "(pip install hetlora, without the server extra)")
     p.add_argument("--models", nargs="+", default=["smollm2"], help="smollm2, a fetched packaged GGUF (hetlora fetch-model), "
@@ -270,6 +272,9 @@ def main() -> None:
         args.no_fft = True  # two ClientApp rows: what a device runs, and the fit needs two ranks
     if args.child:
         child(json.loads(args.child))
+        return
+    if args.refit:
+        refit(args.refit)
         return
     import torch
 
@@ -314,19 +319,35 @@ def main() -> None:
     for line in summary["lines"]:
         print(line)
     if args.calibrate:
-        from hetlora.device.footprint import CALIBRATION
-
-        kept = json.loads(CALIBRATION.read_text()) if CALIBRATION.is_file() else {"fits": {}}
-        earlier = kept.get("sources") or {key: {"source": kept.get("source"), "provenance": kept.get("provenance")} for key in kept["fits"]}
-        sources = earlier | {key: {"source": str(args.json or "benchmarks/footprint.py"), "provenance": provenance}
-                                               for key in fits}  # the settings measured now; the others keep theirs
-        CALIBRATION.write_text(json.dumps({"sources": sources, "fits": kept["fits"] | fits}, indent=1) + "\n")
-        print(f"wrote {CALIBRATION}")
+        write_calibration(fits, str(args.json or "benchmarks/footprint.py"), provenance)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"provenance": provenance, "steps": args.steps, "batch": [BATCH, LENGTH],
                                          "rows": rows, "goals": summary}, indent=1) + "\n")
         print(f"wrote {args.json}")
+
+
+def write_calibration(fits: dict, source: str, provenance: dict) -> None:
+    """Ship ``fits`` in hetlora/device/footprint_calibration.json: the settings fitted now replace theirs, each naming
+    the rows it came from; the others keep theirs."""
+    from hetlora.device.footprint import CALIBRATION
+
+    kept = json.loads(CALIBRATION.read_text()) if CALIBRATION.is_file() else {"fits": {}}
+    earlier = kept.get("sources") or {key: {"source": kept.get("source"), "provenance": kept.get("provenance")} for key in kept["fits"]}
+    sources = earlier | {key: {"source": source, "provenance": provenance} for key in fits}
+    CALIBRATION.write_text(json.dumps({"sources": sources, "fits": kept["fits"] | fits}, indent=1) + "\n")
+    print(f"wrote {CALIBRATION}")
+
+
+def refit(paths: list[Path]) -> None:
+    """Fit the calibration again from measured rows (a benchmark's json), with the provenance of the machine that
+    measured them: how a change to the fit reaches the shipped calibration without measuring again."""
+    for path in paths:
+        data = json.loads(path.read_text())
+        summary = {"lines": []}
+        fits = calibration_check(data["rows"], summary)
+        print("\n".join(summary["lines"]))
+        write_calibration(fits, str(path), data["provenance"])
 
 
 def device_install(python: str) -> dict:
@@ -352,17 +373,20 @@ def prepare_models(models: list[str]) -> None:
 def calibration_check(rows: list[dict], summary: dict, model: str = "smollm2") -> dict:
     """Fit the footprint model to the ClientApp LoRA rows and say how far its predictions fall from them."""
     try:
-        from hetlora.device.footprint import calibrate, fit
+        from hetlora.device.footprint import calibrate, fit, rank_slope, setting_key
     except ImportError:  # a tree from before the footprint model (a before/after comparison)
         return {}
-    fits = calibrate([r for r in rows if not r.get("release_memory")], model)  # the prediction assumes release off (conservative when on)
+    rows = [r for r in rows if not r.get("release_memory")]  # the prediction assumes release off (conservative when on)
+    fits = calibrate(rows, model)
     errors = []
     for key, f in fits.items():
         points = f["points"]
+        mine = [r for r in rows if r["kind"] == "lora" and r["engine"] == "clientapp" and setting_key(
+            r.get("model", model), r.get("base", "dense"), r["precision"], r["checkpointing"], r["batch"], r["length"], r.get("client", "lora")) == key]
         for i, (rank, peak) in enumerate(points):  # leave one out: each rank predicted from the others
             others = points[:i] + points[i + 1 :]
             if len(others) >= 2:
-                errors.append(abs(fit(others).predict(rank) - peak) / peak)
+                errors.append(abs(fit(others, rank_slope(mine)).predict(rank) - peak) / peak)
         summary["lines"].append(f"footprint model {key}: {f['fixed_mb']:.0f} MB + {f['per_rank_mb']:.2f} MB/rank")
     if errors:
         summary["calibration_max_relative_error_leave_one_out"] = max(errors)

@@ -1,6 +1,7 @@
 """Ranks from memory budgets: the footprint model's arithmetic, its fit, and a tiny run with budgets."""
 
 import json
+import statistics
 
 import pytest
 
@@ -29,6 +30,24 @@ def test_the_fit_recovers_a_line_and_the_calibration_groups_settings():
     fits = calibrate(rows)
     assert set(fits) == {setting_key("smollm2", "dense", "fp32", c, 8, 128) for c in (False, True)}
     assert fits[setting_key("smollm2", "dense", "fp32", False, 8, 128)]["fixed_mb"] == pytest.approx(1500.0)
+
+
+def test_the_fit_is_an_envelope_no_measured_peak_lies_above_and_its_slope_is_at_least_what_a_rank_certainly_adds():
+    """Fed-PLoRA's measured peaks (MB, checkpointing on): 2292 at rank 5, 2030 at 27, 2082 at 50 — process-to-process
+    noise larger than the rank's effect, so least squares gave a falling line, which would hand a 2100 MB budget rank
+    50 although rank 5 peaked at 2292. The rows' exact parts say a rank adds 4.66 MB (state and saved activations)."""
+    rows = [{"kind": "lora", "engine": "clientapp", "precision": "fp32", "checkpointing": True, "batch": 8, "length": 128,
+             "client": "plora", "rank": r, "peak_rss_mb": p, "trainable_state_mb": 4.0 * r, "activations_mb": 900.0 + 0.66 * r}
+            for r, p in ((5, 2292.0), (27, 2030.0), (50, 2082.0))]
+    (f,) = calibrate(rows).values()
+    assert f["per_rank_mb"] == pytest.approx(4.66) and f["fixed_mb"] == pytest.approx(2292.0 - 4.66 * 5)
+    model = FootprintModel(f["fixed_mb"], f["per_rank_mb"])
+    assert all(model.predict(r["rank"]) >= r["peak_rss_mb"] - 1e-9 for r in rows)
+    assert model.largest_rank(2100.0, 5, 50) is None and model.largest_rank(2292.0, 5, 50) == 5
+    # where least squares rises faster than the parts, it is kept, and the line moved up to the highest point
+    steep = fit([(5, 1000.0), (27, 1300.0), (50, 1400.0)], min_slope=1.0)
+    ls = statistics.linear_regression([5, 27, 50], [1000.0, 1300.0, 1400.0])
+    assert steep.per_rank_mb == pytest.approx(ls.slope) and steep.fixed_mb == pytest.approx(max(p - ls.slope * r for r, p in ((5, 1000.0), (27, 1300.0), (50, 1400.0))))
 
 
 def test_budgets_give_ranks_and_leave_out_who_fits_none():

@@ -52,27 +52,44 @@ class FootprintModel:
         return best if best >= r_min else None
 
 
-def fit(points: Iterable[tuple[int, float]]) -> FootprintModel:
-    """Least-squares line through (rank, peak MB) points (one point: a flat line)."""
+def fit(points: Iterable[tuple[int, float]], min_slope: float = 0.0) -> FootprintModel:
+    """The lowest line of slope ≥ max(least-squares slope, ``min_slope``) that no measured (rank, peak MB) point lies
+    above: a budget is never given a rank whose measured peak exceeded it. Peaks of one setting vary by up to ~15 %
+    between processes (glibc), more than the rank moves them, so a least-squares line predicted some measured peaks
+    low (one fit came out with a negative slope); ``min_slope`` is what a rank certainly adds (the LoRA state and the
+    activations it saves, computed exactly by the benchmark). One point: a flat line through it."""
     pts = list(points)
     if len(pts) == 1:
         return FootprintModel(pts[0][1], 0.0)
     ranks, peaks = [r for r, _ in pts], [p for _, p in pts]
-    slope, intercept = statistics.linear_regression(ranks, peaks)
-    return FootprintModel(intercept, slope)
+    slope = max(statistics.linear_regression(ranks, peaks).slope, min_slope)
+    return FootprintModel(max(p - slope * r for r, p in pts), slope)
+
+
+def rank_slope(rows: Iterable[Mapping]) -> float:
+    """MB a rank certainly adds, from the rows' exact parts: the trainable state and the saved activations (0 when the
+    rows lack them, or hold one rank)."""
+    pts = [(r["rank"], r["trainable_state_mb"] + r["activations_mb"]) for r in rows if "trainable_state_mb" in r and "activations_mb" in r]
+    if len({r for r, _ in pts}) < 2:
+        return 0.0
+    return max(statistics.linear_regression([r for r, _ in pts], [m for _, m in pts]).slope, 0.0)
 
 
 def calibrate(rows: Iterable[Mapping], model: str = "smollm2") -> dict[str, dict]:
     """The fits of a footprint benchmark's LoRA ClientApp rows, per setting (a row without ``model`` is ``model``'s,
     without ``base`` dense, without ``client`` a plain LoRA client's: the rows of before those were measured)."""
-    groups: dict[str, list[tuple[int, float]]] = {}
+    groups: dict[str, list[Mapping]] = {}
     for r in rows:
         if r["kind"] == "lora" and r["engine"] == "clientapp":
             key = setting_key(r.get("model", model), r.get("base", "dense"), r["precision"], r["checkpointing"], r["batch"], r["length"],
                               r.get("client", "lora"))
-            groups.setdefault(key, []).append((r["rank"], r["peak_rss_mb"]))
-    # a line needs two ranks: one point would predict every rank's peak to be that rank's (a guess, refused)
-    return {k: vars(fit(points)) | {"points": sorted(points)} for k, points in groups.items() if len({r for r, _ in points}) >= 2}
+            groups.setdefault(key, []).append(r)
+    fits = {}
+    for key, mine in groups.items():
+        points = sorted((r["rank"], r["peak_rss_mb"]) for r in mine)
+        if len({r for r, _ in points}) >= 2:  # a line needs two ranks: one point would predict every rank's peak to be that rank's (a guess, refused)
+            fits[key] = vars(fit(points, rank_slope(mine))) | {"points": points}
+    return fits
 
 
 def footprint_model(key: str, calibration: Path | None = None) -> FootprintModel:

@@ -145,7 +145,9 @@ def under_secagg(cfg: RunConfig) -> str:
 
 
 CONSTRAINTS = (
-    Constraint("own-rank", "devices of mixed memory, each training the rank it affords", rank_from_memory),
+    Constraint("own-rank", "devices of mixed memory, each training the rank it affords", rank_from_memory,
+               caveat="at the study's ranks; at one budget, clients that fold into dense weights fit lower ranks "
+                      "(footprint per client kind: README, Client memory)"),
     Constraint("smallest-tier", "a device that holds only the smallest tier's rank (r_min)", smallest_tier,
                score="the r_min model's test perplexity (the global adapter truncated to r_min; a HomLoRA at r_min its own)",
                measure=smallest_tier_ppl, registered=c7_row),
