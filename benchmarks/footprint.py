@@ -22,6 +22,8 @@ cannot load the model cannot train it.
     python benchmarks/footprint.py --clients folding plora --bases dense --engines clientapp --checkpointing on off --no-fft --calibrate
         # the clients of methods that fold into dense weights (fedex-lora, flora, florist: the base delta dense on every
         # adapted module, its largest form) and Fed-PLoRA's (every rank-1 module received, the unselected folded)
+    python benchmarks/footprint.py --refit A.json B.json ... [--json F]
+        # fit the shipped calibration again from measured rows, every measurement of a setting together (no measuring)
     python benchmarks/footprint.py --device-venv /tmp/device-venv ...
         # each measured process runs that venv's python: a device's install (`pip install hetlora`, no `server`
         # extra); rows gain `device_install` (true when none of scipy, dp-accounting, ray was importable there)
@@ -134,7 +136,7 @@ def parameter_count(model) -> int:
 
 def floor_parts(host, kind: str, rank: int, checkpointing: bool, baseline_mb: float, received_bytes: int = 0) -> dict:
     """The floor of this client from its parts (MB); ``received_bytes``: what a folding or Fed-PLoRA client receives
-    beyond a LoRA client's truncated adapter (the dense base delta; every rank-1 module)."""
+    beyond what it trains (the dense base delta; the rank-1 modules it folds)."""
     import torch
 
     from hetlora.device.lora import LINEAR_LAYERS
@@ -204,7 +206,8 @@ def child(spec: dict) -> None:
     payload, base = start_payload(host, spec["kind"], spec["rank"], client)
     from hetlora.core.adapter import num_bytes
 
-    received = num_bytes(base) + (num_bytes(payload) if client == "plora" else 0)
+    # beyond the LoRA state (counted apart): the base delta; Fed-PLoRA's modules it does not train (it folds them)
+    received = num_bytes(base) + (num_bytes(payload) * (1 - spec["rank"] / cfg.global_rank) if client == "plora" else 0)
     if spec["engine"] == "clientapp":
         records = {"config": ConfigRecord({"hetlora-config": encode_config(cfg)}), "adapter": to_array_record(payload),
                    "task": ConfigRecord({"client-id": host.client_ids[0], "rank": spec["rank"], "round": 1, "base-version": 1 if base else 0})}
@@ -224,11 +227,14 @@ def child(spec: dict) -> None:
         (update,) = get_kind("fft" if spec["kind"] == "fft" else cfg.client_kind).train(host, [job], prune=cfg.prunes)
         seconds = update.metrics["seconds"]
     peak = peak_rss_mb()
+    from hetlora.core.base_delta import delta_modules
+
+    folded = len(delta_modules(getattr(host, "_applied", {}) or {}))  # modules the client's weights hold a delta in now
     parts = floor_parts(host, spec["kind"], spec["rank"], spec["checkpointing"], baseline, received) if spec.get("floor", True) else {}
     import importlib.util
 
     device_install = all(importlib.util.find_spec(name) is None for name in SERVER_ONLY)
-    print(json.dumps(spec | {"client": client, "device_install": device_install, "peak_rss_mb": peak, "after_load_mb": loaded, "seconds_per_step": seconds / spec["steps"],
+    print(json.dumps(spec | {"client": client, "folded_modules": folded, "device_install": device_install, "peak_rss_mb": peak, "after_load_mb": loaded, "seconds_per_step": seconds / spec["steps"],
                              "precision": host.precision, "process_seconds": time.perf_counter() - t0,
                              "model": cfg.model, "base": host.base, "params": parameter_count(host.model)} | parts))
 
@@ -274,7 +280,7 @@ def main() -> None:
         child(json.loads(args.child))
         return
     if args.refit:
-        refit(args.refit)
+        refit(args.refit, args.json)
         return
     import torch
 
@@ -296,7 +302,7 @@ def main() -> None:
     plan = [(e, client, r, pr, c, False) for client in args.clients for pr in precisions for c in ckpts for e in args.engines
             for r in (args.ranks if e == "clientapp" else [median])]
     plan += [] if args.no_fft or "lora" not in args.clients else [("in-process", "fft", 0, pr, c, False) for pr in precisions for c in ckpts]
-    if args.release_rows:  # --release-memory (the fixed mmap threshold) on the device default, and FFT's
+    if args.release_rows and "lora" in args.clients:  # --release-memory (the fixed mmap threshold) on the device default, and FFT's
         plan += [("clientapp", "lora", r, pr, True, True) for pr in precisions for r in dict.fromkeys((min(args.ranks), max(args.ranks)))]
         plan += [] if args.no_fft else [("in-process", "fft", 0, pr, True, True) for pr in precisions]
     # a 4-bit base is frozen: nothing that trains it (fft) or folds into it (the folding and Fed-PLoRA clients)
@@ -319,7 +325,7 @@ def main() -> None:
     for line in summary["lines"]:
         print(line)
     if args.calibrate:
-        write_calibration(fits, str(args.json or "benchmarks/footprint.py"), provenance)
+        write_calibration(fits, {key: [{"source": str(args.json or "benchmarks/footprint.py"), "provenance": provenance}] for key in fits})
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"provenance": provenance, "steps": args.steps, "batch": [BATCH, LENGTH],
@@ -327,27 +333,42 @@ def main() -> None:
         print(f"wrote {args.json}")
 
 
-def write_calibration(fits: dict, source: str, provenance: dict) -> None:
+def write_calibration(fits: dict, sources: dict[str, list[dict]]) -> None:
     """Ship ``fits`` in hetlora/device/footprint_calibration.json: the settings fitted now replace theirs, each naming
-    the rows it came from; the others keep theirs."""
+    the measurements (file and provenance) its rows came from; the others keep theirs."""
     from hetlora.device.footprint import CALIBRATION
 
     kept = json.loads(CALIBRATION.read_text()) if CALIBRATION.is_file() else {"fits": {}}
     earlier = kept.get("sources") or {key: {"source": kept.get("source"), "provenance": kept.get("provenance")} for key in kept["fits"]}
-    sources = earlier | {key: {"source": source, "provenance": provenance} for key in fits}
-    CALIBRATION.write_text(json.dumps({"sources": sources, "fits": kept["fits"] | fits}, indent=1) + "\n")
+    CALIBRATION.write_text(json.dumps({"sources": earlier | {key: sources[key] for key in fits}, "fits": kept["fits"] | fits}, indent=1) + "\n")
     print(f"wrote {CALIBRATION}")
 
 
-def refit(paths: list[Path]) -> None:
-    """Fit the calibration again from measured rows (a benchmark's json), with the provenance of the machine that
-    measured them: how a change to the fit reaches the shipped calibration without measuring again."""
+def refit(paths: list[Path], out: Path | None) -> None:
+    """Fit the calibration again from measured rows (benchmark jsons; a setting measured in several is fitted on all
+    its rows, so the envelope covers every measurement of it), naming each setting's files and their provenance:
+    how a change to the fit reaches the shipped calibration without measuring again. ``out``: the fits and the
+    leave-one-out check as json."""
+    from hetlora.device.footprint import setting_key
+
+    rows, sources = [], {}
     for path in paths:
         data = json.loads(path.read_text())
-        summary = {"lines": []}
-        fits = calibration_check(data["rows"], summary)
-        print("\n".join(summary["lines"]))
-        write_calibration(fits, str(path), data["provenance"])
+        for r in data["rows"]:
+            rows.append(r | {"batch": r.get("batch", data["batch"][0]), "length": r.get("length", data["batch"][1])})
+            key = setting_key(r.get("model", "smollm2"), r.get("base", "dense"), r["precision"], r["checkpointing"], rows[-1]["batch"],
+                              rows[-1]["length"], r.get("client", "lora"))
+            entry = {"source": str(path), "provenance": data["provenance"]}
+            if entry not in sources.setdefault(key, []):
+                sources[key].append(entry)
+    summary = {"lines": []}
+    fits = calibration_check(rows, summary)
+    print("\n".join(summary["lines"]))
+    write_calibration(fits, sources)
+    if out:
+        out.write_text(json.dumps({"refit_from": [str(p) for p in paths], "fits": fits, "sources": {k: sources[k] for k in fits},
+                                   "summary": summary}, indent=1) + "\n")
+        print(f"wrote {out}")
 
 
 def device_install(python: str) -> dict:
@@ -400,7 +421,7 @@ def folding_cost(row: dict, rows: list[dict]) -> str | None:
     lora = next((r for r in rows if r.get("client", "lora") == "lora" and r["kind"] == "lora" and all(r.get(k) == row.get(k) for k in same)), None)
     head = f"{row.get('model', 'smollm2')} {row['client']} client ({CLIENT_METHODS[row['client']]}), rank {row['rank']}, checkpointing {'on' if row['checkpointing'] else 'off'}"
     peak = f"peak {row['peak_rss_mb']:.0f} MB (floor {row['floor_mb']:.0f}, of which received {row.get('received_mb', 0):.0f})"
-    return f"{head}: {peak}" + (f", +{row['peak_rss_mb'] - lora['peak_rss_mb']:.0f} MB over the LoRA client's {lora['peak_rss_mb']:.0f}" if lora else "")
+    return f"{head}: {peak}" + (f", {row['peak_rss_mb'] - lora['peak_rss_mb']:+.0f} MB beside the LoRA client's {lora['peak_rss_mb']:.0f}" if lora else "")
 
 
 def device_default_checkpointing() -> bool:

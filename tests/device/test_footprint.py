@@ -35,19 +35,31 @@ def test_the_fit_recovers_a_line_and_the_calibration_groups_settings():
 def test_the_fit_is_an_envelope_no_measured_peak_lies_above_and_its_slope_is_at_least_what_a_rank_certainly_adds():
     """Fed-PLoRA's measured peaks (MB, checkpointing on): 2292 at rank 5, 2030 at 27, 2082 at 50 — process-to-process
     noise larger than the rank's effect, so least squares gave a falling line, which would hand a 2100 MB budget rank
-    50 although rank 5 peaked at 2292. The rows' exact parts say a rank adds 4.66 MB (state and saved activations)."""
+    50 although rank 5 peaked at 2292. The rows' exact parts say a rank adds 4.66 MB (the LoRA state); a
+    --release-memory row of the same setting is not the default client's and stays out of the fit."""
     rows = [{"kind": "lora", "engine": "clientapp", "precision": "fp32", "checkpointing": True, "batch": 8, "length": 128,
-             "client": "plora", "rank": r, "peak_rss_mb": p, "trainable_state_mb": 4.0 * r, "activations_mb": 900.0 + 0.66 * r}
+             "client": "plora", "rank": r, "peak_rss_mb": p, "trainable_state_mb": 4.66 * r, "activations_mb": 900.0}
             for r, p in ((5, 2292.0), (27, 2030.0), (50, 2082.0))]
+    rows.append(rows[0] | {"rank": 50, "peak_rss_mb": 9000.0, "release_memory": True})
     (f,) = calibrate(rows).values()
     assert f["per_rank_mb"] == pytest.approx(4.66) and f["fixed_mb"] == pytest.approx(2292.0 - 4.66 * 5)
     model = FootprintModel(f["fixed_mb"], f["per_rank_mb"])
-    assert all(model.predict(r["rank"]) >= r["peak_rss_mb"] - 1e-9 for r in rows)
+    assert all(model.predict(r["rank"]) >= r["peak_rss_mb"] - 1e-9 for r in rows[:3]) and len(f["points"]) == 3
     assert model.largest_rank(2100.0, 5, 50) is None and model.largest_rank(2292.0, 5, 50) == 5
     # where least squares rises faster than the parts, it is kept, and the line moved up to the highest point
     steep = fit([(5, 1000.0), (27, 1300.0), (50, 1400.0)], min_slope=1.0)
     ls = statistics.linear_regression([5, 27, 50], [1000.0, 1300.0, 1400.0])
     assert steep.per_rank_mb == pytest.approx(ls.slope) and steep.fixed_mb == pytest.approx(max(p - ls.slope * r for r, p in ((5, 1000.0), (27, 1300.0), (50, 1400.0))))
+
+
+def test_the_shipped_calibration_is_an_envelope_of_its_own_measured_points():
+    """Every shipped fit predicts at least each peak it was fitted to, rises with the rank, and names its measurements."""
+    data = json.loads(footprint.CALIBRATION.read_text())
+    assert data["fits"] and set(data["sources"]) >= set(data["fits"])
+    for key, f in data["fits"].items():
+        model = FootprintModel(f["fixed_mb"], f["per_rank_mb"])
+        assert f["per_rank_mb"] >= 0 and len({r for r, _ in f["points"]}) >= 2, key
+        assert all(model.predict(r) >= peak - 1e-6 for r, peak in f["points"]), key
 
 
 def test_budgets_give_ranks_and_leave_out_who_fits_none():
@@ -181,9 +193,12 @@ def test_the_benchmark_measures_folding_and_fed_plora_clients_through_the_client
               if isinstance(m, LINEAR_LAYERS) and p.rsplit(".", 1)[-1] in host.local.targets]
     assert shapes
     r_max = 6  # the tiny model's rank bounds (benchmarks/footprint.py RANK_BOUNDS)
-    expected = {"folding": sum(o * i for o, i in shapes) * 4 / 2**20, "plora": sum((o + i) * r_max for o, i in shapes) * 4 / 2**20}
-    for r in rows:
-        assert r["received_mb"] == pytest.approx(expected[r["client"]]) and r["peak_rss_mb"] > r["after_load_mb"] > 0
+    for r in rows:  # received beyond what it trains: the dense delta; the r_max − r modules Fed-PLoRA's client folds
+        expected = sum(o * i for o, i in shapes) if r["client"] == "folding" else sum((o + i) * (r_max - r["rank"]) for o, i in shapes)
+        assert r["received_mb"] == pytest.approx(expected * 4 / 2**20) and r["peak_rss_mb"] > r["after_load_mb"] > 0
+        # the ClientApp really folded what it received into its weights: every adapted module (folding), and the
+        # modules Fed-PLoRA's client did not select (all of them hold some: rank-1 modules span every layer)
+        assert r["folded_modules"] == len(shapes), r
         assert r["floor_mb"] == pytest.approx(sum(v for k, v in r.items() if k.endswith("_mb") and k not in
                                                   ("floor_mb", "peak_rss_mb", "after_load_mb")))
     assert set(calibrate(rows, "tiny")) == {setting_key("tiny", "dense", "fp32", False, 8, 128, c) for c in ("folding", "plora")}

@@ -195,6 +195,33 @@ def test_when_every_node_is_refused_the_federation_stops_at_discovery_naming_why
         strategy.discover(grid)
 
 
+def test_a_node_stating_a_budget_no_footprint_was_measured_for_is_left_out_by_name_then_fitted_once_one_is(tmp_path, monkeypatch):
+    """A folding method's clients (fedex-lora) have a footprint of their own: where none was measured for the run's
+    setting, a node's stated budget used to crash the whole ServerApp in discovery (the fit raised there); the node is
+    left out and named instead. With a fit for the setting, the node's rank comes from it (4000 MB at 1000 + 1000/rank: 3)."""
+    import json as _json
+
+    from hetlora.device import footprint
+    from hetlora.device.footprint import setting_key
+
+    monkeypatch.setattr(footprint, "CALIBRATION", tmp_path / "calibration.json")  # none: no setting was measured
+    cfg = tiny(tmp_path / "run", method="fedex-lora")
+    grid = LoopbackGrid(partitions=3, fresh_process=False)
+    grid.contexts[101].node_config["memory-budget-mb"] = 4000.0
+    strategy = HetLoRAStrategy(Federation(cfg, device_clients=True))
+    strategy.discover(grid)
+    ids = strategy.fed.client_ids
+    assert strategy.node_of == {ids[0]: 100, ids[2]: 102}
+    (refused,) = strategy.refused
+    assert refused["node"] == 101 and "no memory footprint calibration for tiny|" in refused["reason"]
+    assert "|client=folding" in refused["reason"] and refused["reason"].endswith("the node is left out")
+    key = setting_key("tiny", "dense", "fp32", cfg.checkpointing(True), 2, 48, "folding")
+    footprint.CALIBRATION.write_text(_json.dumps({"fits": {key: {"fixed_mb": 1000.0, "per_rank_mb": 1000.0}}}))
+    strategy = HetLoRAStrategy(Federation(cfg, device_clients=True))
+    strategy.discover(grid)
+    assert strategy.refused == [] and strategy.fed.ranks[ids[1]] == 3
+
+
 def test_a_node_cannot_bring_back_a_budget_its_runs_method_has_no_footprint_for(tmp_path):
     """fft's clients train every weight: no LoRA footprint predicts them, so the config refuses budgets for it, and a
     node's own stated budget is not fitted either: that node is left out and named, the others keep their ranks."""

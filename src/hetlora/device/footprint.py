@@ -56,8 +56,8 @@ def fit(points: Iterable[tuple[int, float]], min_slope: float = 0.0) -> Footprin
     """The lowest line of slope ≥ max(least-squares slope, ``min_slope``) that no measured (rank, peak MB) point lies
     above: a budget is never given a rank whose measured peak exceeded it. Peaks of one setting vary by up to ~15 %
     between processes (glibc), more than the rank moves them, so a least-squares line predicted some measured peaks
-    low (one fit came out with a negative slope); ``min_slope`` is what a rank certainly adds (the LoRA state and the
-    activations it saves, computed exactly by the benchmark). One point: a flat line through it."""
+    low (one fit came out with a negative slope); ``min_slope`` is what a rank certainly adds (the LoRA state, computed
+    exactly by the benchmark). One point: a flat line through it."""
     pts = list(points)
     if len(pts) == 1:
         return FootprintModel(pts[0][1], 0.0)
@@ -67,9 +67,9 @@ def fit(points: Iterable[tuple[int, float]], min_slope: float = 0.0) -> Footprin
 
 
 def rank_slope(rows: Iterable[Mapping]) -> float:
-    """MB a rank certainly adds, from the rows' exact parts: the trainable state and the saved activations (0 when the
-    rows lack them, or hold one rank)."""
-    pts = [(r["rank"], r["trainable_state_mb"] + r["activations_mb"]) for r in rows if "trainable_state_mb" in r and "activations_mb" in r]
+    """MB a rank certainly adds, from the rows' exact parts: the LoRA state (factors, gradients, two AdamW moments;
+    0 when the rows lack it, or hold one rank)."""
+    pts = [(r["rank"], r["trainable_state_mb"]) for r in rows if "trainable_state_mb" in r]
     if len({r for r, _ in pts}) < 2:
         return 0.0
     return max(statistics.linear_regression([r for r, _ in pts], [m for _, m in pts]).slope, 0.0)
@@ -77,10 +77,12 @@ def rank_slope(rows: Iterable[Mapping]) -> float:
 
 def calibrate(rows: Iterable[Mapping], model: str = "smollm2") -> dict[str, dict]:
     """The fits of a footprint benchmark's LoRA ClientApp rows, per setting (a row without ``model`` is ``model``'s,
-    without ``base`` dense, without ``client`` a plain LoRA client's: the rows of before those were measured)."""
+    without ``base`` dense, without ``client`` a plain LoRA client's: the rows of before those were measured). Rows
+    of ``--release-memory`` clients are left out: the prediction is for the default (conservative when it is on).
+    Rows of several measurements of one setting are fitted together (the envelope then covers every one)."""
     groups: dict[str, list[Mapping]] = {}
     for r in rows:
-        if r["kind"] == "lora" and r["engine"] == "clientapp":
+        if r["kind"] == "lora" and r["engine"] == "clientapp" and not r.get("release_memory"):
             key = setting_key(r.get("model", model), r.get("base", "dense"), r["precision"], r["checkpointing"], r["batch"], r["length"],
                               r.get("client", "lora"))
             groups.setdefault(key, []).append(r)
@@ -101,6 +103,25 @@ def footprint_model(key: str, calibration: Path | None = None) -> FootprintModel
     return FootprintModel(fits[key]["fixed_mb"], fits[key]["per_rank_mb"])
 
 
+def calibration_problem(cfg, precision: str, device_clients: bool) -> str | None:
+    """Why ranks cannot be fitted to memory for this run's clients (None: a fit exists): what :func:`fit_ranks` would
+    raise, asked before it is (a SuperNode's stated budget is then refused by name, not a crash of the ServerApp)."""
+    try:
+        footprint_model(client_setting(cfg, precision, device_clients))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def client_setting(cfg, precision: str, device_clients: bool) -> str:
+    """The footprint setting of this run's clients (refused for a method whose rank does not set its memory)."""
+    client = get_method(cfg.method).footprint_client
+    if client is None:
+        raise ValueError(f"{cfg.method}'s clients have no rank-dependent memory footprint: a memory budget cannot give them a rank")
+    base = cfg.base_for(device_clients, from_gguf(cfg.model))
+    return setting_key(cfg.model, base, precision, cfg.checkpointing(device_clients), cfg.batch_size, cfg.max_length, client)
+
+
 def fit_ranks(cfg, ranks: Mapping[str, int], precision: str, device_clients: bool, low: int,
               budgets: Mapping[str, float] | None = None) -> tuple[dict[str, int], dict[str, str]]:
     """(ranks, left out) from memory budgets: each client the largest rank its budget is predicted to fit
@@ -117,12 +138,7 @@ def fit_ranks(cfg, ranks: Mapping[str, int], precision: str, device_clients: boo
         if missing:
             raise ValueError(f"memory budgets {cfg.memory_budgets} name no budget for {len(missing)} client(s) "
                              f"(e.g. {missing[0]}) and no --memory-budget is given for the rest")
-    client = get_method(cfg.method).footprint_client
-    if client is None:
-        raise ValueError(f"{cfg.method}'s clients have no rank-dependent memory footprint: a memory budget cannot give them a rank")
-    base = cfg.base_for(device_clients, from_gguf(cfg.model))
-    model = footprint_model(setting_key(cfg.model, base, precision, cfg.checkpointing(device_clients), cfg.batch_size, cfg.max_length,
-                                        client))
+    model = footprint_model(client_setting(cfg, precision, device_clients))
     fitted, left_out = ranks_from_budgets(budgets, model.largest_rank, low, cfg.global_rank)
     kept = {c: fitted.get(c, r) for c, r in ranks.items() if c not in left_out}
     if not kept:

@@ -25,6 +25,7 @@ from ..server.federation import Federation
 from ..server.runner import Progress, check_resumable, run
 from ..core.secure_sum import auto_clip, min_holders
 from ..core.ranks import budget_problem
+from ..device.footprint import calibration_problem
 from ..methods import get_method
 from .common import config_from_run_config, encode_config, from_array_record, to_array_record
 
@@ -109,7 +110,8 @@ class HetLoRAStrategy(Strategy):
         """Why a node's stated memory budget leaves it out (None: no budget, or a valid one): one node's
         ``memory-budget-mb=nan`` must not stop the federation, so it is named and left out instead. A budget the run's
         config would refuse leaves its node out too, named: under DP (ranks are seed-assigned there, and one might not
-        fit the device that said what it can hold) and for a method whose clients' footprint was never calibrated."""
+        fit the device that said what it can hold), for a method whose rank does not set its clients' memory (fft), and
+        where no footprint was measured for the run's setting (hetlora.device.footprint.calibration_problem)."""
         if "memory-budget-mb" not in identity:
             return None
         cfg = self.fed.cfg
@@ -118,6 +120,9 @@ class HetLoRAStrategy(Strategy):
         if not get_method(cfg.method).footprint_calibrated:
             return (f"states memory-budget-mb, but {cfg.method}'s clients' memory footprint was never calibrated (no rank "
                     "can be fitted to it); the node is left out")
+        missing = calibration_problem(cfg, self.fed.host.precision, self.fed.device_clients)
+        if missing:
+            return f"states memory-budget-mb, but {missing}; the node is left out"
         problem = budget_problem(identity["memory-budget-mb"])
         return f"states memory-budget-mb {problem}; the node is left out" if problem else None
 

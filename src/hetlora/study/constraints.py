@@ -92,7 +92,7 @@ def own_rank(cfg: RunConfig) -> str | None:
 
 def rank_from_memory(cfg: RunConfig) -> str | None:
     """Each device at the rank its memory affords: its own rank (:func:`own_rank`), fitted from a memory budget, which
-    the config refuses for clients the footprint never calibrated (those that fold into a dense fp32 base)."""
+    the config refuses where no rank sets a client's memory (fft)."""
     return own_rank(cfg) or refused_by(memory_budget_mb=PROBE_BUDGET_MB)(cfg)
 
 

@@ -163,7 +163,9 @@ def drop_heavy_outputs(work: Path) -> None:
     """A kept run's work directory is scratch: its checkpoints, adapter and folded delta go (0.1–1.4 GB a run).
 
     Kept, they filled a 250 GB disk by seed 5 of study v4. The results keep what the report reads (metrics,
-    summary); ``--verify`` rebuilds any run's model exactly. The small files (config, lock) stay.
+    summary); ``hetlora run`` with the run's recorded config trains its model again, bit for bit on its seed block
+    (``--verify`` checks that on the metrics). The small files (config, lock) stay; a kept run asked for more rounds
+    later (a changed plan) therefore starts again from round 0, not from its last checkpoint.
     """
     for name in HEAVY_OUTPUTS:
         path = work / name
