@@ -136,7 +136,8 @@ def test_ray_processes_left_by_a_killed_run_are_ended_when_it_starts_again(tmp_p
 
     out = tmp_path / "sim"
     ray_dir = _ray_temp_dir(out)
-    (ray_dir / "logs").mkdir(parents=True)
+    assert out.resolve() not in ray_dir.parents  # pytest's deep tmp_path: Ray's files go to a short sibling under /tmp
+    (ray_dir / "logs").mkdir(parents=True, exist_ok=True)  # a sibling of an earlier session's same path may be there
     sleeper = "import time; time.sleep(60)"
     named = subprocess.Popen([sys.executable, "-c", sleeper, f"--temp-dir={ray_dir}"])
     # Ray renames some processes (ray::DashboardAgent): this one only holds a log file of the run open
@@ -150,6 +151,7 @@ def test_ray_processes_left_by_a_killed_run_are_ended_when_it_starts_again(tmp_p
         with pytest.raises(RuntimeError):
             run_simulation(tiny(out, engine="flower"))
         assert named.wait(timeout=10) == -9 and holding.wait(timeout=10) == -9 and bystander.poll() is None
+        assert not ray_dir.exists()  # the /tmp sibling goes when the simulation returns, failed or not
     finally:
         for p in (named, holding, bystander):
             p.kill()

@@ -33,7 +33,7 @@ def test_a_shared_option_applies_where_the_method_takes_it_and_is_reset_where_no
     assert variant("hetlora", b).per_layer and not variant("fedavg", b).per_layer
     assert variant("hetlora", b).prune is True and variant("fedavg:3", b).prune is None and variant("fslora", b).prune is None
     assert variant("fslora", b).memory_budget_mb == 4000.0 and variant("fft", b).memory_budget_mb is None
-    assert variant("fedex-lora", b).memory_budget_mb is None
+    assert variant("fedex-lora", b).memory_budget_mb == 4000.0  # a folding client has its own footprint
     with pytest.raises(ValueError, match="florist_energy is florist's"):
         b.validate()
 

@@ -83,8 +83,22 @@ def run_simulation(cfg: RunConfig, *, resume: bool = False, quiet: bool = False)
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"_temp_dir": str(ray_dir), "include_dashboard": False, "log_to_driver": False},
     }
-    flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=_node_count(cfg), backend_config=backend)
-    return result or _finished_summary(out)
+    try:
+        flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=_node_count(cfg), backend_config=backend)
+        return result or _finished_summary(out)
+    finally:
+        _drop_sibling_ray_dir(out, ray_dir)
+
+
+def _drop_sibling_ray_dir(out: Path, ray_dir: Path) -> None:
+    """Ray's temp files of a run whose --out is too deep for Ray's sockets live in a sibling under /tmp, not with the
+    run: removed when the simulation returns (its processes ended first), so they do not pile up there (108 had, from
+    the test suite alone). A run killed outright leaves them to the next start of its directory (end_stale_ray)."""
+    import shutil
+
+    if out.resolve() not in ray_dir.parents:
+        end_stale_ray(ray_dir)
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 def _quiet_flower() -> None:
