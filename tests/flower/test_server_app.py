@@ -224,6 +224,31 @@ def test_a_node_stating_a_budget_no_footprint_was_measured_for_is_left_out_by_na
     assert strategy.refused == [] and strategy.fed.ranks[ids[1]] == 3
 
 
+def test_a_nodes_budget_is_fitted_with_the_footprint_setting_it_runs_not_the_servers(tmp_path, monkeypatch):
+    """A device states the footprint setting it runs (its base weights and its resolved precision, which need not be the
+    server's: a bf16 server with fp32 devices found no fit for its own bf16 setting). Node 101 says it runs a setting
+    with a fit (1000 MB + 1000 MB/rank: 4000 MB gives rank 3) that the server's own does not have; node 102 names a
+    setting nobody measured and is left out, named with it."""
+    import json as _json
+
+    from hetlora.device import footprint
+    from hetlora.flower import client_app
+
+    monkeypatch.setattr(footprint, "CALIBRATION", tmp_path / "calibration.json")
+    footprint.CALIBRATION.write_text(_json.dumps({"fits": {"device-101-setting": {"fixed_mb": 1000.0, "per_rank_mb": 1000.0}}}))
+    grid = LoopbackGrid(partitions=3, fresh_process=False)
+    for node in (101, 102):
+        grid.contexts[node].node_config["memory-budget-mb"] = 4000.0
+    stated = iter(["device-101-setting", "device-102-setting"])  # the nodes stating a budget answer in node order
+    monkeypatch.setattr(client_app, "footprint_setting", lambda host: next(stated))
+    strategy = HetLoRAStrategy(Federation(tiny(tmp_path / "run"), device_clients=True))
+    strategy.discover(grid)
+    ids = strategy.fed.client_ids
+    (refused,) = strategy.refused
+    assert refused["node"] == 102 and "no memory footprint calibration for device-102-setting" in refused["reason"]
+    assert strategy.node_of == {ids[0]: 100, ids[1]: 101} and strategy.fed.ranks[ids[1]] == 3
+
+
 def test_a_node_cannot_bring_back_a_budget_its_runs_method_has_no_footprint_for(tmp_path):
     """fft's clients train every weight: no LoRA footprint predicts them, so the config refuses budgets for it, and a
     node's own stated budget is not fitted either: that node is left out and named, the others keep their ranks."""

@@ -107,7 +107,16 @@ def calibration_problem(cfg, precision: str, device_clients: bool) -> str | None
     """Why ranks cannot be fitted to memory for this run's clients (None: a fit exists): what :func:`fit_ranks` would
     raise, asked before it is (a SuperNode's stated budget is then refused by name, not a crash of the ServerApp)."""
     try:
-        footprint_model(client_setting(cfg, precision, device_clients))
+        setting = client_setting(cfg, precision, device_clients)
+    except ValueError as err:
+        return str(err)
+    return setting_problem(setting)
+
+
+def setting_problem(setting: str) -> str | None:
+    """Why no rank can be fitted for a device that stated its footprint setting (None: a fit exists)."""
+    try:
+        footprint_model(setting)
     except ValueError as err:
         return str(err)
     return None
@@ -123,10 +132,12 @@ def client_setting(cfg, precision: str, device_clients: bool) -> str:
 
 
 def fit_ranks(cfg, ranks: Mapping[str, int], precision: str, device_clients: bool, low: int,
-              budgets: Mapping[str, float] | None = None) -> tuple[dict[str, int], dict[str, str]]:
+              budgets: Mapping[str, float] | None = None, settings: Mapping[str, str] | None = None) -> tuple[dict[str, int], dict[str, str]]:
     """(ranks, left out) from memory budgets: each client the largest rank its budget is predicted to fit
     in [``low``, global rank] (uniform-rank methods: low = the one rank); ``budgets`` None: the config's
-    (``memory_budgets`` file, else ``memory_budget_mb`` for all). Clients without a budget keep their rank."""
+    (``memory_budgets`` file, else ``memory_budget_mb`` for all). Clients without a budget keep their rank.
+    ``settings``: a client's own footprint setting where its device stated it (a SuperNode's base weights and
+    precision are its own, not the server's); the others take the run's, on this machine's ``precision``."""
     if budgets is None:
         given = read_budgets(cfg.memory_budgets) if cfg.memory_budgets else {}
         unknown = sorted(set(given) - set(ranks))
@@ -138,9 +149,15 @@ def fit_ranks(cfg, ranks: Mapping[str, int], precision: str, device_clients: boo
         if missing:
             raise ValueError(f"memory budgets {cfg.memory_budgets} name no budget for {len(missing)} client(s) "
                              f"(e.g. {missing[0]}) and no --memory-budget is given for the rest")
-    model = footprint_model(client_setting(cfg, precision, device_clients))
-    fitted, left_out = ranks_from_budgets(budgets, model.largest_rank, low, cfg.global_rank)
+    stated = settings or {}
+    run_setting = client_setting(cfg, precision, device_clients) if set(budgets) - set(stated) else None
+    fitted, left_out, lowest = {}, {}, []
+    for setting in dict.fromkeys(stated.get(c, run_setting) for c in budgets):
+        model = footprint_model(setting)
+        got, out = ranks_from_budgets({c: b for c, b in budgets.items() if stated.get(c, run_setting) == setting},
+                                      model.largest_rank, low, cfg.global_rank)
+        fitted, left_out, lowest = fitted | got, left_out | out, lowest + [model.predict(low)]
     kept = {c: fitted.get(c, r) for c, r in ranks.items() if c not in left_out}
     if not kept:
-        raise ValueError(f"no client's memory budget fits a rank ≥ {low} (predicted {model.predict(low):.0f} MB at rank {low})")
+        raise ValueError(f"no client's memory budget fits a rank ≥ {low} (predicted {min(lowest):.0f} MB at rank {low})")
     return kept, left_out

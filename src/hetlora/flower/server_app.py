@@ -25,7 +25,7 @@ from ..server.federation import Federation
 from ..server.runner import Progress, check_resumable, run
 from ..core.secure_sum import auto_clip, min_holders
 from ..core.ranks import budget_problem
-from ..device.footprint import calibration_problem
+from ..device.footprint import calibration_problem, setting_problem
 from ..methods import get_method
 from .common import config_from_run_config, encode_config, from_array_record, to_array_record
 
@@ -76,6 +76,7 @@ class HetLoRAStrategy(Strategy):
         messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type="query") for n in nodes]
         registered = set(self.fed.client_ids)
         budgets: dict[str, float] = {}
+        settings: dict[str, str] = {}  # the footprint setting each budget-stating node runs (its base, its precision)
         for reply in sorted(grid.send_and_receive(messages, timeout=self.timeout), key=lambda r: r.metadata.src_node_id):
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -93,10 +94,12 @@ class HetLoRAStrategy(Strategy):
             self.examples_of[cid] = int(identity["num-examples"])
             if "memory-budget-mb" in identity:
                 budgets[cid] = float(identity["memory-budget-mb"])
+                if "footprint-setting" in identity:
+                    settings[cid] = str(identity["footprint-setting"])
         if budgets:  # nodes stated their memory: their ranks come from it (others keep the run's budget, if any)
             default = self.fed.cfg.memory_budget_mb
             held = [c for c in self.fed.client_ids if c in budgets or default is not None]
-            self.fed.fit_ranks_to_memory({c: budgets.get(c, default) for c in held})
+            self.fed.fit_ranks_to_memory({c: budgets.get(c, default) for c in held}, settings)
             for cid, why in self.fed.left_out.items():
                 log.warning("client %s (node %s) left out: %s", cid, self.node_of.get(cid), why)
         if self.refused and not self.node_of:  # nothing can run: say why now, not rounds later as "too few clients"
@@ -120,7 +123,9 @@ class HetLoRAStrategy(Strategy):
         if not get_method(cfg.method).footprint_calibrated:
             return (f"states memory-budget-mb, but {cfg.method}'s clients' memory footprint was never calibrated (no rank "
                     "can be fitted to it); the node is left out")
-        missing = calibration_problem(cfg, self.fed.host.precision, self.fed.device_clients)
+        stated = identity.get("footprint-setting")
+        missing = (calibration_problem(cfg, self.fed.host.precision, self.fed.device_clients) if stated is None
+                   else setting_problem(str(stated)))
         if missing:
             return f"states memory-budget-mb, but {missing}; the node is left out"
         problem = budget_problem(identity["memory-budget-mb"])

@@ -110,11 +110,12 @@ class Federation:
         self._before: tuple | None = None  # the state before the last applied aggregate (for roll_back)
         self.privacy = ServerPrivacy.fresh() if cfg.dp_clip is not None else None
 
-    def fit_ranks_to_memory(self, budgets: Mapping[str, float] | None = None) -> None:
+    def fit_ranks_to_memory(self, budgets: Mapping[str, float] | None = None, settings: Mapping[str, str] | None = None) -> None:
         """Ranks from memory budgets (docs/algorithm.md §7; hetlora.device.footprint.fit_ranks): a client that fits
-        no rank ≥ r_min is left out. Clients ``budgets`` does not name keep their ranks."""
+        no rank ≥ r_min is left out. Clients ``budgets`` does not name keep their ranks; ``settings``: the footprint
+        setting a client's device stated (its own base weights and precision)."""
         low = self.cfg.global_rank if self.method.uniform_rank else self.cfg.r_min
-        self.ranks, self.left_out = fit_ranks(self.cfg, self.ranks, self.host.precision, self.device_clients, low, budgets)
+        self.ranks, self.left_out = fit_ranks(self.cfg, self.ranks, self.host.precision, self.device_clients, low, budgets, settings)
         self.client_ids = [c for c in self.client_ids if c not in self.left_out]
         self.assigned = dict(self.ranks)
         if self.cfg.clients_per_round > len(self.client_ids):
