@@ -132,11 +132,12 @@ def test_ray_processes_left_by_a_killed_run_are_ended_when_it_starts_again(tmp_p
 
     import flwr.simulation
 
+    from hetlora.flower import simulation
     from hetlora.flower.simulation import _ray_temp_dir, run_simulation
 
+    monkeypatch.setattr(simulation, "MAX_RAY_DIR", 0)  # every --out too deep: Ray's files go to a short sibling under /tmp
     out = tmp_path / "sim"
     ray_dir = _ray_temp_dir(out)
-    assert out.resolve() not in ray_dir.parents  # pytest's deep tmp_path: Ray's files go to a short sibling under /tmp
     (ray_dir / "logs").mkdir(parents=True, exist_ok=True)  # a sibling of an earlier session's same path may be there
     sleeper = "import time; time.sleep(60)"
     named = subprocess.Popen([sys.executable, "-c", sleeper, f"--temp-dir={ray_dir}"])
@@ -156,6 +157,44 @@ def test_ray_processes_left_by_a_killed_run_are_ended_when_it_starts_again(tmp_p
         for p in (named, holding, bystander):
             p.kill()
             p.wait()
+
+
+def test_a_second_simulation_of_a_directory_is_refused_and_touches_nothing_and_a_ray_dir_inside_the_run_stays(tmp_path, monkeypatch):
+    """The sibling's removal and the stale-Ray ending happen under the directory's simulation lock: a second simulation
+    of the same --out, while the first holds it, is refused before it ends any process or removes any file (it used to
+    be refused only inside its ServerApp, after its Ray had started). A Ray dir inside the run (a short --out) is the
+    run's own and is kept."""
+    import subprocess
+    import sys
+
+    import flwr.simulation
+
+    from hetlora.flower import simulation
+    from hetlora.flower.simulation import RAY_LOCK, _ray_temp_dir, run_simulation
+    from hetlora.server.runner import run_lock
+
+    monkeypatch.setattr(simulation, "MAX_RAY_DIR", 0)
+    out = tmp_path / "sim"
+    ray_dir = _ray_temp_dir(out)
+    ray_dir.mkdir(parents=True, exist_ok=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--temp-dir={ray_dir}"])
+    try:
+        monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kw: None)
+        with run_lock(out, RAY_LOCK):  # the first simulation of this directory, still running
+            with pytest.raises(ValueError, match="in use by another hetlora run"):
+                run_simulation(tiny(out, engine="flower"))
+        assert live.poll() is None and ray_dir.is_dir()
+    finally:
+        live.kill()
+        live.wait()
+    monkeypatch.setattr(simulation, "MAX_RAY_DIR", 10_000)
+    short = tmp_path / "short"
+    with pytest.raises(RuntimeError):  # the patched simulation finishes no run
+        run_simulation(tiny(short, engine="flower"))
+    assert _ray_temp_dir(short) == (short / ".ray").resolve() and _ray_temp_dir(short).is_dir()
+    import shutil
+
+    shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 @pytest.mark.parametrize("budget", [float("nan"), float("inf"), 1e400, True, "lots"])
@@ -225,27 +264,33 @@ def test_a_node_stating_a_budget_no_footprint_was_measured_for_is_left_out_by_na
 
 
 def test_a_nodes_budget_is_fitted_with_the_footprint_setting_it_runs_not_the_servers(tmp_path, monkeypatch):
-    """A device states the footprint setting it runs (its base weights and its resolved precision, which need not be the
-    server's: a bf16 server with fp32 devices found no fit for its own bf16 setting). Node 101 says it runs a setting
-    with a fit (1000 MB + 1000 MB/rank: 4000 MB gives rank 3) that the server's own does not have; node 102 names a
-    setting nobody measured and is left out, named with it."""
+    """A device states how it holds its base and the precision it resolved (they need not be the server's: a bf16
+    server with fp32 devices found no fit for its own setting). The server builds the setting from them and the run's
+    own: node 101 runs bf16, which has a fit (1000 MB + 1000 MB/rank: 4000 MB gives rank 3) though the server's fp32
+    has none; node 102 runs fp16, never measured, and is left out naming that setting; node 103 states values that are
+    none of the known ones and is left out without them echoed."""
     import json as _json
 
     from hetlora.device import footprint
+    from hetlora.device.footprint import setting_key
     from hetlora.flower import client_app
 
+    cfg = tiny(tmp_path / "run", max_clients=4)
     monkeypatch.setattr(footprint, "CALIBRATION", tmp_path / "calibration.json")
-    footprint.CALIBRATION.write_text(_json.dumps({"fits": {"device-101-setting": {"fixed_mb": 1000.0, "per_rank_mb": 1000.0}}}))
-    grid = LoopbackGrid(partitions=3, fresh_process=False)
-    for node in (101, 102):
+    bf16 = setting_key("tiny", "dense", "bf16", cfg.checkpointing(True), 2, 48)
+    footprint.CALIBRATION.write_text(_json.dumps({"fits": {bf16: {"fixed_mb": 1000.0, "per_rank_mb": 1000.0}}}))
+    grid = LoopbackGrid(partitions=4, fresh_process=False)
+    for node in (101, 102, 103):
         grid.contexts[node].node_config["memory-budget-mb"] = 4000.0
-    stated = iter(["device-101-setting", "device-102-setting"])  # the nodes stating a budget answer in node order
-    monkeypatch.setattr(client_app, "footprint_setting", lambda host: next(stated))
-    strategy = HetLoRAStrategy(Federation(tiny(tmp_path / "run"), device_clients=True))
+    stated = iter([{"base-weights": "dense", "precision": "bf16"}, {"base-weights": "dense", "precision": "fp16"},
+                   {"base-weights": "dense\nEVIL" * 1000, "precision": "fp32"}])  # the budget-stating nodes answer in node order
+    monkeypatch.setattr(client_app, "footprint_statement", lambda host: next(stated))
+    strategy = HetLoRAStrategy(Federation(cfg, device_clients=True))
     strategy.discover(grid)
     ids = strategy.fed.client_ids
-    (refused,) = strategy.refused
-    assert refused["node"] == 102 and "no memory footprint calibration for device-102-setting" in refused["reason"]
+    reasons = {r["node"]: r["reason"] for r in strategy.refused}
+    assert set(reasons) == {102, 103} and f"no memory footprint calibration for {bf16.replace('bf16', 'fp16')}" in reasons[102]
+    assert "not one of dense/gguf and fp32/bf16/fp16" in reasons[103] and "EVIL" not in reasons[103]
     assert strategy.node_of == {ids[0]: 100, ids[1]: 101} and strategy.fed.ranks[ids[1]] == 3
 
 

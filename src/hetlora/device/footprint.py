@@ -122,6 +122,23 @@ def setting_problem(setting: str) -> str | None:
     return None
 
 
+#: what a device may state it holds its base in, and computes in (anything else leaves its node out)
+STATED_BASES, STATED_PRECISIONS = ("dense", "gguf"), ("fp32", "bf16", "fp16")
+
+
+def stated_setting(cfg, base: object, precision: object) -> str:
+    """The footprint setting of a device of this run that states its own base weights and resolved precision (a
+    SuperNode: a node may hold its base otherwise, and resolve ``auto`` otherwise, than the server); the rest of the
+    setting is the run's. A value outside the known ones is refused (ValueError), never echoed into a key."""
+    if base not in STATED_BASES or precision not in STATED_PRECISIONS:
+        raise ValueError(f"states base-weights / precision that are not one of {'/'.join(STATED_BASES)} and "
+                         f"{'/'.join(STATED_PRECISIONS)}")
+    client = get_method(cfg.method).footprint_client
+    if client is None:
+        raise ValueError(f"{cfg.method}'s clients have no rank-dependent memory footprint: a memory budget cannot give them a rank")
+    return setting_key(cfg.model, str(base), str(precision), cfg.checkpointing(True), cfg.batch_size, cfg.max_length, client)
+
+
 def client_setting(cfg, precision: str, device_clients: bool) -> str:
     """The footprint setting of this run's clients (refused for a method whose rank does not set its memory)."""
     client = get_method(cfg.method).footprint_client
@@ -150,6 +167,8 @@ def fit_ranks(cfg, ranks: Mapping[str, int], precision: str, device_clients: boo
             raise ValueError(f"memory budgets {cfg.memory_budgets} name no budget for {len(missing)} client(s) "
                              f"(e.g. {missing[0]}) and no --memory-budget is given for the rest")
     stated = settings or {}
+    if get_method(cfg.method).footprint_client is None:
+        raise ValueError(f"{cfg.method}'s clients have no rank-dependent memory footprint: a memory budget cannot give them a rank")
     run_setting = client_setting(cfg, precision, device_clients) if set(budgets) - set(stated) else None
     fitted, left_out, lowest = {}, {}, []
     for setting in dict.fromkeys(stated.get(c, run_setting) for c in budgets):

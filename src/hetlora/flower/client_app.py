@@ -81,22 +81,16 @@ def query(message: Message, context: Context) -> Message:
     if "memory-budget-mb" in context.node_config:  # the device states what it can afford; the server picks its rank
         value = context.node_config["memory-budget-mb"]  # sent as given: the server checks it (a bad one leaves the node out)
         identity["memory-budget-mb"] = value if isinstance(value, (bool, int, float)) else str(value)
-        setting = footprint_setting(host)
-        if setting is not None:
-            identity["footprint-setting"] = setting
+        identity |= footprint_statement(host)
     reply = RecordDict({"identity": ConfigRecord(identity)})
     return Message(reply, reply_to=message)
 
 
-def footprint_setting(host: ClientHost) -> str | None:
-    """The footprint setting of this device's client as it runs here (its own base weights and resolved precision,
-    which may differ from the server's): the server fits its budget with that setting's footprint (None: fft)."""
-    from ..device.footprint import client_setting
-
-    try:
-        return client_setting(host.cfg, host.precision, device_clients=True)
-    except ValueError:
-        return None
+def footprint_statement(host: ClientHost) -> dict[str, str]:
+    """How this device holds its base and what precision it computes in, as it runs here (both may differ from the
+    server's: a node's ``base-weights``, ``auto`` resolved on its own hardware): the server fits the node's budget with
+    that setting's footprint (hetlora.device.footprint.stated_setting)."""
+    return {"base-weights": host.base, "precision": host.precision}
 
 
 def _received_job(message: Message, context: Context) -> tuple[RunConfig, ClientHost, Job]:

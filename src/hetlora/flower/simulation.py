@@ -15,13 +15,16 @@ from ..server.runner import run_lock
 
 # Ray's Unix sockets must fit in 107 bytes; a deep --out gets a short sibling under /tmp.
 MAX_RAY_DIR = 60
+SIBLING_ROOT, SIBLING_PREFIX = "/tmp", "hetlora-ray-"
+#: the simulation's own lock file in the run directory (held around the run's lock, which the ServerApp takes)
+RAY_LOCK = ".simulation.lock"
 
 
 def _ray_temp_dir(out: Path) -> Path:
     inside = (out / ".ray").resolve()
     if len(str(inside)) <= MAX_RAY_DIR:
         return inside
-    return Path("/tmp") / f"hetlora-ray-{hashlib.sha1(str(inside).encode()).hexdigest()[:10]}"
+    return Path(SIBLING_ROOT) / f"{SIBLING_PREFIX}{hashlib.sha1(str(inside).encode()).hexdigest()[:10]}"
 
 
 def _names_dir(proc: Path, marker: str) -> bool:
@@ -36,7 +39,7 @@ def _names_dir(proc: Path, marker: str) -> bool:
         return False
 
 
-def end_stale_ray(ray_dir: Path) -> list[int]:
+def end_stale_ray(ray_dir: Path, announce: bool = True) -> list[int]:
     """End the processes a SIGKILLed earlier run of this directory left behind (Ray's GCS, raylet, agents, workers).
 
     A SIGKILL gives the driver no chance to stop its Ray cluster, and nothing can end it at that moment; the
@@ -54,7 +57,7 @@ def end_stale_ray(ray_dir: Path) -> list[int]:
                 ended.append(pid)
             except OSError:
                 pass
-    if ended:
+    if ended and announce:
         logging.getLogger(__name__).warning("ended %d Ray process(es) left by an earlier run of this directory", len(ended))
     return ended
 
@@ -63,6 +66,12 @@ def run_simulation(cfg: RunConfig, *, resume: bool = False, quiet: bool = False)
     """Run ``cfg`` with one virtual SuperNode per client; returns the summary (``quiet``: Flower logs warnings only)."""
     if quiet:
         _quiet_flower()
+    out = Path(cfg.out)
+    with run_lock(out, RAY_LOCK):  # one simulation of a directory at a time: its Ray files and processes are its own
+        return _simulate(cfg, out, resume)
+
+
+def _simulate(cfg: RunConfig, out: Path, resume: bool) -> dict[str, Any]:
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation as flwr_run_simulation
@@ -70,7 +79,6 @@ def run_simulation(cfg: RunConfig, *, resume: bool = False, quiet: bool = False)
     from .client_app import app as client_app
     from .server_app import serve
 
-    out = Path(cfg.out)
     ray_dir = _prepare_run_directory(out)
     result: dict[str, Any] = {}
     server_app = ServerApp()
@@ -87,17 +95,19 @@ def run_simulation(cfg: RunConfig, *, resume: bool = False, quiet: bool = False)
         flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=_node_count(cfg), backend_config=backend)
         return result or _finished_summary(out)
     finally:
-        _drop_sibling_ray_dir(out, ray_dir)
+        _drop_sibling_ray_dir(ray_dir)
 
 
-def _drop_sibling_ray_dir(out: Path, ray_dir: Path) -> None:
+def _drop_sibling_ray_dir(ray_dir: Path) -> None:
     """Ray's temp files of a run whose --out is too deep for Ray's sockets live in a sibling under /tmp, not with the
-    run: removed when the simulation returns (its processes ended first), so they do not pile up there (108 had, from
-    the test suite alone). A run killed outright leaves them to the next start of its directory (end_stale_ray)."""
+    run: removed when the simulation returns (under its directory's simulation lock, so no other simulation of it is
+    using them; its Ray processes ended first), so they do not pile up there (108 had, from the test suite alone). A run
+    killed outright leaves them to the next start of its directory (end_stale_ray). Only a sibling this module named
+    is removed, never a directory inside the run (or wherever a symlink there points)."""
     import shutil
 
-    if out.resolve() not in ray_dir.parents:
-        end_stale_ray(ray_dir)
+    if ray_dir.parent == Path(SIBLING_ROOT) and ray_dir.name.startswith(SIBLING_PREFIX) and not ray_dir.is_symlink():
+        end_stale_ray(ray_dir, announce=False)
         shutil.rmtree(ray_dir, ignore_errors=True)
 
 

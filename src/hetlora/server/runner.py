@@ -53,10 +53,11 @@ def check_writable(out: Path) -> None:
 
 
 @contextmanager
-def run_lock(out: Path) -> Iterator[None]:
-    """An exclusive lock on the run directory for as long as the run lives (fcntl, released on exit or crash)."""
+def run_lock(out: Path, name: str = LOCK) -> Iterator[None]:
+    """An exclusive lock on the run directory for as long as the run lives (fcntl, released on exit or crash); ``name``:
+    another lock file of the directory (a Flower simulation holds its own around the run's, which it takes inside)."""
     out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK, "a+")
+    handle = open(out / name, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
