@@ -349,15 +349,14 @@ def refit(paths: list[Path], out: Path | None) -> None:
     its rows, so the envelope covers every measurement of it), naming each setting's files and their provenance:
     how a change to the fit reaches the shipped calibration without measuring again. ``out``: the fits and the
     leave-one-out check as json."""
-    from hetlora.device.footprint import setting_key
+    from hetlora.device.footprint import row_setting
 
     rows, sources = [], {}
     for path in paths:
         data = json.loads(path.read_text())
         for r in data["rows"]:
             rows.append(r | {"batch": r.get("batch", data["batch"][0]), "length": r.get("length", data["batch"][1])})
-            key = setting_key(r.get("model", "smollm2"), r.get("base", "dense"), r["precision"], r["checkpointing"], rows[-1]["batch"],
-                              rows[-1]["length"], r.get("client", "lora"))
+            key = row_setting(rows[-1])
             entry = {"source": str(path), "provenance": data["provenance"]}
             if entry not in sources.setdefault(key, []):
                 sources[key].append(entry)
@@ -394,20 +393,18 @@ def prepare_models(models: list[str]) -> None:
 def calibration_check(rows: list[dict], summary: dict, model: str = "smollm2") -> dict:
     """Fit the footprint model to the ClientApp LoRA rows and say how far its predictions fall from them."""
     try:
-        from hetlora.device.footprint import calibrate, fit, rank_slope, setting_key
+        from hetlora.device.footprint import calibrate, fit, rank_slope, setting_rows
     except ImportError:  # a tree from before the footprint model (a before/after comparison)
         return {}
-    rows = [r for r in rows if not r.get("release_memory")]  # the prediction assumes release off (conservative when on)
     fits = calibrate(rows, model)
+    groups = setting_rows(rows, model)
     errors = []
     for key, f in fits.items():
-        points = f["points"]
-        mine = [r for r in rows if r["kind"] == "lora" and r["engine"] == "clientapp" and setting_key(
-            r.get("model", model), r.get("base", "dense"), r["precision"], r["checkpointing"], r["batch"], r["length"], r.get("client", "lora")) == key]
+        points, slope = f["points"], rank_slope(groups[key])
         for i, (rank, peak) in enumerate(points):  # leave one out: each rank predicted from the others
             others = points[:i] + points[i + 1 :]
             if len(others) >= 2:
-                errors.append(abs(fit(others, rank_slope(mine)).predict(rank) - peak) / peak)
+                errors.append(abs(fit(others, slope).predict(rank) - peak) / peak)
         summary["lines"].append(f"footprint model {key}: {f['fixed_mb']:.0f} MB + {f['per_rank_mb']:.2f} MB/rank")
     if errors:
         summary["calibration_max_relative_error_leave_one_out"] = max(errors)
@@ -415,7 +412,7 @@ def calibration_check(rows: list[dict], summary: dict, model: str = "smollm2") -
     return fits
 
 
-def folding_cost(row: dict, rows: list[dict]) -> str | None:
+def folding_cost(row: dict, rows: list[dict]) -> str:
     """A folding or Fed-PLoRA client's peak beside the plain LoRA client's of the same setting and rank."""
     same = ("model", "base", "engine", "rank", "precision", "checkpointing", "release_memory")
     lora = next((r for r in rows if r.get("client", "lora") == "lora" and r["kind"] == "lora" and all(r.get(k) == row.get(k) for k in same)), None)
@@ -437,7 +434,6 @@ def goals(rows: list[dict]) -> dict:
     ≤ 1.3× its floor) and a step ≤ 1.3× the dense step of the same setting. Folding and Fed-PLoRA clients: each row's
     peak beside the plain LoRA client's of the same setting and rank (what folding costs)."""
     lines = [folding_cost(r, rows) for r in rows if r.get("client", "lora") != "lora"]
-    lines = [line for line in lines if line]
     rows = [r for r in rows if r.get("client", "lora") == "lora"]
     out: dict = {}
     for model, base in dict.fromkeys((r.get("model", "smollm2"), r.get("base", "dense")) for r in rows):

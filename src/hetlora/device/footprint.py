@@ -75,19 +75,28 @@ def rank_slope(rows: Iterable[Mapping]) -> float:
     return max(statistics.linear_regression([r for r, _ in pts], [m for _, m in pts]).slope, 0.0)
 
 
-def calibrate(rows: Iterable[Mapping], model: str = "smollm2") -> dict[str, dict]:
-    """The fits of a footprint benchmark's LoRA ClientApp rows, per setting (a row without ``model`` is ``model``'s,
-    without ``base`` dense, without ``client`` a plain LoRA client's: the rows of before those were measured). Rows
-    of ``--release-memory`` clients are left out: the prediction is for the default (conservative when it is on).
-    Rows of several measurements of one setting are fitted together (the envelope then covers every one)."""
+def row_setting(row: Mapping, model: str = "smollm2") -> str:
+    """The setting a footprint benchmark row measured (a row without ``model`` is ``model``'s, without ``base`` dense,
+    without ``client`` a plain LoRA client's: the rows of before those were measured)."""
+    return setting_key(row.get("model", model), row.get("base", "dense"), row["precision"], row["checkpointing"], row["batch"],
+                       row["length"], row.get("client", "lora"))
+
+
+def setting_rows(rows: Iterable[Mapping], model: str = "smollm2") -> dict[str, list[Mapping]]:
+    """The rows a fit is made of, per setting: LoRA ClientApp rows, not of ``--release-memory`` clients (the prediction
+    is for the default; conservative when it is on)."""
     groups: dict[str, list[Mapping]] = {}
     for r in rows:
         if r["kind"] == "lora" and r["engine"] == "clientapp" and not r.get("release_memory"):
-            key = setting_key(r.get("model", model), r.get("base", "dense"), r["precision"], r["checkpointing"], r["batch"], r["length"],
-                              r.get("client", "lora"))
-            groups.setdefault(key, []).append(r)
+            groups.setdefault(row_setting(r, model), []).append(r)
+    return groups
+
+
+def calibrate(rows: Iterable[Mapping], model: str = "smollm2") -> dict[str, dict]:
+    """The fits of a footprint benchmark's rows, per setting (:func:`setting_rows`). Rows of several measurements of
+    one setting are fitted together (the envelope then covers every one)."""
     fits = {}
-    for key, mine in groups.items():
+    for key, mine in setting_rows(rows, model).items():
         points = sorted((r["rank"], r["peak_rss_mb"]) for r in mine)
         if len({r for r, _ in points}) >= 2:  # a line needs two ranks: one point would predict every rank's peak to be that rank's (a guess, refused)
             fits[key] = vars(fit(points, rank_slope(mine))) | {"points": points}
