@@ -112,23 +112,24 @@ def footprint_model(key: str, calibration: Path | None = None) -> FootprintModel
     return FootprintModel(fits[key]["fixed_mb"], fits[key]["per_rank_mb"])
 
 
-def calibration_problem(cfg, precision: str, device_clients: bool) -> str | None:
+def calibration_problem(cfg, precision: str, device_clients: bool, stated: tuple[object, object] | None = None) -> str | None:
     """Why ranks cannot be fitted to memory for this run's clients (None: a fit exists): what :func:`fit_ranks` would
-    raise, asked before it is (a SuperNode's stated budget is then refused by name, not a crash of the ServerApp)."""
+    raise, asked before it is (a SuperNode's stated budget is then refused by name, not a crash of the ServerApp).
+    ``stated``: the (base weights, precision) a device said it runs (:func:`stated_setting`), else the run's here."""
     try:
-        setting = client_setting(cfg, precision, device_clients)
-    except ValueError as err:
-        return str(err)
-    return setting_problem(setting)
-
-
-def setting_problem(setting: str) -> str | None:
-    """Why no rank can be fitted for a device that stated its footprint setting (None: a fit exists)."""
-    try:
-        footprint_model(setting)
+        footprint_model(client_setting(cfg, precision, device_clients) if stated is None else stated_setting(cfg, *stated))
     except ValueError as err:
         return str(err)
     return None
+
+
+def footprint_client(cfg) -> str:
+    """The run's method's footprint client (hetlora.methods.base.AggregationMethod.footprint_client), refused where
+    its rank does not set its clients' memory (fft)."""
+    client = get_method(cfg.method).footprint_client
+    if client is None:
+        raise ValueError(f"{cfg.method}'s clients have no rank-dependent memory footprint: a memory budget cannot give them a rank")
+    return client
 
 
 #: what a device may state it holds its base in, and computes in (anything else leaves its node out)
@@ -142,19 +143,15 @@ def stated_setting(cfg, base: object, precision: object) -> str:
     if base not in STATED_BASES or precision not in STATED_PRECISIONS:
         raise ValueError(f"states base-weights / precision that are not one of {'/'.join(STATED_BASES)} and "
                          f"{'/'.join(STATED_PRECISIONS)}")
-    client = get_method(cfg.method).footprint_client
-    if client is None:
-        raise ValueError(f"{cfg.method}'s clients have no rank-dependent memory footprint: a memory budget cannot give them a rank")
-    return setting_key(cfg.model, str(base), str(precision), cfg.checkpointing(True), cfg.batch_size, cfg.max_length, client)
+    return setting_key(cfg.model, str(base), str(precision), cfg.checkpointing(True), cfg.batch_size, cfg.max_length,
+                       footprint_client(cfg))
 
 
 def client_setting(cfg, precision: str, device_clients: bool) -> str:
     """The footprint setting of this run's clients (refused for a method whose rank does not set its memory)."""
-    client = get_method(cfg.method).footprint_client
-    if client is None:
-        raise ValueError(f"{cfg.method}'s clients have no rank-dependent memory footprint: a memory budget cannot give them a rank")
     base = cfg.base_for(device_clients, from_gguf(cfg.model))
-    return setting_key(cfg.model, base, precision, cfg.checkpointing(device_clients), cfg.batch_size, cfg.max_length, client)
+    return setting_key(cfg.model, base, precision, cfg.checkpointing(device_clients), cfg.batch_size, cfg.max_length,
+                       footprint_client(cfg))
 
 
 def fit_ranks(cfg, ranks: Mapping[str, int], precision: str, device_clients: bool, low: int,
@@ -176,8 +173,7 @@ def fit_ranks(cfg, ranks: Mapping[str, int], precision: str, device_clients: boo
             raise ValueError(f"memory budgets {cfg.memory_budgets} name no budget for {len(missing)} client(s) "
                              f"(e.g. {missing[0]}) and no --memory-budget is given for the rest")
     stated = settings or {}
-    if get_method(cfg.method).footprint_client is None:
-        raise ValueError(f"{cfg.method}'s clients have no rank-dependent memory footprint: a memory budget cannot give them a rank")
+    footprint_client(cfg)  # fft is refused whatever its devices stated
     run_setting = client_setting(cfg, precision, device_clients) if set(budgets) - set(stated) else None
     fitted, left_out, lowest = {}, {}, []
     for setting in dict.fromkeys(stated.get(c, run_setting) for c in budgets):

@@ -25,7 +25,7 @@ from ..server.federation import Federation
 from ..server.runner import Progress, check_resumable, run
 from ..core.secure_sum import auto_clip, min_holders
 from ..core.ranks import budget_problem
-from ..device.footprint import calibration_problem, setting_problem, stated_setting
+from ..device.footprint import calibration_problem, stated_setting
 from ..methods import get_method
 from .common import config_from_run_config, encode_config, from_array_record, to_array_record
 
@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 app = ServerApp()
 DEFAULT_TIMEOUT = 3600.0  # a round's deadline without --round-timeout (s)
 PULL_SECONDS = 0.1  # between pulls while replies are pending (Flower's own grids pull every 0.1 s)
+
+
+def stated_by(identity) -> tuple[object, object] | None:
+    """The (base weights, precision) a node said it runs (hetlora.flower.client_app.footprint_statement), if it did."""
+    return (identity["base-weights"], identity["precision"]) if "base-weights" in identity and "precision" in identity else None
 
 
 class HetLoRAStrategy(Strategy):
@@ -94,8 +99,8 @@ class HetLoRAStrategy(Strategy):
             self.examples_of[cid] = int(identity["num-examples"])
             if "memory-budget-mb" in identity:
                 budgets[cid] = float(identity["memory-budget-mb"])
-                if "base-weights" in identity and "precision" in identity:  # checked by budget_problem above
-                    settings[cid] = stated_setting(self.fed.cfg, identity["base-weights"], identity["precision"])
+                if stated_by(identity):  # checked by budget_problem above
+                    settings[cid] = stated_setting(self.fed.cfg, *stated_by(identity))
         if budgets:  # nodes stated their memory: their ranks come from it (others keep the run's budget, if any)
             default = self.fed.cfg.memory_budget_mb
             held = [c for c in self.fed.client_ids if c in budgets or default is not None]
@@ -123,13 +128,7 @@ class HetLoRAStrategy(Strategy):
         if not get_method(cfg.method).footprint_calibrated:
             return (f"states memory-budget-mb, but {cfg.method}'s clients' memory footprint was never calibrated (no rank "
                     "can be fitted to it); the node is left out")
-        if "base-weights" in identity and "precision" in identity:  # the setting the node runs, not the server's
-            try:
-                missing = setting_problem(stated_setting(cfg, identity["base-weights"], identity["precision"]))
-            except ValueError as err:
-                missing = str(err)
-        else:
-            missing = calibration_problem(cfg, self.fed.host.precision, self.fed.device_clients)
+        missing = calibration_problem(cfg, self.fed.host.precision, self.fed.device_clients, stated_by(identity))
         if missing:
             return f"states memory-budget-mb, but {missing}; the node is left out"
         problem = budget_problem(identity["memory-budget-mb"])
